@@ -1,0 +1,79 @@
+"""Shared fixtures: a temporary home, a CLI runner, and a small test-only command group."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+HERE = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests skip only when cupy or a CUDA device is absent."""
+    from xpr.backend import gpu_available
+
+    if gpu_available():
+        return
+    skip = pytest.mark.skip(reason="needs cupy and a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_user_home(tmp_path_factory, monkeypatch):
+    """Never touch the real ~/.xpr: HOME points at a temporary folder, XPR_HOME is unset."""
+    fake_user = tmp_path_factory.mktemp("user")
+    monkeypatch.setenv("HOME", str(fake_user))
+    monkeypatch.delenv("XPR_HOME", raising=False)
+    yield
+
+
+def invoke(args, **kwargs):
+    from xpr.cli import main
+
+    runner = CliRunner()
+    return runner.invoke(main, [str(a) for a in args], catch_exceptions=False, **kwargs)
+
+
+@pytest.fixture
+def run_xpr():
+    """run_xpr(args) -> click Result (exit_code, output, stderr) of `xpr args...`."""
+    return invoke
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """A freshly set-up xpr home (its path); XPR_HOME points at it."""
+    path = tmp_path / "home"
+    result = invoke(["--setup_home", path])
+    assert result.exit_code == 0, result.output
+    monkeypatch.setenv("XPR_HOME", str(path))
+    return path
+
+
+@pytest.fixture
+def test_group(tmp_path, monkeypatch):
+    """Adds `xpr test square|fail|bad_input` (workers in tests/fake_workers) to the CLI."""
+    import shutil
+
+    from xpr import registry, resources
+    from xpr.cli import build_group, main
+
+    defaults = tmp_path / "settings_defaults"
+    shutil.copytree(resources.defaults_dir(), defaults)
+    shutil.copytree(HERE / "fake_settings" / "test", defaults / "test")
+    tutorials = tmp_path / "tutorials"
+    shutil.copytree(resources.tutorials_dir(), tutorials)
+    for name in ("square", "fail", "bad_input"):
+        (tutorials / "test" / name).mkdir(parents=True)
+        shutil.copy(HERE / "fake_settings" / "tutorial_square.yaml", tutorials / "test" / name / "tutorial.yaml")
+    monkeypatch.setattr(resources, "defaults_dir", lambda: defaults)
+    monkeypatch.setattr(resources, "tutorials_dir", lambda: tutorials)
+    specs = tuple(registry.CommandSpec("test", name, f"fake_workers.{name}", name, f"test worker {name}")
+                  for name in ("square", "fail", "bad_input"))
+    monkeypatch.setattr(registry, "COMMANDS", registry.COMMANDS + specs)
+    main.add_command(build_group("test"))
+    yield
+    main.commands.pop("test", None)

@@ -1,0 +1,1 @@
+"""Test-only workers that exercise the CLI, settings and archive contracts."""

@@ -1,0 +1,189 @@
+"""The `xpr` command line: root options, one chained group per workflow, built from the registry.
+
+    xpr --setup_home [PATH]
+    xpr [--home PATH] [-q] <group> <command> SETTINGS_NAME [-o key.sub=value ...] [<command> ...]
+    xpr settings <group> <command> SETTINGS_NAME [-o ...]
+
+Each command resolves its settings, claims a run folder, calls its worker's `run(settings, archive)`
+and, on success only, points the product's latest-link at the run's main file. A user error exits
+2 with a one-screen message; a failed computation exits 1 (traceback in the run's log); either
+stops the chain, and earlier runs stay as they are.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+import yaml
+
+from xpr import __version__, registry
+from xpr import home as home_module
+from xpr.archive import Run
+from xpr.errors import XprUserError
+from xpr.settings import Schema, resolve, to_plain
+
+
+class State:
+    """What the root options say, handed down to every command (click's ctx.obj)."""
+
+    def __init__(self, home_option=None, quiet=False):
+        self.home_option = home_option
+        self.quiet = quiet
+
+
+def fail_user(error: XprUserError):
+    click.echo(error.format(), err=True)
+    raise click.exceptions.Exit(error.exit_code)
+
+
+def run_command(spec: registry.CommandSpec, settings_name: str, overrides, state: State):
+    """Resolve, archive, run the worker, finalise. Returns the run folder."""
+    try:
+        home = home_module.locate(state.home_option)
+        resolved = resolve(spec.group, spec.name, settings_name, home, overrides)
+        structure = spec.structure(resolved.settings)
+    except XprUserError as error:
+        fail_user(error)
+    except KeyError as error:
+        click.echo(f"xpr: the defaults of '{spec.group} {spec.name}' lack the key {error}", err=True)
+        raise click.exceptions.Exit(2) from None
+    worker = importlib.import_module(spec.module)
+    run = Run(home, spec.group, spec.product, structure, resolved.settings, quiet=state.quiet,
+              command=spec.name)
+    run.log.info("settings %s -> run %s", resolved.source, run.path)
+    try:
+        worker.run(resolved.settings, run)
+    except XprUserError as error:
+        run.fail(error)
+        click.echo(error.format(), err=True)
+        click.echo(f"  run:     {run.path} (marked FAILED)", err=True)
+        raise click.exceptions.Exit(error.exit_code) from None
+    except KeyboardInterrupt as error:
+        run.fail(error)
+        raise
+    except Exception as error:  # the worker's computation failed: record it, exit non-zero
+        run.fail(error)
+        click.echo(f"xpr: {spec.group} {spec.name} failed: {type(error).__name__}: {error}\n"
+                   f"  run:     {run.path} (marked FAILED; traceback in run.log)", err=True)
+        raise click.exceptions.Exit(1) from None
+    link = run.succeed()
+    if not state.quiet:
+        click.echo(f"{spec.group} {spec.name}: results in {run.path}" + (f"\n  latest: {link}" if link else ""))
+    return run.path
+
+
+class SettingsCommand(click.Command):
+    """A workflow command; its --help lists every settings key with its documented default."""
+
+    def __init__(self, spec: registry.CommandSpec):
+        self.spec = spec
+        super().__init__(
+            name=spec.name,
+            callback=self._invoke,
+            help=f"{spec.help}\n\nSETTINGS_NAME is a settings name in the home "
+                 f"(settings/projects/{spec.group}/{spec.name}/NAME.yaml) or a path to a YAML file.",
+            params=[
+                click.Argument(["settings_name"]),
+                click.Option(["-o", "--override", "overrides"], multiple=True, metavar="KEY.SUB=VALUE",
+                             help="Override one setting (value read as YAML); repeatable."),
+            ],
+        )
+
+    def parse_args(self, ctx, args):
+        """Take SETTINGS_NAME and the `-o` options after it; the next command name ends ours.
+
+        (click's chained groups stop a command's options at its first argument; xpr users write
+        `cmd NAME -o a=1 next NAME`, so the split is made here.)
+        """
+        siblings = set(ctx.parent.command.commands) if ctx.parent is not None else set()
+        own, i, named = [], 0, False
+        while i < len(args):
+            token = args[i]
+            if token in ("-o", "--override"):
+                own += args[i:i + 2]
+                i += 2
+                continue
+            if named and token in siblings:
+                break
+            named = named or not token.startswith("-")
+            own.append(token)
+            i += 1
+        rest = list(args[i:])
+        ctx.allow_interspersed_args = True
+        remaining = super().parse_args(ctx, own)
+        ctx.args = list(ctx.args) + rest
+        return remaining
+
+    def _invoke(self, settings_name, overrides):
+        state = click.get_current_context().find_object(State) or State()
+        return run_command(self.spec, settings_name, overrides, state)
+
+    def format_epilog(self, ctx, formatter):
+        try:
+            text = Schema.for_command(self.spec.group, self.spec.name).help_text()
+        except XprUserError as error:
+            text = f"(defaults unavailable: {error.message})"
+        with formatter.section("Settings (key = default  description)"):
+            for line in text.splitlines():
+                formatter.write(" " * formatter.current_indent + line + "\n")
+
+
+def build_group(name: str) -> click.Group:
+    group = click.Group(name=name, chain=True, help=registry.GROUP_HELP.get(name, ""))
+    for spec in registry.commands_of(name):
+        group.add_command(SettingsCommand(spec))
+    return group
+
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--home", "home_option", type=click.Path(file_okay=False), default=None,
+              help="The xpr home to use (else XPR_HOME, else the last --setup_home, else ~/.xpr).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or log lines on the console.")
+@click.option("--setup_home", "setup_home", is_flag=False, flag_value="", default=None, metavar="[PATH]",
+              help="Create a home (default ~/.xpr or XPR_HOME) with every command's default and "
+                   "tutorial settings; never overwrites existing files.")
+@click.version_option(__version__, "--version", prog_name="xpr")
+@click.pass_context
+def main(ctx, home_option, quiet, setup_home):
+    """xpr — phase retrieval from the command line: fxs, cdi and em workflows."""
+    ctx.obj = State(home_option, quiet)
+    if setup_home is not None:
+        home, created = home_module.setup(setup_home or home_option or None)
+        click.echo(f"xpr home: {home.root}\n  {len(created)} settings files created, existing files kept\n"
+                   f"  settings: {home.settings}\n  data:     {home.data}")
+        ctx.obj.home_option = str(home.root)
+        return
+    if ctx.invoked_subcommand is None:
+        click.echo(ctx.get_help())
+
+
+for _group in registry.groups():
+    main.add_command(build_group(_group))
+
+
+@main.command("settings")
+@click.argument("group")
+@click.argument("command")
+@click.argument("settings_name")
+@click.option("-o", "--override", "overrides", multiple=True, metavar="KEY.SUB=VALUE")
+@click.pass_obj
+def show_settings(state, group, command, settings_name, overrides):
+    """Print the fully resolved settings of GROUP COMMAND SETTINGS_NAME."""
+    try:
+        spec = registry.find(group, command)
+    except KeyError:
+        known = ", ".join(f"{s.group} {s.name}" for s in registry.COMMANDS)
+        click.echo(f"xpr: unknown command '{group} {command}' (known: {known})", err=True)
+        raise click.exceptions.Exit(2) from None
+    try:
+        home = home_module.locate(state.home_option)
+        resolved = resolve(spec.group, spec.name, settings_name, home, overrides)
+    except XprUserError as error:
+        fail_user(error)
+    click.echo(f"# resolved settings of `xpr {group} {command} {settings_name}` ({resolved.source})")
+    click.echo(yaml.safe_dump(to_plain(resolved.settings), sort_keys=False), nl=False)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main(sys.argv[1:])
