@@ -30,13 +30,8 @@ def test_h5_round_trip_exact(tmp_path):
     np.testing.assert_array_equal(back["grid"], [1.0, 2.0, 3.0])
 
 
-def test_reads_xframe_files():
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "shared" / "data" / "xframe" / "proj_data_3d.h5"
-    if not path.exists():
-        path = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "xframe" / "proj_data_3d.h5"
-    tree = load_tree(path)
+def test_reads_xframe_files(xframe_data):
+    tree = load_tree(xframe_data / "proj_data_3d.h5")
     assert int(tree["dimensions"]) == 3
     bl = tree["deg_2_invariant"]["I1I1"]
     assert np.iscomplexobj(bl) and bl.shape[1] == bl.shape[2] == 32
