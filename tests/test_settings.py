@@ -162,3 +162,20 @@ def test_numpy_values_are_saved_plainly(schema_dir):
     from xpr.settings import to_plain
 
     assert to_plain(resolved)["weights"] == [0, 1, 2]
+
+
+def test_common_keys_documented_once_and_restatable(tmp_path, monkeypatch):
+    """Every command has GPU and multi_process; restating one sub-key keeps the others and types."""
+    from xpr import resources
+
+    (tmp_path / "g").mkdir()
+    (tmp_path / "g" / "c.yaml").write_text("structure_name: x   # name\nmulti_process:\n  n_processes: 2\n")
+    monkeypatch.setattr(resources, "defaults_dir", lambda: tmp_path)
+    user = tmp_path / "u.yaml"
+    user.write_text("multi_process: {n_processes: auto}\n")
+    resolved = resolve("g", "c", str(user), overrides=["multi_process.engine=dask"]).settings
+    assert resolved.multi_process.n_processes == "auto" and resolved.multi_process.engine == "dask"
+    assert resolved.multi_process.dask.cluster.type == "local" and resolved.GPU.use == "auto"
+    user.write_text("multi_process: {engine: mpi}\n")
+    with pytest.raises(SettingsError, match="not one of serial, local, dask"):
+        resolve("g", "c", str(user))

@@ -1,23 +1,45 @@
 """Many independent tasks (phasing repeats, pattern chunks, image chunks) on the chosen engine.
 
     results = parallel.map(fn, tasks, settings.multi_process)
+    results = parallel.map(fn, tasks, settings.multi_process, shared=pattern)   # fn(task, pattern)
 
-`fn` is a module-level function of one task; results come back in task order. Engines:
-  serial  one after another in this process (also used for a single task or n_processes: 1)
+`fn` is a module-level function; results come back in task order. Engines (`multi_process.engine`):
+
+  serial  one after another in this process (also used for one task or n_processes: 1)
   local   processes on this machine (default: one per physical core), each FFT-threaded on its share
-Seeded work takes its seeds from `task_seeds(seed, n)`, fixed per task index, so results are
-identical whatever the engine and however many workers. A further engine (dask) plugs into ENGINES.
+  dask    a dask.distributed cluster: an existing scheduler (address or scheduler file), a
+          LocalCluster, or batch jobs through dask-jobqueue (slurm, pbs, sge, lsf)
+
+A task that raises, or whose worker dies, is run again up to `retries` times. With
+`tolerate_failures=True` a task that still fails comes back as a `TaskFailure` in its place and
+`require_success` decides whether enough succeeded (`min_success`). Seeded work takes its seeds
+from `task_seeds(seed, n)`, fixed per task index, so results are identical whatever the engine.
+Only the calling process writes files: workers return results.
 """
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from xpr.errors import SettingsError
+
+
+@dataclass
+class TaskFailure:
+    """Stands in a result list where a task failed after all its retries."""
+
+    index: int
+    error: str
+
+    def __bool__(self):
+        return False
 
 
 def available_cpus() -> int:
@@ -47,8 +69,12 @@ def task_seeds(seed, n: int) -> list[int]:
     return [int(child.generate_state(1, dtype=np.uint64)[0]) for child in children]
 
 
+def _get(settings, key, default):
+    return default if settings is None else settings.get(key, default)
+
+
 def n_workers(settings, n_tasks: int) -> int:
-    requested = "auto" if settings is None else settings.get("n_processes", "auto")
+    requested = _get(settings, "n_processes", "auto")
     if requested in ("auto", None):
         workers = physical_cores()
     elif isinstance(requested, int) and not isinstance(requested, bool) and requested >= 1:
@@ -59,46 +85,185 @@ def n_workers(settings, n_tasks: int) -> int:
     return max(1, min(workers, n_tasks))
 
 
-def _serial(fn, tasks, workers, on_result):
-    results = []
-    for task in tasks:
-        results.append(fn(task))
-        if on_result:
-            on_result(results[-1])
+# --------------------------------------------------------------------------------------------
+# engines: each takes (call, n_tasks, settings, on_done) and returns {index: result | TaskFailure}
+# --------------------------------------------------------------------------------------------
+
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+def _serial(call, tasks, settings, on_done):
+    retries = int(_get(settings, "retries", 1))
+    results = {}
+    for index, task in enumerate(tasks):
+        for attempt in range(retries + 1):
+            try:
+                results[index] = call(task)
+                break
+            except Exception as error:  # a task's own failure: retried, then recorded
+                results[index] = TaskFailure(index, _describe(error))
+        on_done(index, results[index])
     return results
 
 
-def _init_worker(fft_threads: int):
-    os.environ["XPR_FFT_WORKERS"] = str(fft_threads)
+def _init_worker(threads: int):
+    os.environ["XPR_FFT_WORKERS"] = str(threads)
     for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[name] = str(fft_threads)
+        os.environ[name] = str(threads)
 
 
-def _local(fn, tasks, workers, on_result):
+def _local(call, tasks, settings, on_done):
+    retries = int(_get(settings, "retries", 1))
+    workers = n_workers(settings, len(tasks))
     threads = max(1, available_cpus() // workers)
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context,
-                             initializer=_init_worker, initargs=(threads,)) as pool:
-        futures = [pool.submit(fn, task) for task in tasks]
-        results = []
-        for future in futures:
-            results.append(future.result())
-            if on_result:
-                on_result(results[-1])
+    attempts = [0] * len(tasks)
+    results: dict = {}
+    pending = list(range(len(tasks)))
+    pool = None
+    try:
+        while pending:
+            if pool is None:
+                pool = ProcessPoolExecutor(max_workers=workers, mp_context=context,
+                                           initializer=_init_worker, initargs=(threads,))
+            futures = {index: pool.submit(call, tasks[index]) for index in pending}
+            pending, broken = [], False
+            for index, future in futures.items():
+                try:
+                    results[index] = future.result()
+                    on_done(index, results[index])
+                    continue
+                except BrokenProcessPool as error:   # a worker died: the pool must be replaced
+                    broken, reason = True, "worker process died: " + _describe(error)
+                except Exception as error:           # the task's own failure
+                    reason = _describe(error)
+                attempts[index] += 1
+                if attempts[index] > retries:
+                    results[index] = TaskFailure(index, reason)
+                    on_done(index, results[index])
+                else:
+                    pending.append(index)
+            if broken:
+                pool.shutdown(cancel_futures=True)
+                pool = None
+    finally:
+        if pool is not None:
+            pool.shutdown()
     return results
 
 
-ENGINES = {"serial": _serial, "local": _local}
+def dask_client(settings):
+    """A dask.distributed Client as `multi_process.dask` says (caller closes it)."""
+    try:
+        from dask.distributed import Client, LocalCluster
+    except ImportError:
+        raise SettingsError("engine 'dask' needs dask.distributed: pip install 'xpr[dask]'",
+                            key="multi_process.engine") from None
+    dask_settings = _get(settings, "dask", None) or {}
+    if dask_settings.get("scheduler_address"):
+        return Client(dask_settings["scheduler_address"])
+    if dask_settings.get("scheduler_file"):
+        return Client(scheduler_file=str(dask_settings["scheduler_file"]))
+    cluster_settings = dask_settings.get("cluster") or {}
+    kind = cluster_settings.get("type", "local")
+    jobs = int(cluster_settings.get("jobs", 2))
+    cores = int(cluster_settings.get("cores", 1))
+    if kind == "local":
+        cluster = LocalCluster(n_workers=jobs, threads_per_worker=cores, processes=True,
+                               dashboard_address=None)
+    else:
+        try:
+            import dask_jobqueue
+        except ImportError:
+            raise SettingsError(f"cluster type '{kind}' needs dask-jobqueue: pip install 'xpr[dask]'",
+                                key="multi_process.dask.cluster.type") from None
+        cluster_class = {"slurm": dask_jobqueue.SLURMCluster, "pbs": dask_jobqueue.PBSCluster,
+                         "sge": dask_jobqueue.SGECluster, "lsf": dask_jobqueue.LSFCluster}[kind]
+        options = dict(cores=cores, memory=cluster_settings.get("memory", "4GB"),
+                       walltime=cluster_settings.get("walltime", "01:00:00"),
+                       job_extra_directives=list(cluster_settings.get("job_extra_directives", [])))
+        if cluster_settings.get("queue"):
+            options["queue"] = cluster_settings["queue"]
+        if cluster_settings.get("account"):
+            options["account"] = cluster_settings["account"]
+        cluster = cluster_class(**options)
+        cluster.scale(jobs=jobs)
+    client = Client(cluster)
+    client.xpr_owns_cluster = cluster   # closed together with the client by _dask
+    return client
 
 
-def map(fn, tasks, settings=None, on_result=None):  # noqa: A001 - the natural name
-    """fn(task) for every task, in order, on the engine the `multi_process` settings choose."""
+def _dask(call, tasks, settings, on_done, client=None):
+    from dask.distributed import as_completed
+
+    retries = int(_get(settings, "retries", 1))
+    own_client = client is None
+    client = client or dask_client(settings)
+    try:
+        extra = {}
+        if isinstance(call, functools.partial) and call.keywords.get("shared") is not None:
+            # large inputs go to every worker once; each task refers to them by future
+            extra["shared"] = client.scatter(call.keywords["shared"], broadcast=True)
+            call = call.func
+        futures = client.map(call, tasks, pure=False, retries=retries, **extra)
+        index_of = {future.key: i for i, future in enumerate(futures)}
+        results = {}
+        for future in as_completed(futures):
+            index = index_of[future.key]
+            try:
+                results[index] = future.result()
+            except Exception as error:  # failed after dask's retries (or its worker kept dying)
+                results[index] = TaskFailure(index, _describe(error))
+            on_done(index, results[index])
+        return results
+    finally:
+        if own_client:
+            cluster = getattr(client, "xpr_owns_cluster", None)
+            client.close()
+            if cluster is not None:
+                cluster.close()
+
+
+ENGINES = {"serial": _serial, "local": _local, "dask": _dask}
+
+
+def map(fn, tasks, settings=None, shared=None, on_result=None, tolerate_failures=False,
+        client=None):  # noqa: A001 - the natural name
+    """fn(task) (or fn(task, shared=shared)) for every task, in task order, on the chosen engine.
+
+    on_result(index, result) is called as each task finishes (for progress bars).
+    Without tolerate_failures the first task that fails after its retries raises RuntimeError;
+    with it, failed tasks come back as TaskFailure in their place.
+    client: an existing dask Client to use with engine 'dask' (the caller keeps it).
+    """
     tasks = list(tasks)
-    engine = "local" if settings is None else settings.get("engine", "local")
+    engine = _get(settings, "engine", "local")
     if engine not in ENGINES:
         raise SettingsError(f"unknown engine '{engine}' (known: {', '.join(ENGINES)})",
                             key="multi_process.engine")
-    workers = n_workers(settings, len(tasks))
-    if workers == 1 or len(tasks) <= 1:
+    if engine == "local" and (n_workers(settings, len(tasks)) == 1 or len(tasks) <= 1):
         engine = "serial"
-    return ENGINES[engine](fn, tasks, workers, on_result)
+    call = functools.partial(fn, shared=shared) if shared is not None else fn
+    done = on_result or (lambda index, result: None)
+    runner = ENGINES[engine]
+    results = runner(call, tasks, settings, done, client=client) if engine == "dask" \
+        else runner(call, tasks, settings, done)
+    ordered = [results[i] for i in range(len(tasks))]
+    failures = [r for r in ordered if isinstance(r, TaskFailure)]
+    if failures and not tolerate_failures:
+        raise RuntimeError(f"{len(failures)} of {len(tasks)} tasks failed; first: task "
+                           f"{failures[0].index}: {failures[0].error}")
+    return ordered
+
+
+def require_success(results, settings=None) -> list:
+    """The successful results; RuntimeError if fewer than `min_success` of them."""
+    good = [r for r in results if not isinstance(r, TaskFailure)]
+    minimum = float(_get(settings, "min_success", 1.0))
+    needed = int(np.ceil(minimum * len(results))) if minimum <= 1 else int(minimum)
+    if len(good) < needed:
+        failed = [f"task {r.index}: {r.error}" for r in results if isinstance(r, TaskFailure)]
+        raise RuntimeError(f"only {len(good)} of {len(results)} tasks succeeded (min_success "
+                           f"{minimum}); failed: " + "; ".join(failed))
+    return good

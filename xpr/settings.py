@@ -32,7 +32,27 @@ from xpr.errors import SettingsError
 from xpr import resources
 
 COMMON_DEFAULTS = """\
-save_symlink: true   # point the product's latest-link at this run's main file after success | type: bool
+save_symlink: true          # point the product's latest-link at this run's main file after success | type: bool
+GPU:                        # where the numerical kernels run
+  use: auto                 # cupy on a CUDA device: auto (if one is present), true (required) or false | type: bool|str
+  precision: single         # complex64/float32 or complex128/float64 arrays | choices: [single, double]
+multi_process:              # how independent tasks (repeats, chunks) are spread
+  n_processes: auto         # worker processes of the local engine: auto = one per physical core | type: int|str
+  engine: local             # serial (this process), local (processes here) or dask (a dask cluster) | choices: [serial, local, dask]
+  retries: 1                # times a failed task (or one whose worker died) is run again | range: [0, 100]
+  min_success: 1.0          # fraction (<= 1) or number (> 1) of tasks that must succeed, else the run fails | range: [0, null]
+  dask:                     # the dask engine (pip install 'xpr[dask]')
+    scheduler_address: null # address of a running scheduler, e.g. tcp://node1:8786 | type: str|null
+    scheduler_file: null    # scheduler file written by `dask scheduler --scheduler-file` | type: path|null
+    cluster:                # a cluster xpr starts when no scheduler is given
+      type: local           # local, or a batch system through dask-jobqueue | choices: [local, slurm, pbs, sge, lsf]
+      jobs: 2               # local: worker processes; batch: jobs submitted | range: [1, null]
+      cores: 1              # cores per worker (local: threads per worker) | range: [1, null]
+      memory: 4GB           # memory per job (batch systems) | type: str
+      walltime: '01:00:00'  # walltime per job (batch systems) | type: str
+      queue: null           # queue / partition (batch systems) | type: str|null
+      account: null         # account / project to charge (batch systems) | type: str|null
+      job_extra_directives: []  # extra scheduler directives, e.g. ['--gres=gpu:1'] | type: list
 """
 
 TYPE_NAMES = ("int", "float", "str", "bool", "list", "dict", "path", "any", "null")
@@ -58,6 +78,7 @@ class KeySpec:
     range: tuple | None = None
     choices: tuple | None = None
     types: tuple = ("any",)
+    explicit_types: bool = False
     keys_any: bool = False
     children: dict = field(default_factory=dict)
 
@@ -162,13 +183,46 @@ def _specs_from_node(node, lines, file, prefix=()) -> dict:
         doc = _parse_doc(comment, file, ".".join(path)) if comment else {}
         default = yaml.safe_load(yaml.serialize(value_node)) if not isinstance(value_node, yaml.ScalarNode) \
             else yaml.safe_load(yaml.serialize(value_node))
-        spec = KeySpec(path=path, default=default, **doc)
+        spec = KeySpec(path=path, default=default, explicit_types="types" in doc, **doc)
         if "types" not in doc:
             spec.types = _infer_types(default)
         if isinstance(value_node, yaml.MappingNode) and not spec.keys_any and not _is_command(default):
             spec.children = _specs_from_node(value_node, lines, file, path)
         specs[key] = spec
     return specs
+
+
+def _specs_from_text(text: str, file) -> dict:
+    parse_yaml(text, file)            # syntax errors with their line
+    node = yaml.compose(text)
+    return _specs_from_node(node, text.splitlines(), file) if node is not None else {}
+
+
+def _merge_specs(common: dict, own: dict) -> dict:
+    """A command's own documentation over the common keys (GPU, multi_process, ...), key by key.
+
+    A command may restate a common key to change its default; what it leaves undocumented
+    (description, unit, range, choices, declared type) and the sub-keys it does not restate keep
+    the common definition.
+    """
+    merged = dict(common)
+    for key, spec in own.items():
+        base = common.get(key)
+        if base is None:
+            merged[key] = spec
+            continue
+        spec.description = spec.description or base.description
+        spec.unit = spec.unit or base.unit
+        spec.range = spec.range if spec.range is not None else base.range
+        spec.choices = spec.choices if spec.choices is not None else base.choices
+        if not spec.explicit_types and base.explicit_types:
+            spec.types, spec.explicit_types = base.types, True
+        spec.keys_any = spec.keys_any or base.keys_any
+        spec.children = _merge_specs(base.children, spec.children)
+        if isinstance(base.default, dict) and isinstance(spec.default, dict):
+            spec.default = deep_merge(base.default, spec.default)
+        merged[key] = spec
+    return merged
 
 
 def load_yaml(path: Path) -> dict:
@@ -202,15 +256,9 @@ class Schema:
 
     def __init__(self, text: str, file):
         self.file = str(file)
-        full = COMMON_DEFAULTS + "\n" + text if text.strip() else COMMON_DEFAULTS
-        values = parse_yaml(text, file)
-        common = parse_yaml(COMMON_DEFAULTS, "<xpr common defaults>")
-        try:
-            node = yaml.compose(full)
-        except yaml.YAMLError as err:  # pragma: no cover - parse_yaml already checked
-            raise SettingsError(str(err), file=file) from None
-        self.specs = _specs_from_node(node, full.splitlines(), file) if node is not None else {}
-        self.defaults = {**common, **values}
+        common = _specs_from_text(COMMON_DEFAULTS, "<xpr common defaults>")
+        self.specs = _merge_specs(common, _specs_from_text(text, file))
+        self.defaults = deep_merge(parse_yaml(COMMON_DEFAULTS, "<xpr common defaults>"), parse_yaml(text, file))
 
     @classmethod
     def for_command(cls, group: str, command: str) -> "Schema":

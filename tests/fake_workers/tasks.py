@@ -1,0 +1,34 @@
+"""Light task functions for the engine tests (worker processes import only numpy for them)."""
+import os
+import time
+
+import numpy as np
+
+
+def seeded_sum(seed):
+    return float(np.random.default_rng(seed).normal(size=1000).sum())
+
+
+def slow_seeded_sum(seed):
+    time.sleep(0.4)
+    return seeded_sum(seed)
+
+
+def weighted(seed, shared):
+    return float(np.dot(np.random.default_rng(seed).normal(size=shared.size), shared))
+
+
+def dies_once(task):
+    """Kills its own worker process the first time (marker file), succeeds when retried."""
+    index, marker_dir = task
+    marker = os.path.join(marker_dir, f"died_{index}")
+    if index == 1 and not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(1)
+    return index * 10
+
+
+def fails_for_two(index):
+    if index == 2:
+        raise ValueError("diverged")
+    return index

@@ -1,0 +1,81 @@
+"""Engines: identical seeded results on serial, local and dask; retries after failures and deaths."""
+from __future__ import annotations
+
+import os
+import time
+
+import cloudpickle
+import numpy as np
+import pytest
+
+from xpr import parallel
+from fake_workers import tasks as fake
+from xpr.settings import Frozen
+
+distributed = pytest.importorskip("distributed")   # the 'dask' extra; make test installs it
+
+
+@pytest.fixture(scope="module")
+def dask_client():
+    cloudpickle.register_pickle_by_value(fake)
+    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                       dashboard_address=None)
+    client = distributed.Client(cluster)
+    yield client
+    client.close()
+    cluster.close()
+
+
+def test_serial_local_dask_identical(dask_client):
+    seeds = parallel.task_seeds(7, 6)
+    serial = parallel.map(fake.seeded_sum, seeds, Frozen({"engine": "serial"}))
+    local = parallel.map(fake.seeded_sum, seeds, Frozen({"engine": "local", "n_processes": 2}))
+    dask = parallel.map(fake.seeded_sum, seeds, Frozen({"engine": "dask"}), client=dask_client)
+    assert serial == local == dask
+
+
+def test_shared_input_scattered_once(dask_client):
+    shared = np.linspace(0, 1, 5000)
+    seeds = parallel.task_seeds(3, 4)
+    expected = [fake.weighted(s, shared) for s in seeds]
+    assert parallel.map(fake.weighted, seeds, Frozen({"engine": "dask"}), shared=shared, client=dask_client) == expected
+    assert parallel.map(fake.weighted, seeds, Frozen({"engine": "local", "n_processes": 2}), shared=shared) == expected
+
+
+def test_dask_worker_killed_mid_run_task_retried(dask_client):
+    seeds = parallel.task_seeds(11, 6)
+    expected = [fake.seeded_sum(s) for s in seeds]
+    pids = list(dask_client.run(os.getpid).values())
+    finished = []
+
+    def kill_after_first(index, result):
+        finished.append(index)
+        if len(finished) == 1:
+            os.kill(pids[0], 9)     # one worker process dies while tasks are running
+
+    results = parallel.map(fake.slow_seeded_sum, seeds, Frozen({"engine": "dask", "retries": 2}),
+                           on_result=kill_after_first, client=dask_client)
+    assert results == expected      # every task's result is there, lost ones recomputed
+    assert len(finished) == 6
+    dask_client.wait_for_workers(2, timeout=60)
+    assert pids[0] not in dask_client.run(os.getpid).values()   # the worker really died
+
+
+def test_local_worker_death_is_retried(tmp_path):
+    tasks = [(i, str(tmp_path)) for i in range(4)]
+    results = parallel.map(fake.dies_once, tasks, Frozen({"engine": "local", "n_processes": 2, "retries": 1}))
+    assert results == [0, 10, 20, 30]
+    assert (tmp_path / "died_1").exists()
+
+
+@pytest.mark.parametrize("engine", ["serial", "local"])
+def test_failures_recorded_and_min_success(engine):
+    settings = Frozen({"engine": engine, "n_processes": 2, "retries": 1, "min_success": 0.5})
+    results = parallel.map(fake.fails_for_two, range(4), settings, tolerate_failures=True)
+    assert results[:2] == [0, 1] and results[3] == 3
+    assert isinstance(results[2], parallel.TaskFailure) and "diverged" in results[2].error
+    assert parallel.require_success(results, settings) == [0, 1, 3]
+    with pytest.raises(RuntimeError, match="only 3 of 4"):
+        parallel.require_success(results, Frozen({"min_success": 1.0}))
+    with pytest.raises(RuntimeError, match="1 of 4 tasks failed"):
+        parallel.map(fake.fails_for_two, range(4), settings)
