@@ -22,16 +22,14 @@ from xpr.io import atomic_path, save_tree, save_vts
 from xpr.io.atomic import replace_symlink
 from xpr.settings import to_plain, today_folder_name
 
-_RUN_PATTERN = re.compile(r"run_(\d+)$")
-
-
-def claim_run_folder(parent: Path) -> Path:
-    """Create and return parent/run_N with the smallest free N, safely against concurrent claims."""
+def claim_run_folder(parent: Path, prefix: str = "run") -> Path:
+    """Create and return parent/<prefix>_N, N above every existing one, safe against concurrent claims."""
     parent.mkdir(parents=True, exist_ok=True)
-    taken = [int(m.group(1)) for p in parent.iterdir() if (m := _RUN_PATTERN.match(p.name))]
+    pattern = re.compile(rf"{prefix}_(\d+)$")
+    taken = [int(m.group(1)) for p in parent.iterdir() if (m := pattern.match(p.name))]
     number = max(taken, default=-1) + 1
     while True:
-        folder = parent / f"run_{number}"
+        folder = parent / f"{prefix}_{number}"
         try:
             folder.mkdir()
             return folder

@@ -12,6 +12,7 @@ stops the chain, and earlier runs stay as they are.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import click
@@ -68,9 +69,18 @@ def run_command(spec: registry.CommandSpec, settings_name: str, overrides, state
                    f"  run:     {run.path} (marked FAILED; traceback in run.log)", err=True)
         raise click.exceptions.Exit(1) from None
     link = run.succeed()
+    record_run(spec, run)
     if not state.quiet:
         click.echo(f"{spec.group} {spec.name}: results in {run.path}" + (f"\n  latest: {link}" if link else ""))
     return run.path
+
+
+def record_run(spec: registry.CommandSpec, run: Run):
+    """Array-job shares: append 'group command run_folder main_file' to $XPR_RUN_RECORD if set."""
+    record = os.environ.get("XPR_RUN_RECORD")
+    if record:
+        with open(record, "a") as f:
+            f.write(f"{spec.group} {spec.name} {run.path} {run.main_file or ''}\n")
 
 
 class SettingsCommand(click.Command):
@@ -183,6 +193,45 @@ def show_settings(state, group, command, settings_name, overrides):
         fail_user(error)
     click.echo(f"# resolved settings of `xpr {group} {command} {settings_name}` ({resolved.source})")
     click.echo(yaml.safe_dump(to_plain(resolved.settings), sort_keys=False), nl=False)
+
+
+@main.command("jobscript", context_settings={"ignore_unknown_options": True})
+@click.option("--scheduler", type=click.Choice(["slurm", "pbs", "sge", "lsf"]), required=True)
+@click.option("--array", "array_size", type=int, default=0, show_default=True,
+              help="Run the chain as an array job of this many independent shares.")
+@click.option("--each", multiple=True, metavar="KEY=VALUE",
+              help="Override given to each array task; {index} is the task's index (e.g. seed={index}).")
+@click.option("--merge", "merge", default=None, metavar="'GROUP COMMAND NAME'",
+              help="Chain run after all array tasks, over every share (e.g. 'cdi merge tutorial').")
+@click.option("--nodes", type=int, default=1, show_default=True)
+@click.option("--cores", type=int, default=8, show_default=True, help="Cores per node (dask workers).")
+@click.option("--memory", default="16GB", show_default=True)
+@click.option("--walltime", default="02:00:00", show_default=True)
+@click.option("--queue", default=None, help="Queue / partition.")
+@click.option("--account", default=None)
+@click.option("--directive", "directives", multiple=True, help="Extra scheduler directive, verbatim.")
+@click.option("--dask/--no-dask", "use_dask", default=None,
+              help="Start a dask cluster inside the job for the parallel steps (default: yes, except arrays).")
+@click.argument("group")
+@click.argument("chain", nargs=-1, type=click.UNPROCESSED)
+@click.pass_obj
+def jobscript_command(state, scheduler, array_size, each, merge, nodes, cores, memory, walltime, queue,
+                      account, directives, use_dask, group, chain):
+    """Write a batch script running GROUP CHAIN... (settings resolved and archived beside it)."""
+    from xpr import jobscript
+
+    try:
+        home = home_module.locate(state.home_option)
+        written = jobscript.write(
+            home, scheduler, group, chain,
+            jobscript.Resources(nodes=nodes, cores=cores, memory=memory, walltime=walltime, queue=queue,
+                                account=account, directives=list(directives)),
+            array=array_size, each=each, merge=merge, use_dask=use_dask)
+    except XprUserError as error:
+        fail_user(error)
+    click.echo(f"job folder: {written['job_dir']}\n  script:   {written['script']}")
+    if "submit" in written:
+        click.echo(f"  merge:    {written['merge_script']}\n  submit:   bash {written['submit']}")
 
 
 if __name__ == "__main__":  # pragma: no cover
