@@ -67,7 +67,7 @@ COMMANDS = (
     CommandSpec("em", "dpc", "xpr.em.dpc", "dpc",
                 "Differential phase contrast: centre of mass, integrated phase."),
     CommandSpec("em", "wdd", "xpr.em.wdd", "wdd",
-                "Wigner-distribution deconvolution ptychography."),
+                "Wigner-distribution deconvolution (or single-sideband) ptychography."),
     CommandSpec("em", "tcbf", "xpr.em.tcbf", "tcbf",
                 "Tilt-corrected bright field with defocus fit."),
     CommandSpec("em", "simulate_focal", "xpr.em.simulate_focal", "simulate_focal",

@@ -1,0 +1,223 @@
+"""The reconstruction loop: staged refinement of object, probe and positions by L-BFGS.
+
+One epoch is one L-BFGS iteration: a full-data gradient (patterns processed in memory-sized
+batches) plus whatever extra evaluations the Wolfe line search needs. The variables are
+preconditioned by the diagonal of a Gauss–Newton curvature estimate, so that one L-BFGS
+history serves all three kinds of unknown:
+
+    object    D_O(r) = 1 / (Σ_j |ψ_j(r − r_j)|² + floor · max)    (the illumination, as in rPIE)
+    probe     D_p    = 1 / Σ_j ⟨|O_j|²⟩                              (number of patterns)
+    positions D_f    = 1 / ((1/n²) Σ_{m,k} |P_m(k)|² (2π|k|)² / 2)  (probe gradient energy)
+
+Refining a new kind of unknown from a later epoch restarts the L-BFGS history.
+
+Stopping (noise-aware). A random `validation_fraction` of the measured detector pixels of every
+pattern is held out of the fit; their loss is evaluated at every accepted iterate for free (the
+same forward pass). Once every unknown is being refined, the reconstruction stops when the
+held-out loss has not improved for `patience` epochs and returns the iterate with the lowest
+held-out loss — so more epochs never make the result worse, the model stops before it fits
+the noise. `stop_at_noise_floor` adds the discrepancy principle (stop when the fitted loss
+reaches its expected value for Poisson counts, losses.noise_floor).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from xpr.em.ptychography import lbfgs, losses, regularisers
+
+
+@dataclass
+class Options:
+    epochs: int = 50
+    loss: str = "lsq_sqrt"
+    batch_size: int = 256
+    refine_object: bool = True
+    refine_probe: bool = True
+    refine_positions: bool = False
+    probe_from_epoch: int = 0
+    positions_from_epoch: int = 0
+    history: int = 10
+    c1: float = 1e-4
+    c2: float = 0.9
+    first_step: float = 0.5
+    max_line_search: int = 10
+    preconditioner_floor: float = 0.1
+    phase_l1: float = 0.0
+    total_variation: float = 0.0
+    regulariser_epsilon: float = 1e-3
+    probe_window: float = 0.0
+    probe_window_radius: float = 0.9
+    stop_at_noise_floor: bool = False
+    noise_floor_factor: float = 1.0
+    validation_fraction: float = 0.05
+    patience: int = 5
+    seed: int = 0
+    relative_tolerance: float = 1e-6
+
+
+@dataclass
+class History:
+    epoch: list = field(default_factory=list)
+    loss: list = field(default_factory=list)
+    evaluations: list = field(default_factory=list)
+    seconds: list = field(default_factory=list)
+    validation: list = field(default_factory=list)
+    best_epoch: int = -1
+
+
+def refined_names(options: Options, epoch: int) -> tuple:
+    names = []
+    if options.refine_object:
+        names.append("object")
+    if options.refine_probe and epoch >= options.probe_from_epoch:
+        names.append("probe")
+    if options.refine_positions and epoch >= options.positions_from_epoch:
+        names.append("positions")
+    return tuple(names)
+
+
+def preconditioner(model, params, names, options: Options) -> dict:
+    xp = model.backend.xp
+    probe = params["probe"]
+    n = model.window
+    result = {}
+    if "object" in names:
+        corners, _ = model.split_positions(params["positions"])
+        illumination = xp.zeros(params["object"].shape[-2:], dtype=xp.float32)
+        probe_intensity = xp.sum(xp.abs(probe) ** 2, axis=0).astype(xp.float32)
+        for row, col in corners.tolist():
+            illumination[row:row + n, col:col + n] += probe_intensity
+        floor = options.preconditioner_floor * float(illumination.max())
+        result["object"] = (1.0 / (illumination + floor))[None].astype(xp.float32)
+    if "probe" in names:
+        result["probe"] = 1.0 / params["positions"].shape[0]
+    if "positions" in names:
+        k = model.frequencies
+        k2 = (k[:, None] ** 2 + k[None, :] ** 2)
+        energy = float(xp.sum(xp.abs(model.fft2(probe)) ** 2 * k2)) * (2 * math.pi) ** 2 / n ** 2
+        result["positions"] = 2.0 / energy
+    return result
+
+
+def objective(model, counts, fixed: dict, names: tuple, options: Options, mask=None):
+    """evaluate(x) -> (loss, gradients) for the refined arrays x, the rest held at `fixed`."""
+    xp = model.backend.xp
+
+    def evaluate(x):
+        params = dict(fixed)
+        params.update(x)
+        value, gradients, validation = model.loss_and_gradients(
+            params, counts, options.loss, set(names), options.batch_size, mask,
+            with_validation=True)
+        if "object" in names and options.phase_l1 > 0:
+            v, g = regularisers.phase_l1(params["object"], options.phase_l1,
+                                         options.regulariser_epsilon, xp)
+            value, gradients["object"] = value + v, gradients["object"] + g
+        if "object" in names and options.total_variation > 0:
+            v, g = regularisers.total_variation(params["object"], options.total_variation,
+                                                options.regulariser_epsilon, xp)
+            value, gradients["object"] = value + v, gradients["object"] + g
+        if "probe" in names and options.probe_window > 0:
+            v, g = regularisers.probe_window(params["probe"], options.probe_window,
+                                             options.probe_window_radius, xp)
+            value, gradients["probe"] = value + v, gradients["probe"] + g
+        return value, gradients, validation
+
+    return evaluate
+
+
+def held_out_pixels(shape, fraction: float, seed: int, xp):
+    """(N, n, n) float32, 1 on a random `fraction` of the pixels of each pattern, else 0."""
+    if fraction <= 0:
+        return None
+    import numpy as np
+
+    chosen = np.random.default_rng(seed).random(shape) < fraction
+    return xp.asarray(chosen.astype(np.float32))
+
+
+def reconstruct(model, counts, params: dict, options: Options, mask=None, start_epoch: int = 0,
+                history: History | None = None, on_epoch=None, log=None, progress=None):
+    """Refine a copy of params; returns (params with the lowest held-out loss, history).
+
+    on_epoch(epoch, params, history) is called after every epoch (checkpoints, CSV log).
+    """
+    import time
+
+    xp = model.backend.xp
+    history = history or History()
+    params = dict(params)
+    floor = losses.noise_floor(counts, options.loss, xp, mask) * options.noise_floor_factor
+    holdout = held_out_pixels(counts.shape, options.validation_fraction, options.seed, xp)
+    if holdout is not None:
+        floor *= 1.0 - options.validation_fraction
+    measured = losses.Measurements(counts, mask, holdout)
+    final_names = refined_names(options, max(options.epochs - 1, 0))
+    optimiser, names = None, None
+    best = (math.inf, None)
+    stale = 0
+    clock = time.perf_counter()
+    epochs = range(start_epoch, options.epochs)
+    for epoch in (progress(epochs, desc="ptycho") if progress else epochs):
+        wanted = refined_names(options, epoch)
+        if wanted != names:
+            if optimiser is not None:
+                params.update(optimiser.x)
+            names = wanted
+            fixed = {key: value for key, value in params.items() if key not in names}
+            optimiser = lbfgs.LBFGS(
+                objective(model, measured, fixed, names, options), {k: params[k] for k in names},
+                xp, preconditioner(model, params, names, options), history=options.history,
+                c1=options.c1, c2=options.c2, first_step=options.first_step,
+                max_evaluations=options.max_line_search)
+        before = optimiser.f
+        moved = optimiser.step()
+        params.update(optimiser.x)
+        if "positions" in names:
+            params["positions"] = clamp_positions(model, params["positions"],
+                                                  params["object"].shape[-2:])
+            optimiser.x["positions"] = params["positions"]
+        history.epoch.append(epoch)
+        history.loss.append(optimiser.f)
+        history.validation.append(optimiser.info if holdout is not None else math.nan)
+        history.evaluations.append(optimiser.evaluations)
+        history.seconds.append(time.perf_counter() - clock)
+        if log is not None:
+            log.debug("epoch %d loss %.6g held-out %.6g evaluations %d", epoch, optimiser.f,
+                      history.validation[-1], optimiser.evaluations)
+        final_stage = names == final_names
+        if holdout is not None:
+            if optimiser.info < best[0] or not final_stage:
+                best = (optimiser.info, {key: value.copy() for key, value in params.items()})
+                history.best_epoch = epoch
+                stale = 0
+            else:
+                stale += 1
+        if on_epoch is not None:
+            on_epoch(epoch, params, history)
+        if holdout is not None and stale >= options.patience:
+            if log is not None:
+                log.info("held-out loss lowest at epoch %d, none lower in %d epochs: stopping",
+                         history.best_epoch, options.patience)
+            break
+        if options.stop_at_noise_floor and final_stage and optimiser.f <= floor:
+            if log is not None:
+                log.info("loss %.6g reached the noise floor %.6g at epoch %d: stopping",
+                         optimiser.f, floor, epoch)
+            break
+        if not moved or abs(before - optimiser.f) <= options.relative_tolerance * abs(before):
+            if final_stage:
+                if log is not None:
+                    log.info("no further decrease at epoch %d: stopping", epoch)
+                break
+    if best[1] is not None:
+        params = best[1]
+    return params, history
+
+
+def clamp_positions(model, positions, object_shape):
+    """Keep every window inside the object array."""
+    xp = model.backend.xp
+    upper = xp.asarray([object_shape[0] - model.window - 0.5, object_shape[1] - model.window - 0.5])
+    return xp.clip(positions, 0.0, upper)
