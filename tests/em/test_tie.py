@@ -1,0 +1,304 @@
+"""xpr em tie: solvers against exact answers, the acceptance case of issue 7, the statement of
+the in-focus intensity, registration, and bad input."""
+from __future__ import annotations
+
+import math
+
+import h5py
+import numpy as np
+import pytest
+
+from xpr.backend import Backend
+from xpr.em import focal_series, specimens, tie_solvers
+from xpr.em.optics import electron_wavelength_A
+from xpr.io import save_tree
+
+CPU = Backend(False, "double")
+
+
+def write(tmp_path, name, text):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(text)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Solvers
+# ---------------------------------------------------------------------------------------------
+
+def test_tikhonov_inverse_laplacian_damps_each_mode_by_its_filter():
+    n, pixel = 64, 1e-9
+    y, x = np.mgrid[:n, :n] * pixel
+    q_x = 3 / (n * pixel)
+    mode = np.cos(2 * math.pi * q_x * x)
+    laplacian = -(2 * math.pi * q_x) ** 2 * mode
+    exact = tie_solvers.FourierOperators(CPU, (n, n), pixel, q_c=0.0)
+    np.testing.assert_allclose(exact.inverse_laplacian(laplacian), mode, atol=1e-12)
+    q_c = 2 / (n * pixel)
+    damped = tie_solvers.FourierOperators(CPU, (n, n), pixel, q_c=q_c).inverse_laplacian(laplacian)
+    np.testing.assert_allclose(damped, mode * q_x ** 4 / (q_x ** 2 + q_c ** 2) ** 2, atol=1e-12)
+    cut = tie_solvers.FourierOperators(CPU, (n, n), pixel, q_c=0.0, q_max=2 / (n * pixel))
+    np.testing.assert_allclose(cut.inverse_laplacian(laplacian), 0.0, atol=1e-12)
+
+
+def test_intensity_derivative_is_exact_for_a_quadratic_focal_dependence():
+    rng = np.random.default_rng(0)
+    a, b, c = rng.random((3, 8, 8))
+    defocus = np.array([-4e-6, -1e-6, 0.0, 2e-6, 5e-6])
+    images = np.stack([a + b * d + c * d ** 2 for d in defocus])
+    derivative, in_focus = tie_solvers.intensity_derivative(np, images, defocus, order=2)
+    np.testing.assert_allclose(derivative, b, rtol=1e-8)
+    np.testing.assert_allclose(in_focus, a, rtol=1e-8)
+    pair_derivative, pair_mean = tie_solvers.intensity_derivative(np, images[[1, 3]], defocus[[1, 3]])
+    np.testing.assert_allclose(pair_mean, (images[1] + images[3]) / 2 - (images[3] - images[1])
+                               / (defocus[3] - defocus[1]) * (defocus[1] + defocus[3]) / 2, rtol=1e-8)
+
+
+@pytest.mark.parametrize("boundary", ["none", "mirror", "pad"])
+def test_uniform_tie_inverts_first_order_data(boundary):
+    """k ∂I/∂Δf = I0 ∇²φ for uniform I0: the solver returns φ (compact φ, any boundary)."""
+    n, pixel = 96, 1e-9
+    y, x = specimens.pixel_coordinates_m((n, n), pixel)
+    width = 8e-9
+    r2 = x ** 2 + (y - 4e-9) ** 2
+    phase = np.exp(-r2 / (2 * width ** 2))
+    laplacian = phase * (r2 / width ** 4 - 2 / width ** 2)
+    k = 2 * math.pi / (electron_wavelength_A(300.0) * 1e-10)
+    derivative = 0.9 * laplacian / k
+    edge = tie_solvers.Boundary(np, boundary, (n, n))
+    extended = edge.extend(derivative)
+    operators = tie_solvers.FourierOperators(CPU, extended.shape, pixel, q_c=0.0)
+    retrieved = edge.crop(tie_solvers.solve_tie_uniform(operators, extended, k, 0.9))
+    assert tie_solvers.rms_error_in_window(retrieved, phase, 0.35) < 0.01
+
+
+def test_full_tie_inverts_first_order_data_of_an_absorbing_object():
+    """k ∂I/∂Δf = ∇·(I∇φ) with I∇φ curl-free (φ and I both radial): Teague's solution is exact."""
+    n, pixel = 128, 1e-9
+    y, x = specimens.pixel_coordinates_m((n, n), pixel)
+    r2 = x ** 2 + y ** 2
+    phase = 2.0 * np.exp(-r2 / (2 * (10e-9) ** 2))
+    intensity = 1.0 - 0.5 * np.exp(-r2 / (2 * (14e-9) ** 2))
+    operators = tie_solvers.FourierOperators(CPU, (n, n), pixel, q_c=0.0)
+    k = 2 * math.pi / (electron_wavelength_A(300.0) * 1e-10)
+    grad_y, grad_x = operators.gradient(phase)
+    derivative = operators.divergence(intensity * grad_y, intensity * grad_x) / k
+    full = tie_solvers.solve_tie_full(operators, derivative, k, intensity, epsilon=0.0)
+    uniform = tie_solvers.solve_tie_uniform(operators, derivative, k, float(intensity.mean()))
+    assert tie_solvers.rms_error_in_window(full, phase, 0.35) < 1e-6
+    assert tie_solvers.rms_error_in_window(uniform, phase, 0.35) > 0.1
+
+
+def test_rms_error_ignores_offset_and_outside_of_the_window():
+    truth = np.zeros((100, 100))
+    retrieved = truth + 3.0
+    retrieved[:5, :5] = 100.0                          # corners lie outside radius 0.35·N
+    assert tie_solvers.rms_error_in_window(retrieved, truth, 0.35) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_registration_recovers_a_known_misalignment_across_defocus():
+    rng = np.random.default_rng(3)
+    n, pixel = 128, 1e-9
+    thickness = specimens.random_particles_thickness_m((n, n), pixel, "polyhedra", 5, 12e-9, rng)
+    phase, amplitude = specimens.electrostatic_phase_and_amplitude(thickness, 17.0, 3.0, 300.0)
+    wavelength = electron_wavelength_A(300.0) * 1e-10
+    images = focal_series.focal_series_images(
+        CPU, amplitude * np.exp(1j * phase),
+        [focal_series.transfer_function(CPU, (n, n), pixel, wavelength, d) for d in (0.0, 2e-6)])
+    images = focal_series.add_noise(images, "poisson", 0.01, rng)
+    moved = focal_series.similarity_transform(images[1], -2.0, 1.01, (-3.3, 4.2))
+    aligned, estimate = focal_series.register_to_reference(images[0], moved)
+    assert estimate["rotation_deg"] == pytest.approx(-2.0, abs=0.1)
+    assert estimate["scale"] == pytest.approx(1.01, abs=0.004)
+    assert estimate["shift_px"] == pytest.approx((-3.3, 4.2), abs=0.1)
+    interior = (slice(20, -20), slice(20, -20))
+    assert (np.abs(aligned - images[1])[interior].mean()
+            < 0.25 * np.abs(moved - images[1])[interior].mean())
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+# ---------------------------------------------------------------------------------------------
+
+def test_acceptance_sphere_512_default_settings(home, run_xpr, tmp_path):
+    """Issue 7: 512², 300 kV, sphere, ±5 µm, 1 % noise; tie's defaults (TIE + GS–Misell)."""
+    settings = write(tmp_path, "acceptance", "structure_name: sphere\n")
+    result = run_xpr(["-q", "em", "simulate_focal", settings, "tie", settings])
+    assert result.exit_code == 0, result.output
+    with h5py.File(home / "data/em/tie/sphere.h5") as out, \
+         h5py.File(home / "data/em/simulate_focal/sphere.h5") as data:
+        assert data["images"].shape == (3, 512, 512)
+        exact = data["exact_phase"][()]
+        phase, phase_tie = out["phase"][()], out["phase_tie"][()]
+        stored_refined = out["errors/rms_refined_rad"][()]
+        stored_tie = out["errors/rms_tie_rad"][()]
+        assert out.attrs["in_focus_intensity_source"] == "in-focus image"
+    refined = tie_solvers.rms_error_in_window(phase, exact, 0.35)
+    plain = tie_solvers.rms_error_in_window(phase_tie, exact, 0.35)
+    assert refined <= 0.06
+    assert 0.08 <= plain <= 0.12                 # TIE's own floor at ±5 µm (0.096–0.10 elsewhere)
+    assert refined < 0.5 * plain
+    assert stored_refined == pytest.approx(refined, rel=1e-4)
+    assert stored_tie == pytest.approx(plain, rel=1e-4)
+
+
+def _pair_settings(tmp_path):
+    simulation = write(tmp_path, "pair_simulation", "structure_name: pair\n"
+                       "imaging: {image_size: 128, pixel_size_m: 1.0e-9, defocus_m: [-5.0e-6, 5.0e-6]}\n"
+                       "specimen: {radius_m: 2.5e-8}\n")
+    return simulation, write(tmp_path, "pair", "structure_name: pair\n")
+
+
+def test_without_in_focus_image_the_intensity_used_is_stated(home, run_xpr, tmp_path):
+    simulation, settings = _pair_settings(tmp_path)
+    assert run_xpr(["-q", "em", "simulate_focal", simulation]).exit_code == 0
+    errors = {}
+    for source in ("auto", "fit"):
+        result = run_xpr(["-q", "em", "tie", settings, "-o", f"tie.in_focus_intensity={source}",
+                          "-o", "refinement.method=none"])
+        assert result.exit_code == 0, result.output
+        with h5py.File(home / "data/em/tie/pair.h5") as out:
+            errors[source] = out["errors/rms_tie_rad"][()]
+            stated = out.attrs["in_focus_intensity_source"]
+        log_text = (home / "data/em/tie/pair.h5").resolve().parent.joinpath("run.log").read_text()
+        assert "no in-focus image" in log_text and stated in log_text
+        assert ("corrected" in stated) == (source == "auto")
+    assert "(I₊+I₋)/2" in stated
+    # the forward-model correction of the averaged intensity removes much of its error
+    assert errors["auto"] < 0.7 * errors["fit"]
+    result = run_xpr(["em", "tie", settings, "-o", "tie.in_focus_intensity=image"])
+    assert result.exit_code == 2
+    assert "defocus 0" in result.output
+
+
+def test_least_squares_refinement_beats_plain_tie(home, run_xpr, tmp_path):
+    simulation = write(tmp_path, "small_simulation", "structure_name: small\n"
+                       "imaging: {image_size: 128, pixel_size_m: 1.0e-9}\nspecimen: {radius_m: 2.5e-8}\n")
+    settings = write(tmp_path, "small", "structure_name: small\n")
+    assert run_xpr(["-q", "em", "simulate_focal", simulation]).exit_code == 0
+    result = run_xpr(["-q", "em", "tie", settings, "-o", "refinement.method=least_squares",
+                      "-o", "refinement.iterations=60"])
+    assert result.exit_code == 0, result.output
+    with h5py.File(home / "data/em/tie/small.h5") as out:
+        plain, refined = out["errors/rms_tie_rad"][()], out["errors/rms_refined_rad"][()]
+    assert refined < 0.5 * plain
+
+
+def test_registration_in_tie_undoes_a_misaligned_series(home, run_xpr, tmp_path):
+    simulation = write(tmp_path, "parts_simulation", "structure_name: parts\n"
+                       "imaging: {image_size: 128, pixel_size_m: 1.0e-9, defocus_m: [-2.0e-6, 0.0, 2.0e-6]}\n"
+                       "specimen: {kind: particles, radius_m: 1.2e-8, absorption_potential_V: 3.0,"
+                       " particles: {count: 5}}\nseed: 3\n"
+                       "misalignment: {rotation_deg: 2.0, scale: 0.01, shift_px: 3.0}\n")
+    settings = write(tmp_path, "parts", "structure_name: parts\nrefinement: {method: none}\n")
+    assert run_xpr(["-q", "em", "simulate_focal", simulation]).exit_code == 0
+    errors = {}
+    for enabled in ("false", "true"):
+        result = run_xpr(["-q", "em", "tie", settings, "-o", f"registration.enabled={enabled}"])
+        assert result.exit_code == 0, result.output
+        with h5py.File(home / "data/em/tie/parts.h5") as out:
+            errors[enabled] = out["errors/rms_tie_rad"][()]
+            if enabled == "true":
+                estimated = out["registration/images/shift_px"][()]
+    with h5py.File(home / "data/em/simulate_focal/parts.h5") as data:
+        applied = data["misalignment/images/shift_px"][()]
+    np.testing.assert_allclose(estimated, applied, atol=0.3)
+    assert errors["true"] < 0.15 * errors["false"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------
+
+def _series_file(path, images, defocus=(-5e-6, 0.0, 5e-6)):
+    save_tree(path, {"images": images, "defocus_m": np.asarray(defocus)},
+              attrs={"accelerating_voltage_kV": 300.0, "pixel_size_m": 1e-9})
+    return path
+
+
+def test_images_of_different_shapes_are_refused(home, run_xpr, tmp_path):
+    data = _series_file(tmp_path / "mixed.h5", [np.ones((32, 32)), np.ones((32, 32)), np.ones((30, 32))])
+    result = run_xpr(["em", "tie", "tutorial", "-o", f"input.focal_series={data}"])
+    assert result.exit_code == 2
+    assert "different shapes" in result.output
+
+
+def test_zero_intensity_image_is_refused(home, run_xpr, tmp_path):
+    images = np.ones((3, 32, 32))
+    images[2] = 0.0
+    data = _series_file(tmp_path / "dark.h5", images)
+    result = run_xpr(["em", "tie", "tutorial", "-o", f"input.focal_series={data}"])
+    assert result.exit_code == 2
+    assert "zero intensity" in result.output
+
+
+def test_defocus_of_the_opposite_sign_convention_is_detected(home, run_xpr, tmp_path):
+    simulation = write(tmp_path, "sign_simulation", "structure_name: sign\n"
+                       "imaging: {image_size: 128, pixel_size_m: 1.0e-9}\nspecimen: {radius_m: 2.5e-8}\n")
+    settings = write(tmp_path, "sign", "structure_name: sign\n")
+    assert run_xpr(["-q", "em", "simulate_focal", simulation]).exit_code == 0
+    source = home / "data/em/simulate_focal/sign.h5"
+    with h5py.File(source) as f:
+        images, defocus = f["images"][()], f["defocus_m"][()]
+    flipped_convention = _series_file(tmp_path / "opposite.h5", images, -defocus)
+    result = run_xpr(["em", "tie", settings, "-o", f"input.focal_series={flipped_convention}"])
+    assert result.exit_code == 2
+    assert "sign convention" in result.output and "imaging.defocus_sign" in result.output
+    # told so, tie reads the opposite convention and recovers the phase
+    result = run_xpr(["-q", "em", "tie", settings, "-o", f"input.focal_series={flipped_convention}",
+                      "-o", "imaging.defocus_sign=-1"])
+    assert result.exit_code == 0, result.output
+    with h5py.File(home / "data/em/tie/sign.h5") as out, h5py.File(source) as data:
+        assert tie_solvers.rms_error_in_window(out["phase"][()], data["exact_phase"][()], 0.35) < 0.1
+
+
+def test_missing_optics_are_refused(home, run_xpr, tmp_path):
+    path = tmp_path / "bare.h5"
+    save_tree(path, {"images": np.ones((2, 16, 16)), "defocus_m": np.array([-1e-6, 1e-6])})
+    result = run_xpr(["em", "tie", "tutorial", "-o", f"input.focal_series={path}"])
+    assert result.exit_code == 2
+    assert "accelerating_voltage_kV" in result.output
+
+
+# ---------------------------------------------------------------------------------------------
+# Optional learned correction (extra `ml`)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_learned_correction_improves_held_out_phases_and_round_trips(home, run_xpr, tmp_path):
+    pytest.importorskip("torch")
+    simulation = write(tmp_path, "ml_simulation", "structure_name: ml\n"
+                       "imaging: {image_size: 64, pixel_size_m: 1.0e-9}\n"
+                       "specimen: {kind: particles, radius_m: 1.2e-8, particles: {count: 3}}\nseed: 11\n")
+    settings = write(tmp_path, "ml", "structure_name: ml\nrefinement: {method: none}\n"
+                     "learned_correction:\n  train: true\n"
+                     "  training: {pairs: 24, held_out: 6, image_size: 48, epochs: 60}\n")
+    assert run_xpr(["-q", "em", "simulate_focal", simulation]).exit_code == 0
+    result = run_xpr(["-q", "em", "tie", settings])
+    assert result.exit_code == 0, result.output
+    trained_file = (home / "data/em/tie/ml.h5").resolve()
+    with h5py.File(trained_file) as out:
+        without = out["errors/learned_held_out_without_rad"][()]
+        with_correction = out["errors/learned_held_out_with_rad"][()]
+        learned_phase = out["phase_learned"][()]
+        assert out["errors/rms_learned_rad"][()] < out["errors/rms_tie_rad"][()]
+    assert with_correction < 0.85 * without           # on pairs never trained on
+    model = trained_file.parent / "learned_correction.pt"
+    result = run_xpr(["-q", "em", "tie", "tutorial", "-o", "structure_name=ml",
+                      "-o", "refinement.method=none", "-o", f"learned_correction.model={model}"])
+    assert result.exit_code == 0, result.output
+    with h5py.File(home / "data/em/tie/ml.h5") as out:
+        np.testing.assert_allclose(out["phase_learned"][()], learned_phase, atol=1e-5)
+
+
+def test_group_of_images_with_different_shapes_is_refused(home, run_xpr, tmp_path):
+    path = tmp_path / "group.h5"
+    with h5py.File(path, "w") as f:
+        f["images/0"] = np.ones((16, 16))
+        f["images/1"] = np.ones((16, 18))
+        f["defocus_m"] = np.array([-1e-6, 1e-6])
+        f.attrs["accelerating_voltage_kV"] = 300.0
+        f.attrs["pixel_size_m"] = 1e-9
+    result = run_xpr(["em", "tie", "tutorial", "-o", f"input.focal_series={path}"])
+    assert result.exit_code == 2
+    assert "different shapes" in result.output and "[16, 18]" in result.output
