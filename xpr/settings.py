@@ -95,7 +95,9 @@ class KeySpec:
         if self.unit:
             bits.append(f"unit: {self.unit}")
         if self.range:
-            bits.append(f"range: [{self.range[0]}, {self.range[1]}]")
+            low, high = self.range
+            bits.append(f"range: >= {low}" if high is None else f"range: <= {high}" if low is None
+                        else f"range: [{low}, {high}]")
         if self.choices:
             bits.append("choices: " + ", ".join(map(str, self.choices)))
         return "; ".join(bits)

@@ -1,0 +1,116 @@
+"""cdi phase2d / phase3d end to end: known objects recovered; bad input refused (exit 2)."""
+import h5py
+import numpy as np
+import pytest
+
+from xpr.phasing import _backend, merge
+
+
+def _error(home, structure, command):
+    data = home / "data" / "cdi"
+    with h5py.File(data / "simulate" / f"{structure}.h5") as f:
+        truth = f["truth/object"][()]
+    with h5py.File(data / command / f"{structure}.h5") as f:
+        merged = f["merged/object"][()]
+        prtf = f["merged/prtf"][()]
+        intensity = f["data/intensity"][()]
+    assert merged.shape == intensity.shape == truth.shape
+    assert np.all((prtf >= 0) & (prtf <= 1 + 1e-6))
+    return merge.real_space_error(merged, truth, _backend.ensure(None))
+
+
+def test_tutorial_chain_noisy_pattern_behind_beamstop(home, run_xpr):
+    """Acceptance: real object, ~1e6 photons (Poisson), beamstop radius 5 px masked, default
+    schedule (the tutorial adds only positivity and reality): error < 0.15."""
+    result = run_xpr(["-q", "cdi", "simulate", "tutorial", "phase2d", "tutorial"])
+    assert result.exit_code == 0, result.output
+    assert _error(home, "tutorial", "phase2d") < 0.15
+    run = (home / "data" / "cdi" / "phase2d" / "tutorial.h5").resolve().parent
+    assert (run / "object.png").is_file() and (run / "errors_prtf.png").is_file()
+
+
+def test_noise_free_3d_volume(home, run_xpr):
+    """Acceptance: noise-free 3-D (32^3, oversampling 2.5): error < 0.05."""
+    result = run_xpr(["-q", "cdi", "simulate", "tutorial3d", "phase3d", "tutorial"])
+    assert result.exit_code == 0, result.output
+    assert _error(home, "tutorial3d", "phase3d") < 0.05
+    run = (home / "data" / "cdi" / "phase3d" / "tutorial3d.h5").resolve().parent
+    assert (run / "vtk" / "merged_density.vts").is_file()
+
+
+@pytest.fixture
+def pattern_files(tmp_path):
+    from xpr.cdi.objects import far_field_intensity, model_object
+    truth = model_object("random_smooth", (60, 60), 24, seed=3)
+    np.save(tmp_path / "pattern.npy", far_field_intensity(truth))
+    np.save(tmp_path / "mask_small.npy", np.zeros((32, 32), np.uint8))
+    np.save(tmp_path / "model_small.npy", np.ones((60, 60)))
+    np.save(tmp_path / "truth.npy", truth)
+    return tmp_path
+
+
+def test_file_input_padded_to_power_of_two(home, run_xpr, pattern_files):
+    result = run_xpr(["-q", "cdi", "phase2d", "tutorial",
+                      "-o", f"input.data_path={pattern_files / 'pattern.npy'}",
+                      "-o", "input.padd_to_pow2=true", "-o", "phasing.repeats=4",
+                      "-o", "structure_name=from_file"])
+    assert result.exit_code == 0, result.output
+    with h5py.File(home / "data" / "cdi" / "phase2d" / "from_file.h5") as f:
+        merged, mask = f["merged/object"][()], f["data/mask"][()].astype(bool)
+        intensity = f["data/intensity"][()]
+        best = f["repeats/selected"][0]
+        e_mod = f["repeats/e_mod"][best, -1]
+    assert merged.shape == (64, 64)
+    # the measured pattern sits unchanged in the middle; the padding floats
+    assert np.allclose(intensity[2:62, 2:62], np.load(pattern_files / "pattern.npy"), rtol=1e-6)
+    assert mask[0].all() and mask[:, -1].all() and not mask[2:62, 2:62].any()
+    # the merged object explains the measured moduli (padding changes the real-space pixel size,
+    # so the object itself is a resampled version of the 60 x 60 truth)
+    F = np.fft.fftshift(np.fft.fftn(np.fft.ifftshift(merged)))
+    residual = np.abs(np.abs(F[~mask]) - np.sqrt(intensity[~mask]))
+    assert np.sqrt((residual ** 2).sum() / intensity[~mask].sum()) < 0.05 and e_mod < 0.05
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["input.mask_path={dir}/mask_small.npy"], "mask shape [32, 32] differs"),
+    (["input.init_model={dir}/model_small.npy", "input.padd_to_pow2=true"], "init_model has shape"),
+    (["phasing.iters=100RAAR 50XYZ"], "unknown phasing algorithm 'XYZ'"),
+    (["phasing.iters=-20HIO 10ER"], "must not be negative"),
+])
+def test_bad_input_exits_2(home, run_xpr, pattern_files, overrides, words):
+    args = ["cdi", "phase2d", "tutorial", "-o", f"input.data_path={pattern_files / 'pattern.npy'}"]
+    for o in overrides:
+        args += ["-o", o.format(dir=pattern_files)]
+    result = run_xpr(args)
+    assert result.exit_code == 2, result.output
+    assert words in result.output
+
+
+def _merged(home, structure):
+    with h5py.File(home / "data" / "cdi" / "phase2d" / f"{structure}.h5") as f:
+        return f["repeats/object"][()], f["repeats/seed"][()]
+
+
+def test_repeats_do_not_depend_on_how_they_are_batched(home, run_xpr, pattern_files):
+    """Seeds are fixed per repeat: 4 repeats in one batch equal the same 4 in two batches of 2."""
+    common = ["-q", "cdi", "phase2d", "tutorial", "-o", f"input.data_path={pattern_files / 'pattern.npy'}",
+              "-o", "phasing.repeats=4", "-o", "phasing.iters=60HIO 20ER",
+              "-o", "multi_process.engine=serial"]
+    assert run_xpr(common + ["-o", "structure_name=one_batch"]).exit_code == 0
+    assert run_xpr(common + ["-o", "structure_name=batches", "-o", "multi_process.batch_size=3"]).exit_code == 0
+    one, seeds_one = _merged(home, "one_batch")
+    split, seeds_split = _merged(home, "batches")
+    assert np.array_equal(seeds_one, seeds_split)
+    assert np.allclose(one, split, atol=1e-4 * np.abs(one).max())
+
+
+@pytest.mark.slow
+def test_local_processes_give_the_serial_result(home, run_xpr, pattern_files):
+    common = ["-q", "cdi", "phase2d", "tutorial", "-o", f"input.data_path={pattern_files / 'pattern.npy'}",
+              "-o", "phasing.repeats=2", "-o", "phasing.iters=40HIO 10ER"]
+    assert run_xpr(common + ["-o", "structure_name=serial", "-o", "multi_process.engine=serial"]).exit_code == 0
+    result = run_xpr(common + ["-o", "structure_name=processes", "-o", "multi_process.n_processes=2"])
+    assert result.exit_code == 0, result.output
+    serial, _ = _merged(home, "serial")
+    spread, _ = _merged(home, "processes")
+    assert np.allclose(serial, spread, atol=1e-4 * np.abs(serial).max())

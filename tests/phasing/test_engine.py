@@ -1,0 +1,156 @@
+"""The projections, the algorithms and the engine on known objects."""
+import numpy as np
+import pytest
+import yaml
+
+from xpr.cdi.objects import far_field_intensity, model_object
+from xpr.phasing import _backend, engine, merge, schedule
+from xpr.phasing.algorithms import ALGORITHMS
+from xpr.phasing.projections import ModulusProjection, SupportProjection, centred_radius
+from xpr.phasing.shrinkwrap import ShrinkWrap
+from xpr.resources import defaults_dir
+
+
+@pytest.fixture(scope="module")
+def backend():
+    return _backend.ensure(None)
+
+
+def _pattern(shape, diameter, seed=3, max_phase=0.0):
+    truth = model_object("random_smooth", shape, diameter, seed=seed, max_phase=max_phase)
+    return truth, np.fft.ifftshift(far_field_intensity(truth))
+
+
+def test_modulus_projection_sets_measured_moduli_and_lets_masked_pixels_float(backend):
+    rng = np.random.default_rng(0)
+    shape = (32, 32)
+    intensity = rng.uniform(0.5, 2.0, shape)
+    measured = rng.uniform(size=shape) > 0.2
+    x = (rng.standard_normal((2,) + shape) + 1j * rng.standard_normal((2,) + shape)).astype(np.complex64)
+    P_M = ModulusProjection(backend, intensity, measured, repeats=2)
+    pm, e_mod = P_M(x)
+    F, G = np.fft.fftn(x, axes=(1, 2)), np.fft.fftn(pm, axes=(1, 2))
+    assert np.allclose(np.abs(G)[:, measured], np.sqrt(intensity)[measured], rtol=1e-4)
+    assert np.allclose(G[:, ~measured], F[:, ~measured], rtol=1e-4, atol=1e-3)
+    assert np.allclose(np.angle(G[:, measured]), np.angle(F[:, measured]), atol=1e-3)
+    expected = np.sqrt(((np.abs(F) - np.sqrt(intensity)) ** 2 * measured).sum(axis=(1, 2))
+                       / (intensity * measured).sum())
+    assert np.allclose(e_mod, expected, rtol=1e-4)
+    again, e_again = P_M(pm)                      # a projection: P_M P_M = P_M
+    assert np.allclose(again, pm, atol=1e-4 * np.abs(pm).max())
+    assert np.all(e_again < 1e-5)
+
+
+def test_background_stays_radially_symmetric(backend):
+    shape = (32, 32)
+    truth, intensity = _pattern(shape, 12)
+    P_M = ModulusProjection(backend, intensity, np.ones(shape, bool), background=True, repeats=1)
+    x = engine.random_starts(backend, P_M.amplitude, np.ones((1,) + shape, bool), [1])
+    P_M(x)
+    shells = np.rint(np.asarray(P_M.shell)).astype(int)
+    b = P_M.background[0]
+    for r in (3, 7, 11):
+        ring = b[shells == r]
+        assert ring.std() <= 1e-5 * max(ring.mean(), 1e-12)
+
+
+def test_support_projection_real_positive(backend):
+    rng = np.random.default_rng(1)
+    y = (rng.standard_normal((1, 16, 16)) + 1j * rng.standard_normal((1, 16, 16))).astype(np.complex64)
+    support = np.zeros((1, 16, 16), bool)
+    support[:, 4:12, 4:12] = True
+    out = SupportProjection(positivity=True, imag_limit=0.0)(y, support, np)
+    keep = support & (y.real >= 0)
+    assert np.all(out[~keep] == 0)
+    assert np.allclose(out[keep], y.real[keep]) and np.all(out.imag == 0)
+
+
+@pytest.mark.parametrize("method", ["ER", "HIO", "RAAR", "DM"])
+def test_true_object_is_a_fixed_point(backend, method):
+    shape = (32, 32)
+    truth, intensity = _pattern(shape, 12, max_phase=1.0)
+    support = (np.abs(truth) > 0)[None]
+    P_M = ModulusProjection(backend, intensity, np.ones(shape, bool))
+    x = truth[None].astype(np.complex64).copy()
+    ALGORITHMS[method](x, support, 0.8, P_M, SupportProjection(), np)
+    assert np.abs(x - truth).max() < 1e-4 * np.abs(truth).max()
+
+
+def _defaults(command="phase2d"):
+    return yaml.safe_load((defaults_dir() / "cdi" / f"{command}.yaml").read_text())
+
+
+def _phase(backend, truth, intensity, repeats, seeds=None, positivity=False, imag_limit=None):
+    """The default schedule of settings_defaults/cdi/phase2d.yaml on a known pattern."""
+    settings = _defaults()
+    pp = settings["phasing_parameters"]
+    sw = pp["shrink_wrap"]
+    shape = intensity.shape
+    steps = schedule.compile_schedule(settings["phasing"]["iters"], beta=pp["beta"])
+    steps = schedule.with_periodic_shrink_wrap(steps, sw["start"], sw["every"], sw["stop"],
+                                               sigma=sw["sigma"], threshold=sw["threshold"])
+    initial = np.asarray(centred_radius(shape)) <= min(shape) / 4
+    P_M = ModulusProjection(backend, intensity, np.ones(shape, bool), repeats=repeats)
+    P_S = SupportProjection(positivity=positivity, imag_limit=imag_limit)
+    last = sw["threshold"][-1] if isinstance(sw["threshold"], list) else sw["threshold"]
+    shrink = ShrinkWrap(backend, shape, threshold=last, sigma=sw["sigma"][-1],
+                        confine_to=initial)
+    support = np.broadcast_to(initial, (repeats,) + shape).copy()
+    seeds = list(range(repeats)) if seeds is None else seeds
+    x = engine.random_starts(backend, P_M.amplitude, support, seeds)
+    return engine.iterate(steps, x, support, P_M, P_S, shrink, np)
+
+
+def test_noise_free_2d_complex_object_recovered(backend):
+    """Acceptance: noise-free 2-D complex object (no positivity), the default schedule and
+    repeats: error < 0.05 after removing shift, global phase and twin."""
+    truth, intensity = _pattern((64, 64), 64 / 2.5, seed=3, max_phase=0.5)
+    x, support, history = _phase(backend, truth, intensity, repeats=8)
+    final = history.e_mod_array()[:, -1]
+    chosen = merge.select(final, keep_fraction=0.5, tolerance=0.2)
+    merged, _ = merge.merge_repeats(x, chosen, backend)
+    assert merge.real_space_error(merged, truth, backend) < 0.05
+
+
+def test_batched_repeats_equal_sequential_ones(backend):
+    truth, intensity = _pattern((32, 32), 12)
+    batched, _, h = _phase(backend, truth, intensity, repeats=3, seeds=[5, 6, 7])
+    for i, seed in enumerate([5, 6, 7]):
+        single, _, h1 = _phase(backend, truth, intensity, repeats=1, seeds=[seed])
+        assert np.allclose(single[0], batched[i], atol=1e-4 * np.abs(batched[i]).max())
+        assert np.allclose(h1.e_mod_array()[0], h.e_mod_array()[i], rtol=1e-3, atol=1e-6)
+
+
+def test_shrink_wrap_keeps_brightest_voxels_within_initial_support(backend):
+    rng = np.random.default_rng(2)
+    x = rng.uniform(size=(2, 16, 16)).astype(np.complex64)
+    initial = np.zeros((16, 16), bool)
+    initial[2:14, 2:14] = True
+    sw = ShrinkWrap(backend, (16, 16), support_size=30, sigma=0.0, confine_to=initial)
+    new = sw(x, np.ones((2, 16, 16), bool))
+    assert list(new.reshape(2, -1).sum(axis=1)) == [30, 30]
+    assert not np.any(new & ~initial)
+    for i in range(2):
+        inside = np.abs(x[i])[initial]
+        assert np.abs(x[i])[new[i]].min() >= np.sort(inside)[-30]
+
+
+@pytest.mark.gpu
+def test_gpu_batch_matches_cpu():
+    """The same chunk of repeats on cupy and on numpy (ER + shrink-wrap, no chaotic feedback)."""
+    from xpr.cdi.phasing import phase_chunk
+    truth, intensity = _pattern((32, 32), 12)
+    steps = schedule.with_periodic_shrink_wrap(schedule.parse_string("30ER"), 10, 10, sigma=1.0)
+    problem = {
+        "intensity_fft": intensity.astype(np.float32), "measured_fft": np.ones((32, 32), bool),
+        "initial_support": np.asarray(centred_radius((32, 32))) <= 8, "init_model": None,
+        "steps": steps, "precision": "single",
+        "options": {"background": True, "positivity": True, "value_threshold": None,
+                    "imag_limit": 0.0, "support_size": None, "metrics_every": 10,
+                    "shrink_wrap": {"threshold": 0.15, "sigma": [2.0, 1.0],
+                                    "confine_to_initial": True, "max_shrink": None}},
+    }
+    cpu = phase_chunk({"seeds": [1, 2]}, shared=dict(problem, use_gpu=False))
+    gpu = phase_chunk({"seeds": [1, 2]}, shared=dict(problem, use_gpu=True))
+    assert np.allclose(gpu["object"], cpu["object"], atol=1e-3 * np.abs(cpu["object"]).max())
+    assert np.allclose(gpu["e_mod"], cpu["e_mod"], rtol=1e-3, atol=1e-6)

@@ -1,0 +1,13 @@
+"""`xpr cdi phase3d`: phase a 3-D diffraction volume (spipy's phase.phase3d).
+
+The method is shared with phase2d and described in xpr.cdi.phasing; in 3-D the brightest-voxel
+shrink-wrap is set by `phasing_parameters.voxel_number`, and the merged density is also written
+as vtk/merged_density.vts. Output: phase3d.h5 with `merged/object` of the (padded) volume's shape.
+"""
+from __future__ import annotations
+
+from xpr.cdi import phasing
+
+
+def run(settings, archive):
+    return phasing.run(settings, archive, dimensions=3)

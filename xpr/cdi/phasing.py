@@ -1,0 +1,341 @@
+"""Single-pattern CDI phasing: what `cdi phase2d` and `cdi phase3d` share.
+
+Method, top to bottom:
+
+1. Input. A centred diffraction pattern (zero frequency in the middle) and its mask (1 = masked /
+   unmeasured, as spipy), by default the latest `cdi simulate` result. As spipy: optionally padded
+   to the next power of two (padding floats), `inner_mask` (beamstop radius: floats),
+   `outer_mask` (intensities beyond this radius set to zero), `outer_outer_mask` with
+   `mask_edges` (pixels between the two radii float), `subtract_percentile` (a background level
+   subtracted). Non-finite pixels float; negative ones become 0.
+2. Initial support: a disc/ball of radius `spherical_support`, or by default a quarter of the
+   pattern's side -- the largest object radius that oversampling 2 allows, so a loose support
+   around any object the pattern can phase. (A loose disc works better than the centrosymmetric
+   autocorrelation support, which traps the object together with its twin; the autocorrelation
+   is also unreliable behind a beamstop.) Shrink-wrap then tightens it.
+3. Iterations: a schedule (spipy string or xFrame blocks; xpr.phasing.schedule) with shrink-wrap
+   woven in, run on a batch of independent repeats from random phases (or from init_model), each
+   repeat seeded on its own; repeats are split into chunks over processes (xpr.parallel).
+4. Merging: the repeats with the lowest final modulus error are aligned (translation, global
+   phase, twin) to the best one and averaged; the PRTF per shell of |q| tells which resolution
+   was phased reproducibly.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from xpr import parallel, plot
+from xpr.backend import Backend
+from xpr.errors import InputError
+from xpr.io import read_array
+from xpr.phasing import _backend, engine, merge, schedule
+from xpr.phasing.projections import ModulusProjection, SupportProjection, centred_radius
+from xpr.phasing.shrinkwrap import ShrinkWrap
+
+# ---------------------------------------------------------------------------------------------
+# 1. input
+
+
+def _read(path, key, shape=None, dataset=None):
+    path_text = str(path)
+    if path_text.lower().endswith((".h5", ".hdf5", ".cxi")):
+        import h5py
+        try:
+            with h5py.File(path_text, "r") as f:
+                if dataset is not None and dataset in f:
+                    return np.asarray(f[dataset][()])
+        except OSError as err:
+            raise InputError(f"cannot read the file: {err}", file=path, key=key) from None
+        return read_array(path, key=key)
+    return read_array(path, shape=shape, key=key)
+
+
+def _h5_has(path, name):
+    if not str(path).lower().endswith((".h5", ".hdf5", ".cxi")):
+        return False
+    import h5py
+    with h5py.File(str(path), "r") as f:
+        return name in f
+
+
+def load_pattern(settings, archive, dimensions):
+    """(intensity, masked, source) with zero frequency at the centre; masked: True = float."""
+    inp = settings.input
+    source = inp.data_path
+    if source is None:
+        source = archive.home.latest("cdi", "simulate", f"{settings.structure_name}.h5")
+    shape = None if inp.shape is None else tuple(int(n) for n in inp.shape)
+    intensity = np.asarray(_read(source, "input.data_path", shape, dataset="data"), dtype=np.float64)
+    intensity = np.squeeze(intensity) if intensity.ndim > dimensions else intensity
+    if intensity.ndim != dimensions:
+        raise InputError(f"expected a {dimensions}-D pattern, got shape {list(intensity.shape)}",
+                         file=source, key="input.data_path")
+    if inp.mask_path is not None:
+        mask = np.asarray(_read(inp.mask_path, "input.mask_path", shape, dataset="mask"))
+        mask_source = inp.mask_path
+    elif _h5_has(source, "mask"):
+        mask = np.asarray(_read(source, "input.data_path", dataset="mask"))
+        mask_source = source
+    else:
+        mask, mask_source = np.zeros(intensity.shape, dtype=bool), None
+    if mask.shape != intensity.shape:
+        raise InputError(f"mask shape {list(mask.shape)} differs from the pattern's "
+                         f"{list(intensity.shape)}", file=mask_source, key="input.mask_path")
+    return intensity, mask.astype(bool), source
+
+
+def pad_to_pow2(intensity, masked):
+    """Centred zero padding to the next power of two per axis; padded pixels float."""
+    target = tuple(1 << int(np.ceil(np.log2(n))) for n in intensity.shape)
+    if target == intensity.shape:
+        return intensity, masked
+    before = [t // 2 - n // 2 for t, n in zip(target, intensity.shape)]
+    index = tuple(slice(b, b + n) for b, n in zip(before, intensity.shape))
+    padded = np.zeros(target)
+    padded[index] = intensity
+    padded_mask = np.ones(target, dtype=bool)
+    padded_mask[index] = masked
+    return padded, padded_mask
+
+
+def prepare(intensity, masked, inp):
+    """spipy's input treatment (see the module docstring); returns (intensity, masked)."""
+    if inp.padd_to_pow2:
+        intensity, masked = pad_to_pow2(intensity, masked)
+    masked = masked | ~np.isfinite(intensity)
+    intensity = np.where(np.isfinite(intensity), np.clip(intensity, 0.0, None), 0.0)
+    radius = np.asarray(centred_radius(intensity.shape))
+    if inp.inner_mask:
+        masked = masked | (radius <= float(inp.inner_mask))
+    if inp.outer_mask is not None:
+        intensity = np.where(radius > float(inp.outer_mask), 0.0, intensity)
+        if inp.mask_edges and inp.outer_outer_mask is not None:
+            between = (radius > float(inp.outer_mask)) & (radius <= float(inp.outer_outer_mask))
+            masked = masked | between
+    if inp.subtract_percentile is not None:
+        values = intensity[~masked & (intensity > 0)]
+        if values.size:
+            level = np.percentile(values, float(inp.subtract_percentile))
+            intensity = np.clip(intensity - level, 0.0, None)
+    return intensity, masked
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. initial support
+
+
+def initial_support_radius(shape, spherical_support=None):
+    """The given radius, or a quarter of the smallest pattern side: the largest object radius
+    that oversampling 2 per axis allows, so a loose disc/ball around any phasable object."""
+    if spherical_support:
+        return float(spherical_support)
+    return min(shape) / 4.0
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. iterations (one chunk of repeats; a module-level function so processes can run it)
+
+
+def phase_chunk(task, shared=None, progress=None):
+    """Phase one chunk of repeats: task = {"seeds": [...]}, shared = the pattern, the initial
+    support, the steps and the options (the same for every chunk; see `run`). progress: an
+    optional bar advanced once per iteration (only in the calling process)."""
+    task = dict(shared or {}, **task)
+    options = task["options"]
+    backend = _backend.ensure(Backend(task["use_gpu"], task["precision"]))
+    xp = backend.xp
+    shape = task["intensity_fft"].shape
+    seeds = task["seeds"]
+    repeats = len(seeds)
+    initial = xp.asarray(task["initial_support"])
+
+    P_M = ModulusProjection(backend, xp.asarray(task["intensity_fft"]),
+                            xp.asarray(task["measured_fft"]),
+                            background=options["background"], repeats=repeats)
+    P_S = SupportProjection(positivity=options["positivity"],
+                            threshold=options["value_threshold"],
+                            imag_limit=options["imag_limit"])
+    sw = options["shrink_wrap"]
+    shrink_wrap = ShrinkWrap(backend, shape, threshold=sw["threshold"],
+                             support_size=options["support_size"], sigma=_last(sw["sigma"]),
+                             confine_to=initial if sw["confine_to_initial"] else None,
+                             max_shrink=sw["max_shrink"])
+    support = xp.broadcast_to(initial, (repeats,) + shape).copy()
+    if task["init_model"] is not None:
+        model = xp.asarray(task["init_model"]).astype(backend.complex_dtype)
+        x = xp.broadcast_to(model, (repeats,) + shape).copy()
+    else:
+        x = engine.random_starts(backend, P_M.amplitude, support, seeds)
+    x, support, history = engine.iterate(task["steps"], x, support, P_M, P_S, shrink_wrap, xp,
+                                         progress=progress,
+                                         metrics_every=options["metrics_every"])
+    e_con_its, e_con = history.e_con_array()
+    return {"seeds": list(seeds), "object": backend.asnumpy(x), "support": backend.asnumpy(support),
+            "e_mod": history.e_mod_array(), "e_con": e_con, "e_con_iterations": e_con_its}
+
+
+def compile_steps(settings, source=None):
+    """The schedule of the settings, with periodic shrink-wrap woven in."""
+    plain = settings.to_dict() if hasattr(settings, "to_dict") else settings
+    pp = plain["phasing_parameters"]
+    steps = schedule.compile_schedule(plain["phasing"]["iters"], plain["phasing"].get("main_loop"),
+                                      beta=pp["beta"], source=source)
+    sw = settings.phasing_parameters.shrink_wrap
+    if sw.every:
+        steps = schedule.with_periodic_shrink_wrap(steps, int(sw.start), int(sw.every),
+                                                   sw.stop, sigma=_plain(sw.sigma),
+                                                   threshold=_plain(sw.threshold))
+    return steps
+
+
+def _last(value):
+    return float(value[-1]) if isinstance(value, (list, tuple)) else float(value)
+
+
+def _plain(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def _chunks(n, parts):
+    bounds = np.linspace(0, n, parts + 1).round().astype(int)
+    return [range(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
+# ---------------------------------------------------------------------------------------------
+# the worker
+
+
+def run(settings, archive, dimensions):
+    inp = settings.input
+    intensity, masked, source = load_pattern(settings, archive, dimensions)
+    intensity, masked = prepare(intensity, masked, inp)
+    shape = intensity.shape
+    archive.log.info("pattern %s from %s: %d of %d pixels float", "x".join(map(str, shape)),
+                     source, int(masked.sum()), masked.size)
+    init_model = _init_model(inp, shape)
+    radius = initial_support_radius(shape, inp.spherical_support)
+    initial_support = np.asarray(centred_radius(shape)) <= radius
+    if init_model is not None and not inp.spherical_support:
+        initial_support = initial_support | (np.abs(init_model) > 0)
+    archive.log.info("initial support: %s of radius %.1f px",
+                     "disc" if dimensions == 2 else "ball", radius)
+    steps = compile_steps(settings)
+    archive.log.info("schedule: %s", schedule.describe(steps))
+
+    precision = (settings.get("GPU") or {}).get("precision", "single")
+    problem = {
+        "intensity_fft": np.fft.ifftshift(intensity).astype(np.float32),
+        "measured_fft": np.fft.ifftshift(~masked),
+        "initial_support": initial_support, "init_model": init_model, "steps": steps,
+        "options": _options(settings, dimensions),
+        "use_gpu": Backend.from_settings(settings).is_gpu, "precision": precision,
+    }
+    repeats = phase_repeats(settings, archive, problem)
+
+    final = repeats["e_mod"][:, -1]
+    archive.log.info("final eMod per repeat: %s", np.array2string(final, precision=4))
+    backend = _backend.ensure(Backend(False, precision))
+    selected = merge.select(final, keep_fraction=float(settings.merge.keep_fraction),
+                            tolerance=settings.merge.error_tolerance)
+    merged, aligned = merge.merge_repeats(repeats["object"], selected, backend,
+                                          allow_twin=bool(settings.merge.remove_twin))
+    shells, prtf = merge.prtf(aligned, problem["measured_fft"], backend)
+    archive.log.info("merged %d of %d repeats (eMod %.4f .. %.4f)", len(selected), len(final),
+                     final[selected].min(), final[selected].max())
+
+    support = repeats["support"][selected[0]]
+    archive.save_h5(f"phase{dimensions}d.h5", {
+        "merged": {"object": merged.astype(np.complex64), "support": support.astype(np.uint8),
+                   "prtf": prtf, "prtf_radius_px": shells.astype(np.float32),
+                   "aligned_repeats": aligned.astype(np.complex64)},
+        "repeats": dict(repeats, object=repeats["object"].astype(np.complex64),
+                        support=repeats["support"].astype(np.uint8),
+                        selected=np.asarray(selected, dtype=np.int64)),
+        "data": {"intensity": intensity.astype(np.float32), "mask": masked.astype(np.uint8),
+                 "initial_support": initial_support.astype(np.uint8)},
+    }, main=True, attrs={"schedule": schedule.describe(steps), "source": str(source),
+                         "mask_convention": "1 = masked / unmeasured"})
+    _figures(archive, merged, support, repeats, selected, shells, prtf)
+    if dimensions == 3:
+        archive.save_vts("vtk/merged_density.vts", np.abs(merged).astype(np.float32),
+                         grid="cartesian")
+    return {"object": merged, "prtf": prtf, "e_mod": repeats["e_mod"], "selected": selected}
+
+
+def _init_model(inp, shape):
+    if inp.init_model is None:
+        return None
+    model = np.asarray(read_array(inp.init_model, key="input.init_model"))
+    if model.shape != shape:
+        raise InputError(f"init_model has shape {list(model.shape)}, the (padded) pattern "
+                         f"{list(shape)}", file=inp.init_model, key="input.init_model")
+    return model
+
+
+def _options(settings, dimensions):
+    pp, sw = settings.phasing_parameters, settings.phasing_parameters.shrink_wrap
+    return {
+        "background": bool(pp.background), "positivity": bool(pp.positivity),
+        "value_threshold": pp.value_threshold, "imag_limit": pp.imag_limit,
+        "support_size": pp.support_size if dimensions == 2 else pp.voxel_number,
+        "metrics_every": int(settings.phasing.metrics_every),
+        "shrink_wrap": {"threshold": _last(sw.threshold), "sigma": _plain(sw.sigma),
+                        "confine_to_initial": bool(sw.confine_to_initial),
+                        "max_shrink": sw.max_shrink},
+    }
+
+
+def phase_repeats(settings, archive, problem):
+    """All repeats, in batches over the multi_process engine; returns stacked numpy results."""
+    repeats = int(settings.phasing.repeats)
+    seeds = parallel.task_seeds(int(settings.phasing.seed), repeats)
+    spread = settings.get("multi_process")
+    workers = parallel.n_workers(spread, repeats)
+    batch = spread.get("batch_size") if spread else None
+    n_tasks = max(workers, -(-repeats // int(batch))) if batch else workers
+    tasks = [{"seeds": [seeds[i] for i in chunk]} for chunk in _chunks(repeats, n_tasks)]
+    n_iterations = schedule.total_iterations(problem["steps"])
+    archive.log.info("%d repeats x %d iterations in %d batch(es)", repeats, n_iterations,
+                     len(tasks))
+    if len(tasks) == 1:     # one batch in this process: a bar over iterations, with eMod
+        bar = archive.progress(total=n_iterations, desc="phasing")
+        results = [phase_chunk(tasks[0], shared=problem, progress=bar)]
+    else:
+        bar = archive.progress(total=len(tasks), desc="phasing batches")
+        results = parallel.map(phase_chunk, tasks, spread, shared=problem,
+                               on_result=lambda index, result: bar.update(1),
+                               tolerate_failures=True)
+        for failure in (r for r in results if isinstance(r, parallel.TaskFailure)):
+            archive.log.warning("batch %d failed: %s", failure.index, failure.error)
+        results = parallel.require_success(results, spread)
+    bar.close()
+    stacked = {key: np.concatenate([r[key] for r in results])
+               for key in ("object", "support", "e_mod", "e_con")}
+    stacked["seed"] = np.asarray([s for r in results for s in r["seeds"]], dtype=np.uint64)
+    stacked["e_con_iterations"] = results[0]["e_con_iterations"]
+    return stacked
+
+
+def _figures(archive, merged, support, repeats, selected, shells, prtf):
+    cut = (lambda a: a) if merged.ndim == 2 else (lambda a: a[a.shape[0] // 2])
+    fig, axes = plot.figure(1, 3)
+    plot.image(axes[0], np.abs(cut(merged)), "merged amplitude")
+    plot.image(axes[1], np.where(cut(support), np.angle(cut(merged)), np.nan), "merged phase",
+               cmap="twilight")
+    plot.image(axes[2], cut(support).astype(float), "support", colorbar=False)
+    archive.savefig(fig, "object.png")
+
+    chosen = set(np.asarray(selected).tolist())
+    fig, axes = plot.figure(1, 3)
+    for i, (e_mod, e_con) in enumerate(zip(repeats["e_mod"], repeats["e_con"])):
+        style = dict(lw=1.5, color="C0") if i in chosen else dict(lw=0.5, color="0.6")
+        axes[0].semilogy(np.arange(1, len(e_mod) + 1), e_mod, **style)
+        if len(e_con):
+            axes[1].plot(repeats["e_con_iterations"], e_con, **style)
+    axes[0].set(xlabel="iteration", ylabel="eMod", title="modulus error (merged repeats in blue)")
+    axes[1].set(xlabel="iteration", ylabel="eCon", title="norm fraction outside the support")
+    axes[2].plot(shells, prtf)
+    axes[2].axhline(1 / np.e, ls=":", color="0.5")
+    axes[2].set(ylim=(0, 1.05), xlabel="|q| (pixels)", ylabel="PRTF",
+                title="phase-retrieval transfer function")
+    archive.savefig(fig, "errors_prtf.png")

@@ -1,0 +1,63 @@
+"""Iterative-projection algorithms as update rules on the two projections.
+
+Notation: x is the current iterate (a batch of real-space objects), P_M the modulus projection,
+P_S the support projection, and F(y) the region where y satisfies the real-space constraints (the
+support, and positivity / a value threshold when asked). With pm = P_M x:
+
+    ER   (error reduction, Gerchberg-Saxton-Fienup)   x' = P_S pm
+    HIO  (hybrid input-output, Fienup 1982)            x' = P_S pm            on F(pm)
+                                                       x' = x - beta pm       elsewhere
+    RAAR (relaxed averaged alternating reflections,    x' = P_S pm            on F(pm)
+          Luke 2005)                                   x' = beta x + (1 - 2 beta) pm elsewhere
+    DM   (difference map, Elser 2003, with
+          gamma_S = -1/beta, gamma_M = 1/beta)         x' = x + beta [P_S f_M - P_M f_S],
+                                                       f_M = P_M x + (P_M x - x)/beta,
+                                                       f_S = P_S x - (P_S x - x)/beta
+
+RAAR's pointwise form equals beta/2 (R_S R_M + I) x + (1 - beta) P_M x for a support-type P_S.
+DM needs a second modulus projection per iteration; the others one. Every rule updates x in
+place and returns the modulus error of its first P_M (no extra transforms for metrics).
+Each rule has the signature rule(x, support, beta, P_M, P_S, xp) -> eMod per repeat.
+"""
+from __future__ import annotations
+
+
+def error_reduction(x, support, beta, P_M, P_S, xp):
+    pm, e_mod = P_M(x)
+    x[...] = P_S(pm, support, xp)
+    return e_mod
+
+
+def hybrid_input_output(x, support, beta, P_M, P_S, xp):
+    pm, e_mod = P_M(x)
+    kept = P_S.feasible(pm, support, xp)
+    x -= beta * pm
+    xp.copyto(x, P_S.inside(pm, xp), where=kept)
+    return e_mod
+
+
+def relaxed_averaged_alternating_reflections(x, support, beta, P_M, P_S, xp):
+    pm, e_mod = P_M(x)
+    kept = P_S.feasible(pm, support, xp)
+    x *= beta
+    x += (1 - 2 * beta) * pm
+    xp.copyto(x, P_S.inside(pm, xp), where=kept)
+    return e_mod
+
+
+def difference_map(x, support, beta, P_M, P_S, xp):
+    pm, e_mod = P_M(x)
+    ps = P_S(x, support, xp)
+    f_M = pm + (pm - x) / beta
+    f_S = ps - (ps - x) / beta
+    pm_of_f_S, _ = P_M(f_S)
+    x += beta * (P_S(f_M, support, xp) - pm_of_f_S)
+    return e_mod
+
+
+ALGORITHMS = {
+    "ER": error_reduction,
+    "HIO": hybrid_input_output,
+    "RAAR": relaxed_averaged_alternating_reflections,
+    "DM": difference_map,
+}

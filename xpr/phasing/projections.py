@@ -1,0 +1,159 @@
+"""The two projections every iterative phasing algorithm is built from.
+
+Arrays carry independent repeats along a leading axis: an object batch has shape
+(repeats, *grid), and every projection acts on each repeat separately. Objects live in real space
+centred in their array; Fourier-space quantities (measured amplitudes, mask, background) are kept
+in FFT order (zero frequency at index 0), which the caller sets up once. The real-space centring
+only multiplies the Fourier transform by a phase ramp, so it does not touch any modulus.
+
+Modulus projection P_M (the reciprocal-space constraint). With F = FT[x]:
+
+    P_M x = FT^-1[ F * sqrt(I) / sqrt(|F|^2 + B^2) ]   where the pixel is measured,
+    P_M x = x's own F                                  where it is not (masked pixels float).
+
+B is an optional radially symmetric background amplitude (spipy): it is updated by the same
+factor, B <- B * sqrt(I)/sqrt(|F|^2+B^2), and then replaced by its average over each shell of
+|q|, i.e. projected onto radially symmetric functions. Without background B = 0 and the factor is
+the familiar sqrt(I)/|F|. The same pass yields the modulus error (no extra transform)
+
+    eMod = sqrt( sum_measured (sqrt(|F|^2+B^2) - sqrt(I))^2 / sum_measured I ).
+
+Support projection P_S (the real-space constraint): values outside the support are set to zero;
+optionally also where the real part is negative (positivity) or where the amplitude falls below a
+fraction of the repeat's maximum (value threshold); where a value is kept, its imaginary part can
+be limited to |Im| <= imag_limit * |Re| (imag_limit 0: a real object).
+
+Anything with the call signature of `ModulusProjection` -- `P_M(x) -> (P_M x, eMod per repeat)`
+-- can stand in for it: `fxs reconstruct` supplies a projection onto invariant-consistent
+intensities through harmonic transforms and reuses the algorithms and schedules unchanged.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def fft_radius(shape, xp=np):
+    """|q| in pixels for every frequency of an FFT-ordered grid of this shape."""
+    q2 = 0.0
+    for axis, n in enumerate(shape):
+        q = np.fft.fftfreq(n) * n
+        expand = [None] * len(shape)
+        expand[axis] = slice(None)
+        q2 = q2 + (q ** 2)[tuple(expand)]
+    return xp.asarray(np.sqrt(q2))
+
+
+def centred_radius(shape, xp=np):
+    """Distance in pixels from the array centre (index n//2 on every axis)."""
+    r2 = 0.0
+    for axis, n in enumerate(shape):
+        r = np.arange(n) - n // 2
+        expand = [None] * len(shape)
+        expand[axis] = slice(None)
+        r2 = r2 + (r ** 2)[tuple(expand)]
+    return xp.asarray(np.sqrt(r2))
+
+
+class ModulusProjection:
+    """P_M for a batch of objects against one measured pattern (FFT order)."""
+
+    def __init__(self, backend, intensity, measured, background=False, repeats=1):
+        xp = backend.xp
+        self.backend = backend
+        self.ndim = intensity.ndim
+        self.axes = tuple(range(-self.ndim, 0))
+        real = backend.real_dtype
+        measured = xp.asarray(measured, dtype=bool)
+        intensity = xp.clip(xp.asarray(intensity, dtype=real), 0, None)
+        self.amplitude = xp.sqrt(intensity) * measured            # sqrt(I), 0 where unmeasured
+        self.unmeasured = xp.flatnonzero(~measured.ravel())        # flat indices that float
+        self.intensity_norm = float(xp.sum(self.amplitude ** 2))  # sum_measured I
+        self.tiny = real(1e-7) * real(float(xp.max(self.amplitude)) or 1.0)
+        self.background = None
+        if background:
+            self.shell = xp.asarray(np.rint(np.asarray(fft_radius(intensity.shape))).astype(np.int64))
+            self.n_shells = int(self.shell.max()) + 1
+            start = self._radial_average(self.amplitude[None])[0] * real(0.1)
+            self.background = xp.broadcast_to(start, (repeats,) + intensity.shape).copy()
+
+    def _radial_average(self, values):
+        """Replace each repeat's values by their mean over shells of integer |q|."""
+        xp = self.backend.xp
+        repeats = values.shape[0]
+        flat = values.reshape(repeats, -1)
+        offsets = (xp.arange(repeats) * self.n_shells)[:, None]
+        index = (self.shell.ravel()[None, :] + offsets).ravel()
+        sums = xp.bincount(index, weights=flat.ravel().astype(np.float64),
+                           minlength=repeats * self.n_shells)
+        counts = xp.bincount(self.shell.ravel(), minlength=self.n_shells)
+        means = sums.reshape(repeats, self.n_shells) / xp.maximum(counts, 1)[None, :]
+        return means[:, self.shell].astype(values.dtype)
+
+    def _buffers(self, shape):
+        """Two real work arrays of the batch's shape, kept between calls (no per-call allocation)."""
+        if getattr(self, "_work_shape", None) != shape:
+            xp = self.backend.xp
+            self._work = (xp.empty(shape, dtype=self.amplitude.dtype),
+                          xp.empty(shape, dtype=self.amplitude.dtype))
+            self._work_shape = shape
+        return self._work
+
+    def __call__(self, x):
+        """(P_M x, eMod per repeat) for a batch x of shape (repeats, *grid)."""
+        backend, xp = self.backend, self.backend.xp
+        repeats = x.shape[0]
+        model, factor = self._buffers(x.shape)
+        F = backend.fftn(x, axes=self.axes)
+        xp.abs(F, out=model)                                      # sqrt(|F|^2 + B^2)
+        if self.background is not None:
+            xp.sqrt(model * model + self.background * self.background, out=model)
+        model += self.tiny
+        xp.divide(self.amplitude, model, out=factor)              # sqrt(I) / model amplitude
+        model -= self.amplitude                                   # residual amplitude
+        flat_factor = factor.reshape(repeats, -1)
+        flat_residual = model.reshape(repeats, -1)
+        if self.unmeasured.size:
+            flat_factor[:, self.unmeasured] = 1                   # unmeasured pixels float
+            flat_residual[:, self.unmeasured] = 0
+        e_mod = xp.sqrt(xp.einsum("ij,ij->i", flat_residual, flat_residual)
+                        / max(self.intensity_norm, 1e-30))
+        F *= factor
+        if self.background is not None:
+            self.background *= factor
+            self.background = self._radial_average(self.background)
+        return backend.ifftn(F, axes=self.axes, overwrite_x=True), e_mod
+
+
+class SupportProjection:
+    """P_S: zero outside the support (and where other real-space constraints fail)."""
+
+    def __init__(self, positivity=False, threshold=None, imag_limit=None):
+        self.positivity = bool(positivity)
+        self.threshold = threshold
+        self.imag_limit = imag_limit
+
+    @property
+    def is_plain_support(self) -> bool:
+        return not self.positivity and self.threshold is None and self.imag_limit is None
+
+    def feasible(self, y, support, xp):
+        """Where y may keep its value: inside the support and satisfying every constraint."""
+        ok = support
+        if self.positivity:
+            ok = ok & (y.real >= 0)
+        if self.threshold is not None:
+            amplitude = xp.abs(y)
+            peak = xp.max((amplitude * support).reshape(y.shape[0], -1), axis=1)
+            peak = peak.reshape((-1,) + (1,) * (y.ndim - 1))
+            ok = ok & (amplitude >= self.threshold * peak)
+        return ok
+
+    def inside(self, y, xp):
+        """The value P_S gives a kept pixel: y itself, or y with its imaginary part limited."""
+        if self.imag_limit is None:
+            return y
+        bound = self.imag_limit * xp.abs(y.real)
+        return (y.real + 1j * xp.clip(y.imag, -bound, bound)).astype(y.dtype)
+
+    def __call__(self, y, support, xp):
+        return xp.where(self.feasible(y, support, xp), self.inside(y, xp), 0).astype(y.dtype)
