@@ -9,6 +9,9 @@ detector, 25 000 e⁻/pattern). Printed, all measured in this run:
   t_FFT is the fastest of ten repeats, both least disturbed by other load on the machine — and
   its ratio to t_FFT (a single-slice epoch on a commensurate raster needs one FFT pair, the far
   field and its adjoint; each extra slice two more);
+* one loss + gradient evaluation with all patterns in one batch, as ratio to t_FFT, beside
+  the cache-sized batches ptycho uses on a CPU (ptycho.batch_size_for): the element-wise
+  steps between the FFTs are cheap only while a batch's work arrays stay in the cache;
 * the phase correlation with the truth (limited to the detected frequencies) against wall time
   (compute only), at the native 0.3 Å pixel and with data_pad 16 (0.2 Å), and the r of the
   returned iterate (the one with the lowest held-out loss: more epochs cannot make it worse).
@@ -24,6 +27,7 @@ import numpy as np
 
 from xpr import backend
 from xpr.em import calibration, ptycho
+from xpr.em.ptychography import losses
 from xpr.em.ptychography.reconstruct import Options, reconstruct
 from xpr.em.simulate_4dstem import simulate
 
@@ -41,12 +45,25 @@ def fft_pair_seconds(be, n_patterns, n, repeats=5):
     return best
 
 
+def evaluation_seconds(model, counts, params, mask, batch_size, repeats=3):
+    """Fastest of `repeats` object + probe loss-and-gradient evaluations at a batch size."""
+    measured = losses.Measurements(counts, mask)
+    best = np.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model.loss_and_gradients(params, measured, "lsq_sqrt", {"object", "probe"}, batch_size)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def run_case(sim, be, epochs, data_pad=0, num_slices=1, every=2, patience=5):
     settings = dict(sim["calibration"], num_slices=num_slices, data_pad=data_pad)
     experiment = calibration.Experiment.from_settings(settings, sim["data"])
     options = Options(epochs=epochs, probe_from_epoch=2, patience=patience)
     model, counts, mask, params = ptycho.prepare(experiment, options, PROBE, be,
                                                  num_slices=num_slices)
+    batches = {size: evaluation_seconds(model, counts, params, mask, size)
+               for size in (options.batch_size, counts.shape[0])}
     trace = []
     compute = [0.0]
     durations = []
@@ -70,7 +87,8 @@ def run_case(sim, be, epochs, data_pad=0, num_slices=1, every=2, patience=5):
         sim["pixel_size_A"], ptycho.measured_k_max(experiment))
     run = len(history.loss)
     steady = durations[3:] or durations          # after the stage switch at epoch 2
-    return experiment, trace, float(np.min(steady)), (history.best_epoch + 1, returned, run)
+    return (experiment, trace, float(np.min(steady)), (history.best_epoch + 1, returned, run),
+            batches)
 
 
 def main():
@@ -93,12 +111,15 @@ def main():
         n = 64 + 2 * pad
         t_before = fft_pair_seconds(be, n_patterns, n)
         epochs = args.epochs if slices == 1 else max(6, args.epochs // 4)
-        experiment, trace, per_epoch, (best, returned, run) = run_case(
+        experiment, trace, per_epoch, (best, returned, run), batches = run_case(
             sim, be, epochs, pad, slices, patience=args.patience)
         t_fft = min(t_before, fft_pair_seconds(be, n_patterns, n))     # the less loaded one
         print(f"\npixel {experiment.pixel_size_A:.3f} Å (data_pad {pad}), {slices} slice(s): "
               f"t_FFT pair {t_fft * 1e3:.1f} ms, epoch {per_epoch * 1e3:.1f} ms "
               f"= {per_epoch / t_fft:.2f} × FFT pair")
+        print("   one loss+gradient evaluation: " + ", ".join(
+            f"{size} patterns per batch {seconds / t_fft:.2f} × FFT pair"
+            for size, seconds in batches.items()))
         print("   epoch  wall_s      r  evaluations")
         for epoch, wall, r, evaluations in trace:
             print(f"   {epoch:5d}  {wall:6.2f}  {r:.4f}  {evaluations:5d}")

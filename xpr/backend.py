@@ -6,7 +6,8 @@
 
 Kernels take a Backend (or its xp) and never import numpy/cupy for arrays that may live on a GPU.
 Complex64 / float32 by default; `precision: double` in the GPU group gives complex128.
-FFT normalisation is numpy's "backward" everywhere (forward unscaled, inverse 1/N).
+FFT normalisation is numpy's "backward" everywhere (forward unscaled, inverse 1/N); kernels may
+pass `overwrite_x=True` where the input is no longer needed, saving a copy per transform.
 """
 from __future__ import annotations
 
@@ -87,23 +88,23 @@ class Backend:
         return self.xp.random.default_rng(seed)
 
     # --- FFTs -----------------------------------------------------------------------------
-    def fftn(self, a, axes=None):
-        return self._fft.fftn(a, axes=axes, **self._fft_kwargs)
+    def fftn(self, a, axes=None, overwrite_x=False):
+        return self._fft.fftn(a, axes=axes, overwrite_x=overwrite_x, **self._fft_kwargs)
 
-    def ifftn(self, a, axes=None):
-        return self._fft.ifftn(a, axes=axes, **self._fft_kwargs)
+    def ifftn(self, a, axes=None, overwrite_x=False):
+        return self._fft.ifftn(a, axes=axes, overwrite_x=overwrite_x, **self._fft_kwargs)
 
-    def fft2(self, a, axes=(-2, -1)):
-        return self._fft.fft2(a, axes=axes, **self._fft_kwargs)
+    def fft2(self, a, axes=(-2, -1), overwrite_x=False):
+        return self._fft.fft2(a, axes=axes, overwrite_x=overwrite_x, **self._fft_kwargs)
 
-    def ifft2(self, a, axes=(-2, -1)):
-        return self._fft.ifft2(a, axes=axes, **self._fft_kwargs)
+    def ifft2(self, a, axes=(-2, -1), overwrite_x=False):
+        return self._fft.ifft2(a, axes=axes, overwrite_x=overwrite_x, **self._fft_kwargs)
 
-    def fft(self, a, axis=-1, n=None):
-        return self._fft.fft(a, n=n, axis=axis, **self._fft_kwargs)
+    def fft(self, a, axis=-1, n=None, overwrite_x=False):
+        return self._fft.fft(a, n=n, axis=axis, overwrite_x=overwrite_x, **self._fft_kwargs)
 
-    def ifft(self, a, axis=-1, n=None):
-        return self._fft.ifft(a, n=n, axis=axis, **self._fft_kwargs)
+    def ifft(self, a, axis=-1, n=None, overwrite_x=False):
+        return self._fft.ifft(a, n=n, axis=axis, overwrite_x=overwrite_x, **self._fft_kwargs)
 
     def rfft(self, a, axis=-1, n=None):
         return self._fft.rfft(a, n=n, axis=axis, **self._fft_kwargs)

@@ -10,11 +10,13 @@
    with extra Hermite or focal-spread modes for partial coherence; or a previous checkpoint.
 3. Reconstruction (xpr.em.ptychography): far-field multislice model, loss lsq_sqrt / ml / lsq
    on measured detector pixels only (padding masked out), analytic Wirtinger gradients, L-BFGS
-   with a strong-Wolfe line search; staged refinement of object, probe and positions;
+   with a strong-Wolfe line search; staged refinement of object, probe, positions and
+   (optionally) the probe's defocus;
    regularisers; early stopping on held-out detector pixels (the result is the iterate with
    the lowest held-out loss), optionally at the noise floor of the counts.
 4. Output `<structure_name>.h5`: object (complex, [y, x, slice]), probe ([y, x, mode]),
-   positions_px, loss, pixel_size_A, and — when the data file carries a true phase — the
+   positions_px, loss, pixel_size_A, the refined extra defocus and the probe's C10, and —
+   when the data file carries a true phase — the
    correlation of the reconstructed phase with it over the scanned area. loss.csv, checkpoints,
    and PNGs of phase, amplitude, probe and loss.
 """
@@ -54,10 +56,21 @@ def detector_mask(n: int, pad: int, xp):
     return xp.asarray(np.fft.ifftshift(mask))
 
 
-def batch_size_for(memory_GB: float, n: int, modes: int, slices: int) -> int:
-    """Patterns per batch so that the batch's complex64 work arrays fit in memory_GB."""
+CPU_WORK_ARRAY_BYTES = 1.5e6      # one (B, M, n, n) complex64 work array of a CPU batch
+
+
+def batch_size_for(memory_GB: float, n: int, modes: int, slices: int, on_gpu: bool = False) -> int:
+    """Patterns per batch so that the batch's complex64 work arrays fit in memory_GB; on a CPU
+    also small enough for them to stay in the processor cache (≈ 1.5 MB per work array, at
+    least 8 patterns): the element-wise steps between FFTs then cost little (measured with
+    benchmarks/bench_em_ptycho.py: a 4-slice epoch at 1024 patterns per batch took about twice
+    as long as at 32)."""
     arrays_per_pattern = modes * (2 * slices + 4) + 6
-    return max(1, int(memory_GB * 1e9 // (arrays_per_pattern * n * n * 8)))
+    memory_bound = max(1, int(memory_GB * 1e9 // (arrays_per_pattern * n * n * 8)))
+    if on_gpu:
+        return memory_bound
+    cache_bound = max(8, int(CPU_WORK_ARRAY_BYTES // (modes * n * n * 8)))
+    return min(memory_bound, cache_bound)
 
 
 # -- 2. initial guess -----------------------------------------------------------------------
@@ -86,7 +99,8 @@ def options_from(settings) -> Options:
     return Options(
         epochs=r.epochs, loss=r.loss, refine_object=r.refine.object, refine_probe=r.refine.probe,
         refine_positions=r.refine.positions, probe_from_epoch=r.refine.probe_from_epoch,
-        positions_from_epoch=r.refine.positions_from_epoch, history=r.lbfgs.history,
+        positions_from_epoch=r.refine.positions_from_epoch, refine_defocus=r.refine.defocus,
+        defocus_from_epoch=r.refine.defocus_from_epoch, history=r.lbfgs.history,
         c1=r.lbfgs.c1, c2=r.lbfgs.c2, first_step=r.lbfgs.first_step,
         max_line_search=r.lbfgs.max_line_search,
         preconditioner_floor=r.lbfgs.preconditioner_floor,
@@ -116,9 +130,9 @@ def prepare(experiment, options: Options, probe_settings, be, margin_px: int = 4
     counts = xp.asarray(np.fft.ifftshift(experiment.patterns, axes=(-2, -1)), dtype=be.real_dtype)
     mask = detector_mask(n, experiment.data_pad, xp) if experiment.data_pad else None
     probe = initial_probe(experiment, probe_settings, be)
-    options.batch_size = batch_size_for(memory_GB, n, probe.shape[0], slices)
+    options.batch_size = batch_size_for(memory_GB, n, probe.shape[0], slices, be.is_gpu)
     params = {"object": xp.ones((slices,) + shape, dtype=be.complex_dtype), "probe": probe,
-              "positions": xp.asarray(corners)}
+              "positions": xp.asarray(corners), "defocus": xp.zeros(1, dtype=xp.float64)}
     return model, counts, mask, params
 
 
@@ -223,14 +237,21 @@ def run(settings, archive):
                                   start_epoch=start_epoch, history=history, on_epoch=on_epoch,
                                   log=archive.log, progress=archive.progress)
     object_slices = be.asnumpy(params["object"])
-    probe = be.asnumpy(params["probe"])
+    defocus_change = float(be.asnumpy(params["defocus"])[0])
+    probe = be.asnumpy(model.ifft2(model.fft2(params["probe"])
+                                   * model.defocus_factor(defocus_change)))   # as the data see it
     positions = be.asnumpy(params["positions"])
+    c10 = (experiment.probe_aberrations or [0.0])[0] - defocus_change
+    if options.refine_defocus:
+        archive.log.info("defocus refined by %.2f Å: probe C10 = %.2f Å (defocus %.2f Å)",
+                         defocus_change, c10, -c10)
     result = {
         "object": np.moveaxis(object_slices, 0, -1), "probe": np.moveaxis(probe, 0, -1),
         "positions_px": positions, "loss": np.asarray(history.loss),
         "held_out_loss": np.asarray(history.validation), "best_epoch": int(history.best_epoch),
         "seconds": np.asarray(history.seconds), "pixel_size_A": experiment.pixel_size_A,
         "object_corner0_px": positions[0],
+        "defocus_change_A": defocus_change, "C10_A": c10,
     }
     truth = read_truth(data_path)
     if truth is not None:

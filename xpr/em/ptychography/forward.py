@@ -6,6 +6,8 @@ For scan position j with window corner r_j + f_j (integer part r_j, sub-pixel pa
     φ_j,m^(s)  = ψ_j,m^(s) · O_s(r_j + r)                          slice s of the object
     ψ_j,m^(s+1) = IFFT[ FFT[φ_j,m^(s)] · K_Δz ]                   Fresnel step (2/3 band limit)
     Ψ_j,m      = FFT[φ_j,m^(S−1)] / n                              far field (unitary transform)
+    Ψ_j,m      = IFFT[ FFT[φ_j,m^(S−1)] · K_z ]                    or near field: Fresnel
+                                                                   propagation to the detector
     I_j        = Σ_m |Ψ_j,m|²                                      incoherent sum of modes
 
 P_m = FFT[p_m] with p_m the real-space probe modes (centred in the n × n window). The loss is
@@ -13,10 +15,34 @@ L = Σ_j ℓ(I_j, D_j). Gradients are Wirtinger gradients g = ∂L/∂Re z + i �
 obtained by applying the adjoint of each linear step to g_Ψ = 2 ∂ℓ/∂I · Ψ:
 
     g_φ^(S−1) = n · IFFT[g_Ψ]                          (adjoint of the unitary FFT)
+    g_φ^(S−1) = IFFT[ FFT[g_Ψ] · conj(K_z) ]          (near field: adjoint of the propagation)
     g_O_s    += Σ_m conj(ψ^(s)) g_φ^(s)                (scattered back to the object window)
     g_ψ^(s)   = conj(O_s) g_φ^(s);  g_φ^(s−1) = IFFT[FFT[g_ψ^(s)] · conj(K_Δz)]
     g_p_m     = IFFT[ Σ_j conj(R_j) · FFT[g_ψ_j,m^(0)] ]   (R_j = exp(−2πi k·f_j))
     ∂L/∂f_j   = (2π / n²) Σ_{m,k} k · Im( conj(G_j,m) P_m R_j ),   G = FFT[g_ψ^(0)]
+
+Near field. The detector sits a distance z behind the specimen (for a diverging beam, z is
+the effective distance of the Fresnel scaling theorem, z₁z₂/(z₁+z₂), and the pixel the
+detector pixel divided by the magnification): the measured image is |Ψ|² on the object grid,
+in natural pixel order (not FFT order), K_z = exp(−iπλz|k|²) without a band limit. It costs
+one more FFT pair forward and one in the adjoint than the far field.
+
+Defocus as an unknown. With an extra defocus Δf (Å, PyPty's sign: C10 → C10 − Δf, so the
+aberration phase χ changes by −πλΔf|k|²) the probe modes seen by the model are
+
+    P'_m(k) = P_m(k) · F(k),   F(k) = exp(iπλΔf |k|²)            (k in Å⁻¹)
+
+and, with g_P' = Σ_j conj(R_j) G_j / n² the Wirtinger gradient with respect to P',
+
+    ∂L/∂Δf   = −πλ Σ_{m,k} |k|² Im( conj(g_P'_m) P'_m ),      g_p_m = n² IFFT[conj(F) g_P'_m]
+
+Computation. Patterns are processed in batches small enough for the batch's work arrays to
+stay in the processor cache on a CPU (ptycho.batch_size_for); every element-wise step is then a
+pass over cached data and an epoch costs little more than its FFTs. Object windows are read
+through a strided (sliding-window) view and gradients scattered back with one vectorised
+unbuffered add over precomputed flat indices. On a raster whose sub-pixel shifts repeat, the
+shifted probes are computed once per distinct shift for all patterns, and the probe gradient
+is summed per shift in real space across all batches before a single FFT per shift.
 
 All arrays are complex64 on the backend's device; sums that feed the optimiser are float64.
 """
@@ -24,6 +50,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+import numpy as np                     # host-side bookkeeping only (positions, groups)
 
 from xpr.em import multislice
 from xpr.em.ptychography import losses
@@ -41,6 +69,8 @@ class Model:
     n_slices: int
     band_limit_fraction: float = 2.0 / 3.0
     complex_dtype: str = "complex64"   # complex128 for gradient checks
+    geometry: str = "far_field"        # far_field or near_field
+    detector_distance_A: float = 0.0   # near field: (effective) specimen–detector distance
 
     def __post_init__(self):
         xp = self.backend.xp
@@ -49,10 +79,19 @@ class Model:
         self.real_dtype = xp.float64 if self.complex_dtype == xp.complex128 else xp.float32
         self.frequencies = xp.fft.fftfreq(n).astype(self.real_dtype)      # cycles / pixel
         self.propagator = None
+        self.detector_propagator = None
+        if self.geometry not in ("far_field", "near_field"):
+            raise ValueError(f"geometry must be far_field or near_field, not {self.geometry!r}")
+        if self.geometry == "near_field":
+            # band_limit_fraction 2: |k| ≤ 1 cycle/pixel, i.e. every frequency of the grid
+            self.detector_propagator = multislice.fresnel_propagator(
+                (n, n), self.pixel_size_A, self.wavelength_A, self.detector_distance_A, xp,
+                band_limit_fraction=2.0).astype(self.complex_dtype)
         if self.n_slices > 1:
             self.propagator = multislice.fresnel_propagator(
                 (n, n), self.pixel_size_A, self.wavelength_A, self.slice_thickness_A, xp,
                 band_limit_fraction=self.band_limit_fraction).astype(self.complex_dtype)
+            self.propagator_adjoint = xp.conj(self.propagator)
 
     # -- building blocks ---------------------------------------------------------------------
     def fft2(self, a):
@@ -72,29 +111,55 @@ class Model:
 
     def split_positions(self, positions):
         """Window corners (B, 2) float → integer corners (numpy int) and sub-pixel parts."""
-        import numpy as np
-
         positions = np.asarray(self.backend.asnumpy(positions), dtype=np.float64)
         corners = np.floor(positions + 0.5).astype(np.int64)
         return corners, positions - corners
 
-    def gather(self, object_slice, corners):
-        """Object windows O(r_j + r) for integer corners: (B, n, n) (a copy)."""
+    def window_indices(self, corners, width: int):
+        """Flat indices (B, n, n) of the object pixels r_j + r in an object of `width` columns."""
         xp = self.backend.xp
         n = self.window
-        stride_tricks = getattr(getattr(xp, "lib", None), "stride_tricks", None)
-        if stride_tricks is not None and hasattr(stride_tricks, "sliding_window_view"):
-            view = stride_tricks.sliding_window_view(object_slice, (n, n))
-            return view[xp.asarray(corners[:, 0]), xp.asarray(corners[:, 1])]
-        rows = xp.asarray(corners[:, 0])[:, None] + xp.arange(n)[None, :]
-        cols = xp.asarray(corners[:, 1])[:, None] + xp.arange(n)[None, :]
-        return object_slice[rows[:, :, None], cols[:, None, :]]
+        offsets = xp.arange(n)[:, None] * width + xp.arange(n)[None, :]
+        starts = xp.asarray(corners[:, 0] * width + corners[:, 1])
+        return starts[:, None, None] + offsets[None]
 
-    def scatter_add(self, target, windows, corners):
-        """target[r_j + r] += windows_j (adjoint of gather)."""
+    def window_views(self, object_slices):
+        """Per slice, the strided view (H−n+1, W−n+1, n, n) of all n × n windows (no copy), or
+        the slice itself where the array module has no sliding_window_view."""
+        xp = self.backend.xp
+        stride_tricks = getattr(getattr(xp, "lib", None), "stride_tricks", None)
+        if stride_tricks is None or not hasattr(stride_tricks, "sliding_window_view"):
+            return list(object_slices)
         n = self.window
-        for (row, col), window in zip(corners.tolist(), windows):
-            target[row:row + n, col:col + n] += window
+        return [stride_tricks.sliding_window_view(slice_, (n, n)) for slice_ in object_slices]
+
+    def gather(self, object_slice, corners):
+        """Object windows O(r_j + r) for integer corners: (B, n, n) (a copy). `object_slice`
+        is a slice (H, W) or its window view from window_views (then no index arrays)."""
+        xp = self.backend.xp
+        if object_slice.ndim == 2:
+            views = self.window_views(object_slice[None])[0]
+            if views.ndim == 2:
+                return object_slice.reshape(-1)[self.window_indices(corners,
+                                                                    object_slice.shape[-1])]
+            object_slice = views
+        return object_slice[xp.asarray(corners[:, 0]), xp.asarray(corners[:, 1])]
+
+    def scatter_add(self, target, windows, corners, indices=None):
+        """target[r_j + r] += windows_j (adjoint of gather), one unbuffered vectorised add
+        (overlapping windows accumulate); `indices` from window_indices if already formed."""
+        xp = self.backend.xp
+        if not hasattr(xp.add, "at"):                  # an array module without ufunc.at
+            n = self.window
+            for (row, col), window in zip(corners.tolist(), windows):
+                target[row:row + n, col:col + n] += window
+            return
+        if indices is None:
+            indices = self.window_indices(corners, target.shape[-1])
+        flat = target.reshape(-1)                      # a view of a contiguous target
+        xp.add.at(flat, indices.reshape(-1), windows.reshape(-1))
+        if not xp.may_share_memory(flat, target):
+            target[...] = flat.reshape(target.shape)
 
     @staticmethod
     def shift_groups(fractional):
@@ -102,8 +167,6 @@ class Model:
 
         Returns (unique shifts (G, 2), group index of each point (B,)).
         """
-        import numpy as np
-
         keys = np.round(np.asarray(fractional) * 1e6).astype(np.int64)
         unique, inverse = np.unique(keys, axis=0, return_inverse=True)
         return unique.astype(np.float64) * 1e-6, inverse.reshape(-1)
@@ -120,25 +183,69 @@ class Model:
         result *= result
         return result
 
+    def defocus_factor(self, defocus_A):
+        """F(k) = exp(iπλΔf|k|²) (n, n), FFT order: the extra defocus Δf (Å) on the probe."""
+        xp = self.backend.xp
+        k = self.frequencies.astype(xp.float64) / self.pixel_size_A
+        k2 = k[:, None] ** 2 + k[None, :] ** 2
+        delta = float(xp.asarray(defocus_A).reshape(-1)[0])
+        return xp.exp(1j * math.pi * self.wavelength_A * delta * k2).astype(self.complex_dtype)
+
+    def squared_frequencies_invA(self):
+        """|k|² in Å⁻² on the FFT-ordered grid (n, n), float64."""
+        xp = self.backend.xp
+        k = self.frequencies.astype(xp.float64) / self.pixel_size_A
+        return k[:, None] ** 2 + k[None, :] ** 2
+
+    def detector_wave(self, phi):
+        """n Ψ from the exit wave φ: FFT[φ] (far field) or n IFFT[FFT[φ] K_z] (near field)."""
+        spectrum = self.fft2(phi)
+        if self.detector_propagator is None:
+            return spectrum
+        spectrum *= self.detector_propagator
+        wave = self.ifft2(spectrum)
+        wave *= self.window
+        return wave
+
+    def detector_adjoint(self, weighted):
+        """g_φ from `weighted` = 2 ∂ℓ/∂I · nΨ (the adjoint of detector_wave, divided by n²)."""
+        if self.detector_propagator is None:
+            return self.ifft2(weighted)
+        spectrum = self.fft2(weighted)
+        spectrum *= self.backend.xp.conj(self.detector_propagator)
+        wave = self.ifft2(spectrum)
+        wave *= 1.0 / self.window
+        return wave
+
     # -- model and gradient ------------------------------------------------------------------
     def incident_waves(self, probe_k, fractional, grouped):
-        """ψ⁽⁰⁾ (B, M, n, n): probe modes shifted by sub-pixel f_j; computed once per distinct
-        shift when `grouped` (then also returns the group data), else per point."""
+        """ψ⁽⁰⁾ (B, M, n, n): probe modes shifted by sub-pixel f_j, and the ramps (B, n, n);
+        with `grouped` = (shifted probes per distinct shift (G, M, n, n), group of each point)
+        they are looked up instead (ramps None)."""
         xp = self.backend.xp
         if grouped is None:
             ramps = self.ramps(fractional)
             return self.ifft2(probe_k[None] * ramps[:, None]), ramps
-        unique, inverse = grouped
-        shifted = self.ifft2(probe_k[None] * self.ramps(unique)[:, None])
+        shifted, inverse = grouped
         return shifted[xp.asarray(inverse)], None
 
-    def far_field(self, object_slices, probe_k, corners, fractional, keep=False, grouped=None):
-        """Unnormalised far field FFT[φ⁽ˢ⁻¹⁾] (B, M, n, n) = n Ψ; with keep=True also the
+    def shifted_probes(self, probe_k, fractional):
+        """(unique shifts, shifted probe modes per shift (G, M, n, n), group of each point) when
+        at most half as many distinct sub-pixel shifts as points, else None."""
+        unique, inverse = self.shift_groups(fractional)
+        if 2 * len(unique) > len(fractional):
+            return None
+        return unique, self.ifft2(probe_k[None] * self.ramps(unique)[:, None]), inverse
+
+    def far_field(self, object_slices, probe_k, corners, fractional, keep=False, grouped=None,
+                  views=None):
+        """n Ψ (B, M, n, n): the unnormalised far field FFT[φ⁽ˢ⁻¹⁾], or the near-field wave
+        (detector_wave); with keep=True also the
         per-slice incident waves and object windows, and the ramps (None when grouped)."""
         psi, ramps = self.incident_waves(probe_k, fractional, grouped)
         incident, windows = [], []
         for s in range(self.n_slices):
-            window = self.gather(object_slices[s], corners)
+            window = self.gather(object_slices[s] if views is None else views[s], corners)
             if keep:
                 incident.append(psi)
                 windows.append(window)
@@ -147,23 +254,30 @@ class Model:
                 spectrum = self.fft2(phi)
                 spectrum *= self.propagator
                 psi = self.ifft2(spectrum)
-        return self.fft2(phi), (ramps, incident, windows)
+        return self.detector_wave(phi), (ramps, incident, windows)
 
-    def intensities(self, object_slices, probe, positions):
-        """Model diffraction intensities (B, n, n), FFT order, for real-space probe modes."""
+    def intensities(self, object_slices, probe, positions, defocus_A=None):
+        """Model intensities (B, n, n) — FFT order in the far field, image order in the near
+        field — for real-space probe modes (with
+        an extra defocus Δf in Å if given)."""
         corners, fractional = self.split_positions(positions)
-        far, _ = self.far_field(object_slices, self.fft2(probe), corners, fractional)
+        probe_k = self.fft2(probe)
+        if defocus_A is not None:
+            probe_k = probe_k * self.defocus_factor(defocus_A)
+        far, _ = self.far_field(object_slices, probe_k, corners, fractional)
         intensity = self.mode_sum(self.power(far))
         intensity *= 1.0 / self.window ** 2
         return intensity
 
     def loss_and_gradients(self, params, counts, loss_name, refine, batch_size, mask=None,
                            with_validation=False):
-        """L and its Wirtinger gradients for {'object', 'probe', 'positions'} over all patterns
-        (and, with_validation, the loss on the held-out pixels as a third value).
+        """L and its Wirtinger gradients for {'object', 'probe', 'positions', 'defocus'} over
+        all patterns (and, with_validation, the loss on the held-out pixels as a third value).
 
-        params: object (S, H, W) complex64, probe (M, n, n) complex64, positions (N, 2) float64.
-        counts: (N, n, n) float32 in FFT order, or a losses.Measurements holding them.
+        params: object (S, H, W) complex64, probe (M, n, n) complex64, positions (N, 2) float64,
+        optionally defocus (1,) float64 (extra defocus Δf in Å applied to the probe).
+        counts: (N, n, n) float32 in FFT order (near field: image order), or a
+        losses.Measurements holding them.
         refine: names to return gradients for. mask: (n, n) detector mask in FFT order
         (1 measured, 0 padding) or None.
         """
@@ -173,36 +287,47 @@ class Model:
         loss_fn = losses.by_name(loss_name)
         object_slices, probe, positions = params["object"], params["probe"], params["positions"]
         probe_k = self.fft2(probe)
+        focus = None
+        if params.get("defocus") is not None:
+            focus = self.defocus_factor(params["defocus"])
+            probe_k *= focus                                   # P' = P F
         want_probe = "probe" in refine
         want_positions = "positions" in refine
+        want_defocus = "defocus" in refine
+        probe_side = want_probe or want_defocus                # needs g_P'
         grad_object = xp.zeros_like(object_slices) if "object" in refine else None
-        grad_probe_k = xp.zeros_like(probe_k) if want_probe else None
+        grad_probe_k = xp.zeros_like(probe_k) if probe_side else None
         grad_positions = xp.zeros(positions.shape, dtype=xp.float64) if want_positions else None
         n = self.window
+        width = object_slices.shape[-1]
         total = validation = 0.0
         corners_all, fractional_all = self.split_positions(positions)
+        groups = None if want_positions else self.shifted_probes(probe_k, fractional_all)
+        views = self.window_views(object_slices)
+        group_sums = None
+        if groups is not None and probe_side:
+            group_sums = xp.zeros((len(groups[0]),) + probe_k.shape, dtype=probe_k.dtype)
         for start in range(0, measured.counts.shape[0], batch_size):
             batch = slice(start, start + batch_size)
             corners, fractional = corners_all[batch], fractional_all[batch]
-            grouped = None
-            if not want_positions:
-                unique, inverse = self.shift_groups(fractional)
-                if 2 * len(unique) <= len(fractional):
-                    grouped = (unique, inverse)
+            grouped = None if groups is None else (groups[1], groups[2][batch])
             far, (ramps, incident, windows) = self.far_field(
-                object_slices, probe_k, corners, fractional, keep=True, grouped=grouped)
+                object_slices, probe_k, corners, fractional, keep=True, grouped=grouped,
+                views=views)
             intensity = self.mode_sum(self.power(far))
             intensity *= 1.0 / n ** 2
             value, d_intensity, held_out = loss_fn(intensity, measured, batch, xp)
             total += value
             validation += held_out
-            # g_φ = n IFFT[g_Ψ] with g_Ψ = 2 ∂ℓ/∂I · Ψ and Ψ = far / n:  g_φ = IFFT[2 ∂ℓ/∂I · far]
+            # far field: g_φ = n IFFT[g_Ψ] with g_Ψ = 2 ∂ℓ/∂I · Ψ and Ψ = far / n, i.e.
+            # g_φ = IFFT[2 ∂ℓ/∂I · far]; near field: detector_adjoint
             d_intensity *= 2.0
             far *= d_intensity[:, None, :, :]
-            g_phi = self.ifft2(far)
+            g_phi = self.detector_adjoint(far)
             del far, intensity, d_intensity
+            indices = None if grad_object is None else self.window_indices(corners, width)
             for s in range(self.n_slices - 1, -1, -1):
-                need_wave_gradient = s > 0 or want_probe or want_positions
+                need_wave_gradient = s > 0 or probe_side or want_positions
                 if need_wave_gradient:
                     window = windows[s]
                     xp.conjugate(window, out=window)
@@ -210,7 +335,7 @@ class Model:
                     psi = incident[s]
                     xp.conjugate(psi, out=psi)
                     psi *= g_phi
-                    self.scatter_add(grad_object[s], self.mode_sum(psi), corners)
+                    self.scatter_add(grad_object[s], self.mode_sum(psi), corners, indices)
                     del psi
                 incident[s] = None
                 if not need_wave_gradient:
@@ -218,17 +343,17 @@ class Model:
                 g_phi *= window[:, None, :, :]               # now g_ψ⁽ˢ⁾
                 if s > 0:
                     spectrum = self.fft2(g_phi)
-                    spectrum *= xp.conj(self.propagator)
+                    spectrum *= self.propagator_adjoint
                     g_phi = self.ifft2(spectrum)
-            if want_probe and grouped is not None:
-                unique, inverse = grouped
-                summed = xp.stack([g_phi[xp.asarray(inverse == g)].sum(axis=0)
-                                   for g in range(len(unique))])
-                grad_probe_k += xp.einsum("gmyx,gyx->myx", self.fft2(summed),
-                                          xp.conj(self.ramps(unique)))
-            elif want_probe or want_positions:
+            if group_sums is not None:
+                # Σ_{j in group g} g_ψ_j⁽⁰⁾ (a batch meets few groups; no BLAS call, whose
+                # threads stall on a loaded machine)
+                members = grouped[1]
+                for group in np.unique(members).tolist():
+                    group_sums[group] += g_phi[xp.asarray(members == group)].sum(axis=0)
+            elif probe_side or want_positions:
                 g_big = self.fft2(g_phi)
-                if want_probe:
+                if probe_side:
                     grad_probe_k += xp.einsum("bmyx,byx->myx", g_big, xp.conj(ramps))
                 if want_positions:
                     xp.conjugate(g_big, out=g_big)
@@ -241,10 +366,21 @@ class Model:
                                                               axis=(1, 2), dtype=xp.float64)
                     grad_positions[batch, 1] = scale * xp.sum(torque * k[None, None, :],
                                                               axis=(1, 2), dtype=xp.float64)
+        if group_sums is not None:
+            grad_probe_k += xp.einsum("gmyx,gyx->myx", self.fft2(group_sums),
+                                      xp.conj(self.ramps(groups[0])))
         gradients = {}
         if grad_object is not None:
             gradients["object"] = grad_object
+        if want_defocus:
+            # ∂L/∂Δf = −πλ Σ |k|² Im(conj(g_P') P'), g_P' = grad_probe_k / n²
+            torque = xp.sum((xp.conj(grad_probe_k) * probe_k).imag, axis=0, dtype=xp.float64)
+            value = -math.pi * self.wavelength_A / n ** 2 * xp.sum(
+                self.squared_frequencies_invA() * torque)
+            gradients["defocus"] = xp.asarray([float(value)], dtype=xp.float64)
         if want_probe:
+            if focus is not None:
+                grad_probe_k *= xp.conj(focus)
             gradients["probe"] = self.ifft2(grad_probe_k).astype(self.complex_dtype)
         if want_positions:
             gradients["positions"] = grad_positions

@@ -1,13 +1,23 @@
-"""The reconstruction loop: staged refinement of object, probe and positions by L-BFGS.
+"""The reconstruction loop: staged refinement of object, probe, positions and defocus by L-BFGS.
 
-One epoch is one L-BFGS iteration: a full-data gradient (patterns processed in memory-sized
-batches) plus whatever extra evaluations the Wolfe line search needs. The variables are
+One epoch is one L-BFGS iteration: a full-data gradient (patterns processed in batches:
+cache-sized on a CPU, memory-sized on a GPU) plus whatever extra evaluations the Wolfe line search needs. The variables are
 preconditioned by the diagonal of a Gauss–Newton curvature estimate, so that one L-BFGS
-history serves all three kinds of unknown:
+history serves every kind of unknown:
 
     object    D_O(r) = 1 / (Σ_j |ψ_j(r − r_j)|² + floor · max)    (the illumination, as in rPIE)
     probe     D_p    = 1 / Σ_j ⟨|O_j|²⟩                              (number of patterns)
     positions D_f    = 1 / ((1/n²) Σ_{m,k} |P_m(k)|² (2π|k|)² / 2)  (probe gradient energy)
+    defocus   D_Δf   = 1 / (∂²L/∂Δf²)                                  (measured, below)
+
+A defocus change alters only the phase inside the bright-field disc: under a featureless object
+it changes no intensity at all, and under a thin specimen only through the small scattered
+part that overlaps the disc. The Gauss–Newton estimate from the whole probe derivative,
+N (1/n²) Σ |P(k)|² (πλ|k|²)² / 2, therefore overestimates the curvature by one to two orders of
+magnitude (defocus refinement then crawls). Instead the curvature is measured where the stage
+starts, by a central difference of ∂L/∂Δf over ±h (h: a quarter radian of defocus phase at the
+probe's rms frequency) — two extra evaluations per stage; the Gauss–Newton value is the
+fallback if the measured curvature is not positive.
 
 Refining a new kind of unknown from a later epoch restarts the L-BFGS history.
 
@@ -35,8 +45,10 @@ class Options:
     refine_object: bool = True
     refine_probe: bool = True
     refine_positions: bool = False
+    refine_defocus: bool = False
     probe_from_epoch: int = 0
     positions_from_epoch: int = 0
+    defocus_from_epoch: int = 3
     history: int = 10
     c1: float = 1e-4
     c2: float = 0.9
@@ -74,10 +86,28 @@ def refined_names(options: Options, epoch: int) -> tuple:
         names.append("probe")
     if options.refine_positions and epoch >= options.positions_from_epoch:
         names.append("positions")
+    if options.refine_defocus and epoch >= options.defocus_from_epoch:
+        names.append("defocus")
     return tuple(names)
 
 
-def preconditioner(model, params, names, options: Options) -> dict:
+def defocus_curvature(model, params, defocus_gradient):
+    """(∂L/∂Δf(Δf + h) − ∂L/∂Δf(Δf − h)) / 2h, or None when not positive; defocus_gradient(p)
+    returns ∂L/∂Δf at the parameters p."""
+    xp = model.backend.xp
+    power = xp.abs(model.fft2(params["probe"])) ** 2
+    k2_rms = float(xp.sum(power * model.squared_frequencies_invA()) / xp.sum(power))
+    step = 0.25 / (math.pi * model.wavelength_A * max(k2_rms, 1e-12))
+    slopes = []
+    for sign in (1.0, -1.0):
+        shifted = dict(params)
+        shifted["defocus"] = params["defocus"] + sign * step
+        slopes.append(defocus_gradient(shifted))
+    curvature = (slopes[0] - slopes[1]) / (2.0 * step)
+    return curvature if curvature > 0 else None
+
+
+def preconditioner(model, params, names, options: Options, defocus_gradient=None) -> dict:
     xp = model.backend.xp
     probe = params["probe"]
     n = model.window
@@ -86,8 +116,8 @@ def preconditioner(model, params, names, options: Options) -> dict:
         corners, _ = model.split_positions(params["positions"])
         illumination = xp.zeros(params["object"].shape[-2:], dtype=xp.float32)
         probe_intensity = xp.sum(xp.abs(probe) ** 2, axis=0).astype(xp.float32)
-        for row, col in corners.tolist():
-            illumination[row:row + n, col:col + n] += probe_intensity
+        model.scatter_add(illumination, xp.broadcast_to(probe_intensity, (len(corners), n, n)),
+                          corners)
         floor = options.preconditioner_floor * float(illumination.max())
         result["object"] = (1.0 / (illumination + floor))[None].astype(xp.float32)
     if "probe" in names:
@@ -97,6 +127,18 @@ def preconditioner(model, params, names, options: Options) -> dict:
         k2 = (k[:, None] ** 2 + k[None, :] ** 2)
         energy = float(xp.sum(xp.abs(model.fft2(probe)) ** 2 * k2)) * (2 * math.pi) ** 2 / n ** 2
         result["positions"] = 2.0 / energy
+    if "defocus" in names:
+        probe_k = model.fft2(probe)
+        if params.get("defocus") is not None:
+            probe_k = probe_k * model.defocus_factor(params["defocus"])
+        k4 = model.squared_frequencies_invA() ** 2
+        energy = float(xp.sum(xp.abs(probe_k) ** 2 * k4)) * (math.pi * model.wavelength_A) ** 2 \
+            / n ** 2 * params["positions"].shape[0]
+        result["defocus"] = 2.0 / energy
+        measured = None if defocus_gradient is None else \
+            defocus_curvature(model, params, defocus_gradient)
+        if measured is not None:
+            result["defocus"] = 1.0 / measured
     return result
 
 
@@ -127,6 +169,13 @@ def objective(model, counts, fixed: dict, names: tuple, options: Options, mask=N
     return evaluate
 
 
+def defocus_slope(model, measured, params, options: Options) -> float:
+    """∂L/∂Δf of the data term at params."""
+    _, gradients = model.loss_and_gradients(params, measured, options.loss, {"defocus"},
+                                            options.batch_size)
+    return float(model.backend.asnumpy(gradients["defocus"])[0])
+
+
 def held_out_pixels(shape, fraction: float, seed: int, xp):
     """(N, n, n) float32, 1 on a random `fraction` of the pixels of each pattern, else 0."""
     if fraction <= 0:
@@ -148,6 +197,8 @@ def reconstruct(model, counts, params: dict, options: Options, mask=None, start_
     xp = model.backend.xp
     history = history or History()
     params = dict(params)
+    if options.refine_defocus and params.get("defocus") is None:
+        params["defocus"] = xp.zeros(1, dtype=xp.float64)          # Δf starts at 0
     floor = losses.noise_floor(counts, options.loss, xp, mask) * options.noise_floor_factor
     holdout = held_out_pixels(counts.shape, options.validation_fraction, options.seed, xp)
     if holdout is not None:
@@ -168,7 +219,9 @@ def reconstruct(model, counts, params: dict, options: Options, mask=None, start_
             fixed = {key: value for key, value in params.items() if key not in names}
             optimiser = lbfgs.LBFGS(
                 objective(model, measured, fixed, names, options), {k: params[k] for k in names},
-                xp, preconditioner(model, params, names, options), history=options.history,
+                xp, preconditioner(model, params, names, options,
+                                   lambda p: defocus_slope(model, measured, p, options)),
+                history=options.history,
                 c1=options.c1, c2=options.c2, first_step=options.first_step,
                 max_evaluations=options.max_line_search)
         before = optimiser.f
