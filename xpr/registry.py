@@ -60,6 +60,8 @@ COMMANDS = (
                 "Phase a 2-D diffraction pattern: many repeats, merged, PRTF."),
     CommandSpec("cdi", "phase3d", "xpr.cdi.phase3d", "phase3d",
                 "Phase a 3-D diffraction volume: many repeats, merged, PRTF."),
+    CommandSpec("cdi", "merge", "xpr.cdi.merge", "merge",
+                "Merge the repeats of several phase2d/phase3d runs (e.g. array-job shares)."),
     CommandSpec("em", "simulate_4dstem", "xpr.em.simulate_4dstem", "simulate_4dstem",
                 "Multislice 4D-STEM simulation of a thin specimen."),
     CommandSpec("em", "ptycho", "xpr.em.ptycho", "ptycho",

@@ -231,7 +231,20 @@ def run(settings, archive, dimensions):
         "use_gpu": Backend.from_settings(settings).is_gpu, "precision": precision,
     }
     repeats = phase_repeats(settings, archive, problem)
+    data = {"intensity": intensity, "mask": masked, "initial_support": initial_support}
+    return merge_and_write(settings, archive, f"phase{dimensions}d.h5", repeats, data,
+                           attrs={"schedule": schedule.describe(steps), "source": str(source)})
 
+
+def merge_and_write(settings, archive, filename, repeats, data, attrs):
+    """Select repeats by final eMod, align them to the best (shift, global phase, twin), average,
+    compute the PRTF; write `filename` (merged/, repeats/, data/), the figures and, in 3-D, the
+    merged density as .vts. Also used by `cdi merge` over the repeats of several runs.
+
+    repeats: object, support, e_mod, e_con, e_con_iterations, seed (leading axis = repeat);
+    data: intensity, mask (True = floats), initial_support.
+    """
+    precision = (settings.get("GPU") or {}).get("precision", "single")
     final = repeats["e_mod"][:, -1]
     archive.log.info("final eMod per repeat: %s", np.array2string(final, precision=4))
     backend = _backend.ensure(Backend(False, precision))
@@ -239,24 +252,25 @@ def run(settings, archive, dimensions):
                             tolerance=settings.merge.error_tolerance)
     merged, aligned = merge.merge_repeats(repeats["object"], selected, backend,
                                           allow_twin=bool(settings.merge.remove_twin))
-    shells, prtf = merge.prtf(aligned, problem["measured_fft"], backend)
+    measured_fft = np.fft.ifftshift(~np.asarray(data["mask"], dtype=bool))
+    shells, prtf = merge.prtf(aligned, measured_fft, backend)
     archive.log.info("merged %d of %d repeats (eMod %.4f .. %.4f)", len(selected), len(final),
                      final[selected].min(), final[selected].max())
 
     support = repeats["support"][selected[0]]
-    archive.save_h5(f"phase{dimensions}d.h5", {
+    archive.save_h5(filename, {
         "merged": {"object": merged.astype(np.complex64), "support": support.astype(np.uint8),
                    "prtf": prtf, "prtf_radius_px": shells.astype(np.float32),
                    "aligned_repeats": aligned.astype(np.complex64)},
         "repeats": dict(repeats, object=repeats["object"].astype(np.complex64),
                         support=repeats["support"].astype(np.uint8),
                         selected=np.asarray(selected, dtype=np.int64)),
-        "data": {"intensity": intensity.astype(np.float32), "mask": masked.astype(np.uint8),
-                 "initial_support": initial_support.astype(np.uint8)},
-    }, main=True, attrs={"schedule": schedule.describe(steps), "source": str(source),
-                         "mask_convention": "1 = masked / unmeasured"})
+        "data": {"intensity": np.asarray(data["intensity"]).astype(np.float32),
+                 "mask": np.asarray(data["mask"]).astype(np.uint8),
+                 "initial_support": np.asarray(data["initial_support"]).astype(np.uint8)},
+    }, main=True, attrs=dict(attrs, mask_convention="1 = masked / unmeasured"))
     _figures(archive, merged, support, repeats, selected, shells, prtf)
-    if dimensions == 3:
+    if merged.ndim == 3:
         archive.save_vts("vtk/merged_density.vts", np.abs(merged).astype(np.float32),
                          grid="cartesian")
     return {"object": merged, "prtf": prtf, "e_mod": repeats["e_mod"], "selected": selected}
