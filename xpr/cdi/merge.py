@@ -74,6 +74,8 @@ def run(settings, archive):
     repeats = {key: np.concatenate([s["repeats"][key] for s in shares])
                for key in ("object", "support", "e_mod", "e_con", "seed")}
     repeats["e_con_iterations"] = reference["repeats"]["e_con_iterations"]
+    repeats["failed_seeds"] = np.concatenate([np.asarray(s["repeats"].get("failed_seeds", []), dtype=np.uint64)
+                                              for s in shares])
     repeats["share"] = np.concatenate([np.full(len(s["repeats"]["seed"]), i) for i, s in enumerate(shares)])
     if len(np.unique(repeats["seed"])) < len(repeats["seed"]):
         archive.log.warning("some repeats share a seed: were the shares given different seeds?")

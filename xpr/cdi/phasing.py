@@ -311,6 +311,7 @@ def phase_repeats(settings, archive, problem):
     n_iterations = schedule.total_iterations(problem["steps"])
     archive.log.info("%d repeats x %d iterations in %d batch(es)", repeats, n_iterations,
                      len(tasks))
+    failures = []
     if len(tasks) == 1:     # one batch in this process: a bar over iterations, with eMod
         bar = archive.progress(total=n_iterations, desc="phasing")
         results = [phase_chunk(tasks[0], shared=problem, progress=bar)]
@@ -319,14 +320,18 @@ def phase_repeats(settings, archive, problem):
         results = parallel.map(phase_chunk, tasks, spread, shared=problem,
                                on_result=lambda index, result: bar.update(1),
                                tolerate_failures=True)
-        for failure in (r for r in results if isinstance(r, parallel.TaskFailure)):
-            archive.log.warning("batch %d failed: %s", failure.index, failure.error)
+        failures = [r for r in results if isinstance(r, parallel.TaskFailure)]
+        for failure in failures:
+            archive.log.warning("batch %d (seeds %s) failed: %s", failure.index,
+                                tasks[failure.index]["seeds"], failure.error)
         results = parallel.require_success(results, spread)
     bar.close()
     stacked = {key: np.concatenate([r[key] for r in results])
                for key in ("object", "support", "e_mod", "e_con")}
     stacked["seed"] = np.asarray([s for r in results for s in r["seeds"]], dtype=np.uint64)
     stacked["e_con_iterations"] = results[0]["e_con_iterations"]
+    # the batches that failed after their retries: recorded, their repeats left out of the merge
+    stacked["failed_seeds"] = np.asarray([s for f in failures for s in tasks[f.index]["seeds"]], dtype=np.uint64)
     return stacked
 
 

@@ -280,11 +280,15 @@ class Model:
         losses.Measurements holding them.
         refine: names to return gradients for. mask: (n, n) detector mask in FFT order
         (1 measured, 0 padding) or None.
+
+        On a CPU the batches are shared out over `lanes` threads (numpy and the FFTs release
+        the GIL, so the element-wise work uses every core too): lane i takes batches i,
+        i + lanes, …, into its own sums, added up in lane order — the result does not depend
+        on the timing of the threads.
         """
         xp = self.backend.xp
         measured = counts if isinstance(counts, losses.Measurements) else \
             losses.Measurements(counts, mask)
-        loss_fn = losses.by_name(loss_name)
         object_slices, probe, positions = params["object"], params["probe"], params["positions"]
         probe_k = self.fft2(probe)
         focus = None
@@ -294,81 +298,43 @@ class Model:
         want_probe = "probe" in refine
         want_positions = "positions" in refine
         want_defocus = "defocus" in refine
-        probe_side = want_probe or want_defocus                # needs g_P'
-        grad_object = xp.zeros_like(object_slices) if "object" in refine else None
-        grad_probe_k = xp.zeros_like(probe_k) if probe_side else None
-        grad_positions = xp.zeros(positions.shape, dtype=xp.float64) if want_positions else None
         n = self.window
-        width = object_slices.shape[-1]
-        total = validation = 0.0
+        if loss_name == "lsq_sqrt":
+            measured.amplitudes                         # formed once, before any thread
         corners_all, fractional_all = self.split_positions(positions)
-        groups = None if want_positions else self.shifted_probes(probe_k, fractional_all)
-        views = self.window_views(object_slices)
-        group_sums = None
-        if groups is not None and probe_side:
-            group_sums = xp.zeros((len(groups[0]),) + probe_k.shape, dtype=probe_k.dtype)
-        for start in range(0, measured.counts.shape[0], batch_size):
-            batch = slice(start, start + batch_size)
-            corners, fractional = corners_all[batch], fractional_all[batch]
-            grouped = None if groups is None else (groups[1], groups[2][batch])
-            far, (ramps, incident, windows) = self.far_field(
-                object_slices, probe_k, corners, fractional, keep=True, grouped=grouped,
-                views=views)
-            intensity = self.mode_sum(self.power(far))
-            intensity *= 1.0 / n ** 2
-            value, d_intensity, held_out = loss_fn(intensity, measured, batch, xp)
-            total += value
-            validation += held_out
-            # far field: g_φ = n IFFT[g_Ψ] with g_Ψ = 2 ∂ℓ/∂I · Ψ and Ψ = far / n, i.e.
-            # g_φ = IFFT[2 ∂ℓ/∂I · far]; near field: detector_adjoint
-            d_intensity *= 2.0
-            far *= d_intensity[:, None, :, :]
-            g_phi = self.detector_adjoint(far)
-            del far, intensity, d_intensity
-            indices = None if grad_object is None else self.window_indices(corners, width)
-            for s in range(self.n_slices - 1, -1, -1):
-                need_wave_gradient = s > 0 or probe_side or want_positions
-                if need_wave_gradient:
-                    window = windows[s]
-                    xp.conjugate(window, out=window)
-                if grad_object is not None:
-                    psi = incident[s]
-                    xp.conjugate(psi, out=psi)
-                    psi *= g_phi
-                    self.scatter_add(grad_object[s], self.mode_sum(psi), corners, indices)
-                    del psi
-                incident[s] = None
-                if not need_wave_gradient:
-                    break
-                g_phi *= window[:, None, :, :]               # now g_ψ⁽ˢ⁾
-                if s > 0:
-                    spectrum = self.fft2(g_phi)
-                    spectrum *= self.propagator_adjoint
-                    g_phi = self.ifft2(spectrum)
-            if group_sums is not None:
-                # Σ_{j in group g} g_ψ_j⁽⁰⁾ (a batch meets few groups; no BLAS call, whose
-                # threads stall on a loaded machine)
-                members = grouped[1]
-                for group in np.unique(members).tolist():
-                    group_sums[group] += g_phi[xp.asarray(members == group)].sum(axis=0)
-            elif probe_side or want_positions:
-                g_big = self.fft2(g_phi)
-                if probe_side:
-                    grad_probe_k += xp.einsum("bmyx,byx->myx", g_big, xp.conj(ramps))
-                if want_positions:
-                    xp.conjugate(g_big, out=g_big)
-                    g_big *= probe_k[None]
-                    g_big *= ramps[:, None]
-                    torque = self.mode_sum(g_big).imag
-                    k = self.frequencies
-                    scale = 2.0 * math.pi / n ** 2
-                    grad_positions[batch, 0] = scale * xp.sum(torque * k[None, :, None],
-                                                              axis=(1, 2), dtype=xp.float64)
-                    grad_positions[batch, 1] = scale * xp.sum(torque * k[None, None, :],
-                                                              axis=(1, 2), dtype=xp.float64)
-        if group_sums is not None:
-            grad_probe_k += xp.einsum("gmyx,gyx->myx", self.fft2(group_sums),
-                                      xp.conj(self.ramps(groups[0])))
+        evaluation = _Evaluation(
+            measured=measured, loss_fn=losses.by_name(loss_name), object_slices=object_slices,
+            views=self.window_views(object_slices), probe_k=probe_k, corners=corners_all,
+            fractional=fractional_all, want_object="object" in refine,
+            probe_side=want_probe or want_defocus, want_positions=want_positions,
+            groups=None if want_positions else self.shifted_probes(probe_k, fractional_all),
+            grad_positions=xp.zeros(positions.shape, dtype=xp.float64) if want_positions
+            else None)
+        starts = list(range(0, measured.counts.shape[0], batch_size))
+        lanes = max(1, min(self.lanes(), len(starts)))
+
+        def run_lane(lane):
+            sums = self._new_sums(evaluation)
+            for start in starts[lane::lanes]:
+                self._add_batch(evaluation, slice(start, start + batch_size), sums)
+            return sums
+
+        if lanes == 1:
+            lane_sums = [run_lane(0)]
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max_workers=lanes) as pool:
+                lane_sums = list(pool.map(run_lane, range(lanes)))
+        sums = lane_sums[0]
+        for other in lane_sums[1:]:
+            sums.add(other)
+        total, validation = sums.total, sums.validation
+        grad_object, grad_probe_k = sums.grad_object, sums.grad_probe_k
+        grad_positions = evaluation.grad_positions
+        if sums.group_sums is not None:
+            grad_probe_k += xp.einsum("gmyx,gyx->myx", self.fft2(sums.group_sums),
+                                      xp.conj(self.ramps(evaluation.groups[0])))
         gradients = {}
         if grad_object is not None:
             gradients["object"] = grad_object
@@ -387,3 +353,134 @@ class Model:
         if with_validation:
             return total, gradients, validation
         return total, gradients
+
+    def lanes(self) -> int:
+        """Threads sharing the batches: 1 on a GPU; on a CPU as many as the FFTs use (the
+        cores this process may run on, or XPR_FFT_WORKERS as xpr.parallel sets it), at most
+        8. The float32 sums are added in lane order, so gradients agree to ~1e-6 relative
+        (not bit for bit) between machines with different core counts; pin XPR_FFT_WORKERS
+        for identical results."""
+        if self.backend.is_gpu:
+            return 1
+        import os
+
+        from xpr.backend import fft_workers
+
+        workers = fft_workers()
+        if workers <= 0:
+            workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+                else (os.cpu_count() or 1)
+        return max(1, min(int(workers), 8))
+
+    def _new_sums(self, evaluation) -> "_Sums":
+        xp = self.backend.xp
+        e = evaluation
+        group_sums = None
+        if e.groups is not None and e.probe_side:
+            group_sums = xp.zeros((len(e.groups[0]),) + e.probe_k.shape, dtype=e.probe_k.dtype)
+        return _Sums(grad_object=xp.zeros_like(e.object_slices) if e.want_object else None,
+                     grad_probe_k=xp.zeros_like(e.probe_k) if e.probe_side else None,
+                     group_sums=group_sums)
+
+    def _add_batch(self, evaluation, batch, sums):
+        """Forward model, loss and the adjoint pass of one batch of patterns, into `sums`."""
+        xp = self.backend.xp
+        e = evaluation
+        n = self.window
+        corners, fractional = e.corners[batch], e.fractional[batch]
+        grouped = None if e.groups is None else (e.groups[1], e.groups[2][batch])
+        far, (ramps, incident, windows) = self.far_field(
+            e.object_slices, e.probe_k, corners, fractional, keep=True, grouped=grouped,
+            views=e.views)
+        intensity = self.mode_sum(self.power(far))
+        intensity *= 1.0 / n ** 2
+        value, d_intensity, held_out = e.loss_fn(intensity, e.measured, batch, xp)
+        sums.total += value
+        sums.validation += held_out
+        # far field: g_φ = n IFFT[g_Ψ] with g_Ψ = 2 ∂ℓ/∂I · Ψ and Ψ = far / n, i.e.
+        # g_φ = IFFT[2 ∂ℓ/∂I · far]; near field: detector_adjoint
+        d_intensity *= 2.0
+        far *= d_intensity[:, None, :, :]
+        g_phi = self.detector_adjoint(far)
+        del far, intensity, d_intensity
+        grad_object = sums.grad_object
+        indices = None if grad_object is None else \
+            self.window_indices(corners, e.object_slices.shape[-1])
+        for s in range(self.n_slices - 1, -1, -1):
+            need_wave_gradient = s > 0 or e.probe_side or e.want_positions
+            if need_wave_gradient:
+                window = windows[s]
+                xp.conjugate(window, out=window)
+            if grad_object is not None:
+                psi = incident[s]
+                xp.conjugate(psi, out=psi)
+                psi *= g_phi
+                self.scatter_add(grad_object[s], self.mode_sum(psi), corners, indices)
+                del psi
+            incident[s] = None
+            if not need_wave_gradient:
+                break
+            g_phi *= window[:, None, :, :]               # now g_ψ⁽ˢ⁾
+            if s > 0:
+                spectrum = self.fft2(g_phi)
+                spectrum *= self.propagator_adjoint
+                g_phi = self.ifft2(spectrum)
+        if sums.group_sums is not None:
+            # Σ_{j in group g} g_ψ_j⁽⁰⁾ (a batch meets few groups; no BLAS call, whose
+            # threads stall on a loaded machine)
+            members = grouped[1]
+            for group in np.unique(members).tolist():
+                sums.group_sums[group] += g_phi[xp.asarray(members == group)].sum(axis=0)
+        elif e.probe_side or e.want_positions:
+            g_big = self.fft2(g_phi)
+            if e.probe_side:
+                sums.grad_probe_k += xp.einsum("bmyx,byx->myx", g_big, xp.conj(ramps))
+            if e.want_positions:
+                xp.conjugate(g_big, out=g_big)
+                g_big *= e.probe_k[None]
+                g_big *= ramps[:, None]
+                torque = self.mode_sum(g_big).imag
+                k = self.frequencies
+                scale = 2.0 * math.pi / n ** 2
+                e.grad_positions[batch, 0] = scale * xp.sum(torque * k[None, :, None],
+                                                            axis=(1, 2), dtype=xp.float64)
+                e.grad_positions[batch, 1] = scale * xp.sum(torque * k[None, None, :],
+                                                            axis=(1, 2), dtype=xp.float64)
+
+
+@dataclass
+class _Evaluation:
+    """What every batch of one loss-and-gradient evaluation reads (and the position
+    gradient, whose rows the batches fill without overlap)."""
+
+    measured: object
+    loss_fn: object
+    object_slices: object
+    views: list
+    probe_k: object
+    corners: object
+    fractional: object
+    want_object: bool
+    probe_side: bool
+    want_positions: bool
+    groups: tuple | None
+    grad_positions: object
+
+
+@dataclass
+class _Sums:
+    """One lane's running sums: loss, held-out loss, object and probe gradients."""
+
+    grad_object: object = None
+    grad_probe_k: object = None
+    group_sums: object = None
+    total: float = 0.0
+    validation: float = 0.0
+
+    def add(self, other: "_Sums"):
+        self.total += other.total
+        self.validation += other.validation
+        for name in ("grad_object", "grad_probe_k", "group_sums"):
+            mine = getattr(self, name)
+            if mine is not None:
+                mine += getattr(other, name)
