@@ -1,0 +1,124 @@
+"""simulate_patterns → correlate agrees with simulate_ccd within the Monte-Carlo error, and the
+extraction from it recovers B_2 … B_10; Poisson noise; bad input."""
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import yaml
+
+from xpr.fxs.correlate import add_sums, correlate_chunk, finish, polar_geometry
+from xpr.fxs.detector import Detector
+from xpr.fxs.extraction import extract_from_cc
+from xpr.fxs.grids import reciprocal_radial_points
+from xpr.fxs.simulate_patterns import CLASSICAL_ELECTRON_RADIUS
+
+LAMBDA = 1.5
+SHAPES = {"types": ["sphere", "cube", "sphere"],
+          "centers": {"command": "[(0,0,0), (15.0,1.2,0.4), (14.0,2.0,3.0)]"},
+          "sizes": [8, 5, 6], "densities": [1, 2, 1.5], "random_orientation": [False, True, False]}
+DETECTOR = {"image_dimensions": [64, 64], "pixel_size": 200.0, "sample_distance": 80.0,
+            "wavelength": LAMBDA, "detector_origin": [31.5, 31.5]}
+GRID = {"max_q": 0.3, "n_radial_points": 12}
+L = 20
+
+
+def write(tmp_path, name, tree):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def rel(a, b):
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+@pytest.mark.slow
+def test_correlate_agrees_with_simulate_ccd_within_monte_carlo_error(home, run_xpr, tmp_path):
+    n_patterns = 2000
+    sim = write(tmp_path, "sim", {"structure_name": "mc", "dimensions": 3, "random_seed": 3, "shapes": SHAPES,
+                                  "grid": {**GRID, "max_order": L},
+                                  "cross_correlation": {"method": "back_substitution", "xray_wavelength": LAMBDA}})
+    pat = write(tmp_path, "pat", {"structure_name": "mc", "dimensions": 3, "random_seed": 3, "shapes": SHAPES,
+                                  "n_patterns": n_patterns, "chunk_size": 250, "detector": DETECTOR,
+                                  "noise": {"poisson": False, "fluence": 1.0}})
+    cor = write(tmp_path, "cor", {"structure_name": "mc_data", "dimensions": 3, "grid": GRID,
+                                  "n_angular_points": 2 * (L + 1), "interpolation_order": 3,
+                                  "input": {"patterns_file": str(home / "data/fxs/patterns/3d_mc.h5")}})
+    result = run_xpr(["-q", "fxs", "simulate_ccd", sim, "simulate_patterns", pat, "correlate", cor])
+    assert result.exit_code == 0, result.output
+    with h5py.File(home / "data/fxs/ccd/3d_mc.h5") as f:
+        c_model = f["cross_correlation/I1I1"][()]
+        b_model = f["deg_2_invariant/I1I1"][()]
+        ai_model = f["average_intensity"][()]
+    with h5py.File(home / "data/fxs/ccd/3d_mc_data.h5") as f:
+        c_data = f["cross_correlation/I1I1"][()]
+        ai_data = f["average_intensity"][()]
+        assert f["number_of_patterns"][()] == n_patterns
+    unit = CLASSICAL_ELECTRON_RADIUS ** 2          # patterns are fluence·r_e²·ΔΩ·|F|², corrected for ΔΩ
+    c_data, ai_data = c_data / unit ** 2, ai_data / unit
+
+    # Monte-Carlo error from the spread of the eight chunk cross-correlations
+    files = sorted((home / "data/fxs/patterns").resolve().glob("archive/3d_mc/*/run_*/patterns_*.h5"))
+    assert len(files) == 8
+    q = reciprocal_radial_points(GRID["max_q"], GRID["n_radial_points"])
+    detector = Detector((64, 64), 200.0, 80.0, LAMBDA, (31.5, 31.5))
+    shared = {"geometry": polar_geometry(detector, q, 2 * (L + 1), True), "order": 3, "n_phi": 2 * (L + 1),
+              "dataset": "data", "intensity_limits": None}
+    parts = [correlate_chunk({"file": str(f), "start": 0, "stop": 250}, shared) for f in files]
+    chunk_cc = np.array([finish(p, 2 * (L + 1))[0] for p in parts]) / unit ** 2
+    assert np.allclose(finish(add_sums(parts), 2 * (L + 1))[0] / unit ** 2, c_data)
+    standard_error = chunk_cc.std(axis=0, ddof=1) / np.sqrt(len(parts))
+    deviation = np.abs(c_data - c_model)
+    # within the Monte-Carlo error everywhere (4σ; the errors of all (q1, q2, Δ) move together with
+    # the few thousand orientations drawn), plus 0.1 % of the peak for the polar interpolation
+    assert np.all(deviation <= 4 * standard_error + 1e-3 * np.abs(c_model).max())
+    chunk_ai = np.array([finish(p, 2 * (L + 1))[1] for p in parts]) / unit
+    ai_error = chunk_ai.std(axis=0, ddof=1) / np.sqrt(len(parts))
+    assert np.all(np.abs(ai_data - ai_model) <= 4 * ai_error + 1e-4 * ai_model.max())
+
+    b = extract_from_cc(c_data, q, 3, L, "back_substitution", LAMBDA, True, ai_data, True)
+    for l in range(2, 11, 2):
+        assert rel(b[l], b_model[l]) < 0.1, l          # stated tolerance: 10 % (2000 patterns)
+
+
+def test_poisson_noise_has_the_expected_mean_and_variance(home, run_xpr, tmp_path):
+    # a centred sphere looks the same in every orientation: all patterns share one expectation
+    shapes = {"types": ["sphere"], "centers": {"command": "[(0,0,0)]"}, "sizes": [10], "densities": [1],
+              "random_orientation": [False]}
+    common = {"structure_name": "ball", "dimensions": 3, "shapes": shapes, "detector": {**DETECTOR, "image_dimensions": [16, 16], "detector_origin": [7.5, 7.5]},
+              "n_patterns": 400, "chunk_size": 400}
+    fluence = 2.0e8
+    noisy = write(tmp_path, "noisy", {**common, "noise": {"poisson": True, "fluence": fluence}})
+    result = run_xpr(["-q", "fxs", "simulate_patterns", noisy])
+    assert result.exit_code == 0, result.output
+    link = (home / "data/fxs/patterns/3d_ball.h5").resolve()
+    with h5py.File(next(link.parent.glob("patterns_*.h5"))) as f:
+        counts = f["data"][()]
+    assert np.allclose(counts, np.round(counts))
+    from xpr.fxs.models import model_from_settings
+    model = model_from_settings({**shapes, "centers": [(0, 0, 0)]}, 3)
+    det = Detector((16, 16), 200.0, 80.0, LAMBDA, (7.5, 7.5))
+    expected = fluence * CLASSICAL_ELECTRON_RADIUS ** 2 * det.solid_angles() * model.intensity(det.q_vectors())
+    assert expected.min() > 5
+    mean, var = counts.mean(axis=0), counts.var(axis=0, ddof=1)
+    assert np.all(np.abs(mean - expected) < 5 * np.sqrt(expected / len(counts)))
+    assert np.allclose(var.mean() / expected.mean(), 1.0, atol=0.1)
+
+
+def test_detector_origin_outside_the_image_is_a_clear_error(home, run_xpr, tmp_path):
+    bad = write(tmp_path, "bad", {"structure_name": "x", "n_patterns": 2,
+                                  "detector": {**DETECTOR, "detector_origin": [200.0, 10.0]}})
+    result = run_xpr(["-q", "fxs", "simulate_patterns", bad])
+    assert result.exit_code == 2
+    assert "detector_origin" in result.output and "outside" in result.output
+
+
+def test_missing_pattern_files_are_a_clear_error(home, run_xpr, tmp_path):
+    listing = tmp_path / "patterns_list.txt"
+    listing.write_text(f"{tmp_path / 'a.h5'}\n{tmp_path / 'b.h5'}\n")
+    cor = write(tmp_path, "cor", {"structure_name": "x", "input": {"pattern_list": str(listing)},
+                                  "detector": DETECTOR, "grid": GRID})
+    result = run_xpr(["-q", "fxs", "correlate", cor])
+    assert result.exit_code == 2
+    assert "missing" in result.output

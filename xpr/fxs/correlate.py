@@ -1,0 +1,230 @@
+"""fxs correlate: single-shot patterns → averaged angular cross-correlation (ccd.h5).
+
+1. Geometry: each pattern is sampled on the polar grid (q_k, φ_j), q_k = (k+½)·max_q/N,
+   φ_j = 2πj/n_φ, at the detector positions where these momentum transfers are recorded
+   (``detector``), by spline interpolation of the given order. Points off the detector or on
+   masked pixels (negative or non-finite values) are masked. With ``solid_angle_correction`` the
+   samples are divided by the pixel solid angle ΔΩ(q) (photons per sr).
+2. ``is_good``: a pattern is used if it is finite and (with ``intensity_filter.use``) its mean
+   over the polar samples lies in [min_mean, max_mean].
+3. ``waxs_aver``: Ī(q) = Σ_p Σ_φ m I / Σ_p Σ_φ m.
+4. ``ccf_q1q2``: with F_p(q, n) the FFT over φ of m·I and G_p of the mask m,
+
+       C(q1, q2, Δ) = Σ_p IFFT[F_p(q1) F_p*(q2)](Δ) / Σ_p IFFT[G_p(q1) G_p*(q2)](Δ)
+                    = ⟨I(q1, φ+Δ) I(q2, φ)⟩ over patterns and valid φ,
+
+   the convention of ``invariants`` (C_n = B_n). Orders above ``fc_n_max`` can be dropped.
+Patterns are processed in chunks spread over processes (``multi_process``), partial sums added
+in chunk order, so the result does not depend on the number of processes.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+from scipy.ndimage import map_coordinates
+
+from xpr import parallel
+from xpr.backend import cpu
+from xpr.errors import InputError
+from xpr.io import load_tree
+from . import cross_correlation as ccd_file
+from .detector import MM_TO_A, UM_TO_A, Detector
+from .grids import reciprocal_radial_points
+
+
+# ------------------------------------------------------------- inputs
+
+def pattern_sources(settings, archive):
+    """(list of pattern files, dataset name, Detector, number_of_particles)."""
+    given_list = settings.input.pattern_list
+    if given_list:
+        list_path = Path(str(given_list)).expanduser()
+        if not list_path.is_file():
+            raise InputError("pattern list not found", file=list_path, key="input.pattern_list")
+        lines = [ln.strip() for ln in list_path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+        files = [(Path(ln) if Path(ln).is_absolute() else list_path.parent / ln) for ln in lines]
+        detector = Detector.from_settings(settings.detector)
+        dataset, n_particles = settings.input.dataset, 1
+        origin = list_path
+    else:
+        main = settings.input.patterns_file
+        main = Path(str(main)).expanduser() if main else \
+            archive.home.data / "fxs" / "patterns" / f"{settings.dimensions}d_{settings.structure_name}.h5"
+        if not main.exists():
+            raise InputError("patterns file not found (run `xpr fxs simulate_patterns` first, or set "
+                             "input.patterns_file or input.pattern_list)", file=main, key="input.patterns_file")
+        tree = load_tree(main)
+        folder = main.resolve().parent
+        files = [folder / name for name in tree["pattern_files"]]
+        det = tree["detector"]
+        detector = Detector(tuple(int(v) for v in det["image_dimensions"]), float(det["pixel_size"]),
+                            float(det["sample_distance"]), float(det["wavelength"]),
+                            tuple(float(v) for v in det["detector_origin"]))
+        detector.check(file=main, key_prefix="detector")
+        dataset, n_particles = str(tree.get("dataset", "data")), int(tree.get("number_of_particles", 1))
+        origin = main
+    if not files:
+        raise InputError("no pattern files listed", file=origin, key="input")
+    missing = [str(f) for f in files if not Path(f).is_file()]
+    if missing:
+        raise InputError(f"{len(missing)} of {len(files)} pattern files are missing, e.g. {missing[0]}",
+                         file=origin, key="input")
+    return [str(f) for f in files], dataset, detector, n_particles
+
+
+def pattern_counts(files, dataset, detector):
+    counts = []
+    for f in files:
+        try:
+            with h5py.File(f, "r") as h:
+                if dataset not in h:
+                    raise InputError(f"no dataset '{dataset}' in the pattern file", file=f, key="input.dataset")
+                shape = h[dataset].shape
+        except OSError as err:
+            raise InputError(f"not a readable HDF5 pattern file ({err})", file=f) from None
+        frames = shape if len(shape) == 3 else (1,) + tuple(shape)
+        if tuple(frames[1:]) != tuple(detector.shape):
+            raise InputError(f"patterns are {frames[1]}×{frames[2]} pixels but the detector is "
+                             f"{detector.shape[0]}×{detector.shape[1]}", file=f, key="detector.image_dimensions")
+        counts.append(frames[0])
+    return counts
+
+
+# ------------------------------------------------------------- polar sampling and sums
+
+def polar_geometry(detector: Detector, q, n_phi: int, solid_angle_correction: bool) -> dict:
+    phis = 2 * np.pi * np.arange(n_phi) / n_phi
+    coordinates = detector.polar_coordinates(q, phis)
+    inside = detector.polar_inside(q, phis)
+    radius = detector.radius_of_q(q)
+    distance = detector.sample_distance * MM_TO_A
+    solid_angle = (detector.pixel_size * UM_TO_A) ** 2 * distance / (radius ** 2 + distance ** 2) ** 1.5
+    scale = 1 / solid_angle if solid_angle_correction else np.ones_like(radius)
+    return {"coordinates": coordinates, "inside": inside, "scale": scale}
+
+
+def sample_polar(image, geometry, order: int):
+    """(I (N_q, n_φ), mask) of one detector image on the polar grid."""
+    image = np.asarray(image, dtype=np.float64)
+    valid_pixels = np.isfinite(image) & (image >= 0)
+    clean = np.where(valid_pixels, image, 0.0)
+    coords = geometry["coordinates"]
+    values = map_coordinates(clean, coords, order=order, mode="nearest", prefilter=order > 1)
+    if valid_pixels.all():
+        mask = geometry["inside"].copy()
+    else:
+        weight = map_coordinates(valid_pixels.astype(float), coords, order=1, mode="constant", cval=0.0)
+        mask = geometry["inside"] & (weight > 1 - 1e-9)
+    return values * geometry["scale"][:, None], mask
+
+
+def correlate_chunk(task, shared) -> dict:
+    """Partial sums of one chunk of patterns (module level, for processes)."""
+    geometry, order, n_phi = shared["geometry"], shared["order"], shared["n_phi"]
+    n_q = geometry["coordinates"].shape[1]
+    n_freq = n_phi // 2 + 1
+    sums = {"ccf": np.zeros((n_q, n_q, n_freq), np.complex128),
+            "mask_ccf": np.zeros((n_q, n_q, n_freq), np.complex128),
+            "intensity": np.zeros(n_q), "weight": np.zeros(n_q), "n_good": 0, "n_bad": 0}
+    limits = shared["intensity_limits"]
+    fft = cpu()
+    with h5py.File(task["file"], "r") as h:
+        data = h[shared["dataset"]]
+        for index in range(task["start"], task["stop"]):
+            image = data[index] if data.ndim == 3 else data[()]
+            values, mask = sample_polar(image, geometry, order)
+            good = np.all(np.isfinite(values[mask]))
+            if good and limits is not None and mask.any():
+                mean = values[mask].mean()
+                good = limits[0] <= mean <= limits[1]
+            if not good:
+                sums["n_bad"] += 1
+                continue
+            m = mask.astype(float)
+            f = fft.rfft(values * m, axis=-1)
+            g = fft.rfft(m, axis=-1)
+            sums["ccf"] += f[:, None, :] * np.conj(f[None, :, :])
+            sums["mask_ccf"] += g[:, None, :] * np.conj(g[None, :, :])
+            sums["intensity"] += (values * m).sum(axis=-1)
+            sums["weight"] += m.sum(axis=-1)
+            sums["n_good"] += 1
+    return sums
+
+
+def add_sums(parts) -> dict:
+    total = None
+    for part in parts:
+        if total is None:
+            total = {k: (np.array(v, copy=True) if isinstance(v, np.ndarray) else v) for k, v in part.items()}
+        else:
+            for k, v in part.items():
+                total[k] = total[k] + v
+    return total
+
+
+def finish(sums, n_phi: int, fc_n_max=None):
+    """(C (N_q, N_q, n_φ), Ī (N_q), valid-pair counts) from the summed spectra."""
+    ccf = sums["ccf"].copy()
+    if fc_n_max is not None:
+        ccf[..., int(fc_n_max) + 1:] = 0
+    numerator = cpu().irfft(ccf, axis=-1, n=n_phi)
+    pairs = cpu().irfft(sums["mask_ccf"], axis=-1, n=n_phi)
+    valid = pairs > 0.5
+    cc = np.where(valid, numerator / np.where(valid, pairs, 1.0), 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        average = np.where(sums["weight"] > 0, sums["intensity"] / sums["weight"], 0.0)
+    return cc, average, valid
+
+
+def run(settings, archive):
+    """Patterns → C(q1, q2, Δ) and Ī(q) in ccd.h5."""
+    files, dataset, detector, n_particles = pattern_sources(settings, archive)
+    counts = pattern_counts(files, dataset, detector)
+    q = reciprocal_radial_points(settings.grid.max_q, settings.grid.n_radial_points)
+    if settings.grid.max_q * detector.wavelength / (4 * np.pi) >= 1:
+        raise InputError(f"max_q beyond 4π/λ = {4 * np.pi / detector.wavelength:.4g} 1/Å", key="grid.max_q")
+    n_phi = settings.n_angular_points
+    if settings.fc_n_max is not None and 2 * settings.fc_n_max > n_phi:
+        raise InputError(f"fc_n_max {settings.fc_n_max} needs at least {2 * settings.fc_n_max} angular points, "
+                         f"n_angular_points is {n_phi}", key="fc_n_max")
+    geometry = polar_geometry(detector, q, n_phi, settings.solid_angle_correction)
+    if not geometry["inside"].any():
+        raise InputError("no polar sampling point lies on the detector: check max_q and the geometry",
+                         key="grid.max_q")
+    if not geometry["inside"].all():
+        archive.log.warning("rings beyond q = %.4g 1/Å are partly off the detector and masked there",
+                            detector.max_full_ring_q())
+    limit = settings.max_n_patterns
+    tasks, taken = [], 0
+    for f, n in zip(files, counts):
+        for start in range(0, n, settings.chunk_size):
+            if limit is not None and taken >= limit:
+                break
+            stop = min(n, start + settings.chunk_size)
+            if limit is not None:
+                stop = min(stop, start + limit - taken)
+            tasks.append({"file": f, "start": start, "stop": stop})
+            taken += stop - start
+    filt = settings.intensity_filter
+    shared = {"geometry": geometry, "order": settings.interpolation_order, "n_phi": n_phi,
+              "dataset": dataset, "intensity_limits": (filt.min_mean, filt.max_mean) if filt.use else None}
+    archive.log.info("%d patterns in %d chunks → C on %d q × %d Δ", taken, len(tasks), len(q), n_phi)
+    bar = archive.progress(total=taken, desc="correlate")
+    parts = parallel.map(correlate_chunk, tasks, settings.multi_process, shared=shared,
+                         on_result=lambda i, r: bar.update(r["n_good"] + r["n_bad"] if isinstance(r, dict) else 0))
+    bar.close()
+    sums = add_sums(parts)
+    if sums["n_good"] == 0:
+        raise InputError("no pattern passed the is_good selection", key="intensity_filter")
+    cc, average, _ = finish(sums, n_phi, settings.fc_n_max)
+    archive.log.info("used %d patterns, rejected %d", sums["n_good"], sums["n_bad"])
+    tree = ccd_file.ccd_tree(q, cc, detector.wavelength, average, n_particles,
+                             dimensions=settings.dimensions, cc_counts=sums["n_good"])
+    ccd_file.write_xframe_h5(archive.file("ccd.h5"), tree)
+    archive.set_main("ccd.h5")
+    archive.savefig(ccd_file.cc_figure(cc, q, f"cross-correlation of {sums['n_good']} patterns"),
+                    "cross_correlation.png")
+    return {"cross_correlation": cc, "average_intensity": average, "radial_points": q,
+            "n_good": sums["n_good"]}
