@@ -179,3 +179,10 @@ def test_common_keys_documented_once_and_restatable(tmp_path, monkeypatch):
     user.write_text("multi_process: {engine: mpi}\n")
     with pytest.raises(SettingsError, match="not one of serial, local, dask"):
         resolve("g", "c", str(user))
+
+
+def test_exponent_floats_are_floats(schema_dir):
+    """`1e-6` is a float in xpr's YAML (PyYAML alone would give the string '1e-6')."""
+    user = write(schema_dir, "ratio: 5e-1\nphasing:\n  sub:\n    sigma: 1.5E+1\n")
+    resolved = resolve("g", "c", user, overrides=["phasing.beta=2e-1"]).settings
+    assert resolved.ratio == 0.5 and resolved.phasing.sub.sigma == 15.0 and resolved.phasing.beta == 0.2

@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime
 import difflib
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,22 @@ multi_process:              # how independent tasks (repeats, chunks) are spread
       account: null         # account / project to charge (batch systems) | type: str|null
       job_extra_directives: []  # extra scheduler directives, e.g. ['--gres=gpu:1'] | type: list
 """
+
+class Loader(yaml.SafeLoader):
+    """YAML 1.1 safe loading, except that `1e-6` and `1.0e4` are floats (as in YAML 1.2 and
+    Python), not strings: physicists write them that way."""
+
+
+Loader.yaml_implicit_resolvers = {key: list(value) for key, value in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$|^[-+]?\.[0-9_]+[eE][-+]?[0-9]+$"""),
+    list("-+0123456789."))
+
+
+def load(text: str):
+    return yaml.load(text, Loader=Loader)
+
 
 TYPE_NAMES = ("int", "float", "str", "bool", "list", "dict", "path", "any", "null")
 
@@ -153,12 +170,12 @@ def _parse_doc(comment: str, file, dotted: str) -> dict:
         if name == "unit":
             doc["unit"] = value
         elif name == "range":
-            lo_hi = yaml.safe_load(value)
+            lo_hi = load(value)
             if not (isinstance(lo_hi, list) and len(lo_hi) == 2):
                 raise SettingsError(f"range must be [min, max], got {value}", file=file, key=dotted)
             doc["range"] = tuple(lo_hi)
         elif name == "choices":
-            doc["choices"] = tuple(yaml.safe_load(value))
+            doc["choices"] = tuple(load(value))
         elif name == "type":
             types = tuple(t.strip() for t in value.split("|"))
             unknown = [t for t in types if t not in TYPE_NAMES]
@@ -183,8 +200,7 @@ def _specs_from_node(node, lines, file, prefix=()) -> dict:
         else:
             comment = _comment_after(lines, key_node.end_mark.line, key_node.end_mark.column)
         doc = _parse_doc(comment, file, ".".join(path)) if comment else {}
-        default = yaml.safe_load(yaml.serialize(value_node)) if not isinstance(value_node, yaml.ScalarNode) \
-            else yaml.safe_load(yaml.serialize(value_node))
+        default = yaml.load(yaml.serialize(value_node), Loader=Loader)
         spec = KeySpec(path=path, default=default, explicit_types="types" in doc, **doc)
         if "types" not in doc:
             spec.types = _infer_types(default)
@@ -196,7 +212,7 @@ def _specs_from_node(node, lines, file, prefix=()) -> dict:
 
 def _specs_from_text(text: str, file) -> dict:
     parse_yaml(text, file)            # syntax errors with their line
-    node = yaml.compose(text)
+    node = yaml.compose(text, Loader=Loader)
     return _specs_from_node(node, text.splitlines(), file) if node is not None else {}
 
 
@@ -239,7 +255,7 @@ def load_yaml(path: Path) -> dict:
 
 def parse_yaml(text: str, file) -> dict:
     try:
-        tree = yaml.safe_load(text)
+        tree = load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         problem = getattr(err, "problem", None) or str(err)
@@ -326,7 +342,7 @@ def parse_override(text: str) -> tuple[tuple, Any]:
     if not sep or not key.strip():
         raise SettingsError(f"override '{text}' is not of the form key.sub=value", file="-o")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return tuple(k.strip() for k in key.strip().split(".")), value

@@ -177,8 +177,8 @@ def test_near_field_image_is_the_fresnel_propagated_exit_wave():
 
 def test_batching_does_not_change_loss_or_gradients():
     """Batches of 16, 5 and 1 patterns on a raster with shared shifts (probe gradients summed
-    per shift across batches, object gradients scattered per batch) give the same loss and
-    gradients to 1e-10 relative (complex128)."""
+    per shift across batches, object gradients scattered per batch), shared out over 1, 2 or
+    3 threads, give the same loss and gradients to 1e-10 relative (complex128)."""
     model, params, counts, mask, rng = _problem(2, 2, seed=9)
     grid = np.stack(np.meshgrid(np.arange(4), np.arange(4), indexing="ij"), -1).reshape(-1, 2)
     params["positions"] = 2.0 + grid * np.array([4.5, 4.25])
@@ -186,7 +186,8 @@ def test_batching_does_not_change_loss_or_gradients():
     counts = rng.poisson(4.0, (16,) + counts.shape[1:]).astype(np.float64)
     refine = {"object", "probe", "defocus"}
     reference = model.loss_and_gradients(params, counts, "lsq_sqrt", refine, 16, mask)
-    for batch in (5, 1):
+    for batch, lanes in ((5, 1), (5, 2), (1, 3), (1, 1)):
+        model.lanes = lambda: lanes
         value, gradients = model.loss_and_gradients(params, counts, "lsq_sqrt", refine, batch, mask)
         assert value == pytest.approx(reference[0], rel=1e-10)
         for name in refine:
