@@ -199,7 +199,8 @@ def test_near_field_reconstruction_is_limited_by_the_counts_only():
         ours = np.angle(params["object"][0])[inside, inside]
         ours = ours - ours.mean()
         errors[dose] = float(np.sqrt(np.mean((ours - truth) ** 2)))
-        correlations[dose] = float(np.sum(ours * truth) / np.sqrt(np.sum(ours ** 2) * np.sum(truth ** 2)))
+        correlations[dose] = float(np.sum(ours * truth)
+                                   / np.sqrt(np.sum(ours ** 2) * np.sum(truth ** 2)))
     assert correlations[1e7] >= 0.995
     assert 6.0 <= errors[1e5] / errors[1e7] <= 16.0, errors
 

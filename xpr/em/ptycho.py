@@ -62,9 +62,9 @@ CPU_WORK_ARRAY_BYTES = 1.5e6      # one (B, M, n, n) complex64 work array of a C
 def batch_size_for(memory_GB: float, n: int, modes: int, slices: int, on_gpu: bool = False) -> int:
     """Patterns per batch so that the batch's complex64 work arrays fit in memory_GB; on a CPU
     also small enough for them to stay in the processor cache (≈ 1.5 MB per work array, at
-    least 8 patterns): the element-wise steps between FFTs then cost little (measured with
-    benchmarks/bench_em_ptycho.py: a 4-slice epoch at 1024 patterns per batch took about twice
-    as long as at 32)."""
+    least 8 patterns; each of the model's threads holds one batch): the element-wise steps
+    between FFTs then cost little (benchmarks/bench_em_ptycho.py: one 4-slice evaluation took
+    11–13 FFT pairs of CPU time with all 1024 patterns in one batch, ≈ 8.5 with 45)."""
     arrays_per_pattern = modes * (2 * slices + 4) + 6
     memory_bound = max(1, int(memory_GB * 1e9 // (arrays_per_pattern * n * n * 8)))
     if on_gpu:

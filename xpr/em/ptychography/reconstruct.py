@@ -1,9 +1,9 @@
 """The reconstruction loop: staged refinement of object, probe, positions and defocus by L-BFGS.
 
 One epoch is one L-BFGS iteration: a full-data gradient (patterns processed in batches:
-cache-sized on a CPU, memory-sized on a GPU) plus whatever extra evaluations the Wolfe line search needs. The variables are
-preconditioned by the diagonal of a Gauss–Newton curvature estimate, so that one L-BFGS
-history serves every kind of unknown:
+cache-sized on a CPU, memory-sized on a GPU) plus whatever extra evaluations the Wolfe line
+search needs. The variables are preconditioned by the diagonal of a Gauss–Newton curvature
+estimate, so that one L-BFGS history serves every kind of unknown:
 
     object    D_O(r) = 1 / (Σ_j |ψ_j(r − r_j)|² + floor · max)    (the illumination, as in rPIE)
     probe     D_p    = 1 / Σ_j ⟨|O_j|²⟩                              (number of patterns)
