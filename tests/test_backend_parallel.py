@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from xpr import parallel
-from xpr.backend import Backend
+from xpr.backend import Backend, gpu_available
 from xpr.errors import SettingsError
 from xpr.settings import Frozen
 
@@ -31,11 +31,8 @@ def test_double_precision_on_request():
     assert backend.complex_dtype == np.complex128
 
 
+@pytest.mark.skipif(gpu_available(), reason="the error path exists only without a GPU")
 def test_gpu_true_without_device_is_a_clear_error():
-    from xpr.backend import gpu_available
-
-    if gpu_available():
-        pytest.skip("a GPU is present")  # the error path only exists without one
     with pytest.raises(SettingsError, match="GPU.use is true"):
         Backend.from_settings(Frozen({"GPU": {"use": True}}))
 
