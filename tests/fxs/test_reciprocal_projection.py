@@ -1,0 +1,103 @@
+"""The reciprocal projection of FXS phasing and the transforms it runs on."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from xpr.backend import Backend
+from xpr.fxs.alignment import WignerD, harmonic_coefficients, from_coefficients, rotate_coefficients_3d
+from xpr.fxs.fxs_phasing import FourierTransformPair, build_grid
+from xpr.fxs.reciprocal_projection import (InvariantConstraint, InvariantProjection, invariants_from_coefficients,
+                                           procrustes_unitary)
+
+
+def blobs(grid, centres, widths, heights):
+    x = grid.cartesian_points("real")
+    rho = np.zeros(x.shape[:-1])
+    for c, w, h in zip(centres, widths, heights):
+        rho += h * np.exp(-np.sum((x - np.asarray(c, float)) ** 2, -1) / (2 * w ** 2))
+    return rho
+
+
+@pytest.fixture(scope="module")
+def backend():
+    return Backend(False, "double")
+
+
+@pytest.mark.parametrize("dimensions,tolerance_forward,tolerance_round_trip", [(3, 1e-10, 1e-10), (2, 3e-3, 5e-3)])
+def test_gaussian_transform_matches_analytic(backend, dimensions, tolerance_forward, tolerance_round_trip):
+    """F(q) = Int rho e^{-iq.x}: an off-centre Gaussian has F = (2 pi)^{d/2} s^d e^{-q^2 s^2/2} e^{-iq.c}."""
+    grid = build_grid(dimensions, 48, 0.25, 24)
+    transform = FourierTransformPair(grid, backend)
+    centre, s = np.array([60.0, 20.0, -30.0][:dimensions]), 40.0
+    rho = blobs(grid, [centre], [s], [1.0])[..., None, :]
+    amplitude = transform.forward(rho)[..., 0, :]
+    q = grid.cartesian_points("reciprocal")
+    exact = (2 * np.pi) ** (dimensions / 2) * s ** dimensions * np.exp(-np.sum(q ** 2, -1) * s ** 2 / 2) \
+        * np.exp(-1j * q @ centre)
+    assert np.linalg.norm(amplitude - exact) / np.linalg.norm(exact) < tolerance_forward
+    back = transform.inverse(transform.forward(rho)).real
+    assert np.linalg.norm(back - rho) / np.linalg.norm(rho) < tolerance_round_trip
+
+
+def test_procrustes_recovers_the_unitary_factor():
+    """I = V U0 exactly: the SVD solution of min ||V U - I|| is U0 itself."""
+    rng = np.random.default_rng(3)
+    n_q, rank, k = 20, 5, 7
+    V = rng.standard_normal((n_q, rank)) + 1j * rng.standard_normal((n_q, rank))
+    Q, _ = np.linalg.qr(rng.standard_normal((k, k)) + 1j * rng.standard_normal((k, k)))
+    U0 = Q[:rank]                                               # orthonormal rows
+    U = procrustes_unitary(V, (V @ U0)[None])[0]
+    assert np.abs(U - U0).max() < 1e-10
+    assert np.abs(U @ U.conj().T - np.eye(rank)).max() < 1e-12
+
+
+def _constraint_from_density(density, transform, dimensions):
+    """Exact invariant data of a density: V_l from the eigen-decomposition of its B_l."""
+    intensity = np.abs(transform.forward(density)) ** 2
+    coefficients = transform.real_harmonic_coefficients(intensity)[..., 0, :]
+    invariants = invariants_from_coefficients(coefficients, dimensions, transform.ms)
+    vectors, masks = {}, {}
+    n_q = transform.grid.n_radial
+    for l, B in enumerate(invariants):
+        values, vecs = np.linalg.eigh(B)
+        rank = 1 if dimensions == 2 else min(2 * l + 1, n_q)
+        keep = np.argsort(values)[::-1][:rank]
+        V = vecs[:, keep] * np.sqrt(np.clip(values[keep], 0, None))
+        vectors[l] = V[:, 0] if dimensions == 2 else V
+        masks[l] = np.ones(n_q, bool)
+    i0 = coefficients[0, 0] if dimensions == 3 else coefficients[0]
+    return InvariantConstraint(vectors, masks, zeroth_order=i0.real, max_order=transform.grid.max_order), invariants
+
+
+@pytest.mark.parametrize("dimensions", [3, 2])
+def test_projection_keeps_every_rotation_of_the_solution(backend, dimensions):
+    """The constraint holds only invariants: the model and any rotation of it are fixed points
+    (modulus error ~ 0), while a different density is changed and afterwards reproduces B_l."""
+    grid = build_grid(dimensions, 32, 0.3, 12)
+    transform = FourierTransformPair(grid, backend)
+    model = blobs(grid, [(0, 0, 0)[:dimensions], (60, 10, 0)[:dimensions], (-20, 50, 30)[:dimensions]],
+                  [25, 15, 15], [1.0, 2.0, 1.5])
+    model = from_coefficients(harmonic_coefficients(model, transform), transform)   # band-limited to L
+    constraint, invariants = _constraint_from_density(model[..., None, :], transform, dimensions)
+    projection = InvariantProjection(transform, constraint)
+    coefficients = harmonic_coefficients(model, transform)
+    if dimensions == 3:
+        turned = from_coefficients(rotate_coefficients_3d(coefficients, transform.ms, WignerD(12), (0.4, 1.0, -0.7)),
+                                   transform)
+    else:
+        turned = from_coefficients(coefficients * np.exp(-1j * transform.ms * 0.9)[:, None], transform)
+    for density in (model, turned):
+        projected, e_mod = projection(density[..., None, :])
+        assert e_mod[0] < 1e-5          # numerically 0 (sqrt of I near its zeros amplifies round-off)
+        assert np.linalg.norm(projected[..., 0, :] - density) / np.linalg.norm(density) < 1e-3
+
+    other = blobs(grid, [(30, 0, 0)[:dimensions]], [30], [1.0])[..., None, :]
+    _, e_mod = projection(other)
+    assert e_mod[0] > 0.05
+    intensity = np.abs(transform.forward(other)) ** 2
+    projected_intensity = projection.project_intensity(intensity)
+    c = transform.real_harmonic_coefficients(projected_intensity)[..., 0, :]
+    b = invariants_from_coefficients(c, dimensions, transform.ms)
+    for l in range(2, 9, 2):
+        assert np.linalg.norm(b[l] - invariants[l]) / np.linalg.norm(invariants[l]) < 1e-8

@@ -1,0 +1,443 @@
+"""fxs reconstruct: rotational invariants -> single-particle densities by iterative phasing.
+
+1. Read the invariants file (proj_data.h5 of xpr's or xFrame's extract): the projection matrices
+   V_l (3-D, B_l = V_l V_l^dagger) or vectors v_n (2-D), their q ranges and the average intensity.
+2. Build the polar (2-D) or spherical (3-D) grid pair (midpoint radial grids, Q R = pi N) and the
+   harmonic + Hankel transforms between densities and amplitudes (``fxs_phasing``); put the data
+   on its reciprocal grid (cubic interpolation in q when the grids differ).
+3. The reciprocal projection (``reciprocal_projection``): intensity harmonics of the current
+   amplitude, the orthogonal Procrustes fit I_l = V_l U_l per order (2-D: one phase per order),
+   rebuilt intensity, modulus scaled to it. The real-space projection (support, positivity) and
+   the ER/HIO/DM/RAAR update rules and schedules come from the shared engine ``xpr.phasing``;
+   shrink-wrap blurs the density with a Gaussian (a product in reciprocal space).
+4. n_reconstructions independent starts (bump x random values), phased in batches along one
+   array axis and spread over processes, each with its own seed and progress line.
+5. Write data.h5 in xFrame's layout (reconstruction_results sorted by final error, configuration
+   with the grids, projection matrices, stats), error_metrics.png, first_Bl.png, N_out_Bl.png,
+   vtk/real_N.vts and reciprocal_N.vts of the best two and the worst (3-D), pics/ (2-D).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+from scipy.interpolate import CubicSpline
+
+from xpr import parallel
+from xpr.backend import Backend
+from xpr.errors import InputError
+from xpr.fxs.fxs_phasing import (FourierTransformPair, RealSpaceOptions, blas_threads, build_grid,
+                                 density_guess, phase, radial_field)
+from xpr.fxs.reciprocal_projection import (InvariantConstraint, InvariantProjection,
+                                           invariants_from_coefficients)
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. the invariants file
+# ----------------------------------------------------------------------------------------------
+
+def input_path(settings, archive) -> Path:
+    given = settings.input.invariants_file
+    if given:
+        return Path(str(given)).expanduser()
+    return archive.home.latest("fxs", "invariants", f"{settings.dimensions}d_{settings.structure_name}.h5")
+
+
+def _ordered_group(group) -> list:
+    keys = sorted(group.keys(), key=int)
+    return [group[k][()] for k in keys]
+
+
+def read_invariants(path, dimensions: int) -> dict:
+    """The fields of proj_data.h5 that phasing needs, checked."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"invariants file {path} does not exist (run `xpr fxs extract` first or set "
+                         "input.invariants_file)", file=path, key="input.invariants_file")
+    try:
+        with h5py.File(path, "r") as h5:
+            needed = ("dimensions", "data_radial_points", "data_projection_matrices", "average_intensity")
+            missing = [name for name in needed if name not in h5]
+            if missing:
+                raise InputError(f"{path.name} is not an invariants file (proj_data.h5): missing "
+                                 f"{', '.join(missing)}", file=path, key="input.invariants_file")
+            file_dimensions = int(h5["dimensions"][()])
+            if file_dimensions != dimensions:
+                raise InputError(f"the invariants file holds {file_dimensions}-D data but dimensions is "
+                                 f"{dimensions}", file=path, key="dimensions")
+            projection = h5["data_projection_matrices"]
+            projection = projection["I1I1"] if "I1I1" in projection else projection
+            matrices = _ordered_group(projection)
+            limits_group = h5.get("data_projection_matrices_q_id_limits")
+            limits = None
+            if limits_group is not None:
+                limits = limits_group["I1I1"][()] if isinstance(limits_group, h5py.Group) else limits_group[()]
+            data = {
+                "path": path,
+                "dimensions": file_dimensions,
+                "q": np.asarray(h5["data_radial_points"][()], float),
+                "projection_matrices": matrices,
+                "q_id_limits": limits,
+                "average_intensity": np.asarray(h5["average_intensity"][()], float),
+                "max_order": int(h5["max_order"][()]) if "max_order" in h5 else len(matrices) - 1,
+                "xray_wavelength": float(h5["xray_wavelength"][()]) if "xray_wavelength" in h5 else 0.0,
+                "invariants": h5["deg_2_invariant/I1I1"][()] if "deg_2_invariant/I1I1" in h5 else None,
+            }
+    except OSError as error:
+        raise InputError(f"cannot read {path} as HDF5: {error}", file=path,
+                         key="input.invariants_file") from error
+    return data
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. grid and the data on it
+# ----------------------------------------------------------------------------------------------
+
+def grid_from_settings(settings, data, path):
+    g = settings.grid
+    if g.max_order > data["max_order"]:
+        raise InputError(f"grid.max_order {g.max_order} is above the data's max_order "
+                         f"{data['max_order']}", file=path, key="grid.max_order")
+    q = data["q"]
+    n_radial = g.n_radial_grid_points or len(q)
+    data_dq = (q[-1] - q[0]) / max(len(q) - 1, 1)
+    max_q = g.max_q or float(q[-1] + data_dq / 2)
+    return build_grid(settings.dimensions, n_radial, max_q, g.max_order, g.n_theta, g.n_phi,
+                      g.reciprocity_coefficient)
+
+
+def _to_grid(values, q_data, q_grid):
+    """Columns of values (N_data, ...) on the grid's q (cubic), zero outside the data range."""
+    if len(q_data) == len(q_grid) and np.allclose(q_data, q_grid, rtol=1e-6):
+        return np.asarray(values)
+    spline_re = CubicSpline(q_data, np.real(values), axis=0)
+    out = spline_re(q_grid).astype(complex)
+    if np.iscomplexobj(values):
+        out += 1j * CubicSpline(q_data, np.imag(values), axis=0)(q_grid)
+    inside = (q_grid >= q_data[0]) & (q_grid <= q_data[-1])
+    out[~inside] = 0
+    return out
+
+
+def constraint_from_data(data, grid, settings) -> InvariantConstraint:
+    """The invariant constraint on the reconstruction's reciprocal grid."""
+    rec = settings.projections.reciprocal
+    q_data, q = data["q"], grid.reciprocal_radii
+    dq = (q_data[-1] - q_data[0]) / max(len(q_data) - 1, 1)
+    in_data = (q >= q_data[0] - dq / 2) & (q <= q_data[-1] + dq / 2)
+    n_particles = float(rec.number_of_particles.initial)
+    orders = rec.used_order_ids
+    orders = list(range(grid.max_order + 1)) if orders is None else [int(l) for l in orders]
+    bad = [l for l in orders if l < 0 or l > grid.max_order]
+    if bad:
+        raise InputError(f"used_order_ids {bad} are outside 0..{grid.max_order} (grid.max_order)",
+                         file=data["path"], key="projections.reciprocal.used_order_ids")
+    vectors, masks = {}, {}
+    limits = data["q_id_limits"]
+    for l in orders:
+        V = np.asarray(data["projection_matrices"][l])
+        V = V.reshape(len(q_data), -1) if grid.dimensions == 3 else V.reshape(len(q_data))
+        if rec.q_mask.type == "from_projection_matrices" and limits is not None:
+            low, high = int(limits[l][0]), int(limits[l][1])
+            high = min(high, len(q_data)) if high > low else len(q_data)
+            lo_q, hi_q = q_data[low] - dq / 2, q_data[high - 1] + dq / 2
+            mask = in_data & (q >= lo_q) & (q <= hi_q)
+        else:
+            mask = in_data.copy()
+        scale = 1.0 if l == 0 else 1 / np.sqrt(n_particles)
+        vectors[l] = _to_grid(V, q_data, q) * scale
+        masks[l] = mask
+    zeroth = None
+    if rec.use_averaged_intensity and 0 in orders:
+        average = np.real(_to_grid(data["average_intensity"], q_data, q)) / n_particles
+        zeroth = average * (np.sqrt(4 * np.pi) if grid.dimensions == 3 else 1.0)
+    return InvariantConstraint(vectors, masks, zeroth, bool(rec.odd_orders_to_0), in_data, grid.max_order)
+
+
+def target_density_norm(constraint: InvariantConstraint, grid) -> float:
+    """Int rho^2 implied by the data through Parseval: Int I dq / (2 pi)^d."""
+    q, dq, d = grid.reciprocal_radii, grid.dq, grid.dimensions
+    if constraint.zeroth_order is not None:
+        i0 = constraint.zeroth_order
+    else:
+        i0 = np.abs(constraint.projection_vectors[0]).reshape(len(q))
+    angular = np.sqrt(4 * np.pi) if d == 3 else 2 * np.pi
+    total = np.sum(i0 * q ** (d - 1) * dq) * angular
+    return float(max(total, 1e-300) / (2 * np.pi) ** d)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3-4. phasing a batch (module level: runs in worker processes)
+# ----------------------------------------------------------------------------------------------
+
+def real_space_options(settings) -> RealSpaceOptions:
+    real = settings.projections.real
+    low, high = list(real.value_threshold.threshold) + [None] * (2 - len(real.value_threshold.threshold))
+    if high is not None or (low not in (None, 0, 0.0)):
+        raise InputError("value_threshold supports [0.0, null] (positivity) or [null, null] (none)",
+                         key="projections.real.value_threshold.threshold")
+    apply = list(real.apply)
+    unknown = [a for a in apply if a not in ("support", "value_threshold", "limit_imag")]
+    if unknown:
+        raise InputError(f"unknown real-space projections {unknown} (known: support, value_threshold, limit_imag)",
+                         key="projections.real.apply")
+    enforce = real.support.enforce_initial_support
+    return RealSpaceOptions(
+        positivity=("value_threshold" in apply) and low is not None,
+        sw_sigmas=tuple(float(s) for s in real.shrink_wrap.sigmas),
+        sw_thresholds=tuple(float(t) for t in real.shrink_wrap.thresholds),
+        hio_betas=tuple(float(b) for b in real.HIO.beta) if real.HIO.beta else None,
+        enforce_initial_support=bool(enforce.apply),
+        enforce_if_error_bigger_than=float(enforce.if_error_bigger_than))
+
+
+def _schedule(settings):
+    """Compiled steps of main_loop and, for the progress line, the block name of each step."""
+    from xpr.phasing.schedule import parse_blocks
+
+    main_loop = settings.main_loop.to_dict() if hasattr(settings.main_loop, "to_dict") else dict(settings.main_loop)
+    steps = parse_blocks(main_loop, key="main_loop")
+    sub = main_loop["sub_loops"]
+    names = []
+    for block in sub.get("order", [k for k in sub if k != "order"]):
+        single = parse_blocks({"sub_loops": {"order": [block], block: sub[block]}}, key="main_loop")
+        names += [block] * len(single)
+    return steps, names
+
+
+def to_xframe_layout(field, dimensions):
+    """(phi, theta, N) -> (N, theta, phi); (phi, N) -> (N, phi)."""
+    return np.moveaxis(field, -1, 0) if dimensions == 2 else np.transpose(field, (2, 1, 0))
+
+
+def phase_batch(task: dict) -> list:
+    """Phase one batch of reconstructions; returns one result dict per reconstruction."""
+    with blas_threads(1):
+        return _phase_batch(task)
+
+
+def _phase_batch(task: dict) -> list:
+    settings = task["settings"]
+    backend = Backend(task["use_gpu"], settings["GPU"]["precision"])
+    grid = task["grid"]
+    transform = FourierTransformPair(grid, backend)
+    projection = InvariantProjection(transform, task["constraint"])
+    xp = backend.xp
+    n = len(task["seeds"])
+    guess = settings["density_guess"]
+    radius = guess["radius"] or settings["particle_radius"]
+    densities = []
+    for seed in task["seeds"]:
+        rng = np.random.default_rng(seed)
+        densities.append(backend.asnumpy(density_guess(grid, 1, radius, guess["type"], guess["bump"]["slope"],
+                                                       guess["amplitude_function"], guess["random"]["SNR"],
+                                                       rng, task["target_norm"], np)))
+    initial = xp.asarray(np.concatenate(densities, axis=-2), dtype=backend.real_dtype)
+    support_radius = settings["projections"]["real"]["support"]["initial_support"]["max_radius"] \
+        or settings["particle_radius"]
+    apply_support = "support" in settings["projections"]["real"]["apply"]
+    support = radial_field(grid, grid.real_radii <= (support_radius if apply_support else np.inf), n, xp).astype(bool)
+
+    from tqdm import tqdm
+
+    total = sum(s.iterations for s in task["steps"] if s.method != "SW")
+    with tqdm(total=total, desc=f"reconstructions {task['first']}-{task['first'] + n - 1}",
+              position=task["position"], disable=task["quiet"], leave=False, dynamic_ncols=True) as bar:
+        start = time.perf_counter()
+        result = phase(transform, projection, task["steps"], initial, support, task["options"],
+                       progress=bar, loop_names=task["loop_names"])
+        seconds = time.perf_counter() - start
+
+    best = xp.asarray(result["real_density"])
+    last = xp.asarray(result["last_real_density"])
+    best_amplitude = backend.asnumpy(transform.forward(best))
+    last_amplitude = backend.asnumpy(transform.forward(last))
+    intensity_coefficients = backend.asnumpy(transform.real_harmonic_coefficients(
+        xp.asarray(np.abs(best_amplitude) ** 2)))
+    initial = backend.asnumpy(initial)
+    d = grid.dimensions
+    out = []
+    for b in range(n):
+        pick = (lambda a: a[..., b, :])
+        coefficients = intensity_coefficients[..., b, :]
+        out.append({
+            "final_error": float(result["best_error"][b]),
+            "error_dict": {"main": result["errors_main"][b],
+                           "real": {"l2_projection_diff": result["errors_main"][b]},
+                           "reciprocal": {"modulus_error": result["errors_modulus"][b]}},
+            "real_density": to_xframe_layout(pick(result["real_density"]), d),
+            "reciprocal_density": to_xframe_layout(pick(best_amplitude), d),
+            "support_mask": to_xframe_layout(pick(result["support_mask"]), d),
+            "initial_density": to_xframe_layout(pick(initial), d),
+            "last_real_density": to_xframe_layout(pick(result["last_real_density"]), d),
+            "last_reciprocal_density": to_xframe_layout(pick(last_amplitude), d),
+            "last_support_mask": to_xframe_layout(pick(result["last_support_mask"]), d),
+            "n_particles": float(settings["projections"]["reciprocal"]["number_of_particles"]["initial"]),
+            "loop_iterations": int(total),
+            "invariants": invariants_from_coefficients(coefficients, d, transform.ms),
+            "seconds_per_iteration": seconds / max(total, 1),
+        })
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# quality: the invariants of the results against the data
+# ----------------------------------------------------------------------------------------------
+
+def invariant_mismatch(invariants, constraint: InvariantConstraint, dimensions: int) -> np.ndarray:
+    """Per order: ||B_l(result) - V_l V_l^dagger|| / ||V_l V_l^dagger|| on the constrained q range.
+
+    Order 0 compares with the average intensity when that was the constraint.
+    """
+    out = np.full(len(invariants), np.nan)
+    for l, B in enumerate(invariants):
+        mask = constraint.q_masks.get(l)
+        if mask is None or not np.any(mask):
+            continue
+        if l == 0 and constraint.zeroth_order is not None:
+            reference = np.outer(constraint.zeroth_order, constraint.zeroth_order)
+        elif l in constraint.projection_vectors:
+            V = np.asarray(constraint.projection_vectors[l])
+            V = V[:, None] if V.ndim == 1 else V
+            reference = V @ V.conj().T
+        else:
+            continue
+        m2 = np.outer(mask, mask)
+        norm = np.linalg.norm(reference[m2])
+        if norm > 0:
+            out[l] = np.linalg.norm((B - reference)[m2]) / norm
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. output
+# ----------------------------------------------------------------------------------------------
+
+def _figures(archive, results, constraint, grid, data, settings):
+    from xpr import plot
+
+    fig, ax = plot.figure(size=(6.0, 4.0))
+    for i, r in enumerate(results):
+        ax.semilogy(r["error_dict"]["main"], lw=0.8, label=f"{i}: {r['final_error']:.2e}")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("real-space error (l2 projection diff)")
+    ax.legend(fontsize=6, ncol=2)
+    archive.savefig(fig, "error_metrics.png")
+
+    n_orders = settings.output.n_plotted_orders
+    step = 2 if settings.projections.reciprocal.odd_orders_to_0 else 1
+    orders = [l for l in range(0, grid.max_order + 1, step)][:n_orders]
+    q = grid.reciprocal_radii
+    for name, source, title in (("first_Bl.png", None, "data V_l V_l†"),
+                                ("N_out_Bl.png", results[0]["invariants"], "best reconstruction B_l")):
+        fig, axes = plot.figure(1, len(orders), size=(3.2, 3.0))
+        axes = np.atleast_1d(axes)
+        for ax, l in zip(axes, orders):
+            if source is None:
+                if l == 0 and constraint.zeroth_order is not None:
+                    B = np.outer(constraint.zeroth_order, constraint.zeroth_order)
+                else:
+                    V = np.asarray(constraint.projection_vectors.get(l, np.zeros(len(q))))
+                    V = V[:, None] if V.ndim == 1 else V
+                    B = V @ V.conj().T
+            else:
+                B = source[l]
+            plot.image(ax, np.abs(B), title=f"|B_{l}|", extent=(q[0], q[-1], q[0], q[-1]))
+        fig.suptitle(title)
+        archive.savefig(fig, name)
+
+
+def _pictures_2d(archive, results, grid):
+    from xpr import plot
+    from xpr.fxs.alignment import resample
+
+    extent = grid.real_radii[-1] / 2
+    xs = np.linspace(-extent, extent, 201)
+    points = np.stack(np.meshgrid(xs, xs, indexing="xy"), axis=-1)
+    for i, r in enumerate(results):
+        density = np.moveaxis(r["real_density"], 0, -1)               # (phi, N)
+        fig, ax = plot.figure(size=(4.5, 4.0))
+        plot.image(ax, resample(density, grid, points), title=f"reconstruction {i}, error {r['final_error']:.2e}",
+                   extent=(-extent, extent, -extent, extent))
+        archive.savefig(fig, f"pics/reconstruction_{i}.png")
+
+
+def _vtk(archive, results, grid):
+    picks = sorted(set([0, 1, len(results) - 1]) & set(range(len(results))))
+    for i in picks:
+        r = results[i]
+        archive.save_vts(f"vtk/real_{i}.vts", {"density": r["real_density"]}, grid="spherical",
+                         axes=[grid.real_radii, grid.thetas, grid.phis])
+        archive.save_vts(f"vtk/reciprocal_{i}.vts", {"amplitude": r["reciprocal_density"]}, grid="spherical",
+                         axes=[grid.reciprocal_radii, grid.thetas, grid.phis])
+
+
+def run(settings, archive):
+    """Invariants -> n_reconstructions densities, sorted by final error, in data.h5."""
+    start = time.time()
+    path = input_path(settings, archive)
+    data = read_invariants(path, settings.dimensions)
+    archive.log.info("invariants from %s (%d-D, max_order %d, %d radial points)", path,
+                     data["dimensions"], data["max_order"], len(data["q"]))
+    grid = grid_from_settings(settings, data, path)
+    constraint = constraint_from_data(data, grid, settings)
+    options = real_space_options(settings)
+    steps, loop_names = _schedule(settings)
+    from xpr.phasing.schedule import describe
+
+    archive.log.info("grid: %d radial x %s angular points, L = %d; schedule: %s", grid.n_radial,
+                     "x".join(map(str, grid.angular_shape)), grid.max_order, describe(steps))
+
+    backend = Backend.from_settings(settings)
+    n = settings.n_reconstructions
+    seeds = parallel.task_seeds(settings.random_seed, n)
+    batch = settings.multi_process.batch_size
+    plain = settings.to_dict()
+    tasks = [{"settings": plain, "use_gpu": backend.is_gpu, "grid": grid, "constraint": constraint,
+              "steps": steps, "loop_names": loop_names, "options": options,
+              "target_norm": target_density_norm(constraint, grid), "seeds": seeds[i:i + batch],
+              "first": i, "position": k, "quiet": archive.quiet}
+             for k, i in enumerate(range(0, n, batch))]
+    batches = parallel.map(phase_batch, tasks, settings.multi_process)
+    results = [r for batch_results in batches for r in batch_results]
+    order = np.argsort([r["final_error"] for r in results])
+    results = [results[i] for i in order]
+    mismatch = np.array([invariant_mismatch(r["invariants"], constraint, grid.dimensions) for r in results])
+    for i, r in enumerate(results):
+        r["invariant_mismatch"] = mismatch[i]
+    archive.log.info("final errors (sorted): %s", " ".join(f"{r['final_error']:.2e}" for r in results))
+    archive.log.info("median invariant mismatch of the best reconstruction, orders > 0: %.2e",
+                     float(np.nanmedian(mismatch[0][1:])) if mismatch.shape[1] > 1 else float("nan"))
+
+    per_iteration = float(np.mean([r.pop("seconds_per_iteration") for r in results]))
+    projection_matrices = {str(l): np.asarray(v) for l, v in constraint.projection_vectors.items()}
+    tree = {
+        "configuration": {
+            "internal_grid": {"real_radii": grid.real_radii, "reciprocal_radii": grid.reciprocal_radii,
+                              "phis": grid.phis,
+                              **({"thetas": grid.thetas, "theta_weights": grid.theta_weights}
+                                 if grid.dimensions == 3 else {})},
+            "dimensions": grid.dimensions,
+            "max_order": grid.max_order,
+            "xray_wavelength": data["xray_wavelength"],
+            "reciprocity_coefficient": float(settings.grid.reciprocity_coefficient),
+            "particle_radius": float(settings.particle_radius),
+            "invariants_file": str(path),
+        },
+        "reconstruction_results": {str(i): r for i, r in enumerate(results)},
+        "projection_matrices": projection_matrices,
+        "stats": {"run_time": time.time() - start, "seconds_per_iteration_per_batch": per_iteration},
+    }
+    archive.set_link_name(f"{settings.dimensions}d_{settings.structure_name}.h5")
+    archive.save_h5("data.h5", tree, main=True)
+    if settings.output.plots:
+        _figures(archive, results, constraint, grid, data, settings)
+        if grid.dimensions == 2:
+            _pictures_2d(archive, results, grid)
+    if settings.output.vtk and grid.dimensions == 3:
+        _vtk(archive, results, grid)
+    archive.log.info("run time %.1f s (%.3f s per iteration per batch of %d)", time.time() - start,
+                     per_iteration, min(batch, n))
+    return {"results": results, "grid": grid, "constraint": constraint}
