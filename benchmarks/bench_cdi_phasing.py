@@ -17,7 +17,8 @@ import numpy as np
 import scipy.fft
 
 from xpr.cdi.objects import far_field_intensity, model_object
-from xpr.phasing import _backend, engine, schedule
+from xpr.backend import cpu
+from xpr.phasing import engine, schedule
 from xpr.phasing.projections import ModulusProjection, SupportProjection, centred_radius
 from xpr.phasing.shrinkwrap import ShrinkWrap
 
@@ -67,7 +68,7 @@ def main():
     parser.add_argument("--batch-sizes", nargs="+", default=["64x64", "256x256"])
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    backend = _backend.ensure(None)
+    backend = cpu()
 
     # On a shared machine the load changes from second to second: the FFT pair and the three
     # algorithms are timed in interleaved rounds and the best time of each is kept.

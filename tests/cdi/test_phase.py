@@ -3,7 +3,8 @@ import h5py
 import numpy as np
 import pytest
 
-from xpr.phasing import _backend, merge
+from xpr.backend import cpu
+from xpr.phasing import merge
 
 
 def _error(home, structure, command):
@@ -16,7 +17,7 @@ def _error(home, structure, command):
         intensity = f["data/intensity"][()]
     assert merged.shape == intensity.shape == truth.shape
     assert np.all((prtf >= 0) & (prtf <= 1 + 1e-6))
-    return merge.real_space_error(merged, truth, _backend.ensure(None))
+    return merge.real_space_error(merged, truth, cpu())
 
 
 def test_tutorial_chain_noisy_pattern_behind_beamstop(home, run_xpr):

@@ -4,7 +4,8 @@ import pytest
 import yaml
 
 from xpr.cdi.objects import far_field_intensity, model_object
-from xpr.phasing import _backend, engine, merge, schedule
+from xpr.backend import cpu
+from xpr.phasing import engine, merge, schedule
 from xpr.phasing.algorithms import ALGORITHMS
 from xpr.phasing.projections import ModulusProjection, SupportProjection, centred_radius
 from xpr.phasing.shrinkwrap import ShrinkWrap
@@ -13,7 +14,7 @@ from xpr.resources import defaults_dir
 
 @pytest.fixture(scope="module")
 def backend():
-    return _backend.ensure(None)
+    return cpu()
 
 
 def _pattern(shape, diameter, seed=3, max_phase=0.0):

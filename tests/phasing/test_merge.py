@@ -3,12 +3,13 @@ import numpy as np
 import pytest
 
 from xpr.cdi.objects import model_object
-from xpr.phasing import _backend, merge
+from xpr.backend import cpu
+from xpr.phasing import merge
 
 
 @pytest.fixture(scope="module")
 def backend():
-    return _backend.ensure(None)
+    return cpu()
 
 
 @pytest.fixture(scope="module")

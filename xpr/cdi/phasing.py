@@ -28,7 +28,7 @@ from xpr import parallel, plot
 from xpr.backend import Backend
 from xpr.errors import InputError
 from xpr.io import read_array
-from xpr.phasing import _backend, engine, merge, schedule
+from xpr.phasing import engine, merge, schedule
 from xpr.phasing.projections import ModulusProjection, SupportProjection, centred_radius
 from xpr.phasing.shrinkwrap import ShrinkWrap
 
@@ -142,7 +142,7 @@ def phase_chunk(task, shared=None, progress=None):
     optional bar advanced once per iteration (only in the calling process)."""
     task = dict(shared or {}, **task)
     options = task["options"]
-    backend = _backend.ensure(Backend(task["use_gpu"], task["precision"]))
+    backend = Backend(task["use_gpu"], task["precision"])
     xp = backend.xp
     shape = task["intensity_fft"].shape
     seeds = task["seeds"]
@@ -247,7 +247,7 @@ def merge_and_write(settings, archive, filename, repeats, data, attrs):
     precision = (settings.get("GPU") or {}).get("precision", "single")
     final = repeats["e_mod"][:, -1]
     archive.log.info("final eMod per repeat: %s", np.array2string(final, precision=4))
-    backend = _backend.ensure(Backend(False, precision))
+    backend = Backend(False, precision)
     selected = merge.select(final, keep_fraction=float(settings.merge.keep_fraction),
                             tolerance=settings.merge.error_tolerance)
     merged, aligned = merge.merge_repeats(repeats["object"], selected, backend,
