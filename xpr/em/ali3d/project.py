@@ -1,0 +1,109 @@
+"""Projections of a volume by central-slice extraction with Kaiser–Bessel gridding.
+
+Preparation (once per reference): divide the volume by the gridding apodisation C, pad it npad
+times, Fourier transform it and keep the cube of frequencies the slices can reach.  Projection
+(once per orientation A and shift o): for every frequency k = (kx, ky) of the image's half plane
+within the chosen radius, interpolate V̂ at Aᵀ(kx, ky, 0) (padded-grid units: npad · that) with the
+W³ kernel weights, multiply by exp(−2πi k·(o + c)/n) (shift by o, origin at the box centre c = n//2)
+and by the CTF if any, and inverse-transform.  Frequencies beyond the radius are set to zero, which
+is a sharp low-pass: the radius is chosen from the reference's resolution.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from xpr.em.ali3d.gridding import KaiserBessel, centred_frequencies, correction_3d, irfft2
+
+
+@dataclass
+class Projector:
+    box: int                 # n, the image and volume box in pixels
+    npad: int
+    kernel: KaiserBessel
+    radius: float            # highest frequency of the slices, in pixels of the n-box (< n/2)
+    cube: np.ndarray         # flattened (2h+1)³ centred Fourier cube of the padded, corrected volume
+    half: int                # h: index of frequency 0 in the cube
+    rows: np.ndarray         # row (ky) index of each slice point in the image's rfft array
+    cols: np.ndarray         # column (kx) index
+    kx: np.ndarray           # integer frequencies of the slice points
+    ky: np.ndarray
+    offsets: np.ndarray      # flat offsets of the W³ neighbours in the cube
+    frequencies: np.ndarray  # (2, m): kx, ky of the slice points, float64
+
+    def slice(self, matrix):
+        """V̂ on the central slice of orientation `matrix` (3×3): complex64 values at (kx, ky)."""
+        rows = np.asarray(matrix, dtype=np.float64)[:2] * float(self.npad)
+        coordinates = rows.T @ self.frequencies + self.half          # (3, m): x, y, z in cube cells
+        first, weights = self.kernel.neighbours(coordinates)        # (3, m), (3, m, W)
+        side = 2 * self.half + 1
+        base = (first[2] * side + first[1]) * side + first[0]
+        values = self.cube.take(base[:, None] + self.offsets[None, :])  # (m, W³) complex64, z-major
+        m, w = len(base), self.kernel.width
+        zy = (weights[2][:, :, None] * weights[1][:, None, :]).reshape(m, w * w)
+        kernel = (zy[:, :, None] * weights[0][:, None, :]).reshape(m, 1, w ** 3)
+        pairs = np.matmul(kernel, values.view(np.float32).reshape(m, w ** 3, 2))
+        return pairs.reshape(m, 2).view(np.complex64).ravel()
+
+    def shift_phase(self, shift_px):
+        """exp(−2πi k·(o + c)/n): translate by the origin offset o and put the origin at c = n//2."""
+        c = self.box // 2
+        return np.exp((-2j * np.pi / self.box) * (self.kx * (shift_px[0] + c) + self.ky * (shift_px[1] + c)))
+
+    def to_image(self, values, backend):
+        """Real n×n image from half-plane Fourier values at the slice points."""
+        spectrum = np.zeros((self.box, self.box // 2 + 1), dtype=np.complex64)
+        spectrum[self.rows, self.cols] = values
+        return irfft2(backend, spectrum, self.box).astype(np.float32)
+
+    def project(self, matrix, backend, shift_px=(0.0, 0.0), weight=None):
+        """Projection image in orientation `matrix`, translated by shift_px (x, y), times `weight` (CTF)."""
+        values = self.slice(matrix) * self.shift_phase(shift_px)
+        if weight is not None:
+            values = values * weight
+        return self.to_image(values, backend)
+
+
+def half_plane_points(box: int, radius: float):
+    """Rows, columns and integer frequencies (kx ≥ 0) of an n-box rfft array within `radius`."""
+    ky_all = centred_frequencies(box)
+    kx_all = np.arange(box // 2 + 1)
+    ky, kx = np.meshgrid(ky_all, kx_all, indexing="ij")
+    rows, cols = np.meshgrid(np.arange(box), kx_all, indexing="ij")
+    inside = (kx * kx + ky * ky) <= radius * radius
+    return rows[inside], cols[inside], kx[inside].astype(np.float64), ky[inside].astype(np.float64)
+
+
+def prepare_projector(volume, backend, npad: int = 2, kernel_width: int = 4, radius: float | None = None,
+                      frequencies=None):
+    """Projector of a cubic volume (n³): slices reach `radius` pixels in frequency (default n/2 − 1).
+
+    frequencies: optional (2, m) array of (kx, ky) in pixels of the n-box at which `slice` samples
+    instead of the image's own half plane (the reconstruction's padded sample points)."""
+    volume = np.asarray(volume, dtype=np.float32)
+    box = volume.shape[0]
+    padded_box = npad * box
+    kb = KaiserBessel(kernel_width, float(npad))
+    if frequencies is not None:
+        radius = float(np.sqrt((np.asarray(frequencies) ** 2).sum(axis=0)).max())
+    radius = float(box // 2 - 1 if radius is None else min(radius, box // 2 - 1)) if frequencies is None else radius
+    corrected = volume / correction_3d(kb, box, padded_box)
+    padded = np.zeros((padded_box,) * 3, dtype=np.float32)
+    start = padded_box // 2 - box // 2
+    padded[start:start + box, start:start + box, start:start + box] = corrected
+    spectrum = backend.asnumpy(backend.fftshift(backend.fftn(backend.ifftshift(backend.asarray(padded)))))
+    half = int(math.ceil(npad * radius)) + kernel_width // 2 + 2
+    index = (padded_box // 2 + np.arange(-half, half + 1)) % padded_box
+    cube = spectrum[np.ix_(index, index, index)].astype(np.complex64)
+    if frequencies is None:
+        rows, cols, kx, ky = half_plane_points(box, radius)
+    else:
+        kx, ky = (np.asarray(f, dtype=np.float64) for f in frequencies)
+        rows = cols = np.zeros(0, dtype=np.int64)
+    side = 2 * half + 1
+    t = np.arange(kernel_width)
+    offsets = ((t[:, None, None] * side + t[None, :, None]) * side + t[None, None, :]).ravel()
+    return Projector(box=box, npad=npad, kernel=kb, radius=radius, cube=cube.ravel(), half=half,
+                     rows=rows, cols=cols, kx=kx, ky=ky, offsets=offsets, frequencies=np.stack([kx, ky]))

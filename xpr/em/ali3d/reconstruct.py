@@ -1,0 +1,199 @@
+"""Direct Fourier inversion with Kaiser–Bessel gridding, padding and point-group symmetry.
+
+Every image I_i (orientation A_i, origin offset o_i, CTF weight t_i(k)) is padded npad times and
+Fourier transformed; its half-plane samples within the Nyquist radius are centred,
+Î_i(k) exp(+2πi k·o_i / n'), and spread onto the padded 3-D Fourier grid at Aᵀ(kx, ky, 0) — once for
+every rotation g of the point group, at (A g)ᵀ(kx, ky, 0) — with the kernel weights c:
+
+    D(j)  += c · t · Î,      T(j) += c · t²,      N(j) += c.
+
+The grid is made Hermitian (D(j) + conj D(−j), …), and the volume's transform is the kernel-weighted
+Wiener estimate V̂(j) = D(j) / (T(j) + N(j)/snr)  (snr = ∞ without CTF: a kernel-weighted average
+of the samples around j).  Because the samples are averaged with the kernel, the result is the
+volume times the apodisation C; the inverse transform is divided by it (gridding correction) and
+cropped to n³.  D, T and N are sums over images, so the reference can be updated chunk by chunk by
+taking a chunk's old insertions out and putting its refined ones in (`sign = −1`, then `+1`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from xpr.em.ali3d import ctf as ctf_model
+from xpr.em.ali3d.gridding import KaiserBessel, centred_frequencies, correction_3d, rfft2
+
+
+@dataclass
+class FourierGrid:
+    """The three accumulators D, T, N on a (2h+1)³ centred Fourier grid of the padded box."""
+    box: int
+    npad: int
+    kernel: KaiserBessel
+    half: int
+    data: np.ndarray        # complex128, flat
+    ctf_weight: np.ndarray  # float64, flat: Σ c t²
+    count: np.ndarray       # float64, flat: Σ c
+
+    @classmethod
+    def empty(cls, box: int, npad: int = 2, kernel_width: int = 4) -> "FourierGrid":
+        half = npad * box // 2 + kernel_width // 2 + 1
+        size = (2 * half + 1) ** 3
+        return cls(box, npad, KaiserBessel(kernel_width, float(npad)), half,
+                   np.zeros(size, np.complex128), np.zeros(size), np.zeros(size))
+
+    def add(self, other: "FourierGrid"):
+        self.data += other.data
+        self.ctf_weight += other.ctf_weight
+        self.count += other.count
+
+    def combined(self, other: "FourierGrid") -> "FourierGrid":
+        """The grid of the union of two image sets (e.g. the two half sets)."""
+        return FourierGrid(self.box, self.npad, self.kernel, self.half, self.data + other.data,
+                           self.ctf_weight + other.ctf_weight, self.count + other.count)
+
+
+@dataclass
+class InsertionBatch:
+    """Everything a worker needs to insert a batch of images (see `insert_batch`)."""
+    images: np.ndarray       # (b, n, n) float32, CTF-phase-flipped already if that is the mode
+    matrices: np.ndarray     # (b, 3, 3) orientations
+    shifts_px: np.ndarray    # (b, 2) origin offsets
+    group: np.ndarray        # (g, 3, 3) point group
+    npad: int = 2
+    kernel_width: int = 4
+    signs: np.ndarray | None = None  # per image: +1 insert (default), −1 take out
+    ctf: object = None       # ctf.CTFParameters of these images, or None
+    ctf_mode: str = "none"   # none | phase_flip | wiener
+    pixel_size_A: float = 1.0
+    estimate: object = None  # project.Projector of the current volume at the padded points: insert residuals
+    max_radius: float | None = None  # only frequencies up to this (pixels of the n-box) are inserted
+
+
+def padded_points(box: int, npad: int):
+    """Rows, columns and integer frequencies (padded units) of the padded rfft within Nyquist."""
+    padded = npad * box
+    radius = padded // 2 - 1
+    ky_all = centred_frequencies(padded)
+    kx_all = np.arange(padded // 2 + 1)
+    ky, kx = np.meshgrid(ky_all, kx_all, indexing="ij")
+    rows, cols = np.meshgrid(np.arange(padded), kx_all, indexing="ij")
+    inside = kx * kx + ky * ky <= radius * radius
+    return rows[inside], cols[inside], kx[inside].astype(np.float64), ky[inside].astype(np.float64)
+
+
+def padded_transforms(images, shifts_px, npad: int, backend):
+    """Centred half-plane transforms of the images padded npad times, at `padded_points`."""
+    b, box, _ = images.shape
+    padded_box = npad * box
+    padded = np.zeros((b, padded_box, padded_box), dtype=np.float32)
+    start = padded_box // 2 - box // 2
+    padded[:, start:start + box, start:start + box] = images
+    # origin of the transform at the box centre, then undo the origin offset: exp(+2πi k·o/n')
+    spectra = backend.asnumpy(rfft2(backend, backend.ifftshift(backend.asarray(padded), axes=(-2, -1))))
+    rows, cols, kx, ky = padded_points(box, npad)
+    phase = np.exp((2j * np.pi / padded_box) * (kx[None, :] * shifts_px[:, :1] + ky[None, :] * shifts_px[:, 1:]))
+    return spectra[:, rows, cols] * phase
+
+
+def insert_batch(batch: InsertionBatch, backend=None) -> FourierGrid:
+    """Kernel-weighted sums D, T, N of a batch of images (module-level: a parallel.map task)."""
+    if backend is None:
+        from xpr.backend import cpu
+        backend = cpu()
+    box = batch.images.shape[-1]
+    grid = FourierGrid.empty(box, batch.npad, batch.kernel_width)
+    kb, half = grid.kernel, grid.half
+    side = 2 * half + 1
+    values = padded_transforms(batch.images, batch.shifts_px, batch.npad, backend)
+    _, _, kx, ky = padded_points(box, batch.npad)
+    if batch.max_radius is not None:
+        keep = kx * kx + ky * ky <= (batch.npad * batch.max_radius) ** 2
+        values, kx, ky = values[:, keep], kx[keep], ky[keep]
+    t = np.arange(kb.width)
+    offsets = ((t[:, None, None] * side + t[None, :, None]) * side + t[None, None, :]).ravel()
+    signs = np.ones(len(batch.images)) if batch.signs is None else batch.signs
+    with_ctf = batch.ctf is not None and batch.ctf_mode != "none"
+    size = side ** 3
+    pending = {"index": [], "real": [], "imag": [], "ctf": [], "count": []}
+
+    def flush():
+        # one bincount per quantity for many images: the full-grid additions are the expensive part
+        if not pending["index"]:
+            return
+        index = np.concatenate(pending["index"])
+        grid.data.real += np.bincount(index, np.concatenate(pending["real"]), size)
+        grid.data.imag += np.bincount(index, np.concatenate(pending["imag"]), size)
+        grid.count += np.bincount(index, np.concatenate(pending["count"]), size)
+        if with_ctf:
+            grid.ctf_weight += np.bincount(index, np.concatenate(pending["ctf"]), size)
+        for values in pending.values():
+            values.clear()
+
+    queued = 0
+    for i, matrix in enumerate(batch.matrices):
+        weight_t = np.ones(len(kx))
+        if with_ctf:
+            weight_t = ctf_model.projection_weight(
+                ctf_model.ctf_values(batch.ctf, i, kx, ky, batch.pixel_size_A, batch.npad * box), batch.ctf_mode)
+        sample = values[i] * weight_t
+        for g in batch.group:
+            rows = matrix @ g  # (A g): its first two rows carry (kx, ky) into the volume frame
+            if batch.estimate is not None:  # what the current volume leaves unexplained
+                sample = (values[i] - weight_t * batch.estimate.slice(rows)) * weight_t
+            ux = kx * rows[0, 0] + ky * rows[1, 0] + half
+            uy = kx * rows[0, 1] + ky * rows[1, 1] + half
+            uz = kx * rows[0, 2] + ky * rows[1, 2] + half
+            fx, wx = kb.neighbours(ux)
+            fy, wy = kb.neighbours(uy)
+            fz, wz = kb.neighbours(uz)
+            pending["index"].append((((fz * side + fy) * side + fx)[:, None] + offsets[None, :]).ravel())
+            c = (wz[:, :, None, None] * wy[:, None, :, None] * wx[:, None, None, :]).reshape(len(kx), -1)
+            c = c * np.float32(signs[i])
+            pending["real"].append((c * sample.real[:, None].astype(np.float32)).ravel())
+            pending["imag"].append((c * sample.imag[:, None].astype(np.float32)).ravel())
+            pending["count"].append(c.ravel())
+            if with_ctf:
+                pending["ctf"].append((c * (weight_t ** 2)[:, None].astype(np.float32)).ravel())
+            queued += c.size
+            if queued > 4_000_000:
+                flush()
+                queued = 0
+    flush()
+    if not with_ctf:
+        grid.ctf_weight = grid.count.copy()
+    return grid
+
+
+def grid_to_volume(grid: FourierGrid, backend, snr: float | None = None):
+    """V = IFT[D / (T + N/snr)] / C, cropped to n³ (float32)."""
+    shape = (2 * grid.half + 1,) * 3
+    data = grid.data.reshape(shape)
+    ctf_weight = grid.ctf_weight.reshape(shape)
+    count = grid.count.reshape(shape)
+    data = data + np.conj(data[::-1, ::-1, ::-1])
+    ctf_weight = ctf_weight + ctf_weight[::-1, ::-1, ::-1]
+    count = count + count[::-1, ::-1, ::-1]
+    denominator = ctf_weight + (count / snr if snr else 0.0)
+    sampled = count > 1e-3
+    spectrum = np.where(sampled, data / np.where(sampled, np.maximum(denominator, 1e-6), 1.0), 0.0)
+    padded_box = grid.npad * grid.box
+    lo = grid.half - padded_box // 2
+    spectrum = spectrum[lo:lo + padded_box, lo:lo + padded_box, lo:lo + padded_box].astype(np.complex64)
+    padded = backend.asnumpy(backend.fftshift(backend.ifftn(backend.ifftshift(backend.asarray(spectrum)))).real)
+    start = padded_box // 2 - grid.box // 2
+    volume = padded[start:start + grid.box, start:start + grid.box, start:start + grid.box]
+    return (volume / correction_3d(grid.kernel, grid.box, padded_box)).astype(np.float32)
+
+
+def sample_projector(volume, npad: int, kernel_width: int, backend, max_radius: float | None = None):
+    """Projector of a volume at the reconstruction's padded sample points (for residual insertion),
+    optionally only those up to max_radius (pixels of the n-box), as `InsertionBatch.max_radius`."""
+    from xpr.em.ali3d.project import prepare_projector
+
+    box = volume.shape[0]
+    _, _, kx, ky = padded_points(box, npad)
+    if max_radius is not None:
+        keep = kx * kx + ky * ky <= (npad * max_radius) ** 2
+        kx, ky = kx[keep], ky[keep]
+    return prepare_projector(volume, backend, npad, kernel_width, frequencies=np.stack([kx, ky]) / npad)
