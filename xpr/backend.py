@@ -26,14 +26,16 @@ def gpu_available() -> bool:
         return False
 
 
-def fft_workers() -> int:
+def default_fft_workers() -> int:
     """Threads per FFT: all cores (-1), or what xpr.parallel gives each worker process."""
     value = os.environ.get("XPR_FFT_WORKERS")
     return int(value) if value else -1
 
 
 class Backend:
-    def __init__(self, use_gpu: bool = False, precision: str = "single"):
+    def __init__(self, use_gpu: bool = False, precision: str = "single", fft_workers: int | None = None):
+        """fft_workers: CPU threads per FFT (default: all, or this process's share under
+        xpr.parallel); 1 suits many tiny transforms, where thread start-up dominates."""
         if precision not in ("single", "double"):
             raise SettingsError(f"precision must be 'single' or 'double', not {precision!r}", key="GPU.precision")
         self.is_gpu = bool(use_gpu)
@@ -50,7 +52,7 @@ class Backend:
 
             self.xp = np
             self._fft = cpu_fft
-            self._fft_kwargs = {"workers": fft_workers()}
+            self._fft_kwargs = {"workers": fft_workers if fft_workers is not None else default_fft_workers()}
         self.complex_dtype = self.xp.complex64 if precision == "single" else self.xp.complex128
         self.real_dtype = self.xp.float32 if precision == "single" else self.xp.float64
 

@@ -53,13 +53,11 @@ def normalise_in_mask(image, mask):
 
 
 def single_threaded_backend():
-    """A CPU backend whose FFTs run on one thread: the criterion transforms one small image at a time,
-    where thread start-up costs more than the transform (xpr.backend has no per-call worker count)."""
+    """A CPU backend whose FFTs run on one thread: the criterion transforms one small image at a
+    time, where thread start-up costs more than the transform."""
     from xpr.backend import Backend
 
-    backend = Backend(False)
-    backend._fft_kwargs = {"workers": 1}
-    return backend
+    return Backend(False, fft_workers=1)
 
 
 def refine_images(task: AlignmentTask) -> dict:

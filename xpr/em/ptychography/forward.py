@@ -369,9 +369,9 @@ class Model:
             return 1
         import os
 
-        from xpr.backend import fft_workers
+        from xpr.backend import default_fft_workers
 
-        workers = fft_workers()
+        workers = default_fft_workers()
         if workers <= 0:
             workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
                 else (os.cpu_count() or 1)
