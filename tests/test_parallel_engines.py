@@ -79,3 +79,13 @@ def test_failures_recorded_and_min_success(engine):
         parallel.require_success(results, Frozen({"min_success": 1.0}))
     with pytest.raises(RuntimeError, match="1 of 4 tasks failed"):
         parallel.map(fake.fails_for_two, range(4), settings)
+
+
+def test_session_keeps_workers_across_maps():
+    settings = Frozen({"engine": "local", "n_processes": 2})
+    with parallel.Session(settings) as session:
+        first = set(session.map(fake.worker_pid, range(6)))
+        second = set(session.map(fake.worker_pid, range(6)))
+        seeds = parallel.task_seeds(1, 4)
+        assert session.map(fake.seeded_sum, seeds) == [fake.seeded_sum(s) for s in seeds]
+    assert first == second and len(first) == 2 and os.getpid() not in first

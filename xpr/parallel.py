@@ -2,6 +2,8 @@
 
     results = parallel.map(fn, tasks, settings.multi_process)
     results = parallel.map(fn, tasks, settings.multi_process, shared=pattern)   # fn(task, pattern)
+    with parallel.Session(settings.multi_process) as session:                  # workers kept up
+        for chunk in chunks: session.map(fn, tasks_of(chunk))
 
 `fn` is a module-level function; results come back in task order. Engines (`multi_process.engine`):
 
@@ -113,43 +115,32 @@ def _init_worker(threads: int):
         os.environ[name] = str(threads)
 
 
-def _local(call, tasks, settings, on_done):
+def _local(call, tasks, settings, on_done, session):
     retries = int(_get(settings, "retries", 1))
-    workers = n_workers(settings, len(tasks))
-    threads = max(1, available_cpus() // workers)
-    context = multiprocessing.get_context("spawn")
     attempts = [0] * len(tasks)
     results: dict = {}
     pending = list(range(len(tasks)))
-    pool = None
-    try:
-        while pending:
-            if pool is None:
-                pool = ProcessPoolExecutor(max_workers=workers, mp_context=context,
-                                           initializer=_init_worker, initargs=(threads,))
-            futures = {index: pool.submit(call, tasks[index]) for index in pending}
-            pending, broken = [], False
-            for index, future in futures.items():
-                try:
-                    results[index] = future.result()
-                    on_done(index, results[index])
-                    continue
-                except BrokenProcessPool as error:   # a worker died: the pool must be replaced
-                    broken, reason = True, "worker process died: " + _describe(error)
-                except Exception as error:           # the task's own failure
-                    reason = _describe(error)
-                attempts[index] += 1
-                if attempts[index] > retries:
-                    results[index] = TaskFailure(index, reason)
-                    on_done(index, results[index])
-                else:
-                    pending.append(index)
-            if broken:
-                pool.shutdown(cancel_futures=True)
-                pool = None
-    finally:
-        if pool is not None:
-            pool.shutdown()
+    while pending:
+        pool = session.local_pool(len(tasks))
+        futures = {index: pool.submit(call, tasks[index]) for index in pending}
+        pending, broken = [], False
+        for index, future in futures.items():
+            try:
+                results[index] = future.result()
+                on_done(index, results[index])
+                continue
+            except BrokenProcessPool as error:   # a worker died: the pool must be replaced
+                broken, reason = True, "worker process died: " + _describe(error)
+            except Exception as error:           # the task's own failure
+                reason = _describe(error)
+            attempts[index] += 1
+            if attempts[index] > retries:
+                results[index] = TaskFailure(index, reason)
+                on_done(index, results[index])
+            else:
+                pending.append(index)
+        if broken:
+            session.drop_local_pool()
     return results
 
 
@@ -190,71 +181,122 @@ def dask_client(settings):
         cluster = cluster_class(**options)
         cluster.scale(jobs=jobs)
     client = Client(cluster)
-    client.xpr_owns_cluster = cluster   # closed together with the client by _dask
+    client.xpr_owns_cluster = cluster   # closed together with the client by Session.close
     return client
 
 
-def _dask(call, tasks, settings, on_done, client=None):
+def _dask(call, tasks, settings, on_done, session):
     from dask.distributed import as_completed
 
     retries = int(_get(settings, "retries", 1))
-    own_client = client is None
-    client = client or dask_client(settings)
-    try:
-        extra = {}
-        if isinstance(call, functools.partial) and call.keywords.get("shared") is not None:
-            # large inputs go to every worker once; each task refers to them by future
-            extra["shared"] = client.scatter(call.keywords["shared"], broadcast=True)
-            call = call.func
-        futures = client.map(call, tasks, pure=False, retries=retries, **extra)
-        index_of = {future.key: i for i, future in enumerate(futures)}
-        results = {}
-        for future in as_completed(futures):
-            index = index_of[future.key]
-            try:
-                results[index] = future.result()
-            except Exception as error:  # failed after dask's retries (or its worker kept dying)
-                results[index] = TaskFailure(index, _describe(error))
-            on_done(index, results[index])
-        return results
-    finally:
-        if own_client:
-            cluster = getattr(client, "xpr_owns_cluster", None)
-            client.close()
+    client = session.dask_client()
+    extra = {}
+    if isinstance(call, functools.partial) and call.keywords.get("shared") is not None:
+        # large inputs go to every worker once; each task refers to them by future
+        extra["shared"] = client.scatter(call.keywords["shared"], broadcast=True)
+        call = call.func
+    futures = client.map(call, tasks, pure=False, retries=retries, **extra)
+    index_of = {future.key: i for i, future in enumerate(futures)}
+    results = {}
+    for future in as_completed(futures):
+        index = index_of[future.key]
+        try:
+            results[index] = future.result()
+        except Exception as error:  # failed after dask's retries (or its worker kept dying)
+            results[index] = TaskFailure(index, _describe(error))
+        on_done(index, results[index])
+    return results
+
+
+def _serial_engine(call, tasks, settings, on_done, session):
+    return _serial(call, tasks, settings, on_done)
+
+
+ENGINES = {"serial": _serial_engine, "local": _local, "dask": _dask}
+
+
+class Session:
+    """Workers kept up across several `map` calls: a local process pool or a dask client.
+
+        with parallel.Session(settings.multi_process) as session:
+            for chunk in chunks:
+                results = session.map(fn, tasks_of(chunk))
+
+    (Starting processes costs seconds on a busy machine; a loop of small maps should pay it once.)
+    client: an existing dask Client to use with engine 'dask' (the caller keeps and closes it).
+    """
+
+    def __init__(self, settings=None, client=None):
+        self.settings = settings
+        self.engine = _get(settings, "engine", "local")
+        if self.engine not in ENGINES:
+            raise SettingsError(f"unknown engine '{self.engine}' (known: {', '.join(ENGINES)})",
+                                key="multi_process.engine")
+        self._pool = None
+        self._client = client
+        self._owned = None
+
+    def local_pool(self, n_tasks: int) -> ProcessPoolExecutor:
+        if self._pool is None:
+            workers = n_workers(self.settings, max(n_tasks, physical_cores()))
+            threads = max(1, available_cpus() // workers)
+            self._pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_init_worker, initargs=(threads,))
+        return self._pool
+
+    def drop_local_pool(self):
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
+
+    def dask_client(self):
+        if self._client is None:
+            self._client = self._owned = dask_client(self.settings)
+        return self._client
+
+    def map(self, fn, tasks, shared=None, on_result=None, tolerate_failures=False):
+        """fn(task) (or fn(task, shared=shared)) for every task, in task order.
+
+        on_result(index, result) is called as each task finishes (result may be a TaskFailure).
+        Without tolerate_failures the first task that still fails after its retries raises
+        RuntimeError; with it, failed tasks come back as TaskFailure in their place.
+        """
+        tasks = list(tasks)
+        engine = self.engine
+        if engine == "local" and (n_workers(self.settings, len(tasks)) == 1 or len(tasks) <= 1):
+            engine = "serial"
+        call = functools.partial(fn, shared=shared) if shared is not None else fn
+        done = on_result or (lambda index, result: None)
+        results = ENGINES[engine](call, tasks, self.settings, done, self)
+        ordered = [results[i] for i in range(len(tasks))]
+        failures = [r for r in ordered if isinstance(r, TaskFailure)]
+        if failures and not tolerate_failures:
+            raise RuntimeError(f"{len(failures)} of {len(tasks)} tasks failed; first: task "
+                               f"{failures[0].index}: {failures[0].error}")
+        return ordered
+
+    def close(self):
+        self.drop_local_pool()
+        if self._owned is not None:
+            cluster = getattr(self._owned, "xpr_owns_cluster", None)
+            self._owned.close()
             if cluster is not None:
                 cluster.close()
+            self._owned = self._client = None
 
+    def __enter__(self):
+        return self
 
-ENGINES = {"serial": _serial, "local": _local, "dask": _dask}
+    def __exit__(self, *exc):
+        self.close()
 
 
 def map(fn, tasks, settings=None, shared=None, on_result=None, tolerate_failures=False,
         client=None):  # noqa: A001 - the natural name
-    """fn(task) (or fn(task, shared=shared)) for every task, in task order, on the chosen engine.
-
-    on_result(index, result) is called as each task finishes (for progress bars).
-    Without tolerate_failures the first task that fails after its retries raises RuntimeError;
-    with it, failed tasks come back as TaskFailure in their place.
-    client: an existing dask Client to use with engine 'dask' (the caller keeps it).
-    """
-    tasks = list(tasks)
-    engine = _get(settings, "engine", "local")
-    if engine not in ENGINES:
-        raise SettingsError(f"unknown engine '{engine}' (known: {', '.join(ENGINES)})",
-                            key="multi_process.engine")
-    if engine == "local" and (n_workers(settings, len(tasks)) == 1 or len(tasks) <= 1):
-        engine = "serial"
-    call = functools.partial(fn, shared=shared) if shared is not None else fn
-    done = on_result or (lambda index, result: None)
-    runner = ENGINES[engine]
-    results = runner(call, tasks, settings, done, client=client) if engine == "dask" \
-        else runner(call, tasks, settings, done)
-    ordered = [results[i] for i in range(len(tasks))]
-    failures = [r for r in ordered if isinstance(r, TaskFailure)]
-    if failures and not tolerate_failures:
-        raise RuntimeError(f"{len(failures)} of {len(tasks)} tasks failed; first: task "
-                           f"{failures[0].index}: {failures[0].error}")
-    return ordered
+    """One `Session(settings, client).map(...)`: workers started for this call and stopped after."""
+    with Session(settings, client=client) as session:
+        return session.map(fn, tasks, shared=shared, on_result=on_result,
+                           tolerate_failures=tolerate_failures)
 
 
 def require_success(results, settings=None) -> list:

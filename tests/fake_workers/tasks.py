@@ -32,3 +32,8 @@ def fails_for_two(index):
     if index == 2:
         raise ValueError("diverged")
     return index
+
+
+def worker_pid(_):
+    time.sleep(0.05)
+    return os.getpid()

@@ -233,8 +233,17 @@ def frame_free_errors(angles, shifts_px, truth, group):
     return float(angular.mean()), float(shift.mean())
 
 
-def local_ali3d(images, angles, shifts_px, options: Ali3dOptions, *, ctf=None, mask=None, backend=None,
-                multi_process=None, log=None, progress=None, truth=None, on_iteration=None):
+def local_ali3d(images, angles, shifts_px, options: Ali3dOptions, *, multi_process=None, **kwargs):
+    """Refine the parameters of a stack (n, box, box); returns the last Ali3dState (see
+    `refinement_passes` for the keywords). The image chunks of every pass go to one set of
+    workers, started once (xpr.parallel.Session)."""
+    with parallel.Session(multi_process) as session:
+        return refinement_passes(images, angles, shifts_px, options, session=session,
+                                 multi_process=multi_process, **kwargs)
+
+
+def refinement_passes(images, angles, shifts_px, options: Ali3dOptions, *, session, ctf=None, mask=None,
+                      backend=None, multi_process=None, log=None, progress=None, truth=None, on_iteration=None):
     """Refine the parameters of a stack (n, box, box); returns the last Ali3dState.
 
     ctf: ctf.CTFParameters or None; mask: n³ mask (default soft sphere of radius ou);
@@ -282,7 +291,7 @@ def local_ali3d(images, angles, shifts_px, options: Ali3dOptions, *, ctf=None, m
                         pixel_size_A=options.pixel_size_A, mask_radius=options.ou, delta=options.delta,
                         ts=options.ts, max_evaluations=options.max_evaluations, tolerance=options.tolerance))
                     where.append(part)
-            results = parallel.map(refine_images, tasks, multi_process)
+            results = session.map(refine_images, tasks)
             new_angles, new_shifts = angles.copy(), shifts_px.copy()
             for part, result in zip(where, results):
                 new_angles[part], new_shifts[part] = result["angles"], result["shifts_px"]
