@@ -24,7 +24,7 @@ from __future__ import annotations
 
 def error_reduction(x, support, beta, P_M, P_S, xp):
     pm, e_mod = P_M(x)
-    x[...] = P_S(pm, support, xp)
+    xp.multiply(P_S.inside(pm, xp), P_S.feasible(pm, support, xp), out=x)   # P_S pm, in place
     return e_mod
 
 

@@ -156,4 +156,4 @@ class SupportProjection:
         return (y.real + 1j * xp.clip(y.imag, -bound, bound)).astype(y.dtype)
 
     def __call__(self, y, support, xp):
-        return xp.where(self.feasible(y, support, xp), self.inside(y, xp), 0).astype(y.dtype)
+        return xp.where(self.feasible(y, support, xp), self.inside(y, xp), 0).astype(y.dtype, copy=False)
