@@ -163,3 +163,52 @@ def test_2d_tutorial_chain(home, run_xpr):
     mean = np.moveaxis(average["average"]["real_density"], 0, -1)
     _, info = align(mean, reference, transform)
     assert info.correlation > 0.9
+
+
+def test_lost_batches_are_recorded_and_left_out(home, run_xpr, tmp_path, monkeypatch):
+    """A batch that fails after its retries is logged and recorded (failed_seeds in data.h5); the
+    other batches' reconstructions are kept, each with its own seed, when min_success allows, and
+    the run fails when it does not. The kept reconstructions are bit for bit those of an
+    undisturbed run with the same seeds."""
+    from xpr import parallel
+    from xpr.fxs import reconstruct
+
+    grid = build_grid(2, 32, 0.5, 8)
+    transform = FourierTransformPair(grid, Backend(False, "double"))
+    data = write_invariants_file(tmp_path / "proj_data.h5", discs_2d(grid, transform), transform)
+    settings = {"structure_name": "lost", "dimensions": 2, "particle_radius": 150.0, "n_reconstructions": 6,
+                "random_seed": 3, "input": {"invariants_file": str(data)}, "grid": {"max_order": 8},
+                "main_loop": {"sub_loops": {"order": ["main"], "main": {"iterations": 1, "order": ["ER"],
+                                                                         "methods": {"ER": {"iterations": 30}}}}},
+                "multi_process": {"batch_size": 2, "n_processes": 1, "retries": 0, "min_success": 0.5},
+                "output": {"plots": False}}
+    (tmp_path / "lost.yaml").write_text(yaml.safe_dump(settings))
+    phase_batch = reconstruct._phase_batch
+
+    def lose_second_batch(task):
+        if task["first"] == 2:
+            raise MemoryError("worker lost")
+        return phase_batch(task)
+
+    monkeypatch.setattr(reconstruct, "_phase_batch", lose_second_batch)
+    result = run_xpr(["fxs", "reconstruct", tmp_path / "lost.yaml"])
+    assert result.exit_code == 0, result.output
+    tree = load_tree(home / "data" / "fxs" / "reconstructions" / "2d_lost.h5")
+    seeds = parallel.task_seeds(3, 6)
+    assert sorted(int(s) for s in tree["failed_seeds"]) == sorted(seeds[2:4])
+    results = tree["reconstruction_results"]
+    assert len(results) == 4
+    assert sorted(int(r["seed"]) for r in results.values()) == sorted(seeds[:2] + seeds[4:])
+    strict = run_xpr(["fxs", "reconstruct", tmp_path / "lost.yaml", "-o", "multi_process.min_success=1.0"])
+    assert strict.exit_code == 1
+    # the kept reconstructions are exactly those of an undisturbed run with the same seeds
+    monkeypatch.setattr(reconstruct, "_phase_batch", phase_batch)
+    whole = run_xpr(["fxs", "reconstruct", tmp_path / "lost.yaml", "-o", "structure_name=whole"])
+    assert whole.exit_code == 0, whole.output
+    undisturbed = {int(r["seed"]): r["real_density"] for r in
+                   load_tree(home / "data" / "fxs" / "reconstructions" / "2d_whole.h5")["reconstruction_results"].values()}
+    assert len(undisturbed) == 6
+    for r in results.values():
+        np.testing.assert_array_equal(r["real_density"], undisturbed[int(r["seed"])])
+    run = (home / "data" / "fxs" / "reconstructions" / "2d_lost.h5").resolve().parent
+    assert "worker lost" in (run / "run.log").read_text()

@@ -220,9 +220,18 @@ class FourierTransformPair:
         self.hankel_inverse = xp.ascontiguousarray(xp.asarray(inverse, dtype=rdtype))     # (orders, R, Q)
         self.phase_forward = xp.asarray(phase_forward, dtype=cdtype)
         self.phase_inverse = xp.asarray(np.conj(phase_forward), dtype=cdtype)
+        # Real fields (densities, intensities) have c_{l,-m} = s_m conj(c_lm) with s_m the ratio of
+        # the Legendre rows -m and m ((-1)^m with the Condon-Shortley phase; read off the table):
+        # their transforms need only m >= 0 (a real FFT and half the Legendre products).
+        self.negative_m_sign = np.ones(L + 1)
         if grid.dimensions == 3:
             self.synthesis_matrix = xp.ascontiguousarray(xp.asarray(np.transpose(table, (0, 2, 1)), dtype=rdtype))
             self.analysis_matrix = xp.ascontiguousarray(xp.asarray(analysis, dtype=rdtype))
+            for m in range(1, L + 1):
+                self.negative_m_sign[m] = np.sign(np.sum(table[m] * table[len(self.ms) - m]))
+            self.synthesis_matrix_nonnegative = self.synthesis_matrix[:L + 1]
+            self.analysis_matrix_nonnegative = self.analysis_matrix[:L + 1]
+        self._negative_sign = xp.asarray(self.negative_m_sign[1:][::-1], dtype=rdtype)   # rows -L..-1
 
     @staticmethod
     def _pseudo_inverse(forward, real_weights, reciprocal_weights, rcond=0.5):
@@ -252,6 +261,42 @@ class FourierTransformPair:
         M, T = spectrum.shape[:2]
         coefficients = self._real_matmul(self.analysis_matrix, spectrum.reshape(M, T, -1))
         return coefficients.reshape((M, -1) + spectrum.shape[2:])
+
+    def harmonic_of_real(self, field):
+        """harmonic() of a real field, from its m >= 0 half (real FFT); same output layout."""
+        xp = self.xp
+        L = self.grid.max_order
+        half = self.backend.rfft(field, axis=0)[:L + 1]
+        if self.grid.dimensions == 2:
+            positive = half / self.n_phi
+        else:
+            T = half.shape[1]
+            positive = self._real_matmul(self.analysis_matrix_nonnegative, half.reshape(L + 1, T, -1))
+            positive = positive.reshape((L + 1, -1) + half.shape[2:])
+        out = xp.empty((2 * L + 1,) + positive.shape[1:], dtype=positive.dtype)
+        out[:L + 1] = positive
+        sign = self._negative_sign.reshape((L,) + (1,) * (positive.ndim - 1))
+        out[L + 1:] = sign * positive[L:0:-1].conj()
+        return out
+
+    def real_inverse_harmonic(self, coefficients):
+        """Re(inverse_harmonic(coefficients)), from the Hermitian part of the m >= 0 half (inverse real FFT)."""
+        xp = self.xp
+        L = self.grid.max_order
+        positive = coefficients[:L + 1].copy()
+        sign = self._negative_sign.reshape((L,) + (1,) * (coefficients.ndim - 1))
+        positive[1:] += sign[::-1] * coefficients[:L:-1].conj()          # rows -1..-L for m = 1..L
+        positive[1:] *= 0.5
+        positive[0] = positive[0].real
+        if self.grid.dimensions == 2:
+            values = positive * self.n_phi
+        else:
+            Lp1 = coefficients.shape[1]
+            values = self._real_matmul(self.synthesis_matrix_nonnegative, positive.reshape(L + 1, Lp1, -1))
+            values = values.reshape((L + 1, -1) + coefficients.shape[2:]) * self.n_phi
+        spectrum = xp.zeros((self.n_phi // 2 + 1,) + values.shape[1:], dtype=values.dtype)
+        spectrum[:L + 1] = values
+        return self.backend.irfft(spectrum, axis=0, n=self.n_phi)
 
     def inverse_harmonic(self, coefficients):
         """Field on the angular grid from harmonic coefficients (complex)."""
@@ -288,7 +333,10 @@ class FourierTransformPair:
     # --- full transforms ---------------------------------------------------------------------
     def forward(self, density):
         """Amplitude A(q, angles) of a density (same layout)."""
-        return self.inverse_harmonic(self.hankel(self.harmonic(density.astype(self.backend.complex_dtype))))
+        xp = self.xp
+        if xp.iscomplexobj(density):
+            return self.inverse_harmonic(self.hankel(self.harmonic(density.astype(self.backend.complex_dtype))))
+        return self.inverse_harmonic(self.hankel(self.harmonic_of_real(density.astype(self.backend.real_dtype))))
 
     def inverse(self, amplitude):
         """Density (complex) of an amplitude."""
@@ -296,7 +344,11 @@ class FourierTransformPair:
 
     def real_harmonic_coefficients(self, field):
         """Harmonic coefficients of a real field (e.g. an intensity)."""
-        return self.harmonic(field.astype(self.backend.complex_dtype))
+        return self.harmonic_of_real(self.xp.real(field).astype(self.backend.real_dtype))
+
+    def real_inverse(self, amplitude):
+        """Re(inverse(amplitude)): the real part of the density of an amplitude."""
+        return self.real_inverse_harmonic(self.inverse_hankel(self.harmonic(amplitude)))
 
     def order_of_coefficients(self) -> np.ndarray:
         """For 3-D: l of axis 1; for 2-D: n of axis 0."""
@@ -304,10 +356,18 @@ class FourierTransformPair:
 
 
 def integrate(values, grid: PhasingGrid, space: str, xp=np):
-    """Integral over the grid of each repeat: values (*angular, B, N) -> (B,)."""
-    weights = xp.asarray(grid.volume_weights(space))
-    axes = tuple(range(len(grid.angular_shape))) + (values.ndim - 1,)
-    return xp.sum(values * weights, axis=axes)
+    """Integral over the grid of each repeat: values (*angular, B, N) real -> (B,).
+
+    The weights factor into angular x radial ones, so the sum is two contractions (BLAS, in the
+    values' precision) and no full-grid weight array or temporary is made.
+    """
+    radii, step = (grid.real_radii, grid.dr) if space == "real" else (grid.reciprocal_radii, grid.dq)
+    dtype = values.dtype
+    n_angular = len(grid.angular_shape)
+    angular = xp.asarray(grid.angular_weights(), dtype=dtype)
+    radial = xp.asarray(radii ** (grid.dimensions - 1) * step, dtype=dtype)
+    per_radius = xp.tensordot(angular, values, axes=(tuple(range(n_angular)), tuple(range(n_angular))))
+    return per_radius @ radial
 
 
 # ----------------------------------------------------------------------------------------------
@@ -350,7 +410,7 @@ def gaussian_blur(density, transform: FourierTransformPair, sigma: float):
     xp = transform.xp
     q = transform.grid.reciprocal_radii
     damping = xp.asarray(np.exp(-0.5 * (q * sigma) ** 2))
-    return transform.inverse(transform.forward(density) * damping).real
+    return transform.real_inverse(transform.forward(density) * damping)
 
 
 def shrink_wrap(density, transform: FourierTransformPair, sigma: float, threshold: float,

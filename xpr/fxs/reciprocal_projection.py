@@ -52,35 +52,42 @@ class InvariantConstraint:
 
 
 def procrustes_unitary(V, I, xp=np):
-    """U with orthonormal rows minimising ||V U - I||_F, batched: V (Q, r), I (B, Q, k) -> (B, r, k)."""
-    M = xp.einsum("qr,bqk->brk", V.conj(), I)
+    """U with orthonormal rows minimising ||V U - I||_F, batched: V (Q, r), I (B, Q, k) -> (B, r, k).
+
+    U = W Z^dagger from the SVD V^dagger I = W S Z^dagger (stacked over the batch).
+    """
+    M = V.conj().T @ I                                                  # (B, r, k), BLAS
     W, _, Zh = xp.linalg.svd(M, full_matrices=False)
     return W @ Zh
 
 
 def project_coefficients_3d(coefficients, constraint: InvariantConstraint, ms: np.ndarray, xp=np):
-    """Change of the intensity coefficients (M, L+1, B, Q) under the projection (same layout)."""
+    """Change of the intensity coefficients (M, L+1, B, Q) under the projection (same layout).
+
+    Per order l the coefficients I_l (2l+1 rows m, B, Q) are used as they lie: the overlap
+    V_l^dagger I_l^T and the fit V_l U_l are matrix products over the stacked batch (BLAS), and
+    only the small (B, r, 2l+1) overlaps go through the SVD.
+    """
     change = xp.zeros_like(coefficients)
     L = coefficients.shape[1] - 1
     for l in range(L + 1):
-        rows = xp.asarray(np.flatnonzero(np.abs(ms) <= l))
         mask = constraint.q_masks.get(l)
         if mask is None or not np.any(mask):
             continue
-        mask = xp.asarray(mask)
+        rows = np.flatnonzero(np.abs(ms) <= l)
+        rows = slice(int(rows[0]), int(rows[-1]) + 1) if l == 0 else xp.asarray(rows)
         current = coefficients[rows, l]                                  # (2l+1, B, Q)
         if l == 0 and constraint.zeroth_order is not None:
-            target = xp.broadcast_to(xp.asarray(constraint.zeroth_order, dtype=current.dtype), current.shape)
+            target = xp.asarray(constraint.zeroth_order, dtype=current.dtype)
         elif l % 2 == 1 and constraint.odd_orders_to_zero:
-            target = xp.zeros_like(current)
+            target = 0
         elif l in constraint.projection_vectors:
-            V = xp.asarray(constraint.projection_vectors[l], dtype=current.dtype) * mask[:, None]
-            I = xp.transpose(current, (1, 2, 0)) * mask[None, :, None]  # (B, Q, 2l+1)
-            U = procrustes_unitary(V, I, xp)
-            target = xp.einsum("qr,brk->kbq", V, U)
+            V = xp.asarray(constraint.projection_vectors[l], dtype=current.dtype) * xp.asarray(mask)[:, None]
+            U = procrustes_unitary(V, xp.transpose(current, (1, 2, 0)), xp)   # (B, r, 2l+1)
+            target = xp.transpose(xp.matmul(V, U), (2, 0, 1))           # (2l+1, B, Q) = (V U)^T
         else:
             continue
-        change[rows, l] = xp.where(mask, target - current, 0)
+        change[rows, l] = xp.where(xp.asarray(mask), target - current, 0)
     return change
 
 
@@ -133,29 +140,32 @@ class InvariantProjection:
             change = project_coefficients_3d(coefficients, self.constraint, t.ms, self.xp)
         else:
             change = project_coefficients_2d(coefficients, self.constraint, t.ms, self.xp)
-        return intensity + t.inverse_harmonic(change).real
+        return intensity + t.real_inverse_harmonic(change).astype(intensity.dtype)
 
     def project_amplitude(self, amplitude):
         """Amplitude with its modulus replaced by sqrt(I') where the data are, and the modulus error."""
         xp = self.xp
         modulus = xp.abs(amplitude)
-        intensity = modulus ** 2
-        projected = xp.sqrt(xp.maximum(self.project_intensity(intensity), 0))
-        safe = xp.where(modulus > 0, modulus, 1)
-        factor = xp.where(modulus > 0, projected / safe, 0)
-        new = xp.where(self.data_q_mask, amplitude * factor, amplitude)
-        new = xp.where(self.data_q_mask & (modulus == 0), projected.astype(amplitude.dtype), new)
+        projected = self.project_intensity(modulus ** 2)
+        projected = xp.sqrt(xp.maximum(projected, 0, out=projected), out=projected)
+        new_modulus = xp.where(self.data_q_mask, projected, modulus)     # |A'|
+        factor = new_modulus / xp.where(modulus > 0, modulus, 1)
+        new = amplitude * factor
+        lost = modulus == 0                                               # no phase: take it real
+        if bool(xp.any(lost & self.data_q_mask)):
+            new = xp.where(lost & self.data_q_mask, new_modulus.astype(amplitude.dtype), new)
         grid = self.transform.grid
-        mismatch = integrate((modulus - xp.abs(new)) ** 2, grid, "reciprocal", xp)
-        norm = integrate(xp.abs(new) ** 2, grid, "reciprocal", xp)
-        e_mod = xp.sqrt(mismatch / xp.maximum(norm, 1e-300))
+        difference = modulus - new_modulus
+        mismatch = integrate(difference * difference, grid, "reciprocal", xp)
+        norm = integrate(new_modulus * new_modulus, grid, "reciprocal", xp)
+        e_mod = xp.sqrt(mismatch / xp.maximum(norm, 1e-30))
         return new, e_mod
 
     def __call__(self, density):
         amplitude = self.transform.forward(density)
         new, e_mod = self.project_amplitude(amplitude)
         self.last_amplitude = new
-        return self.transform.inverse(new).real.astype(density.dtype), e_mod
+        return self.transform.real_inverse(new).astype(density.dtype), e_mod
 
 
 def invariants_from_coefficients(coefficients, dimensions: int, ms: np.ndarray, xp=np):

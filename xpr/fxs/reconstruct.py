@@ -11,7 +11,8 @@
    the ER/HIO/DM/RAAR update rules and schedules come from the shared engine ``xpr.phasing``;
    shrink-wrap blurs the density with a Gaussian (a product in reciprocal space).
 4. n_reconstructions independent starts (bump x random values), phased in batches along one
-   array axis and spread over processes, each with its own seed and progress line.
+   array axis and spread over processes, each with its own seed and progress line; a batch lost
+   after its retries is logged and recorded (failed_seeds) and the run goes on if min_success allows.
 5. Write data.h5 in xFrame's layout (reconstruction_results sorted by final error, configuration
    with the grids, projection matrices, stats), error_metrics.png, first_Bl.png, N_out_Bl.png,
    vtk/real_N.vts and reciprocal_N.vts of the best two and the worst (3-D), pics/ (2-D).
@@ -264,6 +265,7 @@ def _phase_batch(task: dict) -> list:
         coefficients = intensity_coefficients[..., b, :]
         out.append({
             "final_error": float(result["best_error"][b]),
+            "seed": np.uint64(task["seeds"][b]),
             "error_dict": {"main": result["errors_main"][b],
                            "real": {"l2_projection_diff": result["errors_main"][b]},
                            "reciprocal": {"modulus_error": result["errors_modulus"][b]}},
@@ -400,8 +402,20 @@ def run(settings, archive):
               "target_norm": target_density_norm(constraint, grid), "seeds": seeds[i:i + batch],
               "first": i, "position": k, "quiet": archive.quiet}
              for k, i in enumerate(range(0, n, batch))]
-    batches = parallel.map(phase_batch, tasks, settings.multi_process)
+    # a batch whose process is lost (or raises) is retried; one that still fails is logged,
+    # recorded in data.h5 (failed_seeds) and left out, as long as min_success of them succeeded
+    batches = parallel.map(phase_batch, tasks, settings.multi_process, tolerate_failures=True)
+    failures = [b for b in batches if isinstance(b, parallel.TaskFailure)]
+    for failure in failures:
+        archive.log.warning("batch %d (reconstructions %d-%d, seeds %s) failed: %s", failure.index,
+                            tasks[failure.index]["first"],
+                            tasks[failure.index]["first"] + len(tasks[failure.index]["seeds"]) - 1,
+                            tasks[failure.index]["seeds"], failure.error)
+    batches = parallel.require_success(batches, settings.multi_process)
+    failed_seeds = np.asarray([s for f in failures for s in tasks[f.index]["seeds"]], dtype=np.uint64)
     results = [r for batch_results in batches for r in batch_results]
+    if not results:
+        raise RuntimeError("no batch of reconstructions succeeded")
     order = np.argsort([r["final_error"] for r in results])
     results = [results[i] for i in order]
     mismatch = np.array([invariant_mismatch(r["invariants"], constraint, grid.dimensions) for r in results])
@@ -429,6 +443,7 @@ def run(settings, archive):
         "reconstruction_results": {str(i): r for i, r in enumerate(results)},
         "projection_matrices": projection_matrices,
         "stats": {"run_time": time.time() - start, "seconds_per_iteration_per_batch": per_iteration},
+        "failed_seeds": failed_seeds,
     }
     archive.set_link_name(f"{settings.dimensions}d_{settings.structure_name}.h5")
     archive.save_h5("data.h5", tree, main=True)
