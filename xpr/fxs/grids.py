@@ -76,8 +76,8 @@ def ewald_theta(q, xray_wavelength: float | None):
 
 
 @dataclass(frozen=True)
-class PolarGrid:
-    """2-D grid pair: real (r, φ) and reciprocal (q, φ); arrays shaped (N, n_phi)."""
+class _RadialGridPair:
+    """The radial half of a real/reciprocal grid pair: q_k = (k+½)·max_q/N and its real partner."""
     max_q: float
     n_radial_points: int
     max_order: int
@@ -90,6 +90,11 @@ class PolarGrid:
     @property
     def r(self):
         return real_radial_points(self.max_q, self.n_radial_points, self.reciprocity_coefficient)
+
+
+@dataclass(frozen=True)
+class PolarGrid(_RadialGridPair):
+    """2-D grid pair: real (r, φ) and reciprocal (q, φ); arrays shaped (N, n_phi)."""
 
     @property
     def phi(self):
@@ -109,23 +114,11 @@ class PolarGrid:
 
 
 @dataclass(frozen=True)
-class SphericalGrid:
+class SphericalGrid(_RadialGridPair):
     """3-D grid pair: real (r, θ, φ) and reciprocal (q, θ, φ); arrays shaped (N, L+1, 2(L+1)).
 
     θ are Gauss–Legendre nodes (ducc0 "GL" geometry), φ_j = 2πj/n_phi.
     """
-    max_q: float
-    n_radial_points: int
-    max_order: int
-    reciprocity_coefficient: float = np.pi
-
-    @property
-    def q(self):
-        return reciprocal_radial_points(self.max_q, self.n_radial_points)
-
-    @property
-    def r(self):
-        return real_radial_points(self.max_q, self.n_radial_points, self.reciprocity_coefficient)
 
     @property
     def theta(self):
