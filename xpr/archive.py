@@ -37,6 +37,32 @@ def claim_run_folder(parent: Path, prefix: str = "run") -> Path:
             number += 1
 
 
+def read_run_records(folder, group: str, commands, key: str = "input.shares_dir") -> list[Path]:
+    """Main files of the runs that array tasks recorded in `folder` (task_<i>.runs, task order).
+
+    Each line of a record is 'group command run_folder main_file' (written by the CLI when
+    XPR_RUN_RECORD is set, as `xpr jobscript --array` does); only `group` runs of `commands` count.
+    """
+    from xpr.errors import InputError
+
+    folder = Path(str(folder)).expanduser()
+    if not folder.is_dir():
+        raise InputError("shares folder not found", file=folder, key=key)
+    records = sorted(folder.glob("task_*.runs"), key=lambda p: int(p.stem.split("_")[1]))
+    if not records:
+        raise InputError("no task_<i>.runs records in the shares folder (did the array tasks run?)",
+                         file=folder, key=key)
+    runs = []
+    for record in records:
+        for line in record.read_text().splitlines():
+            words = line.split()
+            if len(words) >= 4 and words[0] == group and words[1] in commands:
+                runs.append(Path(words[3]))
+    if not runs:
+        raise InputError(f"the records name no {group} {'/'.join(commands)} run", file=folder, key=key)
+    return runs
+
+
 class Run:
     """One run of one command: its folder, log, progress bars and atomic writers."""
 

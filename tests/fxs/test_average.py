@@ -140,3 +140,31 @@ def test_3d_chain_average_correlates_with_the_particle(home, run_xpr, tmp_path):
     average = np.transpose(tree["average"]["real_density"], (2, 1, 0))
     _, info = align(average, reference, transform, search_order=12)
     assert info.correlation >= 0.9
+
+
+def test_average_reads_array_job_shares(home, run_xpr, tmp_path):
+    """The merge step of an array job: every reconstruct run recorded in the shares folder is
+    averaged (here two shares, each a copy of the particle in another frame)."""
+    backend = Backend(False, "double")
+    grid = build_grid(2, 40, 0.4, 32)
+    model = blobs(grid, [(0, 0), (45, 5), (-15, 35)], [16, 10, 9], [1.0, 2.0, 1.5])
+    reference, _ = centre(model, grid, FourierTransformPair(grid, backend))
+    reference /= reference.max()
+    turn = np.array([[0.0, -1.0], [1.0, 0.0]])
+    shares = tmp_path / "shares"
+    shares.mkdir()
+    for index, density in enumerate([reference, rigid_motion(reference, grid, rotation=turn, shift=[8.0, -5.0], order=3)]):
+        run = tmp_path / f"share_{index}" / "run_0"
+        write_reconstructions(run / "data.h5", grid, [density], [1e-3 * (index + 1)])
+        (shares / f"task_{index}.runs").write_text(f"fxs reconstruct {run} {run / 'data.h5'}\n")
+    (tmp_path / "avg.yaml").write_text(yaml.safe_dump({"structure_name": "shares", "dimensions": 2,
+                                                       "output": {"vtk": False}}))
+    result = run_xpr(["-q", "fxs", "average", tmp_path / "avg.yaml", "-o", f"input.shares_dir={shares}"])
+    assert result.exit_code == 0, result.output
+    tree = load_tree(home / "data" / "fxs" / "averages" / "2d_shares.h5")
+    assert len(tree["alignment"]["l2_distance_to_reference"]) == 2      # both shares found
+    assert np.all(tree["alignment"]["l2_distance_to_reference"] < 0.1)
+    average = np.moveaxis(tree["average"]["real_density"], 0, -1)
+    assert relative_error(average, reference, grid) < 0.05
+    result = run_xpr(["-q", "fxs", "average", tmp_path / "avg.yaml", "-o", f"input.shares_dir={tmp_path / 'nowhere'}"])
+    assert result.exit_code == 2 and "shares folder not found" in result.output

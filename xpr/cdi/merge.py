@@ -17,27 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
+from xpr.archive import read_run_records
 from xpr.cdi.phasing import merge_and_write
 from xpr.errors import InputError
 from xpr.io import load_tree
-
-
-def recorded_runs(shares_dir) -> list[Path]:
-    """Main files of the cdi phase runs recorded by array tasks, in task order."""
-    folder = Path(shares_dir)
-    if not folder.is_dir():
-        raise InputError("shares folder not found", file=folder, key="input.shares_dir")
-    records = sorted(folder.glob("task_*.runs"), key=lambda p: int(p.stem.split("_")[1]))
-    if not records:
-        raise InputError("no task_<i>.runs records in the shares folder (did the array tasks run?)",
-                         file=folder, key="input.shares_dir")
-    runs = []
-    for record in records:
-        for line in record.read_text().splitlines():
-            words = line.split()
-            if len(words) >= 4 and words[0] == "cdi" and words[1] in ("phase2d", "phase3d"):
-                runs.append(Path(words[3]))
-    return runs
 
 
 def main_file(entry) -> Path:
@@ -55,7 +38,7 @@ def main_file(entry) -> Path:
 def run(settings, archive):
     files = []
     if settings.input.shares_dir:
-        files += recorded_runs(settings.input.shares_dir)
+        files += read_run_records(settings.input.shares_dir, "cdi", ("phase2d", "phase3d"))
     files += [main_file(entry) for entry in settings.input.runs]
     if not files:
         raise InputError("nothing to merge: give input.shares_dir or input.runs", key="input.runs")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from xpr.archive import read_run_records
 from xpr.backend import Backend
 from xpr.errors import InputError
 from xpr.fxs.alignment import (WignerD, align, centre, normalise, prtf, relative_error)
@@ -35,9 +36,11 @@ from xpr.io.h5 import load_tree
 def reconstruction_paths(settings, archive) -> list[Path]:
     base = archive.home.data / "fxs" / "reconstructions"
     files = list(settings.reconstruction_files or [])
-    if not files:
+    shares = settings.input.shares_dir
+    recorded = read_run_records(shares, "fxs", ("reconstruct",)) if shares else []
+    if not files and not recorded:
         return [archive.home.latest("fxs", "reconstructions", f"{settings.dimensions}d_{settings.structure_name}.h5")]
-    paths = []
+    paths = list(recorded)
     for i, name in enumerate(files):
         path = Path(str(name)).expanduser()
         paths.append(path if path.is_absolute() else base / path)
