@@ -25,17 +25,10 @@ import numpy as np
 from xpr.backend import Backend
 from xpr.fxs.fxs_phasing import (FourierTransformPair, RealSpaceOptions, blas_threads, build_grid, density_guess,
                                  phase, radial_field)
+from xpr.fxs.fxs_phasing import gaussian_blobs as blobs
 from xpr.fxs.reciprocal_projection import (InvariantConstraint, InvariantProjection, invariants_from_coefficients,
                                            project_coefficients_3d)
 from xpr.phasing.schedule import parse_blocks
-
-
-def blobs(grid, centres, widths, heights):
-    x = grid.cartesian_points("real")
-    rho = np.zeros(x.shape[:-1])
-    for c, w, h in zip(centres, widths, heights):
-        rho += h * np.exp(-np.sum((x - np.asarray(c, float)) ** 2, -1) / (2 * w ** 2))
-    return rho
 
 
 def exact_constraint(density, transform):

@@ -7,14 +7,7 @@ import pytest
 from xpr.backend import Backend
 from xpr.fxs.alignment import (WignerD, align, centre, euler_to_matrix, prtf, relative_error, rigid_motion)
 from xpr.fxs.fxs_phasing import FourierTransformPair, build_grid
-
-
-def blobs(grid, centres, widths, heights):
-    x = grid.cartesian_points("real")
-    rho = np.zeros(x.shape[:-1])
-    for c, w, h in zip(centres, widths, heights):
-        rho += h * np.exp(-np.sum((x - np.asarray(c, float)) ** 2, -1) / (2 * w ** 2))
-    return rho
+from xpr.fxs.fxs_phasing import gaussian_blobs as blobs
 
 
 def rotation_angle_deg(R):

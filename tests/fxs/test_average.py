@@ -10,15 +10,8 @@ import yaml
 from xpr.backend import Backend
 from xpr.fxs.alignment import centre, euler_to_matrix, relative_error, rigid_motion
 from xpr.fxs.fxs_phasing import FourierTransformPair, build_grid
+from xpr.fxs.fxs_phasing import gaussian_blobs as blobs
 from xpr.io.h5 import load_tree, save_tree
-
-
-def blobs(grid, centres, widths, heights):
-    x = grid.cartesian_points("real")
-    rho = np.zeros(x.shape[:-1])
-    for c, w, h in zip(centres, widths, heights):
-        rho += h * np.exp(-np.sum((x - np.asarray(c, float)) ** 2, -1) / (2 * w ** 2))
-    return rho
 
 
 def xframe_layout(field, dimensions):

@@ -7,16 +7,9 @@ import pytest
 from xpr.backend import Backend
 from xpr.fxs.alignment import WignerD, harmonic_coefficients, from_coefficients, rotate_coefficients_3d
 from xpr.fxs.fxs_phasing import FourierTransformPair, build_grid
+from xpr.fxs.fxs_phasing import gaussian_blobs as blobs
 from xpr.fxs.reciprocal_projection import (InvariantConstraint, InvariantProjection, invariants_from_coefficients,
                                            procrustes_unitary)
-
-
-def blobs(grid, centres, widths, heights):
-    x = grid.cartesian_points("real")
-    rho = np.zeros(x.shape[:-1])
-    for c, w, h in zip(centres, widths, heights):
-        rho += h * np.exp(-np.sum((x - np.asarray(c, float)) ** 2, -1) / (2 * w ** 2))
-    return rho
 
 
 @pytest.fixture(scope="module")

@@ -120,6 +120,16 @@ class PhasingGrid:
                          radii * np.cos(theta) + 0 * phi], axis=-1)
 
 
+def gaussian_blobs(grid, centres, widths, heights):
+    """A density of Gaussian blobs on the real-space grid: Σ h exp(−|x − c|² / 2w²) (Å), the test
+    particle of the fxs tests and benchmarks."""
+    x = grid.cartesian_points("real")
+    rho = np.zeros(x.shape[:-1])
+    for c, w, h in zip(centres, widths, heights):
+        rho += h * np.exp(-np.sum((x - np.asarray(c, float)) ** 2, -1) / (2 * w ** 2))
+    return rho
+
+
 def build_grid(dimensions: int, n_radial: int, max_q: float, max_order: int,
                n_theta: int = 0, n_phi: int = 0, reciprocity: float = np.pi) -> PhasingGrid:
     """Midpoint radial grids with Q R = reciprocity * N and the angular grid of band limit L."""
