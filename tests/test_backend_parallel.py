@@ -55,3 +55,48 @@ def test_bad_engine_settings():
         parallel.map(_noisy_sum, [1, 2], Frozen({"n_processes": 0}))
     with pytest.raises(SettingsError):
         parallel.map(_noisy_sum, [1, 2], Frozen({"engine": "mpi"}))
+
+
+def _timed_square(task):
+    """(index, start, end, index²) after sleeping; start/end on this machine's wall clock."""
+    import time
+
+    index, seconds = task
+    start = time.time()
+    time.sleep(seconds)
+    return index, start, time.time(), float(index * index)
+
+
+def _warm(_):
+    import time
+
+    time.sleep(0.3)
+    return 0
+
+
+def test_streamed_reduce_consumes_in_task_order_and_holds_a_bounded_window():
+    """Task 0 is slow: tasks 1-3 finish first and wait in the reorder window; nothing beyond the
+    window (2 workers × in_flight 2 = 4 tasks) is started until task 0 is handed over, and the
+    fold sees the results in task order, however they arrive."""
+    settings = Frozen({"engine": "local", "n_processes": 2, "in_flight": 2})
+    tasks = [(i, 1.0 if i == 0 else 0.02) for i in range(14)]
+    arrived, consumed, held, times = [], [], [], {}
+
+    def on_result(index, result):
+        arrived.append(index)
+        held.append(len(arrived) - len(consumed))   # handed over by the engine, not yet folded
+
+    def combine(total, result):
+        index, start, end, square = result
+        consumed.append(index)
+        times[index] = (start, end)
+        return (total or 0.0) + square
+
+    with parallel.Session(settings) as session:
+        session.map(_warm, range(2))                # both worker processes up before timing
+        reduction = session.reduce(_timed_square, tasks, combine, on_result=on_result)
+    assert consumed == list(range(14))              # folded in task order ...
+    assert arrived != sorted(arrived) and arrived[0] != 0    # ... although they arrived out of order
+    assert max(held) <= 4                           # never more than the window held at once
+    assert all(times[i][0] >= times[0][1] for i in range(4, 14))   # nothing started past the window
+    assert reduction.value == sum(float(i * i) for i in range(14)) and reduction.failures == []

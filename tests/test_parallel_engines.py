@@ -89,3 +89,46 @@ def test_session_keeps_workers_across_maps():
         seeds = parallel.task_seeds(1, 4)
         assert session.map(fake.seeded_sum, seeds) == [fake.seeded_sum(s) for s in seeds]
     assert first == second and len(first) == 2 and os.getpid() not in first
+
+
+def _fold_in_order(consumed):
+    def combine(total, value):
+        consumed.append(value)
+        return value if total is None else total + value   # float sums: the order shows in the bits
+    return combine
+
+
+def test_streamed_reduce_identical_and_bounded_on_every_engine(dask_client):
+    """The fold of 12 results sees them in task order on every engine, so its floating-point sum is
+    bit for bit the in-order sum; on dask with in_flight 1 at most 2 results (2 workers) wait."""
+    seeds = parallel.task_seeds(5, 12)
+    values = [fake.seeded_sum(s) for s in seeds]
+    expected = values[0]
+    for v in values[1:]:
+        expected = expected + v
+    for settings, extra in [(Frozen({"engine": "serial"}), {}),
+                            (Frozen({"engine": "local", "n_processes": 2, "in_flight": 1}), {}),
+                            (Frozen({"engine": "dask", "in_flight": 1}), {"client": dask_client})]:
+        consumed, arrived = [], []
+        held = []
+        on_result = lambda i, r: (arrived.append(i), held.append(len(arrived) - len(consumed)))  # noqa: E731
+        reduction = parallel.reduce(fake.seeded_sum, seeds, _fold_in_order(consumed), settings,
+                                    on_result=on_result, **extra)
+        assert consumed == values, settings["engine"]
+        assert reduction.value == expected and reduction.n_success == 12
+        assert max(held) <= (1 if settings["engine"] == "serial" else 2)
+
+
+@pytest.mark.parametrize("engine", ["serial", "local"])
+def test_streamed_reduce_skips_and_records_failures(engine):
+    settings = Frozen({"engine": engine, "n_processes": 2, "retries": 1, "min_success": 0.75})
+    consumed = []
+    reduction = parallel.reduce(fake.fails_for_two, range(4), _fold_in_order(consumed), settings,
+                                tolerate_failures=True)
+    assert consumed == [0, 1, 3] and reduction.value == 4
+    assert [f.index for f in reduction.failures] == [2] and "diverged" in reduction.failures[0].error
+    assert parallel.require_success(reduction, settings) == 4
+    with pytest.raises(RuntimeError, match="only 3 of 4"):
+        parallel.require_success(reduction, Frozen({"min_success": 4}))
+    with pytest.raises(RuntimeError, match="task 2"):       # not tolerated: raised as it finishes
+        parallel.reduce(fake.fails_for_two, range(4), _fold_in_order([]), settings)

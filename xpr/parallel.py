@@ -2,6 +2,7 @@
 
     results = parallel.map(fn, tasks, settings.multi_process)
     results = parallel.map(fn, tasks, settings.multi_process, shared=pattern)   # fn(task, pattern)
+    total = parallel.reduce(fn, tasks, combine, settings.multi_process)         # streamed, see below
     with parallel.Session(settings.multi_process) as session:                  # workers kept up
         for chunk in chunks: session.map(fn, tasks_of(chunk))
 
@@ -17,20 +18,31 @@ A task that raises, or whose worker dies, is run again up to `retries` times. Wi
 `require_success` decides whether enough succeeded (`min_success`). Seeded work takes its seeds
 from `task_seeds(seed, n)`, fixed per task index, so results are identical whatever the engine.
 Only the calling process writes files: workers return results.
+
+Streaming (`imap`, `reduce`): results are handed over in task order as soon as every earlier task
+is done, and dropped by this module once handed over. Only tasks in a sliding window of
+`in_flight` × workers task indices past the first not yet handed over are submitted, so at most
+that many results are ever held (running, or finished and waiting for an earlier one), whatever
+the number of tasks; `reduce` folds them in task order, so a floating-point sum is bit for bit
+the same on every engine and any number of workers.
 """
 from __future__ import annotations
 
+import collections
 import functools
 import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from xpr.errors import SettingsError
+
+IN_FLIGHT = 4   # default tasks per worker in the streaming window (multi_process.in_flight)
 
 
 @dataclass
@@ -42,6 +54,19 @@ class TaskFailure:
 
     def __bool__(self):
         return False
+
+
+@dataclass
+class Reduction:
+    """What `reduce` returns: the folded value of the tasks that succeeded, and those that failed."""
+
+    value: Any
+    n_tasks: int
+    failures: list = field(default_factory=list)
+
+    @property
+    def n_success(self) -> int:
+        return self.n_tasks - len(self.failures)
 
 
 def available_cpus() -> int:
@@ -88,25 +113,42 @@ def n_workers(settings, n_tasks: int) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# engines: each takes (call, n_tasks, settings, on_done) and returns {index: result | TaskFailure}
+# engines: generators (call, tasks, settings, session, window) -> (index, result | TaskFailure)
+# in the order tasks finish; a task is submitted only once window.admits(index)
 # --------------------------------------------------------------------------------------------
 
 def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def _serial(call, tasks, settings, on_done):
+class _Window:
+    """Task indices that may be submitted: [next, next + size), next = first not yet handed over."""
+
+    def __init__(self, per_worker=None):
+        self.per_worker = per_worker      # None: no bound (map keeps every result anyway)
+        self.next = 0
+        self.size = None
+
+    def set_workers(self, workers: int):
+        if self.per_worker is not None:
+            self.size = max(1, int(self.per_worker) * max(1, int(workers)))
+
+    def admits(self, index: int) -> bool:
+        return self.size is None or index < self.next + self.size
+
+
+def _serial(call, tasks, settings, session, window):
     retries = int(_get(settings, "retries", 1))
-    results = {}
+    window.set_workers(1)
     for index, task in enumerate(tasks):
         for attempt in range(retries + 1):
             try:
-                results[index] = call(task)
+                result = call(task)
                 break
             except Exception as error:  # a task's own failure: retried, then recorded
-                results[index] = TaskFailure(index, _describe(error))
-        on_done(index, results[index])
-    return results
+                result = TaskFailure(index, _describe(error))
+        yield index, result
+        del result
 
 
 def _init_worker(threads: int):
@@ -115,33 +157,52 @@ def _init_worker(threads: int):
         os.environ[name] = str(threads)
 
 
-def _local(call, tasks, settings, on_done, session):
+def _local(call, tasks, settings, session, window):
     retries = int(_get(settings, "retries", 1))
     attempts = [0] * len(tasks)
-    results: dict = {}
-    pending = list(range(len(tasks)))
-    while pending:
-        pool = session.local_pool(len(tasks))
-        futures = {index: pool.submit(call, tasks[index]) for index in pending}
-        pending, broken = [], False
-        for index, future in futures.items():
-            try:
-                results[index] = future.result()
-                on_done(index, results[index])
-                continue
-            except BrokenProcessPool as error:   # a worker died: the pool must be replaced
-                broken, reason = True, "worker process died: " + _describe(error)
-            except Exception as error:           # the task's own failure
-                reason = _describe(error)
-            attempts[index] += 1
-            if attempts[index] > retries:
-                results[index] = TaskFailure(index, reason)
-                on_done(index, results[index])
-            else:
-                pending.append(index)
-        if broken:
-            session.drop_local_pool()
-    return results
+    retry = collections.deque()        # indices to run again (always inside the window)
+    fresh = 0                          # the next index never submitted
+    running: dict = {}                 # future -> index; popped as soon as its result is handed on
+    window.set_workers(session.local_workers(len(tasks)))
+    try:
+        while fresh < len(tasks) or retry or running:
+            pool = session.local_pool(len(tasks))
+            while retry:
+                index = retry.popleft()
+                running[pool.submit(call, tasks[index])] = index
+            while fresh < len(tasks) and window.admits(fresh):
+                running[pool.submit(call, tasks[fresh])] = fresh
+                fresh += 1
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            broken = any(isinstance(f.exception(), BrokenProcessPool) for f in finished)
+            if broken:       # a worker died: every task still running in the pool ends now
+                finished, _ = wait(running)
+            batch = collections.deque(sorted(finished, key=running.get))
+            del finished                             # each result is referenced once: by `batch`
+            while batch:
+                future = batch.popleft()
+                index = running.pop(future)
+                try:
+                    result = future.result()
+                except BrokenProcessPool as error:   # a worker died: the pool must be replaced
+                    reason = "worker process died: " + _describe(error)
+                except Exception as error:           # the task's own failure
+                    reason = _describe(error)
+                else:
+                    del future
+                    yield index, result
+                    del result
+                    continue
+                attempts[index] += 1
+                if attempts[index] > retries:
+                    yield index, TaskFailure(index, reason)
+                else:
+                    retry.append(index)
+            if broken:
+                session.drop_local_pool()
+    finally:                                         # closed early: nothing left queued
+        for future in running:
+            future.cancel()
 
 
 def dask_client(settings):
@@ -185,7 +246,20 @@ def dask_client(settings):
     return client
 
 
-def _dask(call, tasks, settings, on_done, session):
+def _dask_slots(client, settings) -> int:
+    """Task slots of the cluster: its threads now, or those of the jobs xpr asked for."""
+    try:
+        threads = sum(client.nthreads().values())
+    except Exception:  # noqa: BLE001 - a scheduler that cannot say: fall back on the settings
+        threads = 0
+    planned = 0
+    if getattr(client, "xpr_owns_cluster", None) is not None:
+        cluster_settings = (_get(settings, "dask", None) or {}).get("cluster") or {}
+        planned = int(cluster_settings.get("jobs", 2)) * int(cluster_settings.get("cores", 1))
+    return max(1, threads, planned)
+
+
+def _dask(call, tasks, settings, session, window):
     from dask.distributed import as_completed
 
     retries = int(_get(settings, "retries", 1))
@@ -195,24 +269,41 @@ def _dask(call, tasks, settings, on_done, session):
         # large inputs go to every worker once; each task refers to them by future
         extra["shared"] = client.scatter(call.keywords["shared"], broadcast=True)
         call = call.func
-    futures = client.map(call, tasks, pure=False, retries=retries, **extra)
-    index_of = {future.key: i for i, future in enumerate(futures)}
-    results = {}
-    for future in as_completed(futures):
-        index = index_of[future.key]
-        try:
-            results[index] = future.result()
-        except Exception as error:  # failed after dask's retries (or its worker kept dying)
-            results[index] = TaskFailure(index, _describe(error))
-        on_done(index, results[index])
-    return results
+    window.set_workers(_dask_slots(client, settings))
+    index_of = {}
+    fresh = 0
+
+    def submit_admitted():
+        nonlocal fresh
+        batch = []
+        while fresh < len(tasks) and window.admits(fresh):
+            batch.append(fresh)
+            fresh += 1
+        if not batch:
+            return []
+        futures = client.map(call, [tasks[i] for i in batch], pure=False, retries=retries, **extra)
+        index_of.update((future.key, i) for i, future in zip(batch, futures))
+        return futures
+
+    pending = as_completed(submit_admitted(), loop=client.loop)
+    try:
+        for future in pending:
+            index = index_of.pop(future.key)
+            try:
+                result = future.result()
+            except Exception as error:  # failed after dask's retries (or its worker kept dying)
+                result = TaskFailure(index, _describe(error))
+            del future                  # the cluster may forget it
+            yield index, result
+            del result
+            pending.update(submit_admitted())
+    finally:                            # closed early: nothing left running for us
+        left = list(pending.futures)
+        if left:
+            client.cancel(left)
 
 
-def _serial_engine(call, tasks, settings, on_done, session):
-    return _serial(call, tasks, settings, on_done)
-
-
-ENGINES = {"serial": _serial_engine, "local": _local, "dask": _dask}
+ENGINES = {"serial": _serial, "local": _local, "dask": _dask}
 
 
 class Session:
@@ -233,15 +324,22 @@ class Session:
             raise SettingsError(f"unknown engine '{self.engine}' (known: {', '.join(ENGINES)})",
                                 key="multi_process.engine")
         self._pool = None
+        self._pool_workers = None
         self._client = client
         self._owned = None
 
+    def local_workers(self, n_tasks: int) -> int:
+        if self._pool is not None:
+            return self._pool_workers
+        return n_workers(self.settings, max(n_tasks, physical_cores()))
+
     def local_pool(self, n_tasks: int) -> ProcessPoolExecutor:
         if self._pool is None:
-            workers = n_workers(self.settings, max(n_tasks, physical_cores()))
+            workers = self.local_workers(n_tasks)
             threads = max(1, available_cpus() // workers)
             self._pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
                                              initializer=_init_worker, initargs=(threads,))
+            self._pool_workers = workers
         return self._pool
 
     def drop_local_pool(self):
@@ -254,26 +352,82 @@ class Session:
             self._client = self._owned = dask_client(self.settings)
         return self._client
 
+    def _stream(self, fn, tasks, shared, on_result, window):
+        """(index, result | TaskFailure) in the order tasks finish; on_result called for each."""
+        engine = self.engine
+        if engine == "local" and (n_workers(self.settings, len(tasks)) == 1 or len(tasks) <= 1):
+            engine = "serial"
+        call = functools.partial(fn, shared=shared) if shared is not None else fn
+        for index, result in ENGINES[engine](call, tasks, self.settings, self, window):
+            if on_result is not None:
+                on_result(index, result)
+            yield index, result
+            del result
+
     def map(self, fn, tasks, shared=None, on_result=None, tolerate_failures=False):
         """fn(task) (or fn(task, shared=shared)) for every task, in task order.
 
         on_result(index, result) is called as each task finishes (result may be a TaskFailure).
         Without tolerate_failures the first task that still fails after its retries raises
         RuntimeError; with it, failed tasks come back as TaskFailure in their place.
+        Every result is kept until the end: for many large results use `imap` or `reduce`.
         """
         tasks = list(tasks)
-        engine = self.engine
-        if engine == "local" and (n_workers(self.settings, len(tasks)) == 1 or len(tasks) <= 1):
-            engine = "serial"
-        call = functools.partial(fn, shared=shared) if shared is not None else fn
-        done = on_result or (lambda index, result: None)
-        results = ENGINES[engine](call, tasks, self.settings, done, self)
+        results = dict(self._stream(fn, tasks, shared, on_result, _Window()))
         ordered = [results[i] for i in range(len(tasks))]
         failures = [r for r in ordered if isinstance(r, TaskFailure)]
         if failures and not tolerate_failures:
             raise RuntimeError(f"{len(failures)} of {len(tasks)} tasks failed; first: task "
                                f"{failures[0].index}: {failures[0].error}")
         return ordered
+
+    def imap(self, fn, tasks, shared=None, on_result=None, tolerate_failures=False, in_flight=None):
+        """Generator of (index, result) in task order, each as soon as all earlier tasks are done.
+
+        Results are not kept here once handed over. Tasks are submitted only within a window of
+        in_flight × workers indices past the first one not yet handed over (in_flight default:
+        `multi_process.in_flight`, else 4), so at most that many results are held at a time.
+        on_result(index, result) is called as each task finishes (completion order), e.g. for a
+        progress bar. Without tolerate_failures a task that still fails after its retries raises
+        RuntimeError when it finishes; with it, it is handed over as a TaskFailure in its place.
+        """
+        tasks = list(tasks)
+        per_worker = in_flight if in_flight is not None else _get(self.settings, "in_flight", IN_FLIGHT)
+        if per_worker is None or int(per_worker) < 1:
+            raise SettingsError(f"in_flight must be an integer >= 1, got {per_worker!r}",
+                                key="multi_process.in_flight")
+        window = _Window(int(per_worker))
+        held = {}                 # finished, waiting for an earlier task
+        for index, result in self._stream(fn, tasks, shared, on_result, window):
+            if isinstance(result, TaskFailure) and not tolerate_failures:
+                raise RuntimeError(f"task {result.index} of {len(tasks)} failed after its retries: "
+                                   f"{result.error}")
+            held[index] = result
+            del result
+            while window.next in held:
+                index, ready = window.next, held.pop(window.next)
+                window.next += 1
+                yield index, ready
+                del ready
+
+    def reduce(self, fn, tasks, combine, initial=None, shared=None, on_result=None,
+               tolerate_failures=False, in_flight=None) -> Reduction:
+        """Fold the results in task order as they stream in: value = combine(value, result).
+
+        Each result is dropped once combined (see `imap`), so memory stays bounded whatever the
+        number of tasks, and the fold is the same on every engine. Failed tasks (with
+        tolerate_failures) are skipped and listed in the returned Reduction's `failures`.
+        """
+        tasks = list(tasks)
+        value, failures = initial, []
+        for index, result in self.imap(fn, tasks, shared=shared, on_result=on_result,
+                                       tolerate_failures=tolerate_failures, in_flight=in_flight):
+            if isinstance(result, TaskFailure):
+                failures.append(result)
+            else:
+                value = combine(value, result)
+            del result
+        return Reduction(value, len(tasks), failures)
 
     def close(self):
         self.drop_local_pool()
@@ -299,13 +453,44 @@ def map(fn, tasks, settings=None, shared=None, on_result=None, tolerate_failures
                            tolerate_failures=tolerate_failures)
 
 
-def require_success(results, settings=None) -> list:
-    """The successful results; RuntimeError if fewer than `min_success` of them."""
-    good = [r for r in results if not isinstance(r, TaskFailure)]
+def imap(fn, tasks, settings=None, shared=None, on_result=None, tolerate_failures=False,
+         client=None, in_flight=None):
+    """One `Session(settings, client).imap(...)`; the workers stop when the generator ends."""
+    with Session(settings, client=client) as session:
+        yield from session.imap(fn, tasks, shared=shared, on_result=on_result,
+                                tolerate_failures=tolerate_failures, in_flight=in_flight)
+
+
+def reduce(fn, tasks, combine, settings=None, initial=None, shared=None, on_result=None,
+           tolerate_failures=False, client=None, in_flight=None) -> Reduction:
+    """One `Session(settings, client).reduce(...)`: streamed fold of the results in task order."""
+    with Session(settings, client=client) as session:
+        return session.reduce(fn, tasks, combine, initial=initial, shared=shared, on_result=on_result,
+                              tolerate_failures=tolerate_failures, in_flight=in_flight)
+
+
+def required_successes(n_tasks: int, settings=None) -> int:
+    """How many of n_tasks must succeed: `min_success` as a fraction (<= 1) or a number (> 1)."""
     minimum = float(_get(settings, "min_success", 1.0))
-    needed = int(np.ceil(minimum * len(results))) if minimum <= 1 else int(minimum)
-    if len(good) < needed:
-        failed = [f"task {r.index}: {r.error}" for r in results if isinstance(r, TaskFailure)]
-        raise RuntimeError(f"only {len(good)} of {len(results)} tasks succeeded (min_success "
+    return int(np.ceil(minimum * n_tasks)) if minimum <= 1 else int(minimum)
+
+
+def require_success(results, settings=None):
+    """The successful results; RuntimeError if fewer than `min_success` of them.
+
+    results: a list as `map(..., tolerate_failures=True)` returns it (gives the successful
+    results), or a `Reduction` (gives its value).
+    """
+    if isinstance(results, Reduction):
+        n_tasks, failures, good = results.n_tasks, results.failures, results.value
+        n_good = results.n_success
+    else:
+        failures = [r for r in results if isinstance(r, TaskFailure)]
+        good = [r for r in results if not isinstance(r, TaskFailure)]
+        n_tasks, n_good = len(results), len(good)
+    if n_good < required_successes(n_tasks, settings):
+        minimum = float(_get(settings, "min_success", 1.0))
+        failed = [f"task {r.index}: {r.error}" for r in failures]
+        raise RuntimeError(f"only {n_good} of {n_tasks} tasks succeeded (min_success "
                            f"{minimum}); failed: " + "; ".join(failed))
     return good

@@ -1,5 +1,6 @@
 """simulate_patterns → correlate agrees with simulate_ccd within the Monte-Carlo error, and the
-extraction from it recovers B_2 … B_10; Poisson noise; bad input."""
+extraction from it recovers B_2 … B_10; Poisson noise; bad input; the same C to the last bit on
+every engine; an unreadable chunk recorded and left out."""
 from pathlib import Path
 
 import h5py
@@ -122,3 +123,139 @@ def test_missing_pattern_files_are_a_clear_error(home, run_xpr, tmp_path):
     result = run_xpr(["-q", "fxs", "correlate", cor])
     assert result.exit_code == 2
     assert "missing" in result.output
+
+
+# ------------------------------------------------------------- chunks over engines, lost chunks
+
+SMALL = {"image_dimensions": [32, 32], "pixel_size": 200.0, "sample_distance": 80.0,
+         "wavelength": LAMBDA, "detector_origin": [15.5, 15.5]}
+SMALL_GRID = {"max_q": 0.15, "n_radial_points": 8}     # every ring lies on the detector
+N_PHI = 16
+
+
+def write_pattern_files(folder, n_files=3, per_file=10, seed=0, checksum=False):
+    """Far-field patterns |Σ_j exp(i q·R r_j)|² of five point scatterers in random orientations R,
+    with Poisson noise, per_file in each of n_files HDF5 files (one chunk per pattern, optionally
+    fletcher32-checksummed); returns the pattern_list file."""
+    from scipy.spatial.transform import Rotation
+
+    rng = np.random.default_rng(seed)
+    q = Detector(tuple(SMALL["image_dimensions"]), 200.0, 80.0, LAMBDA, (15.5, 15.5)).q_vectors()
+    atoms = rng.normal(scale=12.0, size=(5, 3))
+    names = []
+    for k in range(n_files):
+        rotations = Rotation.random(per_file, random_state=rng.integers(2 ** 32)).as_matrix()
+        amplitude = np.exp(1j * np.einsum("rcx,pax->prca", q, atoms @ rotations.transpose(0, 2, 1))).sum(-1)
+        patterns = rng.poisson(50 * np.abs(amplitude) ** 2).astype(np.float32)
+        name = folder / f"patterns_{k}.h5"
+        with h5py.File(name, "w") as f:
+            f.create_dataset("data", data=patterns, chunks=(1, 32, 32), fletcher32=checksum)
+        names.append(name)
+    listing = folder / "patterns_list.txt"
+    listing.write_text("".join(f"{n}\n" for n in names))
+    return listing, names
+
+
+def correlate_settings(tmp_path, name, listing, **extra):
+    return write(tmp_path, name, {"structure_name": name, "dimensions": 3, "input": {"pattern_list": str(listing)},
+                                  "detector": SMALL, "grid": SMALL_GRID, "n_angular_points": N_PHI,
+                                  "chunk_size": 4, **extra})
+
+
+def small_shared():
+    q = reciprocal_radial_points(SMALL_GRID["max_q"], SMALL_GRID["n_radial_points"])
+    detector = Detector(tuple(SMALL["image_dimensions"]), 200.0, 80.0, LAMBDA, (15.5, 15.5))
+    return {"geometry": polar_geometry(detector, q, N_PHI, True), "order": 3, "n_phi": N_PHI,
+            "dataset": "data", "intensity_limits": None}
+
+
+def read_latest(home, name):
+    with h5py.File(home / "data/fxs/ccd" / f"3d_{name}.h5") as f:
+        return f["cross_correlation/I1I1"][()], f["average_intensity"][()], int(f["number_of_patterns"][()])
+
+
+def test_engines_give_bit_identical_cross_correlations(home, run_xpr, tmp_path):
+    """30 patterns in 9 chunks of ≤ 4 on 1 process, 2 local processes and a 2-worker dask
+    LocalCluster: the same C(q1, q2, Δ) to the last bit (partial sums added in chunk order), and
+    it is the direct angular correlation ⟨I(q1, φ+Δ) I(q2, φ)⟩ over patterns and φ."""
+    from xpr.fxs.correlate import sample_polar
+
+    listing, files = write_pattern_files(tmp_path)
+    cor = correlate_settings(tmp_path, "engines", listing)
+    runs = {}
+    for engine, overrides in [("serial", ["multi_process.engine=serial"]),
+                              ("local", ["multi_process.engine=local", "multi_process.n_processes=2",
+                                         "multi_process.in_flight=1"]),
+                              ("dask", ["multi_process.engine=dask", "multi_process.dask.cluster.jobs=2",
+                                        "multi_process.in_flight=1"])]:
+        if engine == "dask":
+            pytest.importorskip("distributed")
+        args = ["-q", "fxs", "correlate", cor]
+        for o in overrides:
+            args += ["-o", o]
+        result = run_xpr(args)
+        assert result.exit_code == 0, result.output
+        runs[engine] = read_latest(home, "engines")
+    cc, average, n = runs["serial"]
+    assert n == 30
+    for engine, (other_cc, other_average, other_n) in runs.items():
+        assert np.array_equal(other_cc, cc) and np.array_equal(other_average, average), engine
+        assert other_n == 30
+
+    shared = small_shared()
+    values = []
+    for name in files:
+        with h5py.File(name) as f:
+            for image in f["data"][()]:
+                v, mask = sample_polar(image, shared["geometry"], 3)
+                assert mask.all()
+                values.append(v)
+    values = np.array(values)                                       # (patterns, q, φ)
+    direct = np.stack([np.einsum("pai,pbi->ab", np.roll(values, -d, axis=-1), values)
+                       for d in range(N_PHI)], axis=-1) / (len(values) * N_PHI)
+    np.testing.assert_allclose(cc, direct, rtol=1e-9)
+    np.testing.assert_allclose(average, values.mean(axis=(0, 2)), rtol=1e-12)
+
+
+def test_unreadable_chunk_is_recorded_and_left_out(home, run_xpr, tmp_path):
+    """Pattern 5 of the second file is corrupted on disk (its checksum fails on reading), so the
+    chunk of patterns 4-7 of that file fails, also when retried. With min_success above the 8 good
+    chunks of 9 the run fails (exit 1) and is not linked; with min_success 8 it finishes, records
+    the chunk in ccd.h5, and its C is the one of the other chunks' patterns alone."""
+    listing, files = write_pattern_files(tmp_path, checksum=True)
+    with h5py.File(files[1]) as f:
+        info = f["data"].id.get_chunk_info_by_coord((5, 0, 0))
+    with open(files[1], "r+b") as raw:
+        raw.seek(info.byte_offset + 100)
+        raw.write(b"\xff\x00\xff\x00")
+
+    strict = correlate_settings(tmp_path, "lost", listing, multi_process={"engine": "serial", "min_success": 9})
+    result = run_xpr(["-q", "fxs", "correlate", strict])
+    assert result.exit_code == 1
+    assert "only 8 of 9 tasks succeeded" in result.output
+    assert not (home / "data/fxs/ccd/3d_lost.h5").exists()        # a failed run is never linked
+    failed_run = next((home / "data/fxs/ccd/archive/3d_lost").glob("*/run_0"))
+    assert (failed_run / "FAILED").exists() and (failed_run / "ccd.h5").exists()   # what succeeded is kept
+
+    tolerant = correlate_settings(tmp_path, "lost", listing, multi_process={
+        "engine": "local", "n_processes": 2, "retries": 2, "min_success": 8})
+    result = run_xpr(["fxs", "correlate", tolerant])
+    assert result.exit_code == 0, result.output
+    assert "failed after 2 retries" in result.output
+    cc, average, n = read_latest(home, "lost")
+    assert n == 26
+    from xpr.io import load_tree
+    record = load_tree(home / "data/fxs/ccd/3d_lost.h5")["failed_chunks"]
+    assert len(record) == 1
+    assert (record[0]["file"], record[0]["first_pattern"], record[0]["last_pattern"]) == (str(files[1]), 4, 7)
+    assert "OSError" in record[0]["error"]
+
+    shared = small_shared()
+    good = [{"file": str(f), "start": s, "stop": min(s + 4, 10)} for f in files for s in (0, 4, 8)
+            if not (f == files[1] and s == 4)]
+    expected_cc, expected_average, _ = finish(add_sums(correlate_chunk(t, shared) for t in good), N_PHI)
+    np.testing.assert_allclose(cc, expected_cc, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(average, expected_average, rtol=1e-12, atol=0)
+    everything, _, _ = finish(add_sums(correlate_chunk({"file": str(f), "start": 0, "stop": 10}, shared)
+                                       for f in files if f != files[1]), N_PHI)
+    assert not np.allclose(cc, everything)    # the good patterns 4, 6, 7 of the lost chunk are out too

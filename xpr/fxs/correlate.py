@@ -14,8 +14,16 @@
                     = ⟨I(q1, φ+Δ) I(q2, φ)⟩ over patterns and valid φ,
 
    the convention of ``invariants`` (C_n = B_n). Orders above ``fc_n_max`` can be dropped.
-Patterns are processed in chunks spread over processes (``multi_process``), partial sums added
-in chunk order, so the result does not depend on the number of processes.
+Patterns are processed in chunks spread over processes or a dask cluster (``multi_process``).
+Each chunk returns its partial sums (Σ F F*, Σ G G*, Σ m I, Σ m and the pattern counts); the
+client adds them in chunk order as they arrive and drops them (``parallel.reduce``: at most
+``multi_process.in_flight`` × workers chunks in flight or waiting for an earlier one), so memory
+does not grow with the number of patterns and the result is bit for bit the same whatever the
+engine or the number of processes. A chunk that still fails after ``multi_process.retries``
+(unreadable file, lost worker) is logged and recorded in ccd.h5 (``failed_chunks``: file, first
+and last pattern index, error); its patterns are left out, and the run fails only when fewer than
+``multi_process.min_success`` chunks succeeded (ccd.h5 of the others is then still written into
+the failed, unlinked run folder).
 """
 from __future__ import annotations
 
@@ -153,15 +161,48 @@ def correlate_chunk(task, shared) -> dict:
     return sums
 
 
+def accumulate(total, part) -> dict:
+    """total + part, element by element, added into total (a copy of part when total is None).
+
+    The reduction step of ``run`` (one chunk at a time, in chunk order); ``add_sums`` of a list
+    gives bit for bit the same."""
+    if total is None:
+        return {k: (np.array(v, copy=True) if isinstance(v, np.ndarray) else v) for k, v in part.items()}
+    for k, v in part.items():
+        if isinstance(total[k], np.ndarray):
+            np.add(total[k], v, out=total[k])
+        else:
+            total[k] = total[k] + v
+    return total
+
+
 def add_sums(parts) -> dict:
     total = None
     for part in parts:
-        if total is None:
-            total = {k: (np.array(v, copy=True) if isinstance(v, np.ndarray) else v) for k, v in part.items()}
-        else:
-            for k, v in part.items():
-                total[k] = total[k] + v
+        total = accumulate(total, part)
     return total
+
+
+def chunk_tasks(files, counts, chunk_size: int, limit=None) -> list[dict]:
+    """{file, start, stop} of every chunk of at most chunk_size patterns, at most limit in all."""
+    tasks, taken = [], 0
+    for f, n in zip(files, counts):
+        for start in range(0, n, chunk_size):
+            if limit is not None and taken >= limit:
+                break
+            stop = min(n, start + chunk_size)
+            if limit is not None:
+                stop = min(stop, start + limit - taken)
+            tasks.append({"file": f, "start": start, "stop": stop})
+            taken += stop - start
+    return tasks
+
+
+def failed_chunk_records(tasks, failures) -> list[dict]:
+    """What ccd.h5 records of each chunk that failed after its retries (xFrame-style list)."""
+    return [{"chunk": int(f.index), "file": str(tasks[f.index]["file"]),
+             "first_pattern": int(tasks[f.index]["start"]), "last_pattern": int(tasks[f.index]["stop"]) - 1,
+             "error": str(f.error)} for f in failures]
 
 
 def finish(sums, n_phi: int, fc_n_max=None):
@@ -196,35 +237,50 @@ def run(settings, archive):
     if not geometry["inside"].all():
         archive.log.warning("rings beyond q = %.4g 1/Å are partly off the detector and masked there",
                             detector.max_full_ring_q())
-    limit = settings.max_n_patterns
-    tasks, taken = [], 0
-    for f, n in zip(files, counts):
-        for start in range(0, n, settings.chunk_size):
-            if limit is not None and taken >= limit:
-                break
-            stop = min(n, start + settings.chunk_size)
-            if limit is not None:
-                stop = min(stop, start + limit - taken)
-            tasks.append({"file": f, "start": start, "stop": stop})
-            taken += stop - start
+    tasks = chunk_tasks(files, counts, settings.chunk_size, settings.max_n_patterns)
+    taken = sum(t["stop"] - t["start"] for t in tasks)
     filt = settings.intensity_filter
     shared = {"geometry": geometry, "order": settings.interpolation_order, "n_phi": n_phi,
               "dataset": dataset, "intensity_limits": (filt.min_mean, filt.max_mean) if filt.use else None}
     archive.log.info("%d patterns in %d chunks → C on %d q × %d Δ", taken, len(tasks), len(q), n_phi)
     bar = archive.progress(total=taken, desc="correlate")
-    parts = parallel.map(correlate_chunk, tasks, settings.multi_process, shared=shared,
-                         on_result=lambda i, r: bar.update(r["n_good"] + r["n_bad"] if isinstance(r, dict) else 0))
+
+    def progress(index, result):
+        task = tasks[index]
+        bar.update(task["stop"] - task["start"])
+
+    # partial sums added in chunk order as they arrive, then dropped; failed chunks come back as
+    # TaskFailure after their retries and are left out
+    reduction = parallel.reduce(correlate_chunk, tasks, accumulate, settings.multi_process, shared=shared,
+                                on_result=progress, tolerate_failures=True)
     bar.close()
-    sums = add_sums(parts)
+    failed = failed_chunk_records(tasks, reduction.failures)
+    for record in failed:
+        archive.log.warning("chunk %d (%s, patterns %d-%d) failed after %d retries, left out: %s",
+                            record["chunk"], record["file"], record["first_pattern"], record["last_pattern"],
+                            settings.multi_process.retries, record["error"])
+    sums = reduction.value
+    if sums is None:                   # no chunk succeeded
+        parallel.require_success(reduction, settings.multi_process)
+        raise RuntimeError(f"all {len(tasks)} chunks of patterns failed")
     if sums["n_good"] == 0:
         raise InputError("no pattern passed the is_good selection", key="intensity_filter")
     cc, average, _ = finish(sums, n_phi, settings.fc_n_max)
-    archive.log.info("used %d patterns, rejected %d", sums["n_good"], sums["n_bad"])
+    lost = sum(r["last_pattern"] - r["first_pattern"] + 1 for r in failed)
+    archive.log.info("used %d patterns, rejected %d%s", sums["n_good"], sums["n_bad"],
+                     f", lost {lost} in {len(failed)} failed chunk(s)" if failed else "")
     tree = ccd_file.ccd_tree(q, cc, detector.wavelength, average, n_particles,
                              dimensions=settings.dimensions, cc_counts=sums["n_good"])
+    tree["failed_chunks"] = failed
     ccd_file.write_xframe_h5(archive.file("ccd.h5"), tree)
+    # fewer than min_success chunks succeeded: the run fails here (exit 1, not linked); the
+    # ccd.h5 of the chunks that did succeed stays in its folder
+    if reduction.n_success < parallel.required_successes(len(tasks), settings.multi_process):
+        archive.log.error("ccd.h5 of the %d chunk(s) that succeeded is kept in %s (not linked)",
+                          reduction.n_success, archive.path)
+    parallel.require_success(reduction, settings.multi_process)
     archive.set_main("ccd.h5")
     archive.savefig(ccd_file.cc_figure(cc, q, f"cross-correlation of {sums['n_good']} patterns"),
                     "cross_correlation.png")
     return {"cross_correlation": cc, "average_intensity": average, "radial_points": q,
-            "n_good": sums["n_good"]}
+            "n_good": sums["n_good"], "failed_chunks": failed}
