@@ -28,6 +28,18 @@ batched: real-space arrays have the layout (phi, theta, repeat, r) in 3-D and (p
 2-D, coefficient arrays (m, l, repeat, r) and (m, repeat, r), m in FFT order (0..L, -L..-1). With
 this layout every step is one FFT along the first axis or one stacked matrix product, on numpy or
 cupy alike.
+
+What the phasing loop transforms is real (densities, intensities) or the amplitude of a real
+density, so in 3-D it works on the m >= 0 half of the coefficients, (L+1 [m], L+1 [l], repeat, r):
+
+    real field      c_{l,-m} = s_m conj(c_lm)                 (s_m = (-1)^m, Condon-Shortley)
+    its amplitude   A_{l,-m} = s_m (-1)^l conj(A_lm)          (the Hankel phase (-i)^l squared)
+
+and only the Legendre rows and Hankel products that exist (l >= m). The amplitude's phi spectrum
+is rebuilt from the even-l and odd-l Legendre sums E_m, O_m (row m: E_m + O_m, row -m:
+conj(E_m - O_m)); the real part of a density comes from the folded spectrum
+(F_m +- conj(F_-m)) / 2 analysed with the even and odd rows. Each step is thus a quarter of the
+products of the full complex transforms (fxs_reconstruct.md has the derivation).
 """
 from __future__ import annotations
 
@@ -241,7 +253,69 @@ class FourierTransformPair:
                 self.negative_m_sign[m] = np.sign(np.sum(table[m] * table[len(self.ms) - m]))
             self.synthesis_matrix_nonnegative = self.synthesis_matrix[:L + 1]
             self.analysis_matrix_nonnegative = self.analysis_matrix[:L + 1]
+            self._legendre_blocks(L)
         self._negative_sign = xp.asarray(self.negative_m_sign[1:][::-1], dtype=rdtype)   # rows -L..-1
+
+    def _legendre_blocks(self, L):
+        """Per m >= 0 the Legendre rows that exist (l >= m), all together and split by the parity
+        of l, as contiguous matrices: the half-spectrum transforms multiply only these."""
+        xp = self.xp
+        analysis, synthesis = self.analysis_matrix_nonnegative, self.synthesis_matrix_nonnegative
+        self._analysis_blocks, self._synthesis_blocks = [], []
+        self._analysis_parity_blocks, self._synthesis_parity_blocks = [], []
+        for m in range(L + 1):
+            rows = slice(m, L + 1)
+            self._analysis_blocks.append((rows, xp.ascontiguousarray(analysis[m, rows, :])))
+            self._synthesis_blocks.append((rows, xp.ascontiguousarray(synthesis[m, :, rows])))
+            by_parity_a, by_parity_s = [], []
+            for parity in (0, 1):
+                start = m if m % 2 == parity else m + 1
+                if start > L:
+                    continue
+                rows = slice(start, L + 1, 2)
+                by_parity_a.append((parity, rows, xp.ascontiguousarray(analysis[m, rows, :])))
+                by_parity_s.append((parity, rows, xp.ascontiguousarray(synthesis[m, :, rows])))
+            self._analysis_parity_blocks.append(by_parity_a)
+            self._synthesis_parity_blocks.append(by_parity_s)
+
+    def _analysis_half(self, spectrum, odd_spectrum=None):
+        """c[m, l] = sum_t a_lm(t) X_m(t) for 0 <= m <= l: (L+1, T, ...) FFT rows m -> (L+1, L+1, ...).
+        With odd_spectrum, X is `spectrum` for even l and `odd_spectrum` for odd l."""
+        xp = self.xp
+        Lp1, T = spectrum.shape[:2]
+        rest = spectrum.shape[2:]
+        out = xp.zeros((Lp1, Lp1) + rest, dtype=self.backend.complex_dtype)
+        for m in range(Lp1):
+            if odd_spectrum is None:
+                rows, matrix = self._analysis_blocks[m]
+                out[m, rows] = self._real_matmul(matrix, spectrum[m].reshape(T, -1)).reshape((-1,) + rest)
+                continue
+            for parity, rows, matrix in self._analysis_parity_blocks[m]:
+                source = spectrum if parity == 0 else odd_spectrum
+                out[m, rows] = self._real_matmul(matrix, source[m].reshape(T, -1)).reshape((-1,) + rest)
+        return out
+
+    def _synthesis_half(self, coefficients, by_parity=False):
+        """v_m(t) = sum_{l >= m} P_lm(t) c[m, l] for m = 0..L: (L+1, L+1, ...) -> (L+1, T, ...);
+        by_parity: the sums over even and over odd l apart."""
+        xp = self.xp
+        Lp1 = coefficients.shape[0]
+        rest = coefficients.shape[2:]
+        T = self.synthesis_matrix.shape[1]
+        shape = (Lp1, T) + rest
+        if not by_parity:
+            out = xp.empty(shape, dtype=self.backend.complex_dtype)
+            for m in range(Lp1):
+                rows, matrix = self._synthesis_blocks[m]
+                out[m] = self._real_matmul(matrix, coefficients[m, rows].reshape(matrix.shape[1], -1)).reshape((T,) + rest)
+            return out
+        even = xp.zeros(shape, dtype=self.backend.complex_dtype)
+        odd = xp.zeros(shape, dtype=self.backend.complex_dtype)
+        for m in range(Lp1):
+            for parity, rows, matrix in self._synthesis_parity_blocks[m]:
+                target = even if parity == 0 else odd
+                target[m] = self._real_matmul(matrix, coefficients[m, rows].reshape(matrix.shape[1], -1)).reshape((T,) + rest)
+        return even, odd
 
     @staticmethod
     def _pseudo_inverse(forward, real_weights, reciprocal_weights, rcond=0.5):
@@ -272,41 +346,49 @@ class FourierTransformPair:
         coefficients = self._real_matmul(self.analysis_matrix, spectrum.reshape(M, T, -1))
         return coefficients.reshape((M, -1) + spectrum.shape[2:])
 
+    def harmonic_half_of_real(self, field):
+        """The m >= 0 half of harmonic() for a real field (real FFT): 3-D (L+1, L+1, B, N), 2-D (L+1, B, N).
+
+        The rest follows from c_{l,-m} = s_m conj(c_lm); rows m = 0 are real."""
+        L = self.grid.max_order
+        half = self.backend.rfft(field, axis=0)[:L + 1]
+        if self.grid.dimensions == 2:
+            return half / self.n_phi
+        return self._analysis_half(half)
+
     def harmonic_of_real(self, field):
         """harmonic() of a real field, from its m >= 0 half (real FFT); same output layout."""
         xp = self.xp
         L = self.grid.max_order
-        half = self.backend.rfft(field, axis=0)[:L + 1]
-        if self.grid.dimensions == 2:
-            positive = half / self.n_phi
-        else:
-            T = half.shape[1]
-            positive = self._real_matmul(self.analysis_matrix_nonnegative, half.reshape(L + 1, T, -1))
-            positive = positive.reshape((L + 1, -1) + half.shape[2:])
+        positive = self.harmonic_half_of_real(field)
         out = xp.empty((2 * L + 1,) + positive.shape[1:], dtype=positive.dtype)
         out[:L + 1] = positive
         sign = self._negative_sign.reshape((L,) + (1,) * (positive.ndim - 1))
         out[L + 1:] = sign * positive[L:0:-1].conj()
         return out
 
+    def real_field_of_half(self, positive):
+        """The real field whose m >= 0 coefficients are `positive` (layout of harmonic_half_of_real;
+        the imaginary parts of the m = 0 rows are ignored): Legendre synthesis and an inverse real FFT."""
+        xp = self.xp
+        L = self.grid.max_order
+        if self.grid.dimensions == 2:
+            values = positive * self.n_phi
+        else:
+            values = self._synthesis_half(positive) * self.n_phi
+        spectrum = xp.zeros((self.n_phi // 2 + 1,) + values.shape[1:], dtype=values.dtype)
+        spectrum[:L + 1] = values
+        spectrum[0] = spectrum[0].real
+        return self.backend.irfft(spectrum, axis=0, n=self.n_phi)
+
     def real_inverse_harmonic(self, coefficients):
         """Re(inverse_harmonic(coefficients)), from the Hermitian part of the m >= 0 half (inverse real FFT)."""
-        xp = self.xp
         L = self.grid.max_order
         positive = coefficients[:L + 1].copy()
         sign = self._negative_sign.reshape((L,) + (1,) * (coefficients.ndim - 1))
         positive[1:] += sign[::-1] * coefficients[:L:-1].conj()          # rows -1..-L for m = 1..L
         positive[1:] *= 0.5
-        positive[0] = positive[0].real
-        if self.grid.dimensions == 2:
-            values = positive * self.n_phi
-        else:
-            Lp1 = coefficients.shape[1]
-            values = self._real_matmul(self.synthesis_matrix_nonnegative, positive.reshape(L + 1, Lp1, -1))
-            values = values.reshape((L + 1, -1) + coefficients.shape[2:]) * self.n_phi
-        spectrum = xp.zeros((self.n_phi // 2 + 1,) + values.shape[1:], dtype=values.dtype)
-        spectrum[:L + 1] = values
-        return self.backend.irfft(spectrum, axis=0, n=self.n_phi)
+        return self.real_field_of_half(positive)
 
     def inverse_harmonic(self, coefficients):
         """Field on the angular grid from harmonic coefficients (complex)."""
@@ -329,10 +411,29 @@ class FourierTransformPair:
             profiles = xp.transpose(coefficients, (0, 2, 1))             # (M, N, B)
             out = self._real_matmul(matrices, profiles) * phases[:, None, None]
             return xp.ascontiguousarray(xp.transpose(out, (0, 2, 1)))
-        M, Lp1, B, N = coefficients.shape                                # (M, L+1, B, N)
-        profiles = xp.transpose(coefficients, (1, 3, 0, 2)).reshape(Lp1, N, M * B)
-        out = self._real_matmul(matrices, profiles) * phases[:, None, None]   # (L+1, N', M*B)
-        return xp.ascontiguousarray(xp.transpose(out.reshape(Lp1, -1, M, B), (2, 0, 3, 1)))
+        return self._apply_per_order_3d(coefficients, matrices, phases)
+
+    def _apply_per_order_3d(self, coefficients, matrices, phases):
+        """3-D: out[m, l] = phase_l * matrices[l] @ coefficients[m, l] (radial axis), for |m| <= l only.
+
+        coefficients: (M, L+1, B, N), m in FFT order (full) or m = 0..L (M = L+1, half). Y_lm
+        exists only for |m| <= l, so each order multiplies just its 2l+1 (half: l+1) columns: half
+        the products of one stacked matrix product over all m."""
+        xp = self.xp
+        M, Lp1, B, N = coefficients.shape
+        rdtype, cdtype = self.backend.real_dtype, self.backend.complex_dtype
+        profiles = xp.ascontiguousarray(xp.transpose(coefficients, (1, 3, 0, 2)), dtype=cdtype)  # (l, N, m, B)
+        real = profiles.view(rdtype).reshape(Lp1, N, 2 * M * B)
+        n_out = matrices.shape[1]
+        out = xp.zeros((Lp1, n_out, 2 * M * B), dtype=rdtype)
+        for l in range(Lp1):
+            positive = 2 * B * (l + 1)                                   # columns of m = 0..l
+            out[l, :, :positive] = matrices[l] @ real[l, :, :positive]
+            if M > Lp1 and l > 0:                                        # m = -l..-1 at the end
+                negative = 2 * B * (M - l)
+                out[l, :, negative:] = matrices[l] @ real[l, :, negative:]
+        out = out.view(cdtype).reshape(Lp1, n_out, M, B) * phases[:, None, None, None]
+        return xp.ascontiguousarray(xp.transpose(out, (2, 0, 3, 1)))
 
     def hankel(self, coefficients):
         return self._apply_per_order(coefficients, self.hankel_forward, self.phase_forward)
@@ -340,13 +441,67 @@ class FourierTransformPair:
     def inverse_hankel(self, coefficients):
         return self._apply_per_order(coefficients, self.hankel_inverse, self.phase_inverse)
 
+    def _full_of_half_amplitude(self, half):
+        """Full (M, L+1, B, N) amplitude coefficients from the m >= 0 half, for the amplitude of a
+        real density: A_{l,-m} = s_m (-1)^l conj(A_lm) (s_m of the real-field symmetry)."""
+        xp = self.xp
+        L = self.grid.max_order
+        out = xp.empty((2 * L + 1,) + half.shape[1:], dtype=half.dtype)
+        out[:L + 1] = half
+        signs = self._negative_sign[:, None] * xp.asarray((-1.0) ** np.arange(L + 1), dtype=self._negative_sign.dtype)
+        out[L + 1:] = signs[:, :, None, None] * half[L:0:-1].conj()
+        return out
+
+    def _amplitude_of_half(self, half):
+        """Amplitude field of a real density from its m >= 0 coefficients. With E_m, O_m the
+        Legendre sums over even and odd l, row m of the phi spectrum is E_m + O_m and row -m is
+        conj(E_m - O_m) (from A_{l,-m} = s_m (-1)^l conj(A_lm) and P_{l,-m} = s_m P_lm)."""
+        xp = self.xp
+        L = self.grid.max_order
+        even, odd = self._synthesis_half(half, by_parity=True)
+        spectrum = xp.zeros((self.n_phi,) + even.shape[1:], dtype=self.backend.complex_dtype)
+        spectrum[:L + 1] = even + odd
+        spectrum[self.n_phi - L:] = (even[L:0:-1] - odd[L:0:-1]).conj()
+        spectrum *= self.n_phi
+        return self.backend.ifft(spectrum, axis=0, overwrite_x=True)
+
+    def _real_part_half_of_field(self, field):
+        """_real_part_half(harmonic(field)) from the phi spectrum F: the fold only needs
+        G+-_m = (F_m +- conj(F_-m)) / 2, analysed with the even (+) and odd (-) l rows."""
+        xp = self.xp
+        L = self.grid.max_order
+        spectrum = self.backend.fft(field, axis=0)
+        positive = spectrum[:L + 1]
+        negative = xp.concatenate([spectrum[:1], spectrum[:self.n_phi - L - 1:-1]]).conj()   # conj F_-m, m = 0..L
+        plus = (positive + negative) * 0.5
+        minus = (positive - negative) * 0.5
+        return self._analysis_half(plus, minus)
+
+    def _real_part_half(self, coefficients):
+        """m >= 0 half of the amplitude coefficients whose inverse Hankel gives Re(density):
+        (A_lm + (-1)^l s_m conj(A_{l,-m})) / 2 (the m = 0 row: the real part up to i^l)."""
+        xp = self.xp
+        L = self.grid.max_order
+        half = coefficients[:L + 1].copy()
+        parity = xp.asarray((-1.0) ** np.arange(L + 1), dtype=self._negative_sign.dtype)
+        signs = self._negative_sign[::-1, None] * parity                   # rows -1..-L, all l
+        half[1:] += signs[:, :, None, None] * coefficients[:L:-1].conj()
+        half[1:] *= 0.5
+        half[0] = 0.5 * (half[0] + parity[:, None, None] * half[0].conj())
+        return half
+
     # --- full transforms ---------------------------------------------------------------------
     def forward(self, density):
         """Amplitude A(q, angles) of a density (same layout)."""
         xp = self.xp
         if xp.iscomplexobj(density):
             return self.inverse_harmonic(self.hankel(self.harmonic(density.astype(self.backend.complex_dtype))))
-        return self.inverse_harmonic(self.hankel(self.harmonic_of_real(density.astype(self.backend.real_dtype))))
+        density = density.astype(self.backend.real_dtype)
+        if self.grid.dimensions == 3:                  # m >= 0 half through the Hankel step
+            half = self._apply_per_order_3d(self.harmonic_half_of_real(density), self.hankel_forward,
+                                            self.phase_forward)
+            return self._amplitude_of_half(half)
+        return self.inverse_harmonic(self.hankel(self.harmonic_of_real(density)))
 
     def inverse(self, amplitude):
         """Density (complex) of an amplitude."""
@@ -358,6 +513,9 @@ class FourierTransformPair:
 
     def real_inverse(self, amplitude):
         """Re(inverse(amplitude)): the real part of the density of an amplitude."""
+        if self.grid.dimensions == 3:                  # fold to the m >= 0 half before the Hankel step
+            half = self._real_part_half_of_field(amplitude)
+            return self.real_field_of_half(self._apply_per_order_3d(half, self.hankel_inverse, self.phase_inverse))
         return self.real_inverse_harmonic(self.inverse_hankel(self.harmonic(amplitude)))
 
     def order_of_coefficients(self) -> np.ndarray:

@@ -40,6 +40,10 @@ class InvariantConstraint:
     zeroth_order: I_0(q) from the average intensity (harmonic normalisation of the transforms), or None.
     odd_orders_to_zero: constrain odd orders to zero (where their q mask is set).
     data_q_mask: bool (N_q): where the amplitude modulus is replaced at all.
+    fixed_phase_orders: 2-D only: orders n whose unknown phase is fixed, a_n := 0 (I_n = v_n)
+        instead of fitted. The invariants fix each a_n only up to a common rotation of the
+        particle (a rotation by b multiplies I_n by e^{-inb}); fixing one order's phase removes
+        that freedom up to rotations by multiples of 2 pi / n (xFrame's SO_freedom).
     """
 
     projection_vectors: dict
@@ -49,6 +53,7 @@ class InvariantConstraint:
     data_q_mask: np.ndarray | None = None
     max_order: int = 0
     extra: dict = field(default_factory=dict)
+    fixed_phase_orders: tuple = ()
 
 
 def procrustes_unitary(V, I, xp=np):
@@ -61,38 +66,128 @@ def procrustes_unitary(V, I, xp=np):
     return W @ Zh
 
 
-def project_coefficients_3d(coefficients, constraint: InvariantConstraint, ms: np.ndarray, xp=np):
-    """Change of the intensity coefficients (M, L+1, B, Q) under the projection (same layout).
+def real_projection_matrix(V, rank_tolerance: float = 0.0) -> np.ndarray:
+    """Real V_l with V_l V_l^T = B_l, from projection matrices of any column phases (3-D).
 
-    Per order l the coefficients I_l (2l+1 rows m, B, Q) are used as they lie: the overlap
-    V_l^dagger I_l^T and the fit V_l U_l are matrix products over the stacked batch (BLAS), and
-    only the small (B, r, 2l+1) overlaps go through the SVD.
+    In the real spherical-harmonic basis (below) a real intensity has real coefficients, so
+    B_l = Re(V V^dagger) is real symmetric and its eigenvectors times sqrt(eigenvalue) are a real
+    V_l; xFrame likewise keeps only the real part of its 3-D projection matrices. Columns whose
+    eigenvalue is below rank_tolerance x the largest carry nothing B_l resolves (at
+    rank_tolerance = the working precision's epsilon they are below its rounding) and are dropped,
+    which shrinks the Procrustes SVDs from (2l+1)^2 to rank x (2l+1).
     """
-    change = xp.zeros_like(coefficients)
+    V = np.asarray(V)
+    B = np.real(V @ V.conj().T)
+    values, vectors = np.linalg.eigh((B + B.T) / 2)
+    order = np.argsort(values)[::-1]
+    values, vectors = values[order], vectors[:, order]
+    largest = max(float(values[0]), 0.0) if len(values) else 0.0
+    keep = values > max(rank_tolerance * largest, 0.0)
+    keep[0] = True                                   # one column at least (zero for zero data)
+    return vectors[:, keep] * np.sqrt(np.clip(values[keep], 0, None))
+
+
+class RealHarmonicOrder:
+    """The m >= 0 coefficients c_l0 .. c_ll of one order of a real field, as the 2l+1 real
+    coefficients of the real spherical-harmonic basis:
+
+        x_0 = c_l0,   x_m = sqrt(2) Re c_lm,   x_{l+m} = sqrt(2) Im c_lm   (m = 1 .. l).
+
+    With c_{l,-m} = s_m conj(c_lm) (|s_m| = 1) this map is orthogonal: sum_{|m|<=l} |c_lm|^2 =
+    sum x^2, so B_l(q1, q2) = x(q1) . x(q2) and the Procrustes problem is real.
+    """
+
+    @staticmethod
+    def pack(half_l, xp):
+        """(l+1, B, Q) complex -> (2l+1, B, Q) real."""
+        root2 = np.sqrt(2.0)
+        return xp.concatenate([half_l[:1].real, root2 * half_l[1:].real, root2 * half_l[1:].imag])
+
+    @staticmethod
+    def unpack(x, xp):
+        """(2l+1, B, Q) real -> (l+1, B, Q) complex."""
+        l = (x.shape[0] - 1) // 2
+        out = xp.empty((l + 1,) + x.shape[1:], dtype=xp.result_type(x.dtype, xp.complex64))
+        out[0] = x[0]
+        out[1:] = (x[1:l + 1] + 1j * x[l + 1:]) / np.sqrt(2.0)
+        return out
+
+
+def procrustes_fit_real(V, x, xp=np):
+    """V U with U (r x k, orthonormal rows) minimising ||V U - X||_F for each repeat, all real.
+
+    V (Q, r); x (k, B, Q), X_b = x[:, b, :]^T (Q x k). The overlap V^T X_b is one matrix product
+    over the stacked batch; its SVD W S Z^T gives U = W Z^T; returns V U in x's layout (k, B, Q).
+    """
+    k, B, Q = x.shape
+    overlap_t = (x.reshape(k * B, Q) @ V).reshape(k, B, -1)              # (k, B, r) = (V^T X_b)^T
+    Z, _, Wt = xp.linalg.svd(xp.transpose(overlap_t, (1, 0, 2)), full_matrices=False)   # (B, k, r)
+    unitary_t = Z @ Wt                                                  # (B, k, r) = U^T
+    fit = unitary_t @ V.T                                               # (B, k, Q) = (V U)^T
+    return xp.transpose(fit, (1, 0, 2))
+
+
+class OrderConstraints3D:
+    """Per order l, what the projection does with the m >= 0 intensity coefficients c_lm (3-D):
+    'average' (l = 0 from the average intensity), 'zero' (odd l) or 'fit' (Procrustes on a real
+    V_l), each only where the order's q mask is set; on the device, prepared once."""
+
+    def __init__(self, constraint: InvariantConstraint, max_order: int, backend, rank_tolerance=None):
+        xp = backend.xp
+        eps = float(np.finfo(backend.real_dtype).eps) if rank_tolerance is None else float(rank_tolerance)
+        self.orders = []
+        for l in range(max_order + 1):
+            mask = constraint.q_masks.get(l)
+            if mask is None or not np.any(mask):
+                continue
+            mask_device = xp.asarray(np.asarray(mask, bool))
+            if l == 0 and constraint.zeroth_order is not None:
+                target = np.asarray(constraint.zeroth_order, float) * mask
+                self.orders.append((l, "average", mask_device, xp.asarray(target, dtype=backend.real_dtype)))
+            elif l % 2 == 1 and constraint.odd_orders_to_zero:
+                self.orders.append((l, "zero", mask_device, None))
+            elif l in constraint.projection_vectors:
+                V = real_projection_matrix(constraint.projection_vectors[l], eps) * np.asarray(mask)[:, None]
+                self.orders.append((l, "fit", mask_device, xp.asarray(V, dtype=backend.real_dtype)))
+
+    def change(self, half, xp=np):
+        """Change of the m >= 0 coefficients (L+1 [m], L+1 [l], B, Q) under the projection."""
+        change = xp.zeros_like(half)
+        for l, kind, mask, data in self.orders:
+            current = half[:l + 1, l]                                    # (l+1, B, Q)
+            if kind == "average":
+                target = data.astype(current.dtype)[None, None, :]
+                change[0, l] = xp.where(mask, target[0] - current[0], 0)
+                continue
+            if kind == "zero":
+                change[:l + 1, l] = xp.where(mask, -current, 0)
+                continue
+            fit = RealHarmonicOrder.unpack(procrustes_fit_real(data, RealHarmonicOrder.pack(current, xp), xp), xp)
+            change[:l + 1, l] = xp.where(mask, fit.astype(current.dtype) - current, 0)
+        return change
+
+
+def project_coefficients_3d(coefficients, constraint: InvariantConstraint, ms: np.ndarray, xp=np):
+    """Change of full intensity coefficients (M, L+1, B, Q), m in FFT order, under the projection
+    (the layout of FourierTransformPair.harmonic; InvariantProjection works on the m >= 0 half)."""
+    from xpr.backend import Backend
+
     L = coefficients.shape[1] - 1
-    for l in range(L + 1):
-        mask = constraint.q_masks.get(l)
-        if mask is None or not np.any(mask):
-            continue
-        rows = np.flatnonzero(np.abs(ms) <= l)
-        rows = slice(int(rows[0]), int(rows[-1]) + 1) if l == 0 else xp.asarray(rows)
-        current = coefficients[rows, l]                                  # (2l+1, B, Q)
-        if l == 0 and constraint.zeroth_order is not None:
-            target = xp.asarray(constraint.zeroth_order, dtype=current.dtype)
-        elif l % 2 == 1 and constraint.odd_orders_to_zero:
-            target = 0
-        elif l in constraint.projection_vectors:
-            V = xp.asarray(constraint.projection_vectors[l], dtype=current.dtype) * xp.asarray(mask)[:, None]
-            U = procrustes_unitary(V, xp.transpose(current, (1, 2, 0)), xp)   # (B, r, 2l+1)
-            target = xp.transpose(xp.matmul(V, U), (2, 0, 1))           # (2l+1, B, Q) = (V U)^T
-        else:
-            continue
-        change[rows, l] = xp.where(xp.asarray(mask), target - current, 0)
+    backend = Backend(xp is not np, "single" if coefficients.dtype == np.complex64 else "double")
+    half_change = OrderConstraints3D(constraint, L, backend).change(coefficients[:L + 1], xp)
+    change = xp.zeros_like(coefficients)
+    change[:L + 1] = half_change
+    signs = np.array([(-1.0) ** m for m in range(1, L + 1)])[::-1]      # rows -L..-1: c_{l,-m} = (-1)^m conj(c_lm)
+    change[L + 1:] = xp.asarray(signs, dtype=coefficients.real.dtype)[:, None, None, None] * half_change[L:0:-1].conj()
     return change
 
 
 def project_coefficients_2d(coefficients, constraint: InvariantConstraint, ms: np.ndarray, xp=np):
-    """Change of the intensity coefficients (M, B, Q), n in FFT order, under the projection."""
+    """Change of the intensity coefficients (M, B, Q), n in FFT order, under the projection.
+
+    Per order n the target is v_n e^{i a_n} with a_n = arg(v_n^dagger I_n) the best phase, or
+    a_n = 0 for the orders in constraint.fixed_phase_orders.
+    """
     change = xp.zeros_like(coefficients)
     for n in range(int(np.max(ms)) + 1):
         mask = constraint.q_masks.get(n)
@@ -105,6 +200,9 @@ def project_coefficients_2d(coefficients, constraint: InvariantConstraint, ms: n
             target = xp.broadcast_to(xp.asarray(constraint.zeroth_order, dtype=current.dtype), current.shape)
         elif n % 2 == 1 and constraint.odd_orders_to_zero:
             target = xp.zeros_like(current)
+        elif n in constraint.projection_vectors and n in constraint.fixed_phase_orders:
+            v = xp.asarray(constraint.projection_vectors[n], dtype=current.dtype) * mask
+            target = xp.broadcast_to(v, current.shape)                   # a_n := 0 for every repeat
         elif n in constraint.projection_vectors:
             v = xp.asarray(constraint.projection_vectors[n], dtype=current.dtype) * mask
             overlap = xp.sum(v.conj() * current, axis=-1, keepdims=True)  # v^dagger I_n per repeat
@@ -130,34 +228,40 @@ class InvariantProjection:
         if data_mask is None:
             data_mask = np.ones(transform.grid.n_radial, dtype=bool)
         self.data_q_mask = self.xp.asarray(data_mask)
+        self._constrains_every_q = bool(np.all(data_mask))
+        if transform.grid.dimensions == 3:
+            self.orders_3d = OrderConstraints3D(constraint, transform.grid.max_order, transform.backend)
         self.last_amplitude = None
 
     def project_intensity(self, intensity):
         """Projected intensity I' (real, same layout) of an intensity."""
         t = self.transform
-        coefficients = t.real_harmonic_coefficients(intensity)
         if t.grid.dimensions == 3:
-            change = project_coefficients_3d(coefficients, self.constraint, t.ms, self.xp)
-        else:
-            change = project_coefficients_2d(coefficients, self.constraint, t.ms, self.xp)
+            change = self.orders_3d.change(t.harmonic_half_of_real(intensity), self.xp)
+            return intensity + t.real_field_of_half(change).astype(intensity.dtype)
+        coefficients = t.real_harmonic_coefficients(intensity)
+        change = project_coefficients_2d(coefficients, self.constraint, t.ms, self.xp)
         return intensity + t.real_inverse_harmonic(change).astype(intensity.dtype)
 
     def project_amplitude(self, amplitude):
         """Amplitude with its modulus replaced by sqrt(I') where the data are, and the modulus error."""
         xp = self.xp
         modulus = xp.abs(amplitude)
-        projected = self.project_intensity(modulus ** 2)
-        projected = xp.sqrt(xp.maximum(projected, 0, out=projected), out=projected)
-        new_modulus = xp.where(self.data_q_mask, projected, modulus)     # |A'|
-        factor = new_modulus / xp.where(modulus > 0, modulus, 1)
+        scratch = modulus * modulus                                       # |A|^2, later reused
+        projected = self.project_intensity(scratch)
+        new_modulus = xp.sqrt(xp.maximum(projected, 0, out=projected), out=projected)   # |A'|
+        if not self._constrains_every_q:
+            new_modulus = xp.where(self.data_q_mask, new_modulus, modulus)
+        lost = modulus == 0                                               # no phase there: take A' real
+        any_lost = bool(xp.any(lost))
+        factor = new_modulus / (xp.where(lost, 1, modulus) if any_lost else modulus)
         new = amplitude * factor
-        lost = modulus == 0                                               # no phase: take it real
-        if bool(xp.any(lost & self.data_q_mask)):
+        if any_lost:
             new = xp.where(lost & self.data_q_mask, new_modulus.astype(amplitude.dtype), new)
         grid = self.transform.grid
-        difference = modulus - new_modulus
-        mismatch = integrate(difference * difference, grid, "reciprocal", xp)
-        norm = integrate(new_modulus * new_modulus, grid, "reciprocal", xp)
+        difference = xp.subtract(modulus, new_modulus, out=scratch)
+        mismatch = integrate(xp.multiply(difference, difference, out=difference), grid, "reciprocal", xp)
+        norm = integrate(xp.multiply(new_modulus, new_modulus, out=factor), grid, "reciprocal", xp)
         e_mod = xp.sqrt(mismatch / xp.maximum(norm, 1e-30))
         return new, e_mod
 
