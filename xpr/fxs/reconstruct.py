@@ -4,7 +4,10 @@
    V_l (3-D, B_l = V_l V_l^dagger) or vectors v_n (2-D), their q ranges and the average intensity.
 2. Build the polar (2-D) or spherical (3-D) grid pair (midpoint radial grids, Q R = pi N) and the
    harmonic + Hankel transforms between densities and amplitudes (``fxs_phasing``); put the data
-   on its reciprocal grid (cubic interpolation in q when the grids differ).
+   on its reciprocal grid (regrid.interpolation: cubic, linear or nearest in q when the grids
+   differ) and scale it to one particle (number_of_particles: given, or estimated from the data
+   by xFrame's negative-volume heuristic, ``particle_number``); SO_freedom (2-D) fixes one
+   order's phase so that all reconstructions share one orientation.
 3. The reciprocal projection (``reciprocal_projection``): intensity harmonics of the current
    amplitude, the orthogonal Procrustes fit I_l = V_l U_l per order (2-D: one phase per order),
    rebuilt intensity, modulus scaled to it. The real-space projection (support, positivity) and
@@ -24,13 +27,14 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-from scipy.interpolate import CubicSpline
+from scipy.interpolate import CubicSpline, interp1d
 
 from xpr import parallel
 from xpr.backend import Backend
 from xpr.errors import InputError
 from xpr.fxs.fxs_phasing import (FourierTransformPair, RealSpaceOptions, blas_threads, build_grid,
                                  density_guess, phase, radial_field)
+from xpr.fxs.particle_number import check_search_space, estimate_number_of_particles
 from xpr.fxs.reciprocal_projection import (InvariantConstraint, InvariantProjection,
                                            invariants_from_coefficients)
 
@@ -109,26 +113,67 @@ def grid_from_settings(settings, data, path):
                       g.reciprocity_coefficient)
 
 
-def _to_grid(values, q_data, q_grid):
-    """Columns of values (N_data, ...) on the grid's q (cubic), zero outside the data range."""
+INTERPOLATIONS = ("cubic", "linear", "nearest")
+
+
+def data_step(q_data) -> float:
+    """The data's radial step (mean spacing; the width of one data q cell)."""
+    return float((q_data[-1] - q_data[0]) / max(len(q_data) - 1, 1))
+
+
+def in_data_range(q_grid, q_data) -> np.ndarray:
+    """Grid radii inside the data's q cells [q_0 - dq/2, q_last + dq/2] (dq the data's step)."""
+    half = data_step(q_data) / 2 * (1 + 1e-9)
+    return (q_grid >= q_data[0] - half) & (q_grid <= q_data[-1] + half)
+
+
+def _to_grid(values, q_data, q_grid, kind: str = "cubic"):
+    """Columns of values (N_data, ...) on the grid's q, zero outside the data's q cells.
+
+    kind: cubic (not-a-knot cubic spline: exact for cubic polynomials in q), linear (exact for
+    linear profiles) or nearest (the value of the nearest data point). Inside the data range the
+    interpolant is used; in the half cells beyond the first and last data point it is extended
+    (the data's cells reach there and the constraint acts there); beyond them the result is zero.
+    """
+    values = np.asarray(values)
+    q_data, q_grid = np.asarray(q_data, float), np.asarray(q_grid, float)
     if len(q_data) == len(q_grid) and np.allclose(q_data, q_grid, rtol=1e-6):
-        return np.asarray(values)
-    spline_re = CubicSpline(q_data, np.real(values), axis=0)
-    out = spline_re(q_grid).astype(complex)
+        return values
+    if kind not in INTERPOLATIONS:
+        raise InputError(f"unknown interpolation {kind!r} (known: {', '.join(INTERPOLATIONS)})",
+                         key="projections.reciprocal.regrid.interpolation")
+
+    def interpolate(part):
+        if len(q_data) == 1:
+            return np.broadcast_to(part[:1], (len(q_grid),) + part.shape[1:]).copy()
+        if kind == "cubic" and len(q_data) >= 3:
+            return CubicSpline(q_data, part, axis=0, extrapolate=True)(q_grid)
+        chosen = "linear" if kind == "cubic" else kind          # 2 points: linear is the cubic spline
+        return interp1d(q_data, part, kind=chosen, axis=0, fill_value="extrapolate",
+                        assume_sorted=True)(q_grid)
+
+    out = interpolate(np.real(values)).astype(complex if np.iscomplexobj(values) else float)
     if np.iscomplexobj(values):
-        out += 1j * CubicSpline(q_data, np.imag(values), axis=0)(q_grid)
-    inside = (q_grid >= q_data[0]) & (q_grid <= q_data[-1])
-    out[~inside] = 0
+        out = out + 1j * interpolate(np.imag(values))
+    out[~in_data_range(q_grid, q_data)] = 0
     return out
 
 
 def constraint_from_data(data, grid, settings) -> InvariantConstraint:
-    """The invariant constraint on the reconstruction's reciprocal grid."""
+    """The invariant constraint on the reconstruction's reciprocal grid.
+
+    The data's V_l (l > 0) are divided by sqrt(N) and the average intensity by N, N the particles
+    per shot: number_of_particles.initial, or the estimate from the data when
+    number_of_particles.estimate is set (``particle_number``; stored in constraint.extra with
+    the curve it came from). SO_freedom (2-D) fixes one order's phase (fixed_phase_orders).
+    """
     rec = settings.projections.reciprocal
+    kind = str(rec.regrid.interpolation)
     q_data, q = data["q"], grid.reciprocal_radii
-    dq = (q_data[-1] - q_data[0]) / max(len(q_data) - 1, 1)
-    in_data = (q >= q_data[0] - dq / 2) & (q <= q_data[-1] + dq / 2)
-    n_particles = float(rec.number_of_particles.initial)
+    dq = data_step(q_data)
+    in_data = in_data_range(q, q_data)
+    number = rec.number_of_particles
+    search_space = check_search_space(number.search_space)
     orders = rec.used_order_ids
     orders = list(range(grid.max_order + 1)) if orders is None else [int(l) for l in orders]
     bad = [l for l in orders if l < 0 or l > grid.max_order]
@@ -147,14 +192,74 @@ def constraint_from_data(data, grid, settings) -> InvariantConstraint:
             mask = in_data & (q >= lo_q) & (q <= hi_q)
         else:
             mask = in_data.copy()
-        scale = 1.0 if l == 0 else 1 / np.sqrt(n_particles)
-        vectors[l] = _to_grid(V, q_data, q) * scale
+        vectors[l] = _to_grid(V, q_data, q, kind)                    # as measured (N particles)
         masks[l] = mask
+    harmonic_norm = np.sqrt(4 * np.pi) if grid.dimensions == 3 else 1.0
+    average = np.real(_to_grid(data["average_intensity"], q_data, q, kind))
+    n_particles, estimate = float(number.initial), None
+    if number.estimate:
+        if rec.use_averaged_intensity or 0 not in vectors:
+            zeroth_data = average * harmonic_norm
+        else:
+            zeroth_data = np.abs(np.asarray(vectors[0]).reshape(len(q)))
+        positive = {l: v for l, v in vectors.items()
+                    if l > 0 and np.any(masks[l]) and not (l % 2 == 1 and rec.odd_orders_to_0)}
+        estimate = estimate_number_of_particles(positive, zeroth_data, grid.dimensions, search_space,
+                                                q_mask=in_data)
+        n_particles = estimate.n_particles
+    for l in vectors:
+        if l > 0:
+            vectors[l] = vectors[l] / np.sqrt(n_particles)
+        else:
+            vectors[l] = vectors[l] / n_particles                   # V_0 = I_00 scales as N (B_0 as N^2)
     zeroth = None
     if rec.use_averaged_intensity and 0 in orders:
-        average = np.real(_to_grid(data["average_intensity"], q_data, q)) / n_particles
-        zeroth = average * (np.sqrt(4 * np.pi) if grid.dimensions == 3 else 1.0)
-    return InvariantConstraint(vectors, masks, zeroth, bool(rec.odd_orders_to_0), in_data, grid.max_order)
+        zeroth = average / n_particles * harmonic_norm
+    fixed = so_freedom_orders(settings, vectors, masks, grid, data["path"])
+    constraint = InvariantConstraint(vectors, masks, zeroth, bool(rec.odd_orders_to_0), in_data, grid.max_order,
+                                     fixed_phase_orders=fixed)
+    constraint.extra.update({"n_particles": n_particles, "particle_number_estimate": estimate})
+    return constraint
+
+
+def so_freedom_orders(settings, vectors, masks, grid, path=None) -> tuple:
+    """The order whose phase SO_freedom fixes (2-D), as a tuple: () when SO_freedom is off.
+
+    order: auto picks, among the constrained non-zero even orders, the one with the largest
+    mean of q |v_n(q)| over q >= radial_high_pass * max_q (xFrame's ranking of projection
+    vectors); an integer names the order.
+    """
+    so = settings.projections.reciprocal.SO_freedom
+    order = so.order
+    if isinstance(order, str) and order != "auto":
+        raise InputError(f"SO_freedom.order must be auto or an order number, got {order!r}",
+                         file=path, key="projections.reciprocal.SO_freedom.order")
+    if not so.use:
+        return ()
+    if grid.dimensions == 3:
+        raise InputError("SO_freedom is 2-D only: in 3-D each order has an unknown unitary U_l on which the "
+                         "particle's rotation acts through Wigner matrices; xFrame's 3-D variant only makes one "
+                         "matrix element real, which does not fix the orientation. Set "
+                         "projections.reciprocal.SO_freedom.use: false", file=path,
+                         key="projections.reciprocal.SO_freedom.use")
+    odd_to_zero = bool(settings.projections.reciprocal.odd_orders_to_0)
+    fittable = [n for n in vectors if n > 0 and np.any(masks[n]) and not (n % 2 == 1 and odd_to_zero)]
+    if order == "auto":
+        q = grid.reciprocal_radii
+        high = q >= float(so.radial_high_pass) * grid.max_q
+        candidates = [n for n in fittable if n % 2 == 0 and np.any(high & masks[n])]
+        if not candidates:
+            raise InputError("SO_freedom.order auto found no constrained non-zero even order with data above "
+                             f"radial_high_pass x max_q = {float(so.radial_high_pass) * grid.max_q:.4g} 1/Å",
+                             file=path, key="projections.reciprocal.SO_freedom.radial_high_pass")
+        strength = [float(np.mean((q * np.abs(np.asarray(vectors[n])))[high & masks[n]])) for n in candidates]
+        return (int(candidates[int(np.argmax(strength))]),)
+    order = int(order)
+    if order not in fittable:
+        raise InputError(f"SO_freedom.order {order} is not an order whose phase is fitted (the constrained orders "
+                         f"> 0{', odd orders excluded by odd_orders_to_0' if odd_to_zero else ''}: "
+                         f"{sorted(fittable)})", file=path, key="projections.reciprocal.SO_freedom.order")
+    return (order,)
 
 
 def target_density_norm(constraint: InvariantConstraint, grid) -> float:
@@ -276,7 +381,7 @@ def _phase_batch(task: dict) -> list:
             "last_real_density": to_xframe_layout(pick(result["last_real_density"]), d),
             "last_reciprocal_density": to_xframe_layout(pick(last_amplitude), d),
             "last_support_mask": to_xframe_layout(pick(result["last_support_mask"]), d),
-            "n_particles": float(settings["projections"]["reciprocal"]["number_of_particles"]["initial"]),
+            "n_particles": float(task["n_particles"]),
             "loop_iterations": int(total),
             "invariants": invariants_from_coefficients(coefficients, d, transform.ms),
             "seconds_per_iteration": seconds / max(total, 1),
@@ -385,6 +490,19 @@ def run(settings, archive):
                      data["dimensions"], data["max_order"], len(data["q"]))
     grid = grid_from_settings(settings, data, path)
     constraint = constraint_from_data(data, grid, settings)
+    n_particles = float(constraint.extra["n_particles"])
+    estimate = constraint.extra["particle_number_estimate"]
+    if estimate is not None:
+        archive.log.info("number of particles per shot estimated from the data: N = %.3g (negative-volume "
+                         "inflection at s = sqrt(N) = %.3g; a rough heuristic, see xpr/fxs/particle_number.py)",
+                         n_particles, np.sqrt(n_particles))
+        if estimate.n_particles in (float(estimate.scales[0] ** 2), float(estimate.scales[-1] ** 2)):
+            archive.log.warning("the particle-number estimate lies at the end of search_space %s: widen "
+                                "projections.reciprocal.number_of_particles.search_space",
+                                list(settings.projections.reciprocal.number_of_particles.search_space))
+    if constraint.fixed_phase_orders:
+        archive.log.info("SO_freedom: the phase of order %d is fixed (orientation fixed up to rotations by "
+                         "2π/%d)", constraint.fixed_phase_orders[0], constraint.fixed_phase_orders[0])
     options = real_space_options(settings)
     steps, loop_names = _schedule(settings)
     from xpr.phasing.schedule import describe
@@ -400,6 +518,7 @@ def run(settings, archive):
     tasks = [{"settings": plain, "use_gpu": backend.is_gpu, "grid": grid, "constraint": constraint,
               "steps": steps, "loop_names": loop_names, "options": options,
               "target_norm": target_density_norm(constraint, grid), "seeds": seeds[i:i + batch],
+              "n_particles": n_particles,
               "first": i, "position": k, "quiet": archive.quiet}
              for k, i in enumerate(range(0, n, batch))]
     # a batch whose process is lost (or raises) is retried; one that still fails is logged,
@@ -439,12 +558,19 @@ def run(settings, archive):
             "reciprocity_coefficient": float(settings.grid.reciprocity_coefficient),
             "particle_radius": float(settings.particle_radius),
             "invariants_file": str(path),
+            "n_particles": n_particles,
+            "fixed_phase_orders": np.asarray(constraint.fixed_phase_orders, dtype=int),
+            "regrid_interpolation": str(settings.projections.reciprocal.regrid.interpolation),
         },
         "reconstruction_results": {str(i): r for i, r in enumerate(results)},
         "projection_matrices": projection_matrices,
         "stats": {"run_time": time.time() - start, "seconds_per_iteration_per_batch": per_iteration},
         "failed_seeds": failed_seeds,
     }
+    if estimate is not None:
+        tree["number_of_particles_estimate"] = {"n_particles": estimate.n_particles, "scales": estimate.scales,
+                                                "negative_fraction": estimate.negative_fraction,
+                                                "gradient": estimate.gradient}
     archive.set_link_name(f"{settings.dimensions}d_{settings.structure_name}.h5")
     archive.save_h5("data.h5", tree, main=True)
     if settings.output.plots:
