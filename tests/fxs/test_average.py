@@ -59,8 +59,10 @@ def test_average_of_moved_copies_is_the_particle(home, run_xpr, tmp_path, dimens
         moved = rigid_motion(reference, grid, rotation=motion, shift=rng.uniform(-15, 15, dimensions), order=3)
         copies.append(moved + 0.01 * rng.standard_normal(moved.shape) * (moved > 0.05))
     today = datetime.date.today().strftime("%d_%m_%Y")
-    write_reconstructions(home / "data" / "fxs" / "reconstructions" / f"{dimensions}d_copies" / today / "run_0" /
-                          "data.h5", grid, copies, [1e-3, 2e-3, 3e-3, 4e-3])
+    # the same xFrame-style name finds a file beside it (2-D) or in xpr's run archive (3-D)
+    folder = home / "data" / "fxs" / "reconstructions" / ("archive" if dimensions == 3 else "")
+    write_reconstructions(folder / f"{dimensions}d_copies" / today / "run_0" / "data.h5", grid, copies,
+                          [1e-3, 2e-3, 3e-3, 4e-3])
     settings = {"structure_name": "copies", "dimensions": dimensions,
                 "reconstruction_files": [f"{dimensions}d_copies/{{today}}/run_0/data.h5"],
                 "find_rotation": {"max_order": 10}, "output": {"vtk": dimensions == 3}}

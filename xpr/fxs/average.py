@@ -43,7 +43,12 @@ def reconstruction_paths(settings, archive) -> list[Path]:
     paths = list(recorded)
     for i, name in enumerate(files):
         path = Path(str(name)).expanduser()
-        paths.append(path if path.is_absolute() else base / path)
+        if not path.is_absolute():
+            # xFrame's paths (<dims>d_<name>/<date>/run_N/data.h5) name runs that xpr keeps under
+            # reconstructions/archive/: either form is accepted
+            in_archive = base / "archive" / path
+            path = base / path if (base / path).exists() or not in_archive.exists() else in_archive
+        paths.append(path)
     return paths
 
 
