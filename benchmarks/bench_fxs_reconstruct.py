@@ -134,6 +134,16 @@ def speed(args):
           f"full-grid weights alone took {t_error * 1e3:.1f} ms (e_mod {float(e_mod[0]):.4f} vs {float(e_ref[0]):.4f})")
 
 
+def xframe_like_schedule(n_main, n_refinement):
+    """n_main x (60 HIO, SW, 20 ER), then n_refinement ER: xFrame's tutorial pattern, shortened."""
+    return parse_blocks({"sub_loops": {"order": ["m", "r"],
+                                       "m": {"iterations": n_main, "order": ["HIO", "SW", "ER"],
+                                             "methods": {"HIO": {"iterations": 60}, "SW": {"iterations": 1},
+                                                         "ER": {"iterations": 20}}},
+                                       "r": {"iterations": 1, "order": ["ER"],
+                                             "methods": {"ER": {"iterations": n_refinement}}}}})
+
+
 def quality(thresholds=(0.1, 0.02)):
     """2-D, exact invariants of three Gaussian blobs; the best of 4 reconstructions' invariant
     mismatch, for each final shrink-wrap threshold. The l = 0 mismatch comes from the support: a
@@ -146,11 +156,7 @@ def quality(thresholds=(0.1, 0.02)):
     model = blobs(grid, [(0, 0), (60, 10), (-20, 55)], [25, 14, 14], [1.0, 2.0, 1.5])
     constraint, invariants = exact_constraint(model, transform)
     projection = InvariantProjection(transform, constraint)
-    steps = parse_blocks({"sub_loops": {"order": ["m", "r"],
-                                        "m": {"iterations": 6, "order": ["HIO", "SW", "ER"],
-                                              "methods": {"HIO": {"iterations": 60}, "SW": {"iterations": 1},
-                                                          "ER": {"iterations": 20}}},
-                                        "r": {"iterations": 1, "order": ["ER"], "methods": {"ER": {"iterations": 100}}}}})
+    steps = xframe_like_schedule(6, 100)
     for threshold in thresholds:
         rng = np.random.default_rng(1)
         x = density_guess(grid, 4, 150.0, "bump", 0.3, "random", 2.0, rng, float(np.sum(model ** 2)))
@@ -187,11 +193,7 @@ def quality_3d(n_radial=40, max_order=32, max_q=0.15, n_repeats=4):
     model = np.clip(model, 0, None).astype(np.float32)
     constraint, invariants = exact_constraint(model, transform)
     projection = InvariantProjection(transform, constraint)
-    steps = parse_blocks({"sub_loops": {"order": ["m", "r"],
-                                        "m": {"iterations": 10, "order": ["HIO", "SW", "ER"],
-                                              "methods": {"HIO": {"iterations": 60}, "SW": {"iterations": 1},
-                                                          "ER": {"iterations": 20}}},
-                                        "r": {"iterations": 1, "order": ["ER"], "methods": {"ER": {"iterations": 200}}}}})
+    steps = xframe_like_schedule(10, 200)
     rng = np.random.default_rng(2)
     radius = 250.0
     x = density_guess(grid, n_repeats, radius, "bump", 0.3, "random", 2.0, rng,
