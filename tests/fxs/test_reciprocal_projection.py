@@ -8,7 +8,7 @@ from xpr.backend import Backend
 from xpr.fxs.alignment import WignerD, harmonic_coefficients, from_coefficients, rotate_coefficients_3d
 from xpr.fxs.fxs_phasing import FourierTransformPair, build_grid
 from xpr.fxs.fxs_phasing import gaussian_blobs as blobs
-from xpr.fxs.reciprocal_projection import (InvariantConstraint, InvariantProjection, invariants_from_coefficients,
+from xpr.fxs.reciprocal_projection import (InvariantProjection, constraint_from_density, invariants_from_coefficients,
                                            procrustes_unitary)
 
 
@@ -45,24 +45,6 @@ def test_procrustes_recovers_the_unitary_factor():
     assert np.abs(U @ U.conj().T - np.eye(rank)).max() < 1e-12
 
 
-def _constraint_from_density(density, transform, dimensions):
-    """Exact invariant data of a density: V_l from the eigen-decomposition of its B_l."""
-    intensity = np.abs(transform.forward(density)) ** 2
-    coefficients = transform.real_harmonic_coefficients(intensity)[..., 0, :]
-    invariants = invariants_from_coefficients(coefficients, dimensions, transform.ms)
-    vectors, masks = {}, {}
-    n_q = transform.grid.n_radial
-    for l, B in enumerate(invariants):
-        values, vecs = np.linalg.eigh(B)
-        rank = 1 if dimensions == 2 else min(2 * l + 1, n_q)
-        keep = np.argsort(values)[::-1][:rank]
-        V = vecs[:, keep] * np.sqrt(np.clip(values[keep], 0, None))
-        vectors[l] = V[:, 0] if dimensions == 2 else V
-        masks[l] = np.ones(n_q, bool)
-    i0 = coefficients[0, 0] if dimensions == 3 else coefficients[0]
-    return InvariantConstraint(vectors, masks, zeroth_order=i0.real, max_order=transform.grid.max_order), invariants
-
-
 @pytest.mark.parametrize("dimensions", [3, 2])
 def test_projection_keeps_every_rotation_of_the_solution(backend, dimensions):
     """The constraint holds only invariants: the model and any rotation of it are fixed points
@@ -72,7 +54,7 @@ def test_projection_keeps_every_rotation_of_the_solution(backend, dimensions):
     model = blobs(grid, [(0, 0, 0)[:dimensions], (60, 10, 0)[:dimensions], (-20, 50, 30)[:dimensions]],
                   [25, 15, 15], [1.0, 2.0, 1.5])
     model = from_coefficients(harmonic_coefficients(model, transform), transform)   # band-limited to L
-    constraint, invariants = _constraint_from_density(model[..., None, :], transform, dimensions)
+    constraint, invariants = constraint_from_density(model, transform)
     projection = InvariantProjection(transform, constraint)
     coefficients = harmonic_coefficients(model, transform)
     if dimensions == 3:

@@ -8,13 +8,13 @@ import h5py
 import numpy as np
 import pytest
 import yaml
-from test_reciprocal_projection import _constraint_from_density
 from test_reconstruct import SCHEDULE_2D, densities_of, discs_2d, write_invariants_file
 
 from xpr.backend import Backend
 from xpr.fxs.alignment import align, centre, correlation, find_rotation_2d, harmonic_coefficients, relative_error
 from xpr.fxs.fxs_phasing import FourierTransformPair, build_grid, gaussian_blobs
 from xpr.fxs.particle_number import estimate_number_of_particles
+from xpr.fxs.reciprocal_projection import constraint_from_density
 from xpr.fxs.reconstruct import _to_grid, in_data_range
 from xpr.io.h5 import load_tree
 
@@ -52,7 +52,7 @@ def test_particle_number_estimate(dimensions, grid_args, low, high):
     transform = FourierTransformPair(grid, Backend(False, "double"))
     centres, widths, heights = BLOBS
     density = gaussian_blobs(grid, [c[:dimensions] for c in centres], widths, heights)
-    constraint, _ = _constraint_from_density(density[..., None, :], transform, dimensions)
+    constraint, _ = constraint_from_density(density, transform)
     ratios = []
     for n in (1, 4, 16):
         vectors = {l: V * np.sqrt(n) for l, V in constraint.projection_vectors.items() if l > 0 and l % 2 == 0}
@@ -252,7 +252,7 @@ def _write_invariants_3d(path):
     grid = build_grid(3, 12, 0.3, 6)
     transform = FourierTransformPair(grid, Backend(False, "double"))
     centres, widths, heights = BLOBS
-    constraint, _ = _constraint_from_density(gaussian_blobs(grid, centres, widths, heights)[..., None, :], transform, 3)
+    constraint, _ = constraint_from_density(gaussian_blobs(grid, centres, widths, heights), transform)
     with h5py.File(path, "w") as h5:
         h5["dimensions"] = 3
         h5["max_order"] = 6

@@ -441,17 +441,6 @@ class FourierTransformPair:
     def inverse_hankel(self, coefficients):
         return self._apply_per_order(coefficients, self.hankel_inverse, self.phase_inverse)
 
-    def _full_of_half_amplitude(self, half):
-        """Full (M, L+1, B, N) amplitude coefficients from the m >= 0 half, for the amplitude of a
-        real density: A_{l,-m} = s_m (-1)^l conj(A_lm) (s_m of the real-field symmetry)."""
-        xp = self.xp
-        L = self.grid.max_order
-        out = xp.empty((2 * L + 1,) + half.shape[1:], dtype=half.dtype)
-        out[:L + 1] = half
-        signs = self._negative_sign[:, None] * xp.asarray((-1.0) ** np.arange(L + 1), dtype=self._negative_sign.dtype)
-        out[L + 1:] = signs[:, :, None, None] * half[L:0:-1].conj()
-        return out
-
     def _amplitude_of_half(self, half):
         """Amplitude field of a real density from its m >= 0 coefficients. With E_m, O_m the
         Legendre sums over even and odd l, row m of the phi spectrum is E_m + O_m and row -m is
@@ -466,8 +455,9 @@ class FourierTransformPair:
         return self.backend.ifft(spectrum, axis=0, overwrite_x=True)
 
     def _real_part_half_of_field(self, field):
-        """_real_part_half(harmonic(field)) from the phi spectrum F: the fold only needs
-        G+-_m = (F_m +- conj(F_-m)) / 2, analysed with the even (+) and odd (-) l rows."""
+        """m >= 0 half of the amplitude coefficients whose inverse Hankel gives Re(density), from the
+        phi spectrum F of the amplitude field. That half is (A_lm + (-1)^l s_m conj(A_{l,-m})) / 2,
+        which needs only G+-_m = (F_m +- conj(F_-m)) / 2 analysed with the even (+) and odd (-) l rows."""
         xp = self.xp
         L = self.grid.max_order
         spectrum = self.backend.fft(field, axis=0)
@@ -476,19 +466,6 @@ class FourierTransformPair:
         plus = (positive + negative) * 0.5
         minus = (positive - negative) * 0.5
         return self._analysis_half(plus, minus)
-
-    def _real_part_half(self, coefficients):
-        """m >= 0 half of the amplitude coefficients whose inverse Hankel gives Re(density):
-        (A_lm + (-1)^l s_m conj(A_{l,-m})) / 2 (the m = 0 row: the real part up to i^l)."""
-        xp = self.xp
-        L = self.grid.max_order
-        half = coefficients[:L + 1].copy()
-        parity = xp.asarray((-1.0) ** np.arange(L + 1), dtype=self._negative_sign.dtype)
-        signs = self._negative_sign[::-1, None] * parity                   # rows -1..-L, all l
-        half[1:] += signs[:, :, None, None] * coefficients[:L:-1].conj()
-        half[1:] *= 0.5
-        half[0] = 0.5 * (half[0] + parity[:, None, None] * half[0].conj())
-        return half
 
     # --- full transforms ---------------------------------------------------------------------
     def forward(self, density):

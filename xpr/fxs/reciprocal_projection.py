@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from xpr.fxs.extraction import projection_matrices_3d, projection_vectors_2d
 from xpr.fxs.fxs_phasing import FourierTransformPair, integrate
 
 
@@ -155,9 +156,8 @@ class OrderConstraints3D:
         change = xp.zeros_like(half)
         for l, kind, mask, data in self.orders:
             current = half[:l + 1, l]                                    # (l+1, B, Q)
-            if kind == "average":
-                target = data.astype(current.dtype)[None, None, :]
-                change[0, l] = xp.where(mask, target[0] - current[0], 0)
+            if kind == "average":                                       # data: I_00(q)
+                change[0, l] = xp.where(mask, data.astype(current.dtype) - current[0], 0)
                 continue
             if kind == "zero":
                 change[:l + 1, l] = xp.where(mask, -current, 0)
@@ -165,21 +165,6 @@ class OrderConstraints3D:
             fit = RealHarmonicOrder.unpack(procrustes_fit_real(data, RealHarmonicOrder.pack(current, xp), xp), xp)
             change[:l + 1, l] = xp.where(mask, fit.astype(current.dtype) - current, 0)
         return change
-
-
-def project_coefficients_3d(coefficients, constraint: InvariantConstraint, ms: np.ndarray, xp=np):
-    """Change of full intensity coefficients (M, L+1, B, Q), m in FFT order, under the projection
-    (the layout of FourierTransformPair.harmonic; InvariantProjection works on the m >= 0 half)."""
-    from xpr.backend import Backend
-
-    L = coefficients.shape[1] - 1
-    backend = Backend(xp is not np, "single" if coefficients.dtype == np.complex64 else "double")
-    half_change = OrderConstraints3D(constraint, L, backend).change(coefficients[:L + 1], xp)
-    change = xp.zeros_like(coefficients)
-    change[:L + 1] = half_change
-    signs = np.array([(-1.0) ** m for m in range(1, L + 1)])[::-1]      # rows -L..-1: c_{l,-m} = (-1)^m conj(c_lm)
-    change[L + 1:] = xp.asarray(signs, dtype=coefficients.real.dtype)[:, None, None, None] * half_change[L:0:-1].conj()
-    return change
 
 
 def project_coefficients_2d(coefficients, constraint: InvariantConstraint, ms: np.ndarray, xp=np):
@@ -270,6 +255,24 @@ class InvariantProjection:
         new, e_mod = self.project_amplitude(amplitude)
         self.last_amplitude = new
         return self.transform.real_inverse(new).astype(density.dtype), e_mod
+
+
+def constraint_from_density(density, transform: FourierTransformPair):
+    """Exact invariant data of one density (*angular, N) on the transform's grid, as extract makes
+    them from data: B_l of its intensity and V_l from their eigen-decomposition
+    (``extraction.projection_matrices_3d`` / ``projection_vectors_2d``), every q constrained,
+    order 0 from I_00 (the average intensity). Returns (constraint, B_l)."""
+    xp, d = transform.xp, transform.grid.dimensions
+    intensity = xp.abs(transform.forward(xp.asarray(density)[..., None, :])) ** 2
+    coefficients = transform.backend.asnumpy(transform.real_harmonic_coefficients(intensity))[..., 0, :]
+    coefficients = coefficients.astype(np.complex128)               # B_l ~ |I|^2 overflows float32
+    invariants = invariants_from_coefficients(coefficients, d, transform.ms)
+    vectors = projection_matrices_3d(invariants) if d == 3 else projection_vectors_2d(invariants)
+    n_q = transform.grid.n_radial
+    zeroth = (coefficients[0, 0] if d == 3 else coefficients[0]).real
+    constraint = InvariantConstraint(dict(enumerate(vectors)), {l: np.ones(n_q, bool) for l in range(len(vectors))},
+                                     zeroth_order=zeroth, max_order=transform.grid.max_order)
+    return constraint, invariants
 
 
 def invariants_from_coefficients(coefficients, dimensions: int, ms: np.ndarray, xp=np):
