@@ -620,11 +620,14 @@ class _RecordingProjection:
 
 
 def phase(transform: FourierTransformPair, projection, steps, density, support, options: RealSpaceOptions,
-          progress=None, loop_names=None):
+          progress=None, loop_names=None, fit_metrics=None):
     """Run a compiled schedule (xpr.phasing.schedule steps) on a batch of densities.
 
-    density: (*angular, B, N) real; support: bool, same shape. Returns a dict of numpy arrays:
-    best and last densities, supports, error histories (per repeat) and per-step loop names.
+    density: (*angular, B, N) real; support: bool, same shape. fit_metrics: algorithm name ->
+    metric of the reciprocal projection's Procrustes fits during its steps ('intensity' or
+    'modulus', InvariantProjection.use_metric); None: the projection's own. Returns a dict of
+    numpy arrays: best and last densities, supports, error histories (per repeat) and per-step
+    loop names.
     """
     from xpr.phasing.algorithms import ALGORITHMS
     from xpr.phasing.projections import SupportProjection
@@ -660,6 +663,8 @@ def phase(transform: FourierTransformPair, projection, steps, density, support, 
                 progress.update(0)
             continue
         rule = ALGORITHMS[step.method]
+        if fit_metrics and step.method in fit_metrics:
+            projection.use_metric(fit_metrics[step.method])
         for k in range(step.iterations):
             if step.method == "HIO" and options.hio_betas is not None and "beta" not in step.options:
                 beta = _ramp_exponential(options.hio_betas, hio_done, n_hio)

@@ -11,9 +11,10 @@ et al.; Pedrini et al. for the "multi-tiered iterative phasing" used here):
 Given the current amplitude A (Fourier transform of the current density), the projection
 
 1. computes the intensity |A|^2 and its harmonic coefficients I_lm(q) (I_n(q) in 2-D);
-2. for each constrained order finds the U_l that brings V_l U_l closest to I_l in the Frobenius
-   norm -- the orthogonal Procrustes problem, solved by the SVD V_l^dagger I_l = W S Z^dagger,
-   U_l = W Z^dagger (2-D: a_n = arg(v_n^dagger I_n)) -- and replaces I_l by V_l U_l where the data
+2. for each constrained order finds the U_l that brings V_l U_l closest to I_l in the metric of
+   the modulus error (below) -- a weighted orthogonal Procrustes problem, solved by the SVD
+   V_l^dagger D I_l = W S Z^dagger, U_l = W Z^dagger with D = diag w(q) (2-D:
+   a_n = arg(v_n^dagger D I_n)) -- and replaces I_l by V_l U_l where the data
    are valid (q mask); order 0 can instead be fixed to the measured average intensity,
    I_00 = sqrt(4 pi) <I>(q) (3-D) or I_0 = <I>(q) (2-D); odd orders can be set to zero
    (the intensity of a real density is centrosymmetric);
@@ -21,6 +22,23 @@ Given the current amplitude A (Fourier transform of the current density), the pr
 4. scales the amplitude's modulus to sqrt(I'), keeping its phase, inside the data's q range.
 
 With N particles in the beam, B_l (l > 0) grows as N and the single-particle V_l is V_l / sqrt(N).
+
+The metric of step 2. The loop measures (and the real-space step reduces) the modulus error
+int (|A| - |A'|)^2 q^(d-1) dq dOmega. A small change dI of the intensity changes the modulus by
+dI / (2 |A|), so that error is int dI^2 / (4 I) q^(d-1) dq dOmega; with I(q, Omega) replaced by
+its shell average Ibar(q) it is, by Parseval on the sphere, sum_q w(q) sum_m |dI_lm(q)|^2 with
+
+    w(q) = q^(d-1) / Ibar(q)          (constant factors dropped: they do not move the optimum),
+
+and the weighted problem keeps the SVD solution above. The plain Frobenius fit (w = 1) weighs
+the low-q shells, where Ibar is orders of magnitude larger, almost alone: its U_l then disagree
+with what the modulus step measures, the composite map is no longer a projection, and error
+reduction drifts away from an exact solution (measured: modulus error 4e-4 -> 2.5e-2 in 100 ER
+iterations started at the solution; with w(q) it stays at the level the support allows).
+Far from a solution the plain fit can search better: the strong low-q shells, which fix the
+particle's overall shape, then lead. The phasing loop therefore picks the metric per algorithm
+(``InvariantProjection.use_metric``; reconstruct's projections.reciprocal.fit_metric): by default
+the plain fit for the exploring HIO/RAAR/DM steps and w(q) for error reduction.
 """
 from __future__ import annotations
 
@@ -114,14 +132,35 @@ class RealHarmonicOrder:
         return out
 
 
-def procrustes_fit_real(V, x, xp=np):
-    """V U with U (r x k, orthonormal rows) minimising ||V U - X||_F for each repeat, all real.
+def modulus_metric_weights(constraint: InvariantConstraint, reciprocal_radii, dimensions: int) -> np.ndarray:
+    """w(q) = q^(d-1) / Ibar(q), normalised to max 1: the per-shell weights under which the
+    Procrustes fit minimises the modulus error (module docstring). Ibar(q) is the average
+    intensity: the zeroth order of the data if given, else sqrt(B_0(q, q)) = |V_0(q)|; without
+    either, w = q^(d-1). Shells where Ibar < 1e-6 x its maximum count as 1e-6 x the maximum."""
+    q = np.asarray(reciprocal_radii, float)
+    weights = q ** (dimensions - 1)
+    average = None
+    if constraint.zeroth_order is not None:
+        average = np.abs(np.asarray(constraint.zeroth_order, float))
+    elif 0 in constraint.projection_vectors:
+        v0 = np.asarray(constraint.projection_vectors[0])
+        average = np.sqrt(np.sum(np.abs(v0.reshape(len(q), -1)) ** 2, axis=1))
+    if average is not None and np.max(average) > 0:
+        weights = weights / np.maximum(average, 1e-6 * np.max(average))
+    return weights / np.max(weights)
 
-    V (Q, r); x (k, B, Q), X_b = x[:, b, :]^T (Q x k). The overlap V^T X_b is one matrix product
-    over the stacked batch; its SVD W S Z^T gives U = W Z^T; returns V U in x's layout (k, B, Q).
+
+def procrustes_fit_real(V, x, xp=np, weights=None):
+    """V U with U (r x k, orthonormal rows) minimising sum_q w(q) ||(V U - X)_q||^2 for each
+    repeat, all real (w = 1 without weights: the Frobenius norm).
+
+    V (Q, r); x (k, B, Q), X_b = x[:, b, :]^T (Q x k). The overlap V^T D X_b (D = diag w) is one
+    matrix product over the stacked batch; its SVD W S Z^T gives U = W Z^T (since U U^T = 1, the
+    weighted misfit is a constant minus 2 tr(U^T V^T D X_b)); returns V U in x's layout (k, B, Q).
     """
     k, B, Q = x.shape
-    overlap_t = (x.reshape(k * B, Q) @ V).reshape(k, B, -1)              # (k, B, r) = (V^T X_b)^T
+    weighted_V = V if weights is None else weights[:, None] * V
+    overlap_t = (x.reshape(k * B, Q) @ weighted_V).reshape(k, B, -1)     # (k, B, r) = (V^T D X_b)^T
     Z, _, Wt = xp.linalg.svd(xp.transpose(overlap_t, (1, 0, 2)), full_matrices=False)   # (B, k, r)
     unitary_t = Z @ Wt                                                  # (B, k, r) = U^T
     fit = unitary_t @ V.T                                               # (B, k, Q) = (V U)^T
@@ -133,9 +172,11 @@ class OrderConstraints3D:
     'average' (l = 0 from the average intensity), 'zero' (odd l) or 'fit' (Procrustes on a real
     V_l), each only where the order's q mask is set; on the device, prepared once."""
 
-    def __init__(self, constraint: InvariantConstraint, max_order: int, backend, rank_tolerance=None):
+    def __init__(self, constraint: InvariantConstraint, max_order: int, backend, rank_tolerance=None,
+                 weights=None):
         xp = backend.xp
         eps = float(np.finfo(backend.real_dtype).eps) if rank_tolerance is None else float(rank_tolerance)
+        self.weights = None if weights is None else xp.asarray(weights, dtype=backend.real_dtype)
         self.orders = []
         for l in range(max_order + 1):
             mask = constraint.q_masks.get(l)
@@ -162,16 +203,18 @@ class OrderConstraints3D:
             if kind == "zero":
                 change[:l + 1, l] = xp.where(mask, -current, 0)
                 continue
-            fit = RealHarmonicOrder.unpack(procrustes_fit_real(data, RealHarmonicOrder.pack(current, xp), xp), xp)
+            fit = procrustes_fit_real(data, RealHarmonicOrder.pack(current, xp), xp, self.weights)
+            fit = RealHarmonicOrder.unpack(fit, xp)
             change[:l + 1, l] = xp.where(mask, fit.astype(current.dtype) - current, 0)
         return change
 
 
-def project_coefficients_2d(coefficients, constraint: InvariantConstraint, ms: np.ndarray, xp=np):
+def project_coefficients_2d(coefficients, constraint: InvariantConstraint, ms: np.ndarray, xp=np, weights=None):
     """Change of the intensity coefficients (M, B, Q), n in FFT order, under the projection.
 
-    Per order n the target is v_n e^{i a_n} with a_n = arg(v_n^dagger I_n) the best phase, or
-    a_n = 0 for the orders in constraint.fixed_phase_orders.
+    Per order n the target is v_n e^{i a_n} with a_n = arg(v_n^dagger D I_n) the best phase in
+    the metric D = diag(weights) (1 without), or a_n = 0 for the orders in
+    constraint.fixed_phase_orders.
     """
     change = xp.zeros_like(coefficients)
     for n in range(int(np.max(ms)) + 1):
@@ -190,7 +233,8 @@ def project_coefficients_2d(coefficients, constraint: InvariantConstraint, ms: n
             target = xp.broadcast_to(v, current.shape)                   # a_n := 0 for every repeat
         elif n in constraint.projection_vectors:
             v = xp.asarray(constraint.projection_vectors[n], dtype=current.dtype) * mask
-            overlap = xp.sum(v.conj() * current, axis=-1, keepdims=True)  # v^dagger I_n per repeat
+            weighted = v if weights is None else v * weights
+            overlap = xp.sum(weighted.conj() * current, axis=-1, keepdims=True)   # v^dagger D I_n per repeat
             phase = xp.where(xp.abs(overlap) > 0, overlap / xp.maximum(xp.abs(overlap), 1e-300), 1)
             target = v * phase
         else:
@@ -214,8 +258,20 @@ class InvariantProjection:
             data_mask = np.ones(transform.grid.n_radial, dtype=bool)
         self.data_q_mask = self.xp.asarray(data_mask)
         self._constrains_every_q = bool(np.all(data_mask))
-        if transform.grid.dimensions == 3:
-            self.orders_3d = OrderConstraints3D(constraint, transform.grid.max_order, transform.backend)
+        grid = transform.grid
+        weights = modulus_metric_weights(constraint, grid.reciprocal_radii, grid.dimensions)
+        self.fit_weights = self.xp.asarray(weights, dtype=transform.backend.real_dtype)
+        self._weights_by_metric = {"modulus": self.fit_weights, "intensity": None}
+        if grid.dimensions == 3:
+            self.orders_3d = OrderConstraints3D(constraint, grid.max_order, transform.backend, weights=weights)
+
+    def use_metric(self, metric: str):
+        """Metric of the Procrustes fits from now on: 'modulus' (the weights w(q) of the module
+        docstring; the default) or 'intensity' (the plain Frobenius fit of I_lm, xFrame's)."""
+        weights = self._weights_by_metric[metric]
+        self.fit_weights = weights
+        if self.transform.grid.dimensions == 3:
+            self.orders_3d.weights = weights
         self.last_amplitude = None
 
     def project_intensity(self, intensity):
@@ -225,7 +281,7 @@ class InvariantProjection:
             change = self.orders_3d.change(t.harmonic_half_of_real(intensity), self.xp)
             return intensity + t.real_field_of_half(change).astype(intensity.dtype)
         coefficients = t.real_harmonic_coefficients(intensity)
-        change = project_coefficients_2d(coefficients, self.constraint, t.ms, self.xp)
+        change = project_coefficients_2d(coefficients, self.constraint, t.ms, self.xp, self.fit_weights)
         return intensity + t.real_inverse_harmonic(change).astype(intensity.dtype)
 
     def project_amplitude(self, amplitude):

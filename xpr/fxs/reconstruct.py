@@ -353,7 +353,8 @@ def _phase_batch(task: dict) -> list:
               position=task["position"], disable=task["quiet"], leave=False, dynamic_ncols=True) as bar:
         start = time.perf_counter()
         result = phase(transform, projection, task["steps"], initial, support, task["options"],
-                       progress=bar, loop_names=task["loop_names"])
+                       progress=bar, loop_names=task["loop_names"],
+                       fit_metrics=dict(settings["projections"]["reciprocal"]["fit_metric"]))
         seconds = time.perf_counter() - start
 
     best = xp.asarray(result["real_density"])
