@@ -96,16 +96,14 @@ def speed(args):
         intensity = np.abs(amplitude) ** 2
         coefficients = transform.real_harmonic_coefficients(intensity)
         half = transform.harmonic_half_of_real(intensity)
-        projection.use_metric("intensity")                              # the reference's plain Frobenius fit
-        fast = projection.orders_3d.change(half)                         # m >= 0 rows
+        fast = projection.orders_3d.change(half)                         # m >= 0 rows, the reference's plain fit
         slow = reference_project_coefficients_3d(coefficients, constraint, transform.ms)[:grid.max_order + 1]
         deviation = np.linalg.norm(fast - slow) / np.linalg.norm(slow)
-        projection.use_metric("modulus")                                # timed as in ER (one more product)
         full_rank = OrderConstraints3D(constraint, grid.max_order, backend, rank_tolerance=0.0)
         ranks = [o[3].shape[1] for o in projection.orders_3d.orders if o[1] == "fit"]
         ranks_full = [o[3].shape[1] for o in full_rank.orders if o[1] == "fit"]
-        t_fast = timed(lambda: projection.orders_3d.change(half), 3)
-        t_full = timed(lambda: full_rank.change(half), 3)
+        t_fast = timed(lambda: projection.orders_3d.change(half, np, projection.fit_weights), 3)   # as in ER
+        t_full = timed(lambda: full_rank.change(half, np, projection.fit_weights), 3)
         t_slow = timed(lambda: reference_project_coefficients_3d(coefficients, constraint, transform.ms), 3)
         new, e_mod = projection.project_amplitude(amplitude)
         t_amplitude = timed(lambda: projection.project_amplitude(amplitude), 3)

@@ -172,11 +172,9 @@ class OrderConstraints3D:
     'average' (l = 0 from the average intensity), 'zero' (odd l) or 'fit' (Procrustes on a real
     V_l), each only where the order's q mask is set; on the device, prepared once."""
 
-    def __init__(self, constraint: InvariantConstraint, max_order: int, backend, rank_tolerance=None,
-                 weights=None):
+    def __init__(self, constraint: InvariantConstraint, max_order: int, backend, rank_tolerance=None):
         xp = backend.xp
         eps = float(np.finfo(backend.real_dtype).eps) if rank_tolerance is None else float(rank_tolerance)
-        self.weights = None if weights is None else xp.asarray(weights, dtype=backend.real_dtype)
         self.orders = []
         for l in range(max_order + 1):
             mask = constraint.q_masks.get(l)
@@ -192,8 +190,9 @@ class OrderConstraints3D:
                 V = real_projection_matrix(constraint.projection_vectors[l], eps) * np.asarray(mask)[:, None]
                 self.orders.append((l, "fit", mask_device, xp.asarray(V, dtype=backend.real_dtype)))
 
-    def change(self, half, xp=np):
-        """Change of the m >= 0 coefficients (L+1 [m], L+1 [l], B, Q) under the projection."""
+    def change(self, half, xp=np, weights=None):
+        """Change of the m >= 0 coefficients (L+1 [m], L+1 [l], B, Q) under the projection, the
+        fits in the metric diag(weights) over q (None: the plain Frobenius norm)."""
         change = xp.zeros_like(half)
         for l, kind, mask, data in self.orders:
             current = half[:l + 1, l]                                    # (l+1, B, Q)
@@ -203,7 +202,7 @@ class OrderConstraints3D:
             if kind == "zero":
                 change[:l + 1, l] = xp.where(mask, -current, 0)
                 continue
-            fit = procrustes_fit_real(data, RealHarmonicOrder.pack(current, xp), xp, self.weights)
+            fit = procrustes_fit_real(data, RealHarmonicOrder.pack(current, xp), xp, weights)
             fit = RealHarmonicOrder.unpack(fit, xp)
             change[:l + 1, l] = xp.where(mask, fit.astype(current.dtype) - current, 0)
         return change
@@ -259,26 +258,24 @@ class InvariantProjection:
         self.data_q_mask = self.xp.asarray(data_mask)
         self._constrains_every_q = bool(np.all(data_mask))
         grid = transform.grid
-        weights = modulus_metric_weights(constraint, grid.reciprocal_radii, grid.dimensions)
-        self.fit_weights = self.xp.asarray(weights, dtype=transform.backend.real_dtype)
-        self._weights_by_metric = {"modulus": self.fit_weights, "intensity": None}
         if grid.dimensions == 3:
-            self.orders_3d = OrderConstraints3D(constraint, grid.max_order, transform.backend, weights=weights)
+            self.orders_3d = OrderConstraints3D(constraint, grid.max_order, transform.backend)
+        weights = modulus_metric_weights(constraint, grid.reciprocal_radii, grid.dimensions)
+        self._weights_by_metric = {"modulus": self.xp.asarray(weights, dtype=transform.backend.real_dtype),
+                                   "intensity": None}
+        self.fit_weights = self._weights_by_metric["modulus"]
+        self.last_amplitude = None
 
     def use_metric(self, metric: str):
         """Metric of the Procrustes fits from now on: 'modulus' (the weights w(q) of the module
         docstring; the default) or 'intensity' (the plain Frobenius fit of I_lm, xFrame's)."""
-        weights = self._weights_by_metric[metric]
-        self.fit_weights = weights
-        if self.transform.grid.dimensions == 3:
-            self.orders_3d.weights = weights
-        self.last_amplitude = None
+        self.fit_weights = self._weights_by_metric[metric]
 
     def project_intensity(self, intensity):
         """Projected intensity I' (real, same layout) of an intensity."""
         t = self.transform
         if t.grid.dimensions == 3:
-            change = self.orders_3d.change(t.harmonic_half_of_real(intensity), self.xp)
+            change = self.orders_3d.change(t.harmonic_half_of_real(intensity), self.xp, self.fit_weights)
             return intensity + t.real_field_of_half(change).astype(intensity.dtype)
         coefficients = t.real_harmonic_coefficients(intensity)
         change = project_coefficients_2d(coefficients, self.constraint, t.ms, self.xp, self.fit_weights)
