@@ -14,8 +14,9 @@ Figures (measured in the same run, printed as ratios; never pass/fail):
   (project_amplitude) with its error integrals against the full-grid weight-array version;
 * --quality: 2-D and 3-D reconstructions from exact invariants and the relative mismatch between
   the invariants of the final densities and the input V_l V_l^dagger (xFrame: ~20 % at l = 0 in
-  2-D, 0.5-1 % for l <= 20 in 3-D); in 3-D with the modulus-metric fit in ER (the default) and
-  with the plain Frobenius fit throughout.
+  2-D, 0.5-1 % for l <= 20 in 3-D); in 3-D with the default fit metrics, the plain Frobenius fit
+  throughout and RAAR with the modulus fit throughout, then RAAR started at the exact solution with
+  the invariant projection and with the whole intensity known (the floor of the figures).
 """
 from __future__ import annotations
 
@@ -28,8 +29,8 @@ from xpr.backend import Backend
 from xpr.fxs.fxs_phasing import (FourierTransformPair, RealSpaceOptions, blas_threads, build_grid, density_guess,
                                  phase, radial_field)
 from xpr.fxs.fxs_phasing import gaussian_blobs as blobs
-from xpr.fxs.reciprocal_projection import (InvariantProjection, OrderConstraints3D, constraint_from_density,
-                                           invariants_from_coefficients)
+from xpr.fxs.reciprocal_projection import (InvariantProjection, KnownIntensityProjection, OrderConstraints3D,
+                                           constraint_from_density, invariants_from_coefficients)
 from xpr.phasing.schedule import parse_blocks
 
 
@@ -158,15 +159,20 @@ def quality(thresholds=(0.1, 0.02)):
               "of 4 (l = 0, 2, 4, 8, 16): " + " ".join(f"{m * 100:.2f}%" for m in mismatch))
 
 
-def quality_3d(n_radial=40, max_order=32, max_q=0.2, n_repeats=4, schedule="200HIO 400ER"):
+QUALITY_3D_RUNS = (("200HIO 400ER", {"HIO": "intensity", "ER": "modulus"}, "the default metrics"),
+                   ("200HIO 400ER", {"HIO": "intensity", "ER": "intensity"}, "the plain fit throughout (xFrame's)"),
+                   ("600RAAR 400ER", {"RAAR": "modulus", "ER": "modulus"}, "RAAR, the modulus fit throughout"))
+
+
+def quality_3d(n_radial=40, max_order=32, max_q=0.2, n_repeats=4, runs=QUALITY_3D_RUNS):
     """3-D, xFrame's tutorial particle (five spheres on a pentagon of radius 140 Å around a sixth,
     densities 25/50) as Gaussians of width 25 Å, on a grid where it is reachable: its in-band
     version differs from it by 1e-5 and is positive to 3e-6, so its exact invariants on the grid
     have an exact solution and the figure measures convergence, not the grid. n_repeats random
-    starts, `schedule`, support r < 250 Å with positivity; relative invariant mismatch per even
-    order, the reconstruction's final modulus error, and the same starts with the plain Frobenius
-    Procrustes fit in ER too (xFrame's metric) instead of the modulus metric
-    (reciprocal_projection's docstring). xFrame: 0.5-1 % for l <= 20."""
+    starts per run (schedule, fit metric per algorithm; reciprocal_projection's docstring),
+    support r < 250 Å with positivity; relative invariant mismatch per even order and the final
+    modulus error. xFrame: 0.5-1 % for l <= 20. Then the floor: RAAR started at the exact
+    solution, with the invariant projection and with the whole intensity known."""
     from xpr.phasing.schedule import parse_string
 
     backend = Backend(False, "single")
@@ -176,31 +182,44 @@ def quality_3d(n_radial=40, max_order=32, max_q=0.2, n_repeats=4, schedule="200H
                                    for k in range(5)]
     model = blobs(grid, centres, [25.0] * 6, [25, 50, 25, 50, 25, 50]).astype(np.float32)
     constraint, invariants = constraint_from_density(model, transform)
-    steps = parse_string(schedule)
     radius = 250.0
     weights = grid.volume_weights()[..., 0, :]
     orders = list(range(0, max_order + 1, 2))
+
+    def mismatch(density):
+        c = transform.real_harmonic_coefficients(np.abs(transform.forward(density)) ** 2)[..., 0, :]
+        b_l = invariants_from_coefficients(c.astype(np.complex128), 3, transform.ms)
+        return " ".join(f"{np.linalg.norm(b_l[l] - invariants[l]) / np.linalg.norm(invariants[l]) * 100:5.2f}%"
+                        for l in orders)
+
     print(f"3-D quality, xFrame's particle (Gaussian spheres) on {grid.n_radial} radial points, L = {max_order}, "
-          f"{n_repeats} random starts of {schedule}: relative invariant mismatch per even l")
+          f"{n_repeats} random starts: relative invariant mismatch per even l")
     print("  l:          " + " ".join(f"{l:6d}" for l in orders))
-    for er_metric in ("modulus", "intensity"):
+    for schedule, metrics, label in runs:
         rng = np.random.default_rng(2)
         x = density_guess(grid, n_repeats, radius, "bump", 0.3, "random", 2.0, rng,
                           float(np.sum(model.astype(float) ** 2 * weights)))
         support = radial_field(grid, grid.real_radii < radius, n_repeats).astype(bool)
         start = time.perf_counter()
         with blas_threads(1):
-            result = phase(transform, InvariantProjection(transform, constraint), steps, x.astype(np.float32),
-                           support, RealSpaceOptions(), fit_metrics={"HIO": "intensity", "ER": er_metric})
+            result = phase(transform, InvariantProjection(transform, constraint), parse_string(schedule),
+                           x.astype(np.float32), support, RealSpaceOptions(), fit_metrics=metrics)
         seconds = time.perf_counter() - start
-        print(f"  ER fit metric {er_metric} ({seconds:.0f} s):")
+        print(f"  {schedule}, {label} ({seconds:.0f} s):")
         for b in range(n_repeats):
-            density = result["real_density"][..., b:b + 1, :]
-            c = transform.real_harmonic_coefficients(np.abs(transform.forward(density)) ** 2)[..., 0, :]
-            b_l = invariants_from_coefficients(c.astype(np.complex128), 3, transform.ms)
-            mismatch = [np.linalg.norm(b_l[l] - invariants[l]) / np.linalg.norm(invariants[l]) for l in orders]
-            print(f"    {b}:       " + " ".join(f"{m * 100:5.2f}%" for m in mismatch)
+            print(f"    {b}:       " + mismatch(result["real_density"][..., b:b + 1, :])
                   + f"   (final modulus error {result['errors_modulus'][b, -1]:.4f})")
+    known = KnownIntensityProjection(transform, np.abs(transform.forward(model[..., None, :])) ** 2)
+    support = radial_field(grid, grid.real_radii < radius, 1).astype(bool)
+    print("  RAAR started at the exact solution, modulus error after 0 / 100 / 400 iterations, then 400 ER:")
+    for label, projection in (("whole intensity known", known),
+                              ("invariants, modulus fit", InvariantProjection(transform, constraint))):
+        with blas_threads(1):
+            result = phase(transform, projection, parse_string("400RAAR 400ER"), model[..., None, :].copy(),
+                           support, RealSpaceOptions(), fit_metrics={"RAAR": "modulus", "ER": "modulus"})
+        e = result["errors_modulus"][0]
+        print(f"    {label}: {e[0]:.1e} / {e[100]:.1e} / {e[399]:.1e} -> {e[-1]:.1e}; invariant mismatch of the "
+              f"last density: {mismatch(result['last_real_density'])}")
 
 
 def main():

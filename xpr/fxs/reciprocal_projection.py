@@ -310,6 +310,35 @@ class InvariantProjection:
         return self.transform.real_inverse(new).astype(density.dtype), e_mod
 
 
+class KnownIntensityProjection:
+    """P_M for a known intensity I(q, Omega) on the grid: the limit of FXS phasing in which every
+    U_l is known (plain CDI on the spherical / polar grid). A -> sqrt(I) A / |A| (A' = sqrt(I)
+    where |A| = 0), with the modulus error of InvariantProjection. It is the reference that
+    separates what the grid, the transforms and the real-space steps do from what the invariant
+    projection does: started at a solution, RAAR, HIO and ER stay there with this projection
+    (tests/fxs/test_reciprocal_projection.py, benchmarks/bench_fxs_reconstruct.py --quality)."""
+
+    def __init__(self, transform: FourierTransformPair, intensity):
+        self.transform = transform
+        self.xp = transform.xp
+        self.modulus = self.xp.sqrt(self.xp.maximum(self.xp.asarray(intensity), 0))
+        self.last_amplitude = None
+
+    def use_metric(self, metric: str):
+        """No fit, so no metric: accepted for the phasing loop's per-algorithm switch."""
+
+    def __call__(self, density):
+        xp, grid = self.xp, self.transform.grid
+        amplitude = self.transform.forward(density)
+        modulus = xp.abs(amplitude)
+        lost = modulus == 0
+        new = xp.where(lost, self.modulus.astype(amplitude.dtype), amplitude * (self.modulus / xp.where(lost, 1, modulus)))
+        mismatch = integrate((modulus - self.modulus) ** 2, grid, "reciprocal", xp)
+        norm = integrate(xp.broadcast_to(self.modulus ** 2, modulus.shape), grid, "reciprocal", xp)
+        self.last_amplitude = new
+        return self.transform.real_inverse(new).astype(density.dtype), xp.sqrt(mismatch / xp.maximum(norm, 1e-30))
+
+
 def constraint_from_density(density, transform: FourierTransformPair):
     """Exact invariant data of one density (*angular, N) on the transform's grid, as extract makes
     them from data: B_l of its intensity and V_l from their eigen-decomposition
