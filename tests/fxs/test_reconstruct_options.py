@@ -280,6 +280,9 @@ def _write_invariants_3d(path):
      "projections.reciprocal.number_of_particles.estimate"),
     (2, "projections.reciprocal.regrid.interpolation=quadratic", "projections.reciprocal.regrid.interpolation"),
     (3, "projections.reciprocal.fit_metric.ER=frobenius", "projections.reciprocal.fit_metric.ER"),
+    (3, "projections.reciprocal.modulus_refinement.steps=-1", "projections.reciprocal.modulus_refinement.steps"),
+    (2, "projections.reciprocal.modulus_refinement.max_weight_ratio=0.5",
+     "projections.reciprocal.modulus_refinement.max_weight_ratio"),
 ])
 def test_bad_option_values_are_named(home, run_xpr, tmp_path, dimensions, override, key):
     """Bad values stop the run with exit code 2 and name the key (SO_freedom is 2-D only; in

@@ -35,7 +35,7 @@ from xpr.errors import InputError
 from xpr.fxs.fxs_phasing import (FourierTransformPair, RealSpaceOptions, blas_threads, build_grid,
                                  density_guess, phase, radial_field)
 from xpr.fxs.particle_number import check_search_space, estimate_number_of_particles
-from xpr.fxs.reciprocal_projection import (InvariantConstraint, InvariantProjection,
+from xpr.fxs.reciprocal_projection import (InvariantConstraint, InvariantProjection, PointwiseRefinement,
                                            invariants_from_coefficients)
 
 
@@ -329,7 +329,10 @@ def _phase_batch(task: dict) -> list:
     backend = Backend(task["use_gpu"], settings["GPU"]["precision"])
     grid = task["grid"]
     transform = FourierTransformPair(grid, backend)
-    projection = InvariantProjection(transform, task["constraint"])
+    refinement = settings["projections"]["reciprocal"]["modulus_refinement"]
+    projection = InvariantProjection(transform, task["constraint"],
+                                     PointwiseRefinement(int(refinement["steps"]), float(refinement["step_size"]),
+                                                         float(refinement["max_weight_ratio"])))
     xp = backend.xp
     n = len(task["seeds"])
     guess = settings["density_guess"]
