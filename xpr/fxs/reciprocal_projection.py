@@ -205,7 +205,7 @@ class OrderConstraints3D:
         xp = backend.xp
         eps = float(np.finfo(backend.real_dtype).eps) if rank_tolerance is None else float(rank_tolerance)
         self.orders = []
-        n_q = len(next(iter(constraint.q_masks.values()))) if constraint.q_masks else 0
+        n_q = len(next(iter(constraint.q_masks.values()))) if constraint.q_masks else 1   # 1 broadcasts
         constrained = np.zeros((max_order + 1, max_order + 1, 1, n_q), bool)   # m, l, (batch), q
         for l in range(max_order + 1):
             mask = constraint.q_masks.get(l)
@@ -282,7 +282,7 @@ def project_coefficients_2d(coefficients, constraint: InvariantConstraint, ms: n
 
 def constrained_rows_2d(constraint: InvariantConstraint, ms: np.ndarray) -> np.ndarray:
     """Bool (M, 1, Q), n in FFT order: the intensity coefficients project_coefficients_2d sets."""
-    n_q = len(next(iter(constraint.q_masks.values()))) if constraint.q_masks else 0
+    n_q = len(next(iter(constraint.q_masks.values()))) if constraint.q_masks else 1   # 1 broadcasts
     constrained = np.zeros((len(ms), 1, n_q), bool)
     for n in range(int(np.max(ms)) + 1):
         mask = constraint.q_masks.get(n)
