@@ -507,12 +507,16 @@ def integrate(values, grid: PhasingGrid, space: str, xp=np):
     values' precision) and no full-grid weight array or temporary is made.
     """
     radii, step = (grid.real_radii, grid.dr) if space == "real" else (grid.reciprocal_radii, grid.dq)
-    dtype = values.dtype
+    radial = xp.asarray(radii ** (grid.dimensions - 1) * step, dtype=values.dtype)
+    return angular_integral(values, grid, xp) @ radial
+
+
+def angular_integral(values, grid: PhasingGrid, xp=np):
+    """Integral over the angles on each shell: values (*angular, B, N) real -> (B, N) (one
+    contraction, in the values' precision)."""
     n_angular = len(grid.angular_shape)
-    angular = xp.asarray(grid.angular_weights(), dtype=dtype)
-    radial = xp.asarray(radii ** (grid.dimensions - 1) * step, dtype=dtype)
-    per_radius = xp.tensordot(angular, values, axes=(tuple(range(n_angular)), tuple(range(n_angular))))
-    return per_radius @ radial
+    angular = xp.asarray(grid.angular_weights(), dtype=values.dtype)
+    return xp.tensordot(angular, values, axes=(tuple(range(n_angular)), tuple(range(n_angular))))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -66,7 +66,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from xpr.fxs.extraction import projection_matrices_3d, projection_vectors_2d
-from xpr.fxs.fxs_phasing import FourierTransformPair, integrate
+from xpr.fxs.fxs_phasing import FourierTransformPair, angular_integral, integrate
 
 
 @dataclass
@@ -212,7 +212,6 @@ class OrderConstraints3D:
             if mask is None or not np.any(mask):
                 continue
             mask_device = xp.asarray(np.asarray(mask, bool))
-            constrained[:l + 1, l, 0] = np.asarray(mask, bool)
             if l == 0 and constraint.zeroth_order is not None:
                 target = np.asarray(constraint.zeroth_order, float) * mask
                 self.orders.append((l, "average", mask_device, xp.asarray(target, dtype=backend.real_dtype)))
@@ -222,7 +221,8 @@ class OrderConstraints3D:
                 V = real_projection_matrix(constraint.projection_vectors[l], eps) * np.asarray(mask)[:, None]
                 self.orders.append((l, "fit", mask_device, xp.asarray(V, dtype=backend.real_dtype)))
             else:
-                constrained[:l + 1, l, 0] = False
+                continue
+            constrained[:l + 1, l, 0] = np.asarray(mask, bool)
         self.constrained = xp.asarray(constrained)      # the m >= 0 coefficients the projection sets
 
     def change(self, half, xp=np, weights=None):
@@ -252,27 +252,25 @@ def project_coefficients_2d(coefficients, constraint: InvariantConstraint, ms: n
     """
     change = xp.zeros_like(coefficients)
     for n in range(int(np.max(ms)) + 1):
-        mask = constraint.q_masks.get(n)
-        if mask is None or not np.any(mask):
+        kind = order_kind_2d(n, constraint)
+        if kind is None:
             continue
-        mask = xp.asarray(mask)
+        mask = xp.asarray(constraint.q_masks[n])
         row = int(np.flatnonzero(ms == n)[0])
         current = coefficients[row]                                      # (B, Q)
-        if n == 0 and constraint.zeroth_order is not None:
+        if kind == "average":
             target = xp.broadcast_to(xp.asarray(constraint.zeroth_order, dtype=current.dtype), current.shape)
-        elif n % 2 == 1 and constraint.odd_orders_to_zero:
+        elif kind == "zero":
             target = xp.zeros_like(current)
-        elif n in constraint.projection_vectors and n in constraint.fixed_phase_orders:
+        elif kind == "fixed phase":
             v = xp.asarray(constraint.projection_vectors[n], dtype=current.dtype) * mask
             target = xp.broadcast_to(v, current.shape)                   # a_n := 0 for every repeat
-        elif n in constraint.projection_vectors:
+        else:
             v = xp.asarray(constraint.projection_vectors[n], dtype=current.dtype) * mask
             weighted = v if weights is None else v * weights
             overlap = xp.sum(weighted.conj() * current, axis=-1, keepdims=True)   # v^dagger D I_n per repeat
             phase = xp.where(xp.abs(overlap) > 0, overlap / xp.maximum(xp.abs(overlap), 1e-300), 1)
             target = v * phase
-        else:
-            continue
         change[row] = xp.where(mask, target - current, 0)
         if n > 0:
             negative = int(np.flatnonzero(ms == -n)[0])
@@ -280,17 +278,29 @@ def project_coefficients_2d(coefficients, constraint: InvariantConstraint, ms: n
     return change
 
 
+def order_kind_2d(n: int, constraint: InvariantConstraint):
+    """What the projection does with order n >= 0 in 2-D: 'average' (n = 0 from the average
+    intensity), 'zero' (odd n), 'fixed phase' (a_n := 0), 'fit' (the best phase), or None (not
+    constrained: no q mask set, or no data for it)."""
+    mask = constraint.q_masks.get(n)
+    if mask is None or not np.any(mask):
+        return None
+    if n == 0 and constraint.zeroth_order is not None:
+        return "average"
+    if n % 2 == 1 and constraint.odd_orders_to_zero:
+        return "zero"
+    if n in constraint.projection_vectors:
+        return "fixed phase" if n in constraint.fixed_phase_orders else "fit"
+    return None
+
+
 def constrained_rows_2d(constraint: InvariantConstraint, ms: np.ndarray) -> np.ndarray:
     """Bool (M, 1, Q), n in FFT order: the intensity coefficients project_coefficients_2d sets."""
     n_q = len(next(iter(constraint.q_masks.values()))) if constraint.q_masks else 1   # 1 broadcasts
     constrained = np.zeros((len(ms), 1, n_q), bool)
     for n in range(int(np.max(ms)) + 1):
-        mask = constraint.q_masks.get(n)
-        if mask is None or not np.any(mask):
-            continue
-        if (n == 0 and constraint.zeroth_order is not None) or (n % 2 == 1 and constraint.odd_orders_to_zero) \
-                or n in constraint.projection_vectors:
-            constrained[ms == n, 0] = constrained[ms == -n, 0] = np.asarray(mask, bool)
+        if order_kind_2d(n, constraint) is not None:
+            constrained[ms == n, 0] = constrained[ms == -n, 0] = np.asarray(constraint.q_masks[n], bool)
     return constrained
 
 
@@ -314,7 +324,6 @@ class InvariantProjection:
             self.constrained = self.orders_3d.constrained
         else:
             self.constrained = self.xp.asarray(constrained_rows_2d(constraint, transform.ms))
-        self._angular_weights = self.xp.asarray(grid.angular_weights(), dtype=transform.backend.real_dtype)
         weights = modulus_metric_weights(constraint, grid.reciprocal_radii, grid.dimensions)
         self._weights_by_metric = {"modulus": self.xp.asarray(weights, dtype=transform.backend.real_dtype),
                                    "intensity": None}
@@ -360,10 +369,8 @@ class InvariantProjection:
 
     def _weight_ratio(self, intensity):
         """rho = Ibar(q) / I(q, Omega) per repeat, clipped to [0, max_weight_ratio]."""
-        xp = self.xp
-        n_angular = len(self.transform.grid.angular_shape)
-        axes = tuple(range(n_angular))
-        average = xp.tensordot(self._angular_weights, intensity, axes=(axes, axes)) / xp.sum(self._angular_weights)
+        xp, grid = self.xp, self.transform.grid
+        average = angular_integral(intensity, grid, xp) / (2 * np.pi if grid.dimensions == 2 else 4 * np.pi)
         largest = self.refinement.max_weight_ratio
         floor = xp.maximum(intensity, average / largest)
         return xp.where(floor > 0, average / xp.where(floor > 0, floor, 1), 0).astype(intensity.dtype)
