@@ -4,33 +4,46 @@
     xpr [--home PATH] [-q] <group> <command> SETTINGS_NAME [-o key.sub=value ...] [<command> ...]
     xpr settings <group> <command> SETTINGS_NAME [-o ...]
 
-Each command resolves its settings, claims a run folder, calls its worker's `run(settings, archive)`
-and, on success only, points the product's latest-link at the run's main file. A user error exits
-2 with a one-screen message; a failed computation exits 1 (traceback in the run's log); either
-stops the chain, and earlier runs stay as they are.
+Each command resolves its settings, lets its worker check their values (an optional
+`validate(settings)` in the worker module), claims a run folder, calls the worker's
+`run(settings, archive)` and, on success only, points the product's latest-link at the run's main
+file. A user error exits 2 with a one-screen message (a run that wrote nothing yet leaves no
+folder); a failed computation exits 1 (traceback in the run's log); a full or read-only disk
+exits 1 with one line naming the path; SIGTERM/SIGINT stop the worker processes, mark the run
+FAILED with the signal and exit 128 + the signal number. Any of these stops the chain, and
+earlier runs and the latest-links stay as they are.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import importlib
+import logging
 import os
+import signal
 import sys
+import threading
 
 import click
 import yaml
 
-from xpr import __version__, registry
+from xpr import __version__, parallel, registry
 from xpr import home as home_module
 from xpr.archive import Run
 from xpr.errors import XprUserError
 from xpr.settings import Schema, resolve, to_plain
 
 
+DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT}
+
+
 class State:
     """What the root options say, handed down to every command (click's ctx.obj)."""
 
-    def __init__(self, home_option=None, quiet=False):
+    def __init__(self, home_option=None, quiet=False, verbose=False):
         self.home_option = home_option
         self.quiet = quiet
+        self.verbose = verbose
 
 
 def fail_user(error: XprUserError):
@@ -38,40 +51,115 @@ def fail_user(error: XprUserError):
     raise click.exceptions.Exit(error.exit_code)
 
 
+class Interrupted(BaseException):
+    """SIGTERM or SIGINT arrived while a worker ran (a BaseException, so no `except Exception`
+    in a worker swallows it)."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        self.name = signal.Signals(signum).name
+        super().__init__(f"stopped by {self.name}")
+
+
+@contextlib.contextmanager
+def signals_raise():
+    """SIGTERM and SIGINT raise Interrupted in the main thread while the block runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def disk_error_line(error: OSError, what: str) -> str:
+    """One line for a write the disk refused: the path and the reason (no traceback)."""
+    path = error.filename or "?"
+    reason = error.strerror or str(error)
+    return f"xpr: {what}: cannot write {path}: {reason}"
+
+
+def validate_settings(worker, spec: registry.CommandSpec, resolved):
+    """The worker's own checks of setting values (its optional `validate(settings)`), before a run
+    folder exists; an error without a file gets the file its key came from."""
+    validate = getattr(worker, "validate", None)
+    if validate is None:
+        return
+    try:
+        validate(resolved.settings)
+    except XprUserError as error:
+        if error.file is None and error.key:
+            error.file = resolved.origin(error.key)
+        raise
+
+
 def run_command(spec: registry.CommandSpec, settings_name: str, overrides, state: State):
-    """Resolve, archive, run the worker, finalise. Returns the run folder."""
+    """Resolve, validate, archive, run the worker, finalise. Returns the run folder."""
+    what = f"{spec.group} {spec.name}"
     try:
         home = home_module.locate(state.home_option)
         resolved = resolve(spec.group, spec.name, settings_name, home, overrides)
         structure = spec.structure(resolved.settings)
+        worker = importlib.import_module(spec.module)
+        validate_settings(worker, spec, resolved)
     except XprUserError as error:
         fail_user(error)
     except KeyError as error:
-        click.echo(f"xpr: the defaults of '{spec.group} {spec.name}' lack the key {error}", err=True)
+        click.echo(f"xpr: the defaults of '{what}' lack the key {error}", err=True)
         raise click.exceptions.Exit(2) from None
-    worker = importlib.import_module(spec.module)
-    run = Run(home, spec.group, spec.product, structure, resolved.settings, quiet=state.quiet,
-              command=spec.name)
+    try:
+        run = Run(home, spec.group, spec.product, structure, resolved.settings, quiet=state.quiet,
+                  command=spec.name, console=not state.quiet,
+                  level=logging.DEBUG if state.verbose else logging.INFO)
+    except OSError as error:           # read-only home, full disk
+        click.echo(disk_error_line(error, what), err=True)
+        raise click.exceptions.Exit(1) from None
     run.log.info("settings %s -> run %s", resolved.source, run.path)
     try:
-        worker.run(resolved.settings, run)
+        with signals_raise():
+            worker.run(resolved.settings, run)
+    except Interrupted as error:
+        parallel.stop_child_processes()
+        marked = run.fail(error, reason=f"interrupted by signal {error.name} ({error.signum})")
+        click.echo(f"xpr: {what} stopped by {error.name}\n  run:     {run.path}"
+                   + (" (marked FAILED)" if marked else ""), err=True)
+        raise click.exceptions.Exit(128 + error.signum) from None
     except XprUserError as error:
-        run.fail(error)
         click.echo(error.format(), err=True)
-        click.echo(f"  run:     {run.path} (marked FAILED)", err=True)
+        if run.started_work():
+            run.fail(error)
+            click.echo(f"  run:     {run.path} (marked FAILED)", err=True)
+        else:
+            run.discard()          # nothing was computed: no run folder is left behind
         raise click.exceptions.Exit(error.exit_code) from None
-    except KeyboardInterrupt as error:
-        run.fail(error)
-        raise
+    except OSError as error:   # a write the disk refused, or an unreadable file mid-run
+        marked = run.fail(error)
+        click.echo(disk_error_line(error, what) if error.errno in DISK_ERRNOS else
+                   f"xpr: {what} failed: {type(error).__name__}: {error}", err=True)
+        click.echo(f"  run:     {run.path}" + (" (marked FAILED; traceback in run.log)" if marked else ""),
+                   err=True)
+        raise click.exceptions.Exit(1) from None
     except Exception as error:  # the worker's computation failed: record it, exit non-zero
         run.fail(error)
-        click.echo(f"xpr: {spec.group} {spec.name} failed: {type(error).__name__}: {error}\n"
+        click.echo(f"xpr: {what} failed: {type(error).__name__}: {error}\n"
                    f"  run:     {run.path} (marked FAILED; traceback in run.log)", err=True)
         raise click.exceptions.Exit(1) from None
-    link = run.succeed()
-    record_run(spec, run)
+    try:
+        link = run.succeed()
+        record_run(spec, run)
+    except OSError as error:
+        run.fail(error)
+        click.echo(disk_error_line(error, what), err=True)
+        raise click.exceptions.Exit(1) from None
     if not state.quiet:
-        click.echo(f"{spec.group} {spec.name}: results in {run.path}" + (f"\n  latest: {link}" if link else ""))
+        click.echo(f"{what}: results in {run.path}" + (f"\n  latest: {link}" if link else ""))
     return run.path
 
 
@@ -150,14 +238,16 @@ def build_group(name: str) -> click.Group:
 @click.option("--home", "home_option", type=click.Path(file_okay=False), default=None,
               help="The xpr home to use (else XPR_HOME, else the last --setup_home, else ~/.xpr).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or log lines on the console.")
+@click.option("-v", "--verbose", is_flag=True, help="Debug output in the console and run.log.")
 @click.option("--setup_home", "setup_home", is_flag=False, flag_value="", default=None, metavar="[PATH]",
               help="Create a home (default ~/.xpr or XPR_HOME) with every command's default and "
                    "tutorial settings; never overwrites existing files.")
 @click.version_option(__version__, "--version", prog_name="xpr")
 @click.pass_context
-def main(ctx, home_option, quiet, setup_home):
+def main(ctx, home_option, quiet, verbose, setup_home):
     """xpr — phase retrieval from the command line: fxs, cdi and em workflows."""
-    ctx.obj = State(home_option, quiet)
+    ctx.obj = State(home_option, quiet, verbose)
+    logging.getLogger("xpr").setLevel(logging.DEBUG if verbose else logging.INFO)
     if setup_home is not None:
         home, created = home_module.setup(setup_home or home_option or None)
         click.echo(f"xpr home: {home.root}\n  {len(created)} settings files created, existing files kept\n"

@@ -299,6 +299,11 @@ def real_space_options(settings) -> RealSpaceOptions:
         enforce_if_error_bigger_than=float(enforce.if_error_bigger_than))
 
 
+def validate(settings):
+    """Values checked before a run folder exists: the main_loop schedule (blocks, counts, betas)."""
+    _schedule(settings)
+
+
 def _schedule(settings):
     """Compiled steps of main_loop and, for the progress line, the block name of each step."""
     from xpr.phasing.schedule import parse_blocks
