@@ -39,7 +39,8 @@ def install(checkout: str, forbid_under: list[str], allow_under: list[str], log:
     sys._xpr_outside_guard = True
     checkout = os.path.abspath(checkout)
     forbid = [f for f in [os.path.dirname(checkout)] + forbid_under if f != os.sep]
-    allow = [checkout, os.path.abspath(log)] + allow_under
+    interpreter = {os.path.abspath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
+    allow = [checkout, os.path.abspath(log)] + allow_under + sorted(interpreter)   # a venv beside it
     busy = []
 
     def offending(path) -> bool:
