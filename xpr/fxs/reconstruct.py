@@ -33,7 +33,7 @@ from xpr import parallel
 from xpr.backend import Backend
 from xpr.errors import InputError
 from xpr.fxs.fxs_phasing import (FourierTransformPair, RealSpaceOptions, blas_threads, build_grid,
-                                 density_guess, phase, radial_field)
+                                 compile_policies, density_guess, phase, radial_field)
 from xpr.fxs.particle_number import check_search_space, estimate_number_of_particles
 from xpr.fxs.reciprocal_projection import (InvariantConstraint, InvariantProjection, PointwiseRefinement,
                                            invariants_from_coefficients)
@@ -299,18 +299,15 @@ def real_space_options(settings) -> RealSpaceOptions:
         enforce_if_error_bigger_than=float(enforce.if_error_bigger_than))
 
 
-def _schedule(settings):
-    """Compiled steps of main_loop and, for the progress line, the block name of each step."""
+def _schedule(settings, options):
+    """The steps of main_loop with the real-space policies compiled in (what runs and is logged)
+    and, for the progress line, the block name of each step."""
     from xpr.phasing.schedule import parse_blocks
 
     main_loop = settings.main_loop.to_dict() if hasattr(settings.main_loop, "to_dict") else dict(settings.main_loop)
-    steps = parse_blocks(main_loop, key="main_loop")
-    sub = main_loop["sub_loops"]
     names = []
-    for block in sub.get("order", [k for k in sub if k != "order"]):
-        single = parse_blocks({"sub_loops": {"order": [block], block: sub[block]}}, key="main_loop")
-        names += [block] * len(single)
-    return steps, names
+    steps = parse_blocks(main_loop, key="main_loop", names=names)
+    return compile_policies(steps, options), names
 
 
 def to_xframe_layout(field, dimensions):
@@ -508,7 +505,7 @@ def run(settings, archive):
         archive.log.info("SO_freedom: the phase of order %d is fixed (orientation fixed up to rotations by "
                          "2π/%d)", constraint.fixed_phase_orders[0], constraint.fixed_phase_orders[0])
     options = real_space_options(settings)
-    steps, loop_names = _schedule(settings)
+    steps, loop_names = _schedule(settings, options)
     from xpr.phasing.schedule import describe
 
     archive.log.info("grid: %d radial x %s angular points, L = %d; schedule: %s", grid.n_radial,
