@@ -104,16 +104,37 @@ def test_batch_axis_metrics_are_per_repeat():
     assert np.allclose(first, np.sqrt(outside))
 
 
-def test_xframe_ramp_segments():
-    """[[0.5,0.4,-1/250,500],[0.01,0.002,-1/200,200]]: v = end + (start-end) exp(rate i) per segment,
-    segments in a row, the last value held; a three-entry segment runs to the end; [False, v] ends."""
-    spec = [[0.5, 0.4, -1 / 250, 500], [0.01, 0.002, -1 / 200, 200]]
-    values = schedule.ramp_values(spec, 800)
-    assert values[0] == 0.5 and values[250] == pytest.approx(0.4 + 0.1 * math.exp(-1))
-    assert values[500] == 0.01 and values[699] == pytest.approx(0.002 + 0.008 * math.exp(-199 / 200))
-    assert values[799] == values[699]
-    sigmas = schedule.ramp_values([[20, [False, 5], -2], False], 4)
-    assert sigmas == pytest.approx([5 + 15 * math.exp(-2 * i) for i in range(4)])
-    assert schedule.ramp_values([0.9, 0.5], 3, "exponential") == pytest.approx([0.9, math.sqrt(0.45), 0.5])
-    with pytest.raises(InputError, match="segment 0"):
-        schedule.ramp_values([[1, 2]], 3, key="projections.real.HIO.beta")
+def test_xframe_ramp_specifiers_per_block():
+    """xFrame's documented specifiers, one entry per block of the schedule:
+    HIO beta [[0.5,0.4,-1/250,500],[0.01,0.002,-1/200,200]] is A exp(n exponent) + B from 0.5 at
+    n = 0 to 0.4 at n = 500 in the first block, 0.01 -> 0.002 at n = 200 in the second;
+    sigmas [[20,[False,5],-2],False] is 20 - 2n stopping at the resolution (False) in the first
+    block and the resolution itself in the second."""
+    main_loop = {"sub_loops": {"order": ["main", "refinement"],
+                               "main": {"iterations": 5, "order": ["HIO", "SW", "ER"],
+                                        "methods": {"HIO": {"iterations": 120}, "SW": {}, "ER": {"iterations": 4}}},
+                               "refinement": {"iterations": 1, "order": ["SW", "HIO"],
+                                              "methods": {"SW": {}, "HIO": {"iterations": 300}}}}}
+    names = []
+    steps = schedule.parse_blocks(main_loop, names=names)
+    beta = schedule.apply_beta_ramp(steps, [[0.5, 0.4, -1 / 250, 500], [0.01, 0.002, -1 / 200, 200]],
+                                    names=names)
+    main = [s.beta_at(k) for s in beta[:15] if s.method == "HIO" for k in range(s.iterations)]
+    refinement = [beta[-1].beta_at(k) for k in range(300)]
+    a = 0.1 / (1 - math.exp(-2))
+    assert main[0] == pytest.approx(0.5) and main[499] == pytest.approx(a * math.exp(-499 / 250) + 0.5 - a)
+    assert len(main) == 600 and main[-1] == pytest.approx(a * math.exp(-599 / 250) + 0.5 - a)   # formula goes on
+    assert refinement[0] == pytest.approx(0.01) and refinement[200] == pytest.approx(0.002)
+    sw = schedule.apply_option_ramp(steps, "SW", "sigma", [[20, [False, 5], -2], False], names=names,
+                                    false_value=14.0)
+    assert [s.options["sigma"] for s in sw if s.method == "SW"] == [20.0, 18.0, 16.0, 14.0, 14.0, 14.0]
+    # a slope of False: the ramp reaches stop_value at stop_argument
+    assert schedule.xframe_block_values([20, [10, 5], False], 7) == pytest.approx([20, 18, 16, 14, 12, 10, 10])
+    # xpr's own [first, last] stays one ramp over the whole run
+    plain = schedule.apply_option_ramp(steps, "SW", "sigma", [20.0, 5.0])
+    assert [s.options["sigma"] for s in plain if s.method == "SW"] == pytest.approx([20, 17, 14, 11, 8, 5])
+    with pytest.raises(InputError, match="cannot read ramp") as info:
+        schedule.apply_beta_ramp(steps, [[1, 2]], names=names, key="projections.real.HIO.beta")
+    assert info.value.key == "projections.real.HIO.beta"
+    with pytest.raises(InputError, match="resolution"):
+        schedule.apply_beta_ramp(steps, [False], names=names)

@@ -595,22 +595,32 @@ class RealSpaceOptions:
     hio_betas: tuple | None = None
     enforce_initial_support: bool = True
     enforce_if_error_bigger_than: float = 0.0
+    resolution: float | None = None         # Å: xFrame's False sigma (the half-period resolution)
 
 
-def compile_policies(steps, options: RealSpaceOptions) -> list:
+def compile_policies(steps, options: RealSpaceOptions, names=None) -> list:
     """The schedule with the HIO beta ramp and the shrink-wrap sigma/threshold ramps compiled
-    into its steps (a block's own beta and an SW step's own sigma/threshold are kept). Pure and
-    idempotent: what `describe` of the result shows is what `phase` runs."""
+    into its steps (a block's own beta and an SW step's own sigma/threshold are kept); names: the
+    block of each step (for xFrame's per-block specifiers). Pure and idempotent: what `describe`
+    of the result shows is what `phase` runs."""
     from xpr.phasing import schedule
 
     key = "projections.real"
     if options.hio_betas is not None:
-        steps = schedule.apply_beta_ramp(steps, list(options.hio_betas), ("HIO",), "exponential",
-                                         key=f"{key}.HIO.beta")
-    steps = schedule.apply_option_ramp(steps, "SW", "sigma", list(options.sw_sigmas), "linear",
-                                       key=f"{key}.shrink_wrap.sigmas")
-    return schedule.apply_option_ramp(steps, "SW", "threshold", list(options.sw_thresholds), "linear",
-                                      key=f"{key}.shrink_wrap.thresholds")
+        steps = schedule.apply_beta_ramp(steps, _plain(options.hio_betas), ("HIO",), "exponential",
+                                         key=f"{key}.HIO.beta", names=names)
+    steps = schedule.apply_option_ramp(steps, "SW", "sigma", _plain(options.sw_sigmas), "linear",
+                                       key=f"{key}.shrink_wrap.sigmas", names=names,
+                                       false_value=options.resolution)
+    return schedule.apply_option_ramp(steps, "SW", "threshold", _plain(options.sw_thresholds), "linear",
+                                      key=f"{key}.shrink_wrap.thresholds", names=names)
+
+
+def _plain(spec):
+    """Settings lists arrive as tuples (frozen): nested lists again, numbers as they are."""
+    if isinstance(spec, (list, tuple)):
+        return [_plain(v) for v in spec]
+    return spec
 
 
 def real_space_error(projected, constrained, grid: PhasingGrid, xp):
@@ -686,7 +696,7 @@ def phase(transform: FourierTransformPair, projection, steps, density, support, 
     from xpr.phasing.projections import SupportProjection
 
     xp = transform.xp
-    steps = compile_policies(steps, options)
+    steps = compile_policies(steps, options, loop_names)
     P_S = SupportProjection(positivity=options.positivity)
     P_M = _RecordingProjection(projection)
     initial_support = support.copy()

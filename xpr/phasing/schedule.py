@@ -25,7 +25,8 @@ registers with the engine, as cohere's op_flow) carrying its options (for SW: bl
 threshold). Policies are compiled into the list, never applied while it runs:
 
 * `apply_beta_ramp` gives the feedback steps without a beta of their own one ramp across all of
-  their iterations (linear, exponential, or xFrame's segment specifiers, `ramp_values`);
+  their iterations (linear or exponential, `ramp_values`), or xFrame's per-block ramps
+  (`xframe_block_values`);
 * `apply_option_ramp` gives operation steps an option ramped over their occurrences (the blur
   width of successive shrink-wraps) where they do not set it themselves;
 * `schedule_operation` / `with_periodic_shrink_wrap` insert operations after chosen global
@@ -308,44 +309,28 @@ def _ramp(pair, n):
 RAMP_KINDS = ("linear", "exponential")
 
 
-def _segment_end(end, key, source):
-    """A segment's end: a number, or xFrame's [flag, value] pair (flag False: value as it is)."""
-    if isinstance(end, (list, tuple)):
-        if len(end) != 2 or end[0] not in (False, None, 0):
-            raise InputError(f"a ramp segment's end must be a number or [False, value], got {end!r} "
-                             "(xpr reads only absolute end values)", file=source, key=key)
-        end = end[1]
-    return float(end)
+def is_per_block(spec) -> bool:
+    """xFrame's per-block form: a list with one entry per block, some entry a ramp specifier
+    (a list) or False. A list of plain numbers is xpr's [first, last] ramp over the whole run."""
+    return isinstance(spec, (list, tuple)) and any(isinstance(e, (list, tuple)) or e is False for e in spec)
 
 
 def ramp_values(spec, n: int, kind: str = "linear", key=None, source=None) -> list:
-    """The n values of a ramp specifier, one per iteration (or per operation occurrence).
-
-    * a number: constant;
-    * [first, last]: a `kind` ramp from first (value 0) to last (value n-1): linear, or
-      exponential (geometric: first·(last/first)^(i/(n-1)); linear when a value is <= 0);
-    * xFrame's segments, a list of [start, end, rate, count] entries (a bare False entry means
-      "none" and is skipped): segment values v(i) = end + (start - end)·exp(rate·i), i = 0 ..
-      count-1 counted from the segment's start, so rate is per iteration (-1/250: e-folding over
-      250 iterations) and the value decays from start toward end; segments follow one another;
-      a segment without a count (three entries) runs to the end; after the last segment its last
-      value holds. An end written [False, value] is value (xpr's reading of xFrame's shrink-wrap
-      specifiers such as sigmas: [[20, [False, 5], -2], False]).
-    """
+    """The n values of xpr's ramp specifier, one per iteration (or per operation occurrence):
+    a number (constant) or [first, last], a `kind` ramp from value 0 to value n-1: linear, or
+    exponential (geometric, first·(last/first)^(i/(n-1)); linear when a value is <= 0)."""
     if n <= 0:
         return []
     if isinstance(spec, bool) or spec is None:
-        raise InputError(f"a ramp must be a number, [first, last] or a list of [start, end, rate, count] "
-                         f"segments, got {spec!r}", file=source, key=key)
+        raise InputError(f"a ramp must be a number or [first, last], got {spec!r}", file=source, key=key)
     if isinstance(spec, (int, float)):
         return [float(spec)] * n
     spec = list(spec)
-    if any(isinstance(entry, (list, tuple)) for entry in spec):
-        return _segment_values(spec, n, key, source)
     if len(spec) == 1:
         return [float(spec[0])] * n
-    if len(spec) != 2:
-        raise InputError(f"a ramp [first, last] has two values, got {spec!r}", file=source, key=key)
+    if len(spec) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in spec):
+        raise InputError(f"a ramp is a number, [first, last] or xFrame's per-block list, got {spec!r}",
+                         file=source, key=key)
     first, last = float(spec[0]), float(spec[1])
     if kind not in RAMP_KINDS:
         raise ValueError(f"unknown ramp kind {kind!r}")
@@ -356,58 +341,116 @@ def ramp_values(spec, n: int, kind: str = "linear", key=None, source=None) -> li
     return [first + (last - first) * k / (n - 1) for k in range(n)]
 
 
-def _segment_values(spec, n, key, source):
+def xframe_block_values(entry, n: int, false_value=None, key=None, source=None) -> list:
+    """The n values (n = 0, 1, ... counted within one block) of one entry of xFrame's per-block
+    list, as xFrame's documentation defines them:
+
+    * a number: constant; False: `false_value` (for shrink-wrap sigmas the grid's half-period
+      resolution);
+    * exponential ramp [start, stop, exponent, stop_argument]: v(n) = A·exp(exponent·n) + B with
+      v(0) = start and v(stop_argument) = stop (and the same formula after stop_argument);
+    * linear ramp [start, [stop_value, stop_argument], slope]: v(n) = start + A·n with A = slope,
+      or, when slope is False, A such that v(stop_argument) = stop_value; v stops at stop_value
+      once it reaches it; a False stop_value is `false_value`.
+    """
     import math
 
-    values = []
-    for index, segment in enumerate(spec):
-        if segment is False or segment is None:
-            continue
-        if not isinstance(segment, (list, tuple)) or len(segment) not in (3, 4):
-            raise InputError(f"ramp segment {index} must be [start, end, rate] or [start, end, rate, count], "
-                             f"got {segment!r}", file=source, key=key)
-        try:
-            start, end, rate = float(segment[0]), _segment_end(segment[1], key, source), float(segment[2])
-            count = n - len(values) if len(segment) == 3 else int(segment[3])
-        except (TypeError, ValueError):
-            raise InputError(f"ramp segment {index} must hold numbers, got {segment!r}",
-                             file=source, key=key) from None
-        if count < 0:
-            raise InputError(f"ramp segment {index} has a negative count", file=source, key=key)
-        values.extend(end + (start - end) * math.exp(rate * i) for i in range(count))
-        if len(values) >= n:
-            break
-    if not values:
-        raise InputError(f"ramp {spec!r} has no segment", file=source, key=key)
-    values.extend([values[-1]] * (n - len(values)))
-    return values[:n]
+    def number(value, what):
+        if value is False:
+            if false_value is None:
+                raise InputError(f"{what} False (the grid's resolution) has no meaning here", file=source, key=key)
+            return float(false_value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InputError(f"{what} must be a number, got {value!r}", file=source, key=key)
+        return float(value)
+
+    if n <= 0:
+        return []
+    if not isinstance(entry, (list, tuple)):
+        return [number(entry, "a block's value")] * n
+    entry = list(entry)
+    if len(entry) == 3 and isinstance(entry[1], (list, tuple)) and len(entry[1]) == 2:
+        start = number(entry[0], "start_value")
+        stop = number(entry[1][0], "stop_value")
+        slope = entry[2]
+        if slope is False or slope is None:
+            stop_argument = number(entry[1][1], "stop_argument")
+            if stop_argument <= 0:
+                raise InputError("stop_argument must be positive", file=source, key=key)
+            slope = (stop - start) / stop_argument
+        slope = number(slope, "slope")
+        values = [start + slope * i for i in range(n)]
+        return [max(v, stop) if slope < 0 else min(v, stop) for v in values]
+    if len(entry) == 4:
+        start, stop = number(entry[0], "start_value"), number(entry[1], "stop_value")
+        exponent, stop_argument = number(entry[2], "exponent"), number(entry[3], "stop_argument")
+        if exponent == 0 or stop_argument == 0:
+            raise InputError(f"exponential ramp {entry!r} needs a non-zero exponent and stop_argument",
+                             file=source, key=key)
+        scale = (start - stop) / (1.0 - math.exp(exponent * stop_argument))
+        offset = start - scale
+        return [scale * math.exp(exponent * i) + offset for i in range(n)]
+    raise InputError(f"cannot read ramp {entry!r}: expected a number, False, [start, stop, exponent, "
+                     "stop_argument] or [start, [stop_value, stop_argument], slope]", file=source, key=key)
+
+
+def _per_block_groups(steps, chosen, names, key, source):
+    """The chosen step indices grouped by block, blocks in schedule order."""
+    if names is None or len(names) != len(steps):
+        raise InputError("a per-block list needs the schedule's blocks (main_loop)", file=source, key=key)
+    groups: dict = {}
+    for i in chosen:
+        groups.setdefault(names[i], []).append(i)
+    order = list(dict.fromkeys(names))
+    return [(order.index(name), indices) for name, indices in groups.items()]
 
 
 def apply_beta_ramp(steps, spec, methods=("HIO",), kind: str = "exponential", key=None,
-                    source=None) -> list[Step]:
-    """Compile one beta ramp across all iterations of the `methods` steps that have no beta of
-    their own (in schedule order); steps with their own beta keep it."""
+                    source=None, names=None) -> list[Step]:
+    """Compile beta into the iterations of the `methods` steps that have no beta of their own
+    (in schedule order; steps with their own beta keep it): xpr's ramp (`ramp_values`) across all
+    of them, or, for xFrame's per-block list, entry b for the b-th block of the schedule (the last
+    entry for blocks beyond the list), counted over that block's iterations (names: the block of
+    each step, as parse_blocks gives them)."""
     chosen = [i for i, step in enumerate(steps) if step.method in methods and not step.own_beta]
-    total = sum(steps[i].iterations for i in chosen)
-    values = ramp_values(spec, total, kind, key, source)
-    out, done = list(steps), 0
-    for i in chosen:
+    out = list(steps)
+    if is_per_block(spec):
+        groups = _per_block_groups(steps, chosen, names, key, source)
+        for block, indices in groups:
+            entry = spec[min(block, len(spec) - 1)]
+            values = xframe_block_values(entry, sum(steps[i].iterations for i in indices), key=key, source=source)
+            _assign_betas(out, indices, values)
+        return out
+    values = ramp_values(spec, sum(steps[i].iterations for i in chosen), kind, key, source)
+    _assign_betas(out, chosen, values)
+    return out
+
+
+def _assign_betas(out, indices, values):
+    done = 0
+    for i in indices:
         step = out[i]
         betas = tuple(values[done:done + step.iterations])
         done += step.iterations
         if betas:
             out[i] = replace(step, betas=betas, beta=(betas[0], betas[-1]))
-    return out
 
 
 def apply_option_ramp(steps, method: str, option: str, spec, kind: str = "linear", key=None,
-                      source=None) -> list[Step]:
-    """Give the i-th `method` operation option = value i of the ramp over their occurrences,
-    unless the step sets the option itself."""
+                      source=None, names=None, false_value=None) -> list[Step]:
+    """Give the i-th `method` operation option = value i of a ramp over their occurrences, unless
+    the step sets the option itself: xpr's ramp over the whole run, or xFrame's per-block list
+    (entry b for the b-th block, counted over that block's occurrences; False = false_value)."""
     chosen = [i for i, step in enumerate(steps) if step.method == method]
-    values = ramp_values(spec, len(chosen), kind, key, source)
+    if is_per_block(spec):
+        pairs = []
+        for block, indices in _per_block_groups(steps, chosen, names, key, source):
+            entry = spec[min(block, len(spec) - 1)]
+            pairs += zip(indices, xframe_block_values(entry, len(indices), false_value, key, source))
+    else:
+        pairs = zip(chosen, ramp_values(spec, len(chosen), kind, key, source))
     out = list(steps)
-    for i, value in zip(chosen, values):
+    for i, value in pairs:
         if option not in out[i].options:
             out[i] = replace(out[i], options={**out[i].options, option: value})
     return out
