@@ -114,3 +114,47 @@ def test_clip_count_logged(caplog):
         cleaned, clipped = check_intensities(data, file="d.npy", log=log)
     assert clipped == 2 and cleaned.tolist() == [[1.0, 0.0], [3.0, 0.0]]
     assert "2 of 4 measured pixels were negative" in caplog.text
+
+
+# --------------------------------------------------------------------------------------------
+# fxs correlate: pattern stacks (NaN marks masked pixels there)
+
+
+def _fxs_files(tmp_path, kind):
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fxs"))
+    from test_correlate import correlate_settings, write_pattern_files
+
+    listing, files = write_pattern_files(tmp_path, n_files=2, per_file=3)
+    with h5py.File(files[1], "r+") as f:
+        data = f["data"][()]
+        del f["data"]
+        if kind == "nan":
+            data[-1] = np.nan
+        elif kind == "zeros":
+            data[0] = 0
+        elif kind == "negative":
+            data = -data
+        elif kind == "complex":
+            data = data + 1j
+        elif kind == "empty":
+            data = data[:0]
+        f["data"] = data
+    return correlate_settings(tmp_path, f"junk_{kind}", listing), files[1]
+
+
+@pytest.mark.parametrize("kind, words", [
+    ("nan", "no finite pattern intensities: all 1024 pixels are NaN or infinite"),
+    ("zeros", "no signal: all 1024 measured pixels are 0"),
+    ("negative", "no positive pattern intensities"),
+    ("complex", "complex values"),
+    ("empty", "empty (0 pixels)"),
+])
+def test_fxs_correlate_refuses_junk_patterns(home, run_xpr, tmp_path, kind, words):
+    settings, bad = _fxs_files(tmp_path, kind)
+    result = run_xpr(["fxs", "correlate", settings])
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert words in text and str(bad) in text
+    assert not list((home / "data" / "fxs" / "ccd").glob(f"*junk_{kind}*.h5"))

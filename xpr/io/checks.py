@@ -51,10 +51,12 @@ def _mask(mask, shape, file, key):
     return mask.astype(bool)
 
 
-def check_intensities(array, mask=None, file=None, key=None, log=None, what="intensities"):
+def check_intensities(array, mask=None, file=None, key=None, log=None, what="intensities",
+                      nonfinite_masked=False):
     """Measured intensities, checked and cleaned: returns (float array, n_clipped).
 
     mask: True / nonzero = masked (not measured); its pixels may hold NaN, inf or anything.
+    nonfinite_masked: NaN/inf pixels mark masked pixels (fxs patterns carry no mask otherwise).
     Refused (InputError, exit 2): complex, non-numeric, empty, NaN or inf outside the mask, all
     zero or no positive value outside the mask. Negative values outside the mask are clipped to
     0, and their count logged (log: a logging.Logger) and returned.
@@ -62,6 +64,11 @@ def check_intensities(array, mask=None, file=None, key=None, log=None, what="int
     fail = _where(array, file, key)
     array = _common(array, file, key)
     masked = _mask(mask, array.shape, file, key)
+    if nonfinite_masked and array.dtype.kind == "f":
+        finite = np.isfinite(array)
+        if not finite.any():
+            fail(f"no finite {what}: all {array.size} pixels are NaN or infinite")
+        masked = ~finite if masked is None else (masked | ~finite)
     values = array if masked is None else array[~masked]
     if values.size == 0:
         fail(f"every pixel is masked: no measured {what}")
@@ -101,3 +108,31 @@ def check_real(array, file=None, key=None, what="values"):
     if not np.any(array):
         fail(f"no signal: all {array.size} pixels are 0")
     return np.asarray(array, dtype=np.float64 if array.dtype == np.float64 else np.float32)
+
+
+def check_stack(dataset, file=None, key=None, frames="ends", **options):
+    """check_intensities on a stacked HDF5 dataset (frames along axis 0) without reading it
+    all: frames="ends" checks the first and the last frame, "all" every frame. A frame that
+    cannot be read (a corrupt chunk) is left to the workers, which record such failures; its
+    dtype and emptiness are still checked."""
+    shape = f"(dataset of shape {list(dataset.shape)})"
+    if dataset.dtype.kind == "c":
+        raise InputError(f"complex values: intensities are real {shape}", file=file, key=key)
+    if dataset.dtype.kind not in "iuf":
+        raise InputError(f"values of type {dataset.dtype} are not numbers (expected integer or "
+                         f"float) {shape}", file=file, key=key)
+    if dataset.size == 0:
+        raise InputError(f"the dataset is empty (0 pixels) {shape}", file=file, key=key)
+    if dataset.ndim < 3:
+        indices = [None]
+    elif frames == "all":
+        indices = range(dataset.shape[0])
+    else:
+        indices = sorted({0, dataset.shape[0] - 1})
+    for index in indices:
+        try:
+            frame = dataset[()] if index is None else dataset[index]
+        except OSError:
+            continue
+        where = key if index is None else f"{key} (frame {index})"
+        check_intensities(frame, file=file, key=where, **options)
