@@ -21,6 +21,7 @@ import yaml
 from xpr import __version__, registry
 from xpr import home as home_module
 from xpr.archive import Run
+from xpr.backend import device_note
 from xpr.errors import XprUserError
 from xpr.settings import Schema, resolve, to_plain
 
@@ -44,6 +45,7 @@ def run_command(spec: registry.CommandSpec, settings_name: str, overrides, state
         home = home_module.locate(state.home_option)
         resolved = resolve(spec.group, spec.name, settings_name, home, overrides)
         structure = spec.structure(resolved.settings)
+        device_line = device_note()        # XPR_DEVICE checked here (exit 2 when wrong)
     except XprUserError as error:
         fail_user(error)
     except KeyError as error:
@@ -53,6 +55,8 @@ def run_command(spec: registry.CommandSpec, settings_name: str, overrides, state
     run = Run(home, spec.group, spec.product, structure, resolved.settings, quiet=state.quiet,
               command=spec.name)
     run.log.info("settings %s -> run %s", resolved.source, run.path)
+    if device_line:
+        run.log.info(device_line)
     try:
         worker.run(resolved.settings, run)
     except XprUserError as error:
