@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from xpr.backend import Backend
-from xpr.em import focal_series, specimens, tie_solvers
+from xpr.em.tie import focal_series, specimens, solvers as tie_solvers
 from xpr.em.optics import electron_wavelength_A
 from xpr.io import save_tree
 

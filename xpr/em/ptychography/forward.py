@@ -55,7 +55,7 @@ from dataclasses import dataclass
 
 import numpy as np                     # host-side bookkeeping only (positions, groups)
 
-from xpr.em import multislice
+from xpr.em.ptychography import multislice
 from xpr.em.ptychography import losses
 
 

@@ -4,7 +4,7 @@ Convention (fixed by the file interface, PyLorentz's and phase-ret-dl's):
     the image at defocus Δf of the exit wave ψ is  I_Δf = |F⁻¹[ F[ψ] · T_Δf ]|²,
     T_Δf(q) = exp(+iπλΔf|q|² − i(π/2) C_s λ³|q|⁴) · E_s(q) · E_t(q),
 q in cycles/m. Δf = 0 is in focus. To first order in Δf this gives the transport-of-intensity
-equation in the form xpr.em.tie_solvers solves,  (2π/λ) ∂I/∂Δf = ∇·(I ∇φ).
+equation in the form xpr.em.tie.solvers solves,  (2π/λ) ∂I/∂Δf = ∇·(I ∇φ).
 The envelopes (beam semi-convergence α, defocus spread Δ) are the quasi-coherent damping of the
 wave transfer function:
     E_s = exp(−(πα/λ)² (λΔf q + C_s λ³ q³)²),   E_t = exp(−½ (πλΔ)² q⁴).
@@ -12,6 +12,7 @@ wave transfer function:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage, optimize
@@ -213,3 +214,25 @@ def inverse_similarity_transform(image, rotation_deg=0.0, scale=1.0, shift_px=(0
     offset = centre + np.asarray(shift_px, float) - forward @ centre
     return ndimage.affine_transform(image, forward, offset=offset, order=order, mode="constant",
                                     cval=float(image.mean()))
+
+
+@dataclass
+class FocalSeries:
+    """What `tie` reads from its input file."""
+    path: str
+    images: np.ndarray                     # (n, y, x), float64
+    defocus_m: np.ndarray                  # (n,), xpr's sign convention
+    accelerating_voltage_kV: float
+    pixel_size_m: float
+    spherical_aberration_m: float = 0.0
+    images_flipped: np.ndarray | None = None
+    flip_axis: str = "x"
+    truth: dict = field(default_factory=dict)   # exact_phase[_electrostatic|_magnetic]
+
+    @property
+    def reference_index(self) -> int:
+        return int(np.argmin(np.abs(self.defocus_m)))
+
+    @property
+    def has_in_focus_image(self) -> bool:
+        return bool(np.any(self.defocus_m == 0.0))

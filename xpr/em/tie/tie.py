@@ -7,7 +7,7 @@ Method.
    `images_flipped` (the specimen turned over, recorded mirrored) and `exact_phase`.
 2. Registration (optional). Every image is aligned to the image nearest focus: the shift from
    the cross-correlation of the low-passed images, then rotation, magnification and shift
-   refined by maximising their normalised correlation (xpr.em.focal_series).
+   refined by maximising their normalised correlation (xpr.em.tie.focal_series).
 3. ∂I/∂Δf by a per-pixel least-squares polynomial fit over all defocus values (several pairs
    average the noise, the quadratic term removes the Δf² bias of a ± pair).
 4. TIE, k ∂I/∂Δf = ∇·(I∇φ): uniform intensity, or full (Teague's auxiliary function, 1/I
@@ -22,7 +22,7 @@ Method.
    L-BFGS fit of exp(a + iφ).
 6. Flip series: the flipped images are un-mirrored and retrieved the same way, giving φ_e − φ_m;
    φ_e = (φ + φ_flip)/2 and φ_m = (φ − φ_flip)/2.
-7. Optional learned correction (extra `ml`, xpr.em.tie_learned): a small CNN trained on
+7. Optional learned correction (extra `ml`, xpr.em.tie.learned): a small CNN trained on
    simulated pairs with this series' optics corrects the TIE phase (`phase_learned`).
 8. With the truth known, the rms error inside a centred disk (radius a fraction of the width)
    after removing the mean offset, for the plain TIE and the refined phase.
@@ -30,7 +30,6 @@ Method.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import h5py
 import numpy as np
@@ -38,34 +37,13 @@ from scipy import ndimage
 
 from xpr import backend as backends
 from xpr import plot
-from xpr.em import focal_series, tie_solvers
+from xpr.em.tie import focal_series, solvers as tie_solvers
+from xpr.em.tie.focal_series import FocalSeries
 from xpr.em.optics import electron_wavelength_A
 from xpr.errors import InputError
 from xpr.io import load_tree
 
 INPUT_KEY = "input.focal_series"
-
-
-@dataclass
-class FocalSeries:
-    """What `tie` reads from its input file."""
-    path: str
-    images: np.ndarray                     # (n, y, x), float64
-    defocus_m: np.ndarray                  # (n,), xpr's sign convention
-    accelerating_voltage_kV: float
-    pixel_size_m: float
-    spherical_aberration_m: float = 0.0
-    images_flipped: np.ndarray | None = None
-    flip_axis: str = "x"
-    truth: dict = field(default_factory=dict)   # exact_phase[_electrostatic|_magnetic]
-
-    @property
-    def reference_index(self) -> int:
-        return int(np.argmin(np.abs(self.defocus_m)))
-
-    @property
-    def has_in_focus_image(self) -> bool:
-        return bool(np.any(self.defocus_m == 0.0))
 
 
 def run(settings, archive):
@@ -374,7 +352,7 @@ def corrected_in_focus_intensity(backend, series, shape, fitted, phase, order=No
 def learned_correction(backend, series, result, settings, archive):
     """Train (on simulated pairs with this series' optics) or load the network; apply it to the
     TIE phase. Returns the corrected phase and, after training, the held-out rms errors."""
-    from xpr.em import tie_learned
+    from xpr.em.tie import learned as tie_learned
 
     options = settings.learned_correction
     radius = float(settings.evaluation.window_radius_fraction)

@@ -1,6 +1,6 @@
 """ptycho: iterative multislice electron ptychography from a calibrated 4D-STEM data set.
 
-1. Calibration (xpr.em.calibration, PyPty's append_exp_params): patterns binned, flipped,
+1. Calibration (xpr.em.ptychography.calibration, PyPty's append_exp_params): patterns binned, flipped,
    centred and padded; reciprocal and real pixel sizes; PL rotation; scan positions as corners
    of the pattern-sized probe windows on the reconstruction grid. Settings left null take the
    data file's calibration attributes. `experiment.positions_path` replaces the raster by
@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from xpr import backend as backends
-from xpr.em import calibration, optics
+from xpr.em.ptychography import calibration
+from xpr.em import optics
 from xpr.em.ptychography import checkpoints
 from xpr.em.ptychography.forward import Model
 from xpr.em.ptychography.reconstruct import History, Options, reconstruct
