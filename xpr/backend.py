@@ -277,3 +277,19 @@ def spec_from_settings(settings=None) -> BackendSpec:
 def cpu(precision: str = "single") -> Backend:
     """numpy, whatever the settings and XPR_DEVICE say: for paths that are CPU-only by design."""
     return Backend(False, precision)
+
+
+def to_host(a):
+    """A numpy array of `a`, wherever it lives (for code holding an array but no Backend;
+    kernels with a backend call `backend.asnumpy`)."""
+    if isinstance(a, np.ndarray):
+        return a
+    if type(a).__module__.startswith("cupy"):
+        import cupy
+
+        return cupy.asnumpy(a)
+    from xpr.emulated import DeviceArray
+
+    if isinstance(a, DeviceArray):
+        return a.get()
+    return np.asarray(a)
