@@ -132,6 +132,10 @@ class BackendSpec:
             raise SettingsError(f"GPU.use must be auto, true or false, not {use!r}", key="GPU.use")
         return cls(device, precision)
 
+    def gpus(self) -> list[str] | None:
+        """The CUDA devices to spread work over (one worker each), or None off cupy."""
+        return gpu_ids() or None if self.device == "cuda" else None
+
     def create(self) -> "Backend":
         return Backend(device=self.device, precision=self.precision, fft_workers=self.fft_workers,
                        device_id=self.device_id)

@@ -302,7 +302,8 @@ def phase_repeats(settings, archive, problem):
     repeats = int(settings.phasing.repeats)
     seeds = parallel.task_seeds(int(settings.phasing.seed), repeats)
     spread = settings.get("multi_process")
-    workers = parallel.n_workers(spread, repeats)
+    gpus = problem["backend"].gpus()           # on cupy: one worker per GPU
+    workers = parallel.n_workers(spread, repeats, gpus)
     batch = spread.get("batch_size") if spread else None
     n_tasks = max(workers, -(-repeats // int(batch))) if batch else workers
     tasks = [{"seeds": [seeds[i] for i in chunk]} for chunk in _chunks(repeats, n_tasks)]
@@ -317,7 +318,7 @@ def phase_repeats(settings, archive, problem):
         bar = archive.progress(total=len(tasks), desc="phasing batches")
         results = parallel.map(phase_chunk, tasks, spread, shared=problem,
                                on_result=lambda index, result: bar.update(1),
-                               tolerate_failures=True)
+                               tolerate_failures=True, gpus=gpus)
         failures = [r for r in results if isinstance(r, parallel.TaskFailure)]
         for failure in failures:
             archive.log.warning("batch %d (seeds %s) failed: %s", failure.index,

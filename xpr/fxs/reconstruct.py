@@ -527,7 +527,8 @@ def run(settings, archive):
              for k, i in enumerate(range(0, n, batch))]
     # a batch whose process is lost (or raises) is retried; one that still fails is logged,
     # recorded in data.h5 (failed_seeds) and left out, as long as min_success of them succeeded
-    batches = parallel.map(phase_batch, tasks, settings.multi_process, tolerate_failures=True)
+    batches = parallel.map(phase_batch, tasks, settings.multi_process, tolerate_failures=True,
+                           gpus=backend.gpus())
     failures = [b for b in batches if isinstance(b, parallel.TaskFailure)]
     for failure in failures:
         archive.log.warning("batch %d (reconstructions %d-%d, seeds %s) failed: %s", failure.index,
