@@ -214,13 +214,15 @@ def show_settings(state, group, command, settings_name, overrides):
 @click.option("--queue", default=None, help="Queue / partition.")
 @click.option("--account", default=None)
 @click.option("--directive", "directives", multiple=True, help="Extra scheduler directive, verbatim.")
+@click.option("--gpus", type=int, default=0, show_default=True,
+              help="GPUs per node: requested from the scheduler, one dask worker each.")
 @click.option("--dask/--no-dask", "use_dask", default=None,
               help="Start a dask cluster inside the job for the parallel steps (default: yes, except arrays).")
 @click.argument("group")
 @click.argument("chain", nargs=-1, type=click.UNPROCESSED)
 @click.pass_obj
 def jobscript_command(state, scheduler, array_size, each, merge, nodes, cores, memory, walltime, queue,
-                      account, directives, use_dask, group, chain):
+                      account, directives, gpus, use_dask, group, chain):
     """Write a batch script running GROUP CHAIN... (settings resolved and archived beside it)."""
     from xpr import jobscript
 
@@ -229,7 +231,7 @@ def jobscript_command(state, scheduler, array_size, each, merge, nodes, cores, m
         written = jobscript.write(
             home, scheduler, group, chain,
             jobscript.Resources(nodes=nodes, cores=cores, memory=memory, walltime=walltime, queue=queue,
-                                account=account, directives=list(directives)),
+                                account=account, directives=list(directives), gpus=gpus),
             array=array_size, each=each, merge=merge, use_dask=use_dask)
     except XprUserError as error:
         fail_user(error)
