@@ -92,8 +92,14 @@ def pytest_collection_modifyitems(config, items):
         return
     skip = pytest.mark.skip(reason="needs cupy and a CUDA device")
     for item in items:
-        if "gpu" in item.keywords:
+        if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip)
+
+
+@pytest.fixture(params=["emulated", pytest.param("cuda", marks=pytest.mark.gpu)])
+def device(request) -> str:
+    """A device for device/CPU parity tests: the emulated one always, cupy where present."""
+    return request.param
 
 
 @pytest.fixture(autouse=True)

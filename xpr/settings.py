@@ -6,7 +6,8 @@ Resolution of `xpr <group> <command> NAME -o a.b=v`:
    each key's line is that key's documentation (description | unit | range | choices | type | keys);
 2. NAME is a path to a YAML file, or `NAME.yaml` in `HOME/settings/projects/<group>/<command>/`;
 3. the user tree is deep-merged over the defaults (a key documented `keys: any` is replaced whole),
-   then each `-o key.sub=value` override (value read as YAML) is applied;
+   then each `-o key.sub=value` override (value read as YAML) is applied: it sets that one key,
+   inside `keys: any` mappings too (the rest of such a mapping is kept);
 4. every mapping `{command: "expression"}` is evaluated as pure arithmetic by xpr.expressions
    (an allow-list: numpy's mathematical functions and constructors under `np`, `pi`, `xpr_opt`,
    `today`, comprehensions; no I/O, no modules, bounded size and time) and `{today}` in strings
@@ -321,16 +322,20 @@ class Schema:
 # merge, overrides, expressions
 # --------------------------------------------------------------------------------------------
 
-def deep_merge(base: dict, update: dict, schema: Schema | None = None, prefix=()) -> dict:
-    """`update` over `base`, recursively; a `keys: any` key or a `command:` value replaces whole."""
+def deep_merge(base: dict, update: dict, schema: Schema | None = None, prefix=(), merge_any=False) -> dict:
+    """`update` over `base`, recursively; a `keys: any` key or a `command:` value replaces whole.
+
+    merge_any: merge into `keys: any` mappings too (for `-o` overrides, each of which sets one key:
+    `-o main_loop.sub_loops.main.iterations=3` changes that number and keeps the schedule)."""
     merged = dict(base)
     for key, value in update.items():
         path = prefix + (str(key),)
         spec = schema.spec(path) if schema else None
-        replace_whole = spec is not None and (spec.keys_any or not spec.is_group)
+        replace_whole = spec is not None and ((spec.keys_any and not merge_any) or
+                                              (not spec.is_group and not spec.keys_any))
         if isinstance(value, dict) and isinstance(merged.get(key), dict) and not replace_whole \
                 and not _is_command(value) and not _is_command(merged[key]):
-            merged[key] = deep_merge(merged[key], value, schema, path)
+            merged[key] = deep_merge(merged[key], value, schema, path, merge_any)
         else:
             merged[key] = value
     return merged
@@ -607,7 +612,7 @@ def resolve(group: str, command: str, name: str, home=None, overrides=()) -> Res
     check_known_keys(override_tree, schema, origin)
 
     merged = deep_merge(schema.defaults, user_tree, schema)
-    merged = deep_merge(merged, override_tree, schema)
+    merged = deep_merge(merged, override_tree, schema, merge_any=True)
     resolved = evaluate_expressions(merged, make_evaluator(home), origin)
     check_values(resolved, schema, origin)
     return Resolved(settings=Frozen(resolved), source=str(user_path), schema=schema, where=origin)
