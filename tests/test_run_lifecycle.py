@@ -120,9 +120,17 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc (Linux)")
-@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_signal_marks_failed_stops_workers_keeps_latest(home, slow_command, tmp_path, signum, code):
+@pytest.mark.parametrize("signum, code, engine", [
+    (signal.SIGTERM, 143, "local"), (signal.SIGINT, 130, "local"),
+    pytest.param(signal.SIGTERM, 143, "dask", marks=pytest.mark.slow)])
+def test_signal_marks_failed_stops_workers_keeps_latest(home, slow_command, tmp_path, signum, code, engine):
+    """A two-process run (spawned pool, or a dask LocalCluster of two worker processes) gets the
+    signal while both workers sleep in a task: exit 128 + signal, FAILED naming it, no process of
+    the run left (its whole process group is checked), the latest-link as before."""
+    pytest.importorskip("dask.distributed") if engine == "dask" else None
     argv, env, settings = slow_command
+    settings.write_text("structure_name: demo\nmulti_process:\n  engine: %s\n  dask: {cluster: {jobs: 2}}\n"
+                        % engine)
     quick = subprocess.run(argv + ["-q", "test", "slow", settings, "-o", "seconds=0", "-o", "n=2",
                                    "-o", f"folder={tmp_path}"], env=env, capture_output=True, text=True,
                            timeout=120)
@@ -136,7 +144,7 @@ def test_signal_marks_failed_stops_workers_keeps_latest(home, slow_command, tmp_
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 120
         while len(list(tmp_path.glob("started_*"))) < 2 and time.monotonic() < deadline:
             time.sleep(0.1)
         workers = {int(p.name.split("_")[2]) for p in tmp_path.glob("started_*")}
