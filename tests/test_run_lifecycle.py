@@ -273,8 +273,12 @@ def test_piped_run_logs_plain_lines_and_verbose_debug(test_group, home, run_xpr)
     result = run_xpr(["-v", "test", "square", "tutorial"])
     assert result.exit_code == 0 and "\r" not in result.output
     assert logging.getLogger("xpr").level == logging.DEBUG
+    assert "worker fake_workers.square" in result.output
     result = run_xpr(["test", "square", "tutorial"])
     assert logging.getLogger("xpr").level == logging.INFO
+    assert "worker fake_workers.square" not in result.output
+    logs = [(r / "run.log").read_text() for r in run_folders(home)]
+    assert [" DEBUG worker fake_workers.square" in text for text in logs] == [True, False]
 
 
 def test_run_log_records_propagate_to_xpr_handlers(test_group, home, run_xpr):

@@ -124,6 +124,7 @@ def run_command(spec: registry.CommandSpec, settings_name: str, overrides, state
         click.echo(disk_error_line(error, what), err=True)
         raise click.exceptions.Exit(1) from None
     run.log.info("settings %s -> run %s", resolved.source, run.path)
+    run.log.debug("worker %s in process %d; xpr %s", spec.module, os.getpid(), __version__)
     if device_line:
         run.log.info(device_line)
     try:
