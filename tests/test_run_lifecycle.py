@@ -152,7 +152,10 @@ def test_signal_marks_failed_stops_workers_keeps_latest(home, slow_command, tmp_
         assert all(_alive(pid) for pid in workers)
         group = _process_group(process.pid)
         assert len(group) >= 3            # xpr, two spawn workers (and the resource tracker)
-        process.send_signal(signum)
+        if signum == signal.SIGINT:
+            os.killpg(process.pid, signum)      # Ctrl-C: the terminal signals the whole group
+        else:
+            process.send_signal(signum)         # scancel / walltime: the job's main process
         _, stderr = process.communicate(timeout=60)
     finally:
         if process.poll() is None:

@@ -174,7 +174,11 @@ def worker_environment(cores: int, tasks_at_once: int = 1, gpu: str | None = Non
 
 
 def _init_worker(threads: int, gpu_queue=None):
-    """A local worker's start: its thread counts, and its GPU (one per worker) if any."""
+    """A local worker's start: its thread counts, and its GPU (one per worker) if any. Ctrl-C
+    (SIGINT to the terminal's whole process group) is left to the parent, which stops the workers."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     gpu = gpu_queue.get() if gpu_queue is not None else None
     os.environ.update(worker_environment(threads, 1, gpu))
 
