@@ -210,6 +210,14 @@ def test_unwritable_data_folder_for_real(test_group, home, run_xpr):
     assert "Traceback" not in result.output
 
 
+@pytest.mark.skipif(not _sys_refuses_folders(), reason="needs a folder even root cannot write (/sys here)")
+def test_setup_home_where_nothing_can_be_written(run_xpr):
+    result = run_xpr(["--setup_home", "/sys/xpr_home"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "cannot write /sys/xpr_home" in lines[0], result.output
+
+
 def test_full_disk_mid_run_marks_failed_in_one_line(test_group, home, run_xpr, monkeypatch):
     from xpr import archive
 

@@ -254,7 +254,11 @@ def main(ctx, home_option, quiet, verbose, setup_home):
     ctx.obj = State(home_option, quiet, verbose)
     logging.getLogger("xpr").setLevel(logging.DEBUG if verbose else logging.INFO)
     if setup_home is not None:
-        home, created = home_module.setup(setup_home or home_option or None)
+        try:
+            home, created = home_module.setup(setup_home or home_option or None)
+        except OSError as error:       # a read-only or full disk
+            click.echo(disk_error_line(error, "--setup_home"), err=True)
+            raise click.exceptions.Exit(1) from None
         click.echo(f"xpr home: {home.root}\n  {len(created)} settings files created, existing files kept\n"
                    f"  settings: {home.settings}\n  data:     {home.data}")
         ctx.obj.home_option = str(home.root)
@@ -326,6 +330,9 @@ def jobscript_command(state, scheduler, array_size, each, merge, nodes, cores, m
             array=array_size, each=each, merge=merge, use_dask=use_dask)
     except XprUserError as error:
         fail_user(error)
+    except OSError as error:           # a read-only or full disk
+        click.echo(disk_error_line(error, "jobscript"), err=True)
+        raise click.exceptions.Exit(1) from None
     click.echo(f"job folder: {written['job_dir']}\n  script:   {written['script']}")
     if "submit" in written:
         click.echo(f"  merge:    {written['merge_script']}\n  submit:   bash {written['submit']}")
