@@ -521,7 +521,7 @@ class Session:
         return self
 
     def __exit__(self, exc_type, exc, traceback):
-        if exc_type is not None and not issubclass(exc_type, Exception):   # a signal, Ctrl-C, exit
+        if exc_type is not None and not issubclass(exc_type, (Exception, GeneratorExit)):   # a signal, Ctrl-C
             self.stop()
         else:
             self.close()
