@@ -43,3 +43,11 @@ def test_block_beta_and_global_ramp_are_what_phase_applies():
                      "4HIO(0.30)", "2ER"]
     assert f"{betas[5]:.2f}" == "0.69" and f"{betas[9]:.2f}" == "0.65"
     assert np.all(np.isfinite(result["errors_main"])) and np.all(result["best_error"] <= result["errors_main"].min(1))
+
+
+def test_error_figure_marks_the_shrink_wraps_where_they_run():
+    """error_metrics.png draws a shrink-wrap line after global iterations 6 and 15 of MAIN_LOOP
+    (6 HIO, SW, 3 ER, 6 HIO, SW, ...)."""
+    from xpr.fxs.reconstruct import shrink_wrap_iterations
+
+    assert shrink_wrap_iterations(schedule.parse_blocks(MAIN_LOOP)) == [6, 15]
