@@ -21,7 +21,7 @@ import numpy as np
 
 from xpr import parallel
 from xpr.backend import cpu
-from xpr.em import local_ali3d as ali
+from xpr.em.ali3d import local_ali3d as ali
 from xpr.em.ali3d import euler, phantom
 from xpr.em.ali3d.project import prepare_projector
 from xpr.em.ali3d.refine import masked_ccc, normalise_in_mask, single_threaded_backend

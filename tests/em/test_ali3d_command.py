@@ -6,7 +6,7 @@ import yaml
 
 from xpr.em.ali3d import particles, phantom
 from xpr.em.ali3d.ctf import CTFParameters
-from xpr.em.local_ali3d import parameter_errors
+from xpr.em.ali3d.local_ali3d import parameter_errors
 
 TINY = {"alignment": {"maxit": 1, "chunk": 0.5, "max_evaluations": 40},
         "multi_process": {"engine": "serial"}}

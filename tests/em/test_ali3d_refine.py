@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from xpr.backend import cpu
-from xpr.em import local_ali3d as ali
+from xpr.em.ali3d import local_ali3d as ali
 from xpr.em.ali3d import fsc, phantom, symmetry
 from xpr.em.ali3d.project import prepare_projector
 from xpr.em.ali3d.refine import AlignmentTask, refine_images

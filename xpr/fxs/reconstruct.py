@@ -30,7 +30,7 @@ import numpy as np
 from scipy.interpolate import CubicSpline, interp1d
 
 from xpr import parallel
-from xpr.backend import Backend
+from xpr.backend import BackendSpec
 from xpr.errors import InputError
 from xpr.fxs.fxs_phasing import (FourierTransformPair, RealSpaceOptions, blas_threads, build_grid,
                                  compile_policies, density_guess, phase, radial_field)
@@ -327,7 +327,7 @@ def phase_batch(task: dict) -> list:
 
 def _phase_batch(task: dict) -> list:
     settings = task["settings"]
-    backend = Backend(task["use_gpu"], settings["GPU"]["precision"])
+    backend = task["backend"].create()
     grid = task["grid"]
     transform = FourierTransformPair(grid, backend)
     refinement = settings["projections"]["reciprocal"]["modulus_refinement"]
@@ -547,12 +547,12 @@ def run(settings, archive):
     archive.log.info("grid: %d radial x %s angular points, L = %d; schedule: %s", grid.n_radial,
                      "x".join(map(str, grid.angular_shape)), grid.max_order, describe(steps))
 
-    backend = Backend.from_settings(settings)
+    backend = BackendSpec.from_settings(settings)
     n = settings.n_reconstructions
     seeds = parallel.task_seeds(settings.random_seed, n)
     batch = settings.multi_process.batch_size
     plain = settings.to_dict()
-    tasks = [{"settings": plain, "use_gpu": backend.is_gpu, "grid": grid, "constraint": constraint,
+    tasks = [{"settings": plain, "backend": backend, "grid": grid, "constraint": constraint,
               "steps": steps, "loop_names": loop_names, "options": options,
               "target_norm": target_density_norm(constraint, grid), "seeds": seeds[i:i + batch],
               "n_particles": n_particles,
@@ -560,7 +560,8 @@ def run(settings, archive):
              for k, i in enumerate(range(0, n, batch))]
     # a batch whose process is lost (or raises) is retried; one that still fails is logged,
     # recorded in data.h5 (failed_seeds) and left out, as long as min_success of them succeeded
-    batches = parallel.map(phase_batch, tasks, settings.multi_process, tolerate_failures=True)
+    batches = parallel.map(phase_batch, tasks, settings.multi_process, tolerate_failures=True,
+                           gpus=backend.gpus())
     failures = [b for b in batches if isinstance(b, parallel.TaskFailure)]
     for failure in failures:
         archive.log.warning("batch %d (reconstructions %d-%d, seeds %s) failed: %s", failure.index,

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from xpr.backend import to_host
 from xpr.phasing.algorithms import ALGORITHMS, error_reduction
 from xpr.phasing.schedule import ITERATING
 
@@ -59,7 +60,7 @@ class History:
 
 
 def _to_numpy(a):
-    return a.get() if hasattr(a, "get") else np.asarray(a)
+    return to_host(a)
 
 
 def constraint_error(x, support, xp, batch_axis=0):
@@ -150,7 +151,7 @@ def random_starts(backend, amplitude, support, seeds):
     """
     xp = backend.xp
     axes = tuple(range(-amplitude.ndim, 0))
-    amplitude_host = _to_numpy(amplitude)
+    amplitude_host = backend.asnumpy(amplitude)
     spectra = np.empty((len(seeds),) + amplitude_host.shape, dtype=backend.complex_dtype)
     for i, seed in enumerate(seeds):
         phase = np.random.default_rng(seed).uniform(0.0, 2.0 * np.pi, amplitude_host.shape)

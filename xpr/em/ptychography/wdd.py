@@ -32,8 +32,8 @@ import math
 
 import numpy as np
 
-from xpr.em import direct
-from xpr.em.direct import probe_spectrum_at
+from xpr.em.ptychography import direct
+from xpr.em.ptychography.direct import probe_spectrum_at
 from xpr.errors import InputError
 
 

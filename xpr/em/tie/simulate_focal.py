@@ -5,10 +5,10 @@ Method.
    projected potential from a file gives the projected thickness t(x, y) (or ∫V dz directly).
    Electrostatic phase φ_e = σ V_r t and amplitude exp(−σ V_i t) with the relativistic interaction
    constant σ (xpr.em.optics). The magnetic disk adds the Aharonov–Bohm phase φ_m of its
-   in-plane magnetisation (Fourier-space formula, xpr.em.specimens).
+   in-plane magnetisation (Fourier-space formula, xpr.em.tie.specimens).
 2. Exit wave ψ = amplitude · exp(i(φ_e + φ_m)).
 3. Images I_j = |F⁻¹[F[ψ] T_Δf_j]|² with T = exp(+iπλΔf q² − i(π/2)C_sλ³q⁴) and the partial-
-   coherence envelopes (xpr.em.focal_series), relativistic λ.
+   coherence envelopes (xpr.em.tie.focal_series), relativistic λ.
 4. Optional flip series: the specimen turned over about the y axis; its images are recorded
    mirrored (x → −x) and its magnetic phase is reversed: ψ_flip(x, y) = amplitude(−x, y) ·
    exp(i(φ_e − φ_m)(−x, y)).
@@ -26,7 +26,7 @@ import numpy as np
 
 from xpr import backend as backends
 from xpr import plot
-from xpr.em import focal_series, specimens
+from xpr.em.tie import focal_series, specimens
 from xpr.em.optics import electron_wavelength_A
 from xpr.errors import InputError, SettingsError
 from xpr.io.readers import read_array

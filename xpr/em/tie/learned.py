@@ -20,9 +20,10 @@ from types import SimpleNamespace
 import numpy as np
 
 from xpr.backend import Backend
-from xpr.em import focal_series, specimens
+from xpr.em.tie import focal_series, specimens
+from xpr.em.tie.focal_series import FocalSeries
 from xpr.em.optics import electron_wavelength_A
-from xpr.em.tie_solvers import rms_error_in_window
+from xpr.em.tie.solvers import rms_error_in_window
 from xpr.errors import SettingsError
 
 
@@ -70,7 +71,6 @@ def simulated_pairs(series, settings, retrieve, count, rng, log=None):
     `retrieve(series_like, images)` is tie's TIE retrieval (refinement off); the specimens are
     random polyhedra/ellipsoids of the training `radius_m`, noise as `noise_level`.
     """
-    from xpr.em.tie import FocalSeries          # tie imports this module lazily: no cycle
 
     options = settings.learned_correction
     training = options.training

@@ -8,7 +8,7 @@ import numpy as np
 from xpr import backend as backends
 from xpr import plot
 from xpr.em import optics
-from xpr.em.calibration import load_experiment
+from xpr.em.ptychography.calibration import load_experiment
 
 
 def probe_spectrum_at(ky, kx, wavelength_A, aperture_radius_invA, edge_width_invA, aberrations,

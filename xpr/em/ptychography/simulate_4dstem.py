@@ -2,7 +2,7 @@
 
 1. Specimen. Atoms of a built-in cell (MoS2, graphene, SrTiO3) tiled over the scanned area plus a
    margin; projected potential of each slab of `slice_thickness_A` from Peng's scattering factors
-   (xpr.em.potentials), scaled by `phase_scale` (e.g. 0.1 for a weak phase object), on a grid
+   (xpr.em.ptychography.potentials), scaled by `phase_scale` (e.g. 0.1 for a weak phase object), on a grid
    `oversampling` times finer than the reconstruction pixel 1 / (n_detector · Δk).
 2. Probe. Circular aperture of `conv_semiangle_mrad`, aberrations (Krivanek, Å) with the extra
    `defocus` folded in (C10 − defocus), unit intensity; a Gaussian focal spread gives probe modes.
@@ -26,7 +26,8 @@ import math
 import numpy as np
 
 from xpr import backend as backends
-from xpr.em import optics, potentials
+from xpr.em import optics
+from xpr.em.ptychography import potentials
 from xpr.em.ptychography.forward import Model
 from xpr.errors import InputError
 

@@ -1,6 +1,6 @@
 """Transport-of-intensity solvers and the forward-model refinement that follows them.
 
-The transport-of-intensity equation in the defocus convention of xpr.em.focal_series
+The transport-of-intensity equation in the defocus convention of xpr.em.tie.focal_series
 (T_Δf = exp(+iπλΔf q²)) reads, with k = 2π/λ,
 
     k ∂I/∂Δf = ∇·(I ∇φ)                                                         (1)

@@ -32,9 +32,10 @@ import numpy as np
 from scipy import optimize
 
 from xpr import backend as backends
-from xpr.em import direct, optics
-from xpr.em.calibration import BRIGHT_FIELD_THRESHOLD
-from xpr.em.direct import probe_spectrum_at
+from xpr.em.ptychography import direct
+from xpr.em import optics
+from xpr.em.ptychography.calibration import BRIGHT_FIELD_THRESHOLD
+from xpr.em.ptychography.direct import probe_spectrum_at
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ et al. 2016, "integrated DPC")
 with k in Å⁻¹ (no 2π). So 2π⟨k⟩, after removing the constant probe term (its mean over the
 scan), is the probe-intensity-weighted phase gradient. The CoM is measured in the detector
 frame and rotated into the scan frame by R(−θ) (θ the PL rotation, fitted as the curl-free
-rotation when `PLRotation_deg: auto`, see xpr.em.calibration). The phase follows by Fourier
+rotation when `PLRotation_deg: auto`, see xpr.em.ptychography.calibration). The phase follows by Fourier
 integration on the (zero-padded) scan grid: with ∂/∂x ↔ 2πi q_x,
 
     φ̂(q) = (q_x ĝ_x + q_y ĝ_y) / (2πi (|q|² + q_hp²)) ,
@@ -23,8 +23,8 @@ import math
 
 import numpy as np
 
-from xpr.em import direct
-from xpr.em.calibration import center_of_mass, rotate_to_scan_frame
+from xpr.em.ptychography import direct
+from xpr.em.ptychography.calibration import center_of_mass, rotate_to_scan_frame
 
 
 def phase_gradient_from_com(experiment, xp=np):
