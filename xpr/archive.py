@@ -99,7 +99,7 @@ class Run:
 
     def progress(self, iterable=None, total=None, desc: str = "", **kwargs):
         """A tqdm progress bar on stderr; silent under -q."""
-        from tqdm import tqdm
+        from tqdm.auto import tqdm
 
         return tqdm(iterable, total=total, desc=desc, disable=self.quiet, file=sys.stderr,
                     dynamic_ncols=True, leave=False, **kwargs)

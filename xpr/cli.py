@@ -11,17 +11,13 @@ stops the chain, and earlier runs stay as they are.
 """
 from __future__ import annotations
 
-import importlib
-import os
 import sys
 
 import click
 import yaml
 
-from xpr import __version__, registry
+from xpr import __version__, registry, runner
 from xpr import home as home_module
-from xpr.archive import Run
-from xpr.backend import device_note
 from xpr.errors import XprUserError
 from xpr.settings import Schema, resolve, to_plain
 
@@ -40,51 +36,31 @@ def fail_user(error: XprUserError):
 
 
 def run_command(spec: registry.CommandSpec, settings_name: str, overrides, state: State):
-    """Resolve, archive, run the worker, finalise. Returns the run folder."""
+    """Resolve, archive, run the worker, finalise (xpr.runner, shared with xpr.api). Returns the run folder."""
     try:
-        home = home_module.locate(state.home_option)
-        resolved = resolve(spec.group, spec.name, settings_name, home, overrides)
-        structure = spec.structure(resolved.settings)
-        device_line = device_note()        # XPR_DEVICE checked here (exit 2 when wrong)
+        prepared = runner.prepare(spec, settings_name, overrides, state.home_option)
     except XprUserError as error:
         fail_user(error)
     except KeyError as error:
         click.echo(f"xpr: the defaults of '{spec.group} {spec.name}' lack the key {error}", err=True)
         raise click.exceptions.Exit(2) from None
-    worker = importlib.import_module(spec.module)
-    run = Run(home, spec.group, spec.product, structure, resolved.settings, quiet=state.quiet,
-              command=spec.name)
-    run.log.info("settings %s -> run %s", resolved.source, run.path)
-    if device_line:
-        run.log.info(device_line)
     try:
-        worker.run(resolved.settings, run)
-    except XprUserError as error:
-        run.fail(error)
-        click.echo(error.format(), err=True)
-        click.echo(f"  run:     {run.path} (marked FAILED)", err=True)
-        raise click.exceptions.Exit(error.exit_code) from None
-    except KeyboardInterrupt as error:
-        run.fail(error)
-        raise
-    except Exception as error:  # the worker's computation failed: record it, exit non-zero
-        run.fail(error)
+        outcome = runner.execute(prepared, quiet=state.quiet)
+    except runner.RunFailed as failure:
+        run, error = failure.run, failure.error
+        if isinstance(error, XprUserError):
+            click.echo(error.format(), err=True)
+            click.echo(f"  run:     {run.path} (marked FAILED)", err=True)
+            raise click.exceptions.Exit(error.exit_code) from None
         click.echo(f"xpr: {spec.group} {spec.name} failed: {type(error).__name__}: {error}\n"
                    f"  run:     {run.path} (marked FAILED; traceback in run.log)", err=True)
         raise click.exceptions.Exit(1) from None
-    link = run.succeed()
-    record_run(spec, run)
+    run, link = outcome.run, outcome.link
     if not state.quiet:
         click.echo(f"{spec.group} {spec.name}: results in {run.path}" + (f"\n  latest: {link}" if link else ""))
     return run.path
 
 
-def record_run(spec: registry.CommandSpec, run: Run):
-    """Array-job shares: append 'group command run_folder main_file' to $XPR_RUN_RECORD if set."""
-    record = os.environ.get("XPR_RUN_RECORD")
-    if record:
-        with open(record, "a") as f:
-            f.write(f"{spec.group} {spec.name} {run.path} {run.main_file or ''}\n")
 
 
 class SettingsCommand(click.Command):

@@ -350,7 +350,7 @@ def _phase_batch(task: dict) -> list:
     apply_support = "support" in settings["projections"]["real"]["apply"]
     support = radial_field(grid, grid.real_radii <= (support_radius if apply_support else np.inf), n, xp).astype(bool)
 
-    from tqdm import tqdm
+    from tqdm.auto import tqdm
 
     total = sum(s.iterations for s in task["steps"] if s.method != "SW")
     with tqdm(total=total, desc=f"reconstructions {task['first']}-{task['first'] + n - 1}",
