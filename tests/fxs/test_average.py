@@ -9,8 +9,9 @@ import yaml
 
 from xpr.backend import Backend
 from xpr.fxs.alignment import centre, euler_to_matrix, relative_error, rigid_motion
-from xpr.fxs.fxs_phasing import FourierTransformPair, build_grid
-from xpr.fxs.fxs_phasing import gaussian_blobs as blobs
+from xpr.fxs.grids import build_grid
+from xpr.fxs.grids import gaussian_blobs as blobs
+from xpr.fxs.transforms import FourierTransformPair
 from xpr.io.h5 import load_tree, save_tree
 
 

@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 
 from xpr.backend import Backend
-from xpr.fxs.fxs_phasing import (FourierTransformPair, RealSpaceOptions, build_grid, compile_policies,
-                                 gaussian_blobs, phase, radial_field)
+from xpr.fxs.grids import build_grid, gaussian_blobs
+from xpr.fxs.iterate import RealSpaceOptions, compile_policies, phase
+from xpr.fxs.real_space import radial_field
 from xpr.fxs.reciprocal_projection import InvariantProjection, constraint_from_density
+from xpr.fxs.transforms import FourierTransformPair
 from xpr.phasing import schedule
 
 MAIN_LOOP = {"sub_loops": {"order": ["main", "own"],

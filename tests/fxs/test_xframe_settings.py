@@ -3,7 +3,6 @@ are folded into xpr's, its ramp specifiers are compiled into the schedule, and o
 inside main_loop changes one number instead of wiping the schedule."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest

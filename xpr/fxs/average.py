@@ -25,7 +25,8 @@ from xpr.archive import read_run_records
 from xpr.backend import Backend
 from xpr.errors import InputError
 from xpr.fxs.alignment import (WignerD, align, centre, normalise, prtf, relative_error)
-from xpr.fxs.fxs_phasing import FourierTransformPair, PhasingGrid, blas_threads
+from xpr.fxs.grids import PhasingGrid
+from xpr.fxs.transforms import FourierTransformPair, blas_threads
 from xpr.io.h5 import load_tree
 
 

@@ -3,7 +3,7 @@
 1. Read the invariants file (proj_data.h5 of xpr's or xFrame's extract): the projection matrices
    V_l (3-D, B_l = V_l V_l^dagger) or vectors v_n (2-D), their q ranges and the average intensity.
 2. Build the polar (2-D) or spherical (3-D) grid pair (midpoint radial grids, Q R = pi N) and the
-   harmonic + Hankel transforms between densities and amplitudes (``fxs_phasing``); put the data
+   harmonic + Hankel transforms between densities and amplitudes (``grids``, ``transforms``); put the data
    on its reciprocal grid (regrid.interpolation: cubic, linear or nearest in q when the grids
    differ) and scale it to one particle (number_of_particles: given, or estimated from the data
    by xFrame's negative-volume heuristic, ``particle_number``); SO_freedom (2-D) fixes one
@@ -32,11 +32,13 @@ from scipy.interpolate import CubicSpline, interp1d
 from xpr import parallel
 from xpr.backend import BackendSpec
 from xpr.errors import InputError
-from xpr.fxs.fxs_phasing import (FourierTransformPair, RealSpaceOptions, blas_threads, build_grid,
-                                 compile_policies, density_guess, phase, radial_field)
+from xpr.fxs.grids import build_grid
+from xpr.fxs.iterate import RealSpaceOptions, compile_policies, phase
 from xpr.fxs.particle_number import check_search_space, estimate_number_of_particles
+from xpr.fxs.real_space import density_guess, radial_field
 from xpr.fxs.reciprocal_projection import (InvariantConstraint, InvariantProjection, PointwiseRefinement,
                                            invariants_from_coefficients)
+from xpr.fxs.transforms import FourierTransformPair, blas_threads
 from xpr.fxs.xframe_settings import fold as fold_xframe_settings
 from xpr.phasing.schedule import ITERATING
 
