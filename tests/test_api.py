@@ -39,3 +39,15 @@ def test_settings_and_errors_are_the_command_lines(home):
     with pytest.raises(SettingsError, match="unknown key"):
         api.run("cdi", "simulate", "tutorial", overrides={"no_such_key": 1}, home=home)
     assert ("fxs", "average") in api.commands()
+
+
+def test_a_failing_worker_raises_run_failed_and_marks_the_run(test_group, run_xpr, tmp_path):
+    """The worker's exception reaches the caller as RunFailed; its run folder holds FAILED with the
+    reason and the latest-link is not moved (the command line's exit 1, the same runner)."""
+    result = run_xpr(["--setup_home", tmp_path / "home"])
+    assert result.exit_code == 0
+    with pytest.raises(api.RunFailed, match="the computation diverged") as info:
+        api.run("test", "fail", "tutorial", home=tmp_path / "home")
+    assert isinstance(info.value.error, RuntimeError)
+    assert (info.value.run.path / "FAILED").read_text().startswith("RuntimeError: the computation diverged")
+    assert not (tmp_path / "home" / "data" / "test" / "fail" / "tutorial.h5").exists()
