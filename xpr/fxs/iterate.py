@@ -132,7 +132,7 @@ def phase(transform: FourierTransformPair, projection, steps, density, support, 
 
     xp = transform.xp
     steps = compile_policies(steps, options, loop_names)
-    P_S = SupportProjection(positivity=options.positivity)
+    P_S = SupportProjection(positivity=options.positivity, batch_axis=-2)
     P_M = _RecordingProjection(projection)
     initial_support = support.copy()
     tracker = _BestTracker(P_M, P_S, transform.grid, transform.backend, density, support, progress,
