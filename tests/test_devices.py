@@ -151,7 +151,9 @@ def test_modulus_projection_parity(device):
 def test_fxs_transform_pair_parity(device):
     """forward, real_inverse on the device = on numpy (2-D and 3-D grids); real_inverse∘forward
     is a projection on either."""
-    from xpr.fxs.fxs_phasing import FourierTransformPair, build_grid, density_guess
+    from xpr.fxs.grids import build_grid
+    from xpr.fxs.real_space import density_guess
+    from xpr.fxs.transforms import FourierTransformPair
 
     for dimensions in (2, 3):
         grid = build_grid(dimensions, 16, 0.5, 6)
