@@ -36,6 +36,7 @@ from scipy import optimize
 from xpr import backend as backends
 from xpr.em.optics import electron_wavelength_A, with_defocus
 from xpr.errors import InputError
+from xpr.io.checks import check_intensity_frames
 
 # Keys of the `experiment:` group, with PyPty's names. Values missing from the settings (null)
 # are taken from the data file's calibration attributes when it has them (simulate_4dstem output).
@@ -568,7 +569,8 @@ def load_experiment(experiment_settings, default_data_path=None) -> tuple[Experi
     if data_path is None:
         raise InputError("no input data: set experiment.data_path", key="experiment.data_path")
     data_path = Path(data_path).expanduser()
-    raw = _read_raw(data_path)
+    raw = check_intensity_frames(_read_raw(data_path), file=data_path, key="experiment.data_path",
+                                 what="diffraction intensities")
     experiment = Experiment.from_settings(settings, raw, read_file_calibration(data_path),
                                           data_file=data_path)
     return experiment, data_path
