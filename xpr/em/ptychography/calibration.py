@@ -36,6 +36,7 @@ from scipy import optimize
 from xpr import backend as backends
 from xpr.em.optics import electron_wavelength_A, with_defocus
 from xpr.errors import InputError
+from xpr.io.checks import check_intensity_frames
 
 # Keys of the `experiment:` group, with PyPty's names. Values missing from the settings (null)
 # are taken from the data file's calibration attributes when it has them (simulate_4dstem output).
@@ -557,7 +558,8 @@ def load_experiment(experiment_settings, default_data_path=None) -> tuple[Experi
         raise InputError("no input data: set experiment.data_path", key="experiment.data_path")
     data_path = Path(data_path).expanduser()
     with open_scan(data_path, settings.get("dataset"), settings.get("scan_size")) as scan:
-        raw = scan.read_all().reshape(scan.shape)
+        raw = check_intensity_frames(scan.read_all().reshape(scan.shape), file=data_path,
+                                     key="experiment.data_path", what="diffraction intensities")
         calibration, sources = dict(scan.calibration), dict(scan.sources)
     experiment = Experiment.from_settings(settings, raw, calibration, data_file=data_path,
                                           file_sources=sources)
