@@ -7,13 +7,13 @@ import pytest
 from click.testing import CliRunner
 
 HERE = Path(__file__).resolve().parent
-# Files written by xFrame itself, for compatibility tests: ../shared/data/xframe beside the checkout.
-XFRAME_DATA = HERE.parent.parent / "shared" / "data" / "xframe"
+# Files written by xFrame itself, for compatibility tests; they ship with the tests (see its README.md).
+XFRAME_DATA = HERE / "data" / "xframe"
 
 
 @pytest.fixture
 def xframe_data() -> Path:
-    """The folder of xFrame-written reference files (shared/data/xframe beside the checkout)."""
+    """The folder of xFrame-written reference files (tests/data/xframe, in the checkout)."""
     assert XFRAME_DATA.is_dir(), f"xFrame reference files expected at {XFRAME_DATA}"
     return XFRAME_DATA
 

@@ -28,6 +28,9 @@ from xpr import parallel, plot
 from xpr.backend import BackendSpec, cpu
 from xpr.errors import InputError
 from xpr.io import read_array
+from xpr.io.checks import check_intensities
+from xpr.io.cxi import save_cxi_result
+from xpr.io.readers import read_pattern
 from xpr.phasing import engine, merge, schedule
 from xpr.phasing.projections import ModulusProjection, SupportProjection, centred_radius
 from xpr.phasing.shrinkwrap import ShrinkWrap
@@ -36,52 +39,29 @@ from xpr.phasing.shrinkwrap import ShrinkWrap
 # 1. input
 
 
-def _read(path, key, shape=None, dataset=None):
-    path_text = str(path)
-    if path_text.lower().endswith((".h5", ".hdf5", ".cxi")):
-        import h5py
-        try:
-            with h5py.File(path_text, "r") as f:
-                if dataset is not None and dataset in f:
-                    return np.asarray(f[dataset][()])
-        except OSError as err:
-            raise InputError(f"cannot read the file: {err}", file=path, key=key) from None
-        return read_array(path, key=key)
-    return read_array(path, shape=shape, key=key)
-
-
-def _h5_has(path, name):
-    if not str(path).lower().endswith((".h5", ".hdf5", ".cxi")):
-        return False
-    import h5py
-    with h5py.File(str(path), "r") as f:
-        return name in f
-
-
 def load_pattern(settings, archive, dimensions):
-    """(intensity, masked, source) with zero frequency at the centre; masked: True = float."""
+    """(intensity, masked, source) with zero frequency at the centre; masked: True = float.
+    Files, datasets and masks as xpr.io.readers.read_pattern finds them (CXI, NeXus, ...);
+    junk refused and scattered negative values clipped by xpr.io.checks."""
     inp = settings.input
     source = inp.data_path
     if source is None:
         source = archive.home.latest("cdi", "simulate", f"{settings.structure_name}.h5")
     shape = None if inp.shape is None else tuple(int(n) for n in inp.shape)
-    intensity = np.asarray(_read(source, "input.data_path", shape, dataset="data"), dtype=np.float64)
+    intensity, mask, where = read_pattern(source, dataset=inp.get("dataset"), mask_path=inp.mask_path,
+                                          mask_dataset=inp.get("mask_dataset"), shape=shape)
     intensity = np.squeeze(intensity) if intensity.ndim > dimensions else intensity
     if intensity.ndim != dimensions:
         raise InputError(f"expected a {dimensions}-D pattern, got shape {list(intensity.shape)}",
-                         file=source, key="input.data_path")
-    if inp.mask_path is not None:
-        mask = np.asarray(_read(inp.mask_path, "input.mask_path", shape, dataset="mask"))
-        mask_source = inp.mask_path
-    elif _h5_has(source, "mask"):
-        mask = np.asarray(_read(source, "input.data_path", dataset="mask"))
-        mask_source = source
-    else:
-        mask, mask_source = np.zeros(intensity.shape, dtype=bool), None
+                         file=where, key="input.data_path")
+    mask = np.zeros(intensity.shape, dtype=bool) if mask is None else \
+        (np.squeeze(mask) if mask.ndim > dimensions else mask)
     if mask.shape != intensity.shape:
         raise InputError(f"mask shape {list(mask.shape)} differs from the pattern's "
-                         f"{list(intensity.shape)}", file=mask_source, key="input.mask_path")
-    return intensity, mask.astype(bool), source
+                         f"{list(intensity.shape)}", file=inp.mask_path or where, key="input.mask_path")
+    intensity, _ = check_intensities(intensity, mask, file=where, key="input.data_path",
+                                     log=archive.log)
+    return intensity.astype(np.float64), mask, where
 
 
 def pad_to_pow2(intensity, masked):
@@ -267,6 +247,10 @@ def merge_and_write(settings, archive, filename, repeats, data, attrs):
                  "mask": np.asarray(data["mask"]).astype(np.uint8),
                  "initial_support": np.asarray(data["initial_support"]).astype(np.uint8)},
     }, main=True, attrs=dict(attrs, mask_convention="1 = masked / unmeasured"))
+    cxi = save_cxi_result(archive.file(filename[:-3] + ".cxi"), merged.astype(np.complex64), support,
+                          prtf=prtf, prtf_radius=shells, command=filename[:-3], note=attrs,
+                          settings=settings.to_dict() if hasattr(settings, "to_dict") else None)
+    archive.log.info("wrote %s (CXI)", cxi)
     _figures(archive, merged, support, repeats, selected, shells, prtf)
     if merged.ndim == 3:
         archive.save_vts("vtk/merged_density.vts", np.abs(merged).astype(np.float32),
