@@ -35,6 +35,9 @@ def prepare(settings, archive):
     data_path = default_data_path(settings, archive)
     experiment, data_path = load_experiment(settings["experiment"], data_path)
     archive.log.info("data %s: %s", data_path, experiment.summary())
+    if backend.is_gpu:
+        archive.log.info("calibration (centre of mass, rotation fit) ran on the CPU by design (scan-sized "
+                         "host arrays); the reconstruction runs on %s", backend)
     for note in experiment.notes:
         archive.log.info(note)
     return backend, experiment, data_path

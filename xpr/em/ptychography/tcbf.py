@@ -309,6 +309,9 @@ def reconstruct(experiment, backend, fit_aberrations=3, fit_rotation=True, itera
 def run(settings, archive):
     """Calibrate, align the BF images, fit aberrations and rotation, shift-and-sum, deconvolve."""
     backend, experiment, data_path = direct.prepare(settings, archive)
+    if backend.is_gpu:
+        archive.log.info("tcbf: bright-field image alignment on %s; shift-and-sum and the Wiener deconvolution "
+                         "on the CPU by design (one image of the scan's size)", backend)
     options = settings["tcbf"]
     result = reconstruct(experiment, backend, fit_aberrations=int(options["fit_aberrations"]),
                          fit_rotation=bool(options["fit_rotation"]),
