@@ -1,14 +1,14 @@
 """4D-STEM data as microscopes and peers write it, opened lazily, with the calibration it carries.
 
 `open_scan(path, dataset=None)` returns a `Scan4D`: the patterns stay in the file (an h5py
-dataset, a numpy memmap or a dask array) and are read in batches of whole patterns; the
+dataset, a .npy read slab by slab or a dask array) and are read in batches of whole patterns; the
 calibration found in the file's metadata is returned under the `experiment:` key names
 (`acc_voltage` kV, `scan_step_A`, `rez_pixel_size_A` Å⁻¹ or `rez_pixel_size_mrad`,
 `conv_semiangle_mrad`, `PLRotation_deg`, `scan_size`) with, for every value, where it came from.
 
 Formats:
 
-* `.npy` 3-D (N, ky, kx) or 4-D (ny, nx, ky, kx): memory-mapped.
+* `.npy` 3-D (N, ky, kx) or 4-D (ny, nx, ky, kx): read slab by slab (NpyFile).
 * HDF5 (`.h5 .hdf5 .nxs .emd .cxi`), in this order of preference:
   `dataset` when given (any path in the file); the root dataset `data` (xpr's simulate_4dstem and
   PyPty; calibration in root attributes or an `experiment`/`calibration` group named as the
@@ -78,6 +78,42 @@ def _plain(value):
     if isinstance(value, np.generic):
         return value.item()
     return value
+
+
+class NpyFile:
+    """A .npy array read slab by slab along its first axis with plain file reads.
+
+    Unlike a memory map, the pages read do not stay mapped into the process (a memmap's
+    touched pages count in its resident memory until the kernel drops them), so streaming a
+    file larger than memory keeps the resident set at one batch.
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        with open(self.path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read_header(handle)
+            self.offset = handle.tell()
+        if fortran and len(shape) > 1:
+            raise ValueError("Fortran-ordered .npy arrays cannot be streamed; save in C order")
+        if dtype.hasobject:
+            raise ValueError("the .npy file holds Python objects, not numbers")
+        self.shape, self.dtype = tuple(shape), dtype
+        self.ndim = len(self.shape)
+
+    def __getitem__(self, index):
+        if not isinstance(index, slice) or index.step not in (None, 1):
+            raise TypeError("NpyFile reads contiguous slabs along the first axis only")
+        start, stop, _ = index.indices(self.shape[0])
+        stop = max(start, stop)
+        row = int(np.prod(self.shape[1:])) * self.dtype.itemsize
+        with open(self.path, "rb") as handle:
+            handle.seek(self.offset + start * row)
+            values = np.fromfile(handle, dtype=self.dtype, count=(stop - start) * row
+                                 // self.dtype.itemsize)
+        return values.reshape((stop - start,) + self.shape[1:])
 
 
 @dataclass
@@ -195,7 +231,7 @@ def open_scan(path, dataset: str | None = None, scan_size=None) -> Scan4D:
     suffix = path.suffix.lower()
     if suffix == ".npy":
         try:
-            array = np.load(path, mmap_mode="r", allow_pickle=False)
+            array = NpyFile(path)
         except (OSError, ValueError) as err:
             raise InputError(f"cannot read {path.name}: {err}", file=path, key=KEY) from None
         _pattern_array_check(array, path, path.name)
