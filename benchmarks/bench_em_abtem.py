@@ -138,7 +138,7 @@ def run_xpr(sim, slices, thickness, epochs, modes=1, patience=5, **options):
                     scan_step_A=STEP, aberrations=[C10], PLRotation_deg=0.0, data_pad=PAD,
                     num_slices=slices, total_thickness=thickness)
     experiment = calibration.Experiment.from_settings(settings, sim["data"])
-    probe = dict(modes=modes, mode_type="hermite", higher_mode_power=0.1, focal_spread_A=0.0)
+    probe = dict(modes=modes, mode_type="hermite", higher_mode_power=0.01, focal_spread_A=0.0)
     opts = Options(epochs=epochs, probe_from_epoch=2, patience=patience, **options)
     start = time.perf_counter(), time.process_time()
     model, counts, mask, params = ptycho.prepare(experiment, opts, probe, backend.cpu())
@@ -218,7 +218,11 @@ def main():
         if sim_seconds:
             print(f"({case}: abTEM simulation {sim_seconds:.0f} s)")
         thickness = float(sim["thickness"])
-        runs = [("xpr 1 slice", lambda: run_xpr(sim, 1, thickness, args.epochs))]
+        runs = [("xpr 1 slice", lambda: run_xpr(sim, 1, thickness, args.epochs)),
+                ("xpr 1 slice, loss ml", lambda: run_xpr(sim, 1, thickness, args.epochs,
+                                                         loss="ml")),
+                ("xpr 1 slice, 3 probe modes", lambda: run_xpr(sim, 1, thickness, args.epochs,
+                                                               modes=3))]
         if not args.skip_py4dstem:
             runs.append(("py4DSTEM single-slice", lambda: run_py4dstem(sim, 1, thickness,
                                                                        args.iterations)))
