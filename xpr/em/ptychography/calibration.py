@@ -59,6 +59,10 @@ BRIGHT_FIELD_THRESHOLD = 0.5   # fraction of the mean pattern's maximum that cou
 # roll, pad): a streamed batch holds max_memory_GB / WORK_COPIES of patterns.
 WORK_COPIES = 4
 
+# rms curl / divergence above which the PL-rotation fit is reported as unreliable (on abTEM MoS2
+# data, 0.5 Å step, C10 = −100 Å: ratio 0.91, fitted 6.8° for a true 0°; well-sampled scans ≲ 0.2)
+UNRELIABLE_CURL_RATIO = 0.5
+
 
 # --------------------------------------------------------------------------------------------
 # reading data
@@ -637,6 +641,12 @@ class Experiment:
             notes.append(f"PL rotation fitted from the curl-free CoM field: {pl_rotation_deg:.2f}°"
                          f"{', detector transposed' if rotation_fit.transposed else ''} "
                          f"(rms curl / divergence {rotation_fit.curl_ratio:.3f})")
+            if rotation_fit.curl_ratio > UNRELIABLE_CURL_RATIO:
+                notes.append(f"WARNING: the centre-of-mass field is far from curl-free at every "
+                             f"angle (ratio {rotation_fit.curl_ratio:.2f} > "
+                             f"{UNRELIABLE_CURL_RATIO}): the fitted PL rotation is unreliable "
+                             "(scan step too coarse for the CoM field, or noise); give "
+                             "experiment.PLRotation_deg")
         else:
             pl_rotation_deg = float(pl_setting)
             if transposed_setting == "auto":
