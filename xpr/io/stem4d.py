@@ -16,8 +16,8 @@ Formats:
   calibration from its `metadatabundle/calibration` group: R_pixel_size/units, Q_pixel_size/units,
   QR_rotation, QR_flip); NeXus (the `@default` chain to an NXdata group, its `@signal` dataset,
   axis units from `@axes`); otherwise the only 3-D/4-D dataset in the file. Compressed
-  datasets (bitshuffle/LZ4, Blosc, Zstd… as detectors write them) need the `hdf5plugin` filters,
-  registered on import when the package is installed.
+  datasets (bitshuffle/LZ4, Blosc, Zstd… as detectors write them) are read through the
+  `hdf5plugin` filters that xpr.io.h5 registers; the NeXus signal is xpr.io.h5.nexus_signal.
 * Through RosettaSciIO (`rosettasciio`, lazily, as dask arrays): Gatan `.dm3/.dm4`, Quantum
   Detectors Merlin `.mib`, EMPAD `.xml` (+ its `.raw`), Velox/NCEM `.emd` that are not EMD 1.0,
   `.tif/.tiff`. Axes with length units give the scan step, reciprocal or angular units the
@@ -56,15 +56,6 @@ def _unit(value) -> str:
     if isinstance(value, bytes):
         value = value.decode(errors="replace")
     return str(value or "").strip().lower().replace(" ", "")
-
-
-def register_hdf5_filters() -> bool:
-    """Register the detector compression filters (hdf5plugin) with h5py; False if unavailable."""
-    try:
-        import hdf5plugin  # noqa: F401  (importing registers the filters)
-    except ImportError:
-        return False
-    return True
 
 
 def _plain(value):
@@ -263,7 +254,7 @@ def _is_hdf5(path) -> bool:
 def _open_hdf5(path: Path, dataset: str | None) -> Scan4D:
     import h5py
 
-    register_hdf5_filters()
+    import xpr.io.h5  # noqa: F401  (importing it registers hdf5plugin's detector filters)
     try:
         handle = h5py.File(path, "r")
     except OSError as err:
@@ -281,7 +272,7 @@ def _open_hdf5(path: Path, dataset: str | None) -> Scan4D:
         elif (found := _py4dstem_datacube(handle)) is not None:
             node = found["data"]
             _py4dstem_calibration(handle, found, calibration, sources)
-        elif (found := _nexus_signal(handle)) is not None:
+        elif (found := _nexus_signal(handle, path)) is not None:
             node = found
             _nexus_axes(node, calibration, sources)
         else:
@@ -397,34 +388,16 @@ def _py4dstem_calibration(handle, cube, calibration, sources):
     # the first two axes are taken as the slow/fast scan axes as stored.
 
 
-def _nexus_signal(handle):
-    """The NXdata @signal dataset reached from the root's @default chain (or the only NXdata)."""
-    import h5py
+def _nexus_signal(handle, path):
+    """The NXdata @signal dataset (xpr.io.h5.nexus_signal: the @default chain), or None."""
+    from xpr.io.h5 import SignalNotFound, nexus_signal
 
-    def nxclass(obj):
-        return _plain(obj.attrs.get("NX_class"))
-
-    group = handle
-    for _ in range(4):
-        default = _plain(group.attrs.get("default"))
-        if not default or not isinstance(group.get(default), h5py.Group):
-            break
-        group = group[default]
-        if nxclass(group) == "NXdata":
-            break
-    if nxclass(group) != "NXdata":
-        groups = []
-        handle.visititems(lambda n, obj: groups.append(obj)
-                          if isinstance(obj, h5py.Group) and nxclass(obj) == "NXdata" else None)
-        groups = [g for g in groups if _plain(g.attrs.get("signal")) in g]
-        if len(groups) != 1:
-            return None
-        group = groups[0]
-    signal = _plain(group.attrs.get("signal"))
-    if signal is None and isinstance(group.get("data"), h5py.Dataset):
-        signal = "data"
-    node = group.get(signal) if signal else None
-    return node if isinstance(node, h5py.Dataset) else None
+    try:
+        name = nexus_signal(handle)
+    except SignalNotFound as err:
+        raise InputError(f"{err}; or name the dataset with experiment.dataset", file=path,
+                         key="experiment.dataset") from None
+    return None if name is None else handle[name]
 
 
 def _nexus_axes(node, calibration, sources):
