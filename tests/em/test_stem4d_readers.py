@@ -250,3 +250,30 @@ def test_streamed_dpc_equals_the_in_memory_one(tmp_path, home, run_xpr):
     assert result.exit_code == 0, result.output
     log = (home / "data/em/dpc/test.h5").resolve().parent.joinpath("run.log").read_text()
     assert "256 patterns streamed from the file in batches of 3" in log
+
+
+def test_streamed_tcbf_equals_the_in_memory_one(tmp_path):
+    """tcBF from a file streamed in batches of five patterns: the bright-field images, the
+    fitted defocus and the phase equal the in-memory ones."""
+    from xpr.backend import cpu
+    from xpr.em.ptychography import tcbf
+    from xpr.em.ptychography.calibration import Experiment
+
+    scan = (16, 16)
+    data = simulate(scan_size=scan, defocus_A=100.0)
+    path = tmp_path / "scan.npy"
+    np.save(path, data["patterns"].reshape(scan + (32, 32)))
+    settings = dict(data["settings"], scan_size=None)
+    with open_scan(path) as opened:
+        streamed = Experiment.from_settings(settings, opened, memory_GB=4 * 5 * 32 * 32 * 4 / 1e9)
+        assert streamed.streamed and streamed.patterns.batch_size == 5
+        images_streamed, k_streamed = tcbf.bright_field_images(streamed)
+        result_streamed = tcbf.reconstruct(streamed, cpu())
+    whole = Experiment.from_settings(data["settings"], data["patterns"])
+    images, k = tcbf.bright_field_images(whole)
+    np.testing.assert_array_equal(images_streamed, images)
+    np.testing.assert_array_equal(k_streamed, k)
+    result = tcbf.reconstruct(whole, cpu())
+    assert result_streamed["defocus_A"] == pytest.approx(result["defocus_A"], rel=1e-6)
+    np.testing.assert_allclose(result_streamed["phase"], result["phase"], atol=1e-5)
+    assert abs(result["defocus_A"] - 100.0) <= 10.0

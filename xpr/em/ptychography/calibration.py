@@ -334,6 +334,17 @@ def _settings_dict(experiment_settings) -> dict:
     raise TypeError("experiment settings must be a mapping")
 
 
+def unpadded_batches(experiment):
+    """(start, unpadded prepared patterns) batch by batch — one batch of everything when the
+    experiment is in memory."""
+    p = experiment.data_pad
+    if not experiment.streamed:
+        yield 0, experiment.unpadded_patterns
+        return
+    for start, batch in experiment.patterns.batches():
+        yield start, batch if p == 0 else batch[:, p:-p, p:-p]
+
+
 class StreamedPatterns:
     """Prepared patterns of a file larger than the memory budget, read batch by batch.
 
@@ -430,6 +441,7 @@ class Experiment:
     center_shift_px: tuple = (0, 0)
     notes: list = field(default_factory=list)
     com_px: tuple | None = None          # (com_y, com_x) of the prepared patterns when streamed
+    mean_pattern: np.ndarray | None = field(default=None, repr=False)   # unpadded, when streamed
 
     # ---------------------------------------------------------------- derived quantities
     @property
@@ -635,6 +647,7 @@ class Experiment:
                 if stream:
                     prepared.transposed = not prepared.transposed
                     stream_com = stream_com[::-1]
+                    mean_pattern = np.ascontiguousarray(mean_pattern.T)
                 else:
                     prepared = np.ascontiguousarray(np.swapaxes(prepared, 1, 2))
                 transposed = True
@@ -680,7 +693,7 @@ class Experiment:
             total_thickness_A=float(given.get("total_thickness", 1.0) or 1.0),
             scan_positions_A=positions_A, scan_positions_px=positions_px,
             pl_rotation_fit=rotation_fit, center_shift_px=center_shift, notes=notes,
-            com_px=stream_com)
+            com_px=stream_com, mean_pattern=mean_pattern if stream else None)
 
 
 def load_experiment(experiment_settings, default_data_path=None, memory_GB=None):
