@@ -7,13 +7,13 @@ import pytest
 from click.testing import CliRunner
 
 HERE = Path(__file__).resolve().parent
-# Files written by xFrame itself, for compatibility tests: ../shared/data/xframe beside the checkout.
-XFRAME_DATA = HERE.parent.parent / "shared" / "data" / "xframe"
+# Files written by xFrame itself, for compatibility tests; they ship with the tests (see its README.md).
+XFRAME_DATA = HERE / "data" / "xframe"
 
 
 @pytest.fixture
 def xframe_data() -> Path:
-    """The folder of xFrame-written reference files (shared/data/xframe beside the checkout)."""
+    """The folder of xFrame-written reference files (tests/data/xframe, in the checkout)."""
     assert XFRAME_DATA.is_dir(), f"xFrame reference files expected at {XFRAME_DATA}"
     return XFRAME_DATA
 
@@ -26,8 +26,14 @@ def pytest_collection_modifyitems(config, items):
         return
     skip = pytest.mark.skip(reason="needs cupy and a CUDA device")
     for item in items:
-        if "gpu" in item.keywords:
+        if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip)
+
+
+@pytest.fixture(params=["emulated", pytest.param("cuda", marks=pytest.mark.gpu)])
+def device(request) -> str:
+    """A device for device/CPU parity tests: the emulated one always, cupy where present."""
+    return request.param
 
 
 @pytest.fixture(autouse=True)

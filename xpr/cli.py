@@ -21,6 +21,7 @@ import yaml
 from xpr import __version__, registry
 from xpr import home as home_module
 from xpr.archive import Run
+from xpr.backend import device_note
 from xpr.errors import XprUserError
 from xpr.settings import Schema, resolve, to_plain
 
@@ -44,6 +45,7 @@ def run_command(spec: registry.CommandSpec, settings_name: str, overrides, state
         home = home_module.locate(state.home_option)
         resolved = resolve(spec.group, spec.name, settings_name, home, overrides)
         structure = spec.structure(resolved.settings)
+        device_line = device_note()        # XPR_DEVICE checked here (exit 2 when wrong)
     except XprUserError as error:
         fail_user(error)
     except KeyError as error:
@@ -53,6 +55,8 @@ def run_command(spec: registry.CommandSpec, settings_name: str, overrides, state
     run = Run(home, spec.group, spec.product, structure, resolved.settings, quiet=state.quiet,
               command=spec.name)
     run.log.info("settings %s -> run %s", resolved.source, run.path)
+    if device_line:
+        run.log.info(device_line)
     try:
         worker.run(resolved.settings, run)
     except XprUserError as error:
@@ -210,13 +214,15 @@ def show_settings(state, group, command, settings_name, overrides):
 @click.option("--queue", default=None, help="Queue / partition.")
 @click.option("--account", default=None)
 @click.option("--directive", "directives", multiple=True, help="Extra scheduler directive, verbatim.")
+@click.option("--gpus", type=int, default=0, show_default=True,
+              help="GPUs per node: requested from the scheduler, one dask worker each.")
 @click.option("--dask/--no-dask", "use_dask", default=None,
               help="Start a dask cluster inside the job for the parallel steps (default: yes, except arrays).")
 @click.argument("group")
 @click.argument("chain", nargs=-1, type=click.UNPROCESSED)
 @click.pass_obj
 def jobscript_command(state, scheduler, array_size, each, merge, nodes, cores, memory, walltime, queue,
-                      account, directives, use_dask, group, chain):
+                      account, directives, gpus, use_dask, group, chain):
     """Write a batch script running GROUP CHAIN... (settings resolved and archived beside it)."""
     from xpr import jobscript
 
@@ -225,7 +231,7 @@ def jobscript_command(state, scheduler, array_size, each, merge, nodes, cores, m
         written = jobscript.write(
             home, scheduler, group, chain,
             jobscript.Resources(nodes=nodes, cores=cores, memory=memory, walltime=walltime, queue=queue,
-                                account=account, directives=list(directives)),
+                                account=account, directives=list(directives), gpus=gpus),
             array=array_size, each=each, merge=merge, use_dask=use_dask)
     except XprUserError as error:
         fail_user(error)

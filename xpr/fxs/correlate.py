@@ -37,6 +37,7 @@ from xpr import parallel
 from xpr.backend import cpu
 from xpr.errors import InputError
 from xpr.io import load_tree
+from xpr.io.checks import check_stack
 from . import cross_correlation as ccd_file
 from .detector import MM_TO_A, UM_TO_A, Detector
 from .grids import reciprocal_radial_points
@@ -90,6 +91,8 @@ def pattern_counts(files, dataset, detector):
                 if dataset not in h:
                     raise InputError(f"no dataset '{dataset}' in the pattern file", file=f, key="input.dataset")
                 shape = h[dataset].shape
+                check_stack(h[dataset], file=f, key="input.dataset", what="pattern intensities",
+                            nonfinite_masked=True)
         except OSError as err:
             raise InputError(f"not a readable HDF5 pattern file ({err})", file=f) from None
         frames = shape if len(shape) == 3 else (1,) + tuple(shape)

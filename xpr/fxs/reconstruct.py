@@ -30,13 +30,14 @@ import numpy as np
 from scipy.interpolate import CubicSpline, interp1d
 
 from xpr import parallel
-from xpr.backend import Backend
+from xpr.backend import BackendSpec
 from xpr.errors import InputError
 from xpr.fxs.fxs_phasing import (FourierTransformPair, RealSpaceOptions, blas_threads, build_grid,
-                                 density_guess, phase, radial_field)
+                                 compile_policies, density_guess, phase, radial_field)
 from xpr.fxs.particle_number import check_search_space, estimate_number_of_particles
 from xpr.fxs.reciprocal_projection import (InvariantConstraint, InvariantProjection, PointwiseRefinement,
                                            invariants_from_coefficients)
+from xpr.fxs.xframe_settings import fold as fold_xframe_settings
 
 
 # ----------------------------------------------------------------------------------------------
@@ -278,9 +279,10 @@ def target_density_norm(constraint: InvariantConstraint, grid) -> float:
 # 3-4. phasing a batch (module level: runs in worker processes)
 # ----------------------------------------------------------------------------------------------
 
-def real_space_options(settings) -> RealSpaceOptions:
+def real_space_options(settings, grid=None) -> RealSpaceOptions:
     real = settings.projections.real
     low, high = list(real.value_threshold.threshold) + [None] * (2 - len(real.value_threshold.threshold))
+    low, high = (None if low is False else low), (None if high is False else high)
     if high is not None or (low not in (None, 0, 0.0)):
         raise InputError("value_threshold supports [0.0, null] (positivity) or [null, null] (none)",
                          key="projections.real.value_threshold.threshold")
@@ -292,25 +294,23 @@ def real_space_options(settings) -> RealSpaceOptions:
     enforce = real.support.enforce_initial_support
     return RealSpaceOptions(
         positivity=("value_threshold" in apply) and low is not None,
-        sw_sigmas=tuple(float(s) for s in real.shrink_wrap.sigmas),
-        sw_thresholds=tuple(float(t) for t in real.shrink_wrap.thresholds),
-        hio_betas=tuple(float(b) for b in real.HIO.beta) if real.HIO.beta else None,
+        sw_sigmas=real.shrink_wrap.sigmas,
+        sw_thresholds=real.shrink_wrap.thresholds,
+        hio_betas=real.HIO.beta if real.HIO.beta not in (None, False, ()) else None,
         enforce_initial_support=bool(enforce.apply),
-        enforce_if_error_bigger_than=float(enforce.if_error_bigger_than))
+        enforce_if_error_bigger_than=float(enforce.if_error_bigger_than),
+        resolution=None if grid is None else float(np.pi / grid.max_q))
 
 
-def _schedule(settings):
-    """Compiled steps of main_loop and, for the progress line, the block name of each step."""
+def _schedule(settings, options):
+    """The steps of main_loop with the real-space policies compiled in (what runs and is logged)
+    and, for the progress line, the block name of each step."""
     from xpr.phasing.schedule import parse_blocks
 
     main_loop = settings.main_loop.to_dict() if hasattr(settings.main_loop, "to_dict") else dict(settings.main_loop)
-    steps = parse_blocks(main_loop, key="main_loop")
-    sub = main_loop["sub_loops"]
     names = []
-    for block in sub.get("order", [k for k in sub if k != "order"]):
-        single = parse_blocks({"sub_loops": {"order": [block], block: sub[block]}}, key="main_loop")
-        names += [block] * len(single)
-    return steps, names
+    steps = parse_blocks(main_loop, key="main_loop", names=names)
+    return compile_policies(steps, options, names), names
 
 
 def to_xframe_layout(field, dimensions):
@@ -326,7 +326,7 @@ def phase_batch(task: dict) -> list:
 
 def _phase_batch(task: dict) -> list:
     settings = task["settings"]
-    backend = Backend(task["use_gpu"], settings["GPU"]["precision"])
+    backend = task["backend"].create()
     grid = task["grid"]
     transform = FourierTransformPair(grid, backend)
     refinement = settings["projections"]["reciprocal"]["modulus_refinement"]
@@ -488,6 +488,9 @@ def _vtk(archive, results, grid):
 def run(settings, archive):
     """Invariants -> n_reconstructions densities, sorted by final error, in data.h5."""
     start = time.time()
+    settings, notes = fold_xframe_settings(settings)
+    for note in notes:
+        archive.log.info("xFrame settings: %s", note)
     path = input_path(settings, archive)
     data = read_invariants(path, settings.dimensions)
     archive.log.info("invariants from %s (%d-D, max_order %d, %d radial points)", path,
@@ -507,19 +510,19 @@ def run(settings, archive):
     if constraint.fixed_phase_orders:
         archive.log.info("SO_freedom: the phase of order %d is fixed (orientation fixed up to rotations by "
                          "2π/%d)", constraint.fixed_phase_orders[0], constraint.fixed_phase_orders[0])
-    options = real_space_options(settings)
-    steps, loop_names = _schedule(settings)
+    options = real_space_options(settings, grid)
+    steps, loop_names = _schedule(settings, options)
     from xpr.phasing.schedule import describe
 
     archive.log.info("grid: %d radial x %s angular points, L = %d; schedule: %s", grid.n_radial,
                      "x".join(map(str, grid.angular_shape)), grid.max_order, describe(steps))
 
-    backend = Backend.from_settings(settings)
+    backend = BackendSpec.from_settings(settings)
     n = settings.n_reconstructions
     seeds = parallel.task_seeds(settings.random_seed, n)
     batch = settings.multi_process.batch_size
     plain = settings.to_dict()
-    tasks = [{"settings": plain, "use_gpu": backend.is_gpu, "grid": grid, "constraint": constraint,
+    tasks = [{"settings": plain, "backend": backend, "grid": grid, "constraint": constraint,
               "steps": steps, "loop_names": loop_names, "options": options,
               "target_norm": target_density_norm(constraint, grid), "seeds": seeds[i:i + batch],
               "n_particles": n_particles,
@@ -527,7 +530,8 @@ def run(settings, archive):
              for k, i in enumerate(range(0, n, batch))]
     # a batch whose process is lost (or raises) is retried; one that still fails is logged,
     # recorded in data.h5 (failed_seeds) and left out, as long as min_success of them succeeded
-    batches = parallel.map(phase_batch, tasks, settings.multi_process, tolerate_failures=True)
+    batches = parallel.map(phase_batch, tasks, settings.multi_process, tolerate_failures=True,
+                           gpus=backend.gpus())
     failures = [b for b in batches if isinstance(b, parallel.TaskFailure)]
     for failure in failures:
         archive.log.warning("batch %d (reconstructions %d-%d, seeds %s) failed: %s", failure.index,
