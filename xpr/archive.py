@@ -184,10 +184,10 @@ class Run:
         return logger
 
     def progress(self, iterable=None, total=None, desc: str = "", **kwargs):
-        """A tqdm bar on a terminal; otherwise (batch jobs, pipes) a log line every 10 %
-        (run.log always; the console unless -q)."""
-        if not self.quiet and _is_terminal(sys.stderr):
-            from tqdm import tqdm
+        """A tqdm bar on a terminal (a widget under Jupyter, through tqdm.auto); otherwise
+        (batch jobs, pipes) a log line every 10 % (run.log always; the console unless -q)."""
+        if not self.quiet and (_is_terminal(sys.stderr) or "ipykernel" in sys.modules):
+            from tqdm.auto import tqdm
 
             return tqdm(iterable, total=total, desc=desc, file=sys.stderr, dynamic_ncols=True,
                         leave=False, **kwargs)

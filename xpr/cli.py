@@ -15,22 +15,15 @@ earlier runs and the latest-links stay as they are.
 """
 from __future__ import annotations
 
-import contextlib
 import errno
-import importlib
 import logging
-import os
-import signal
 import sys
-import threading
 
 import click
 import yaml
 
-from xpr import __version__, parallel, registry
+from xpr import __version__, registry, runner
 from xpr import home as home_module
-from xpr.archive import Run
-from xpr.backend import device_note
 from xpr.errors import XprUserError
 from xpr.settings import Schema, resolve, to_plain
 
@@ -52,34 +45,6 @@ def fail_user(error: XprUserError):
     raise click.exceptions.Exit(error.exit_code)
 
 
-class Interrupted(BaseException):
-    """SIGTERM or SIGINT arrived while a worker ran (a BaseException, so no `except Exception`
-    in a worker swallows it)."""
-
-    def __init__(self, signum: int):
-        self.signum = signum
-        self.name = signal.Signals(signum).name
-        super().__init__(f"stopped by {self.name}")
-
-
-@contextlib.contextmanager
-def signals_raise():
-    """SIGTERM and SIGINT raise Interrupted in the main thread while the block runs."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise Interrupted(signum)
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
 def disk_error_line(error: OSError, what: str) -> str:
     """One line for a write the disk refused: the path and the reason (no traceback)."""
     path = error.filename or "?"
@@ -87,93 +52,40 @@ def disk_error_line(error: OSError, what: str) -> str:
     return f"xpr: {what}: cannot write {path}: {reason}"
 
 
-def validate_settings(worker, spec: registry.CommandSpec, resolved):
-    """The worker's own checks of setting values (its optional `validate(settings)`), before a run
-    folder exists; an error without a file gets the file its key came from."""
-    validate = getattr(worker, "validate", None)
-    if validate is None:
-        return
-    try:
-        validate(resolved.settings)
-    except XprUserError as error:
-        if error.file is None and error.key:
-            error.file = resolved.origin(error.key)
-        raise
-
-
 def run_command(spec: registry.CommandSpec, settings_name: str, overrides, state: State):
-    """Resolve, validate, archive, run the worker, finalise. Returns the run folder."""
+    """Resolve, validate, archive, run the worker, finalise (xpr.runner, shared with xpr.api).
+    Returns the run folder."""
     what = f"{spec.group} {spec.name}"
     try:
-        home = home_module.locate(state.home_option)
-        resolved = resolve(spec.group, spec.name, settings_name, home, overrides)
-        structure = spec.structure(resolved.settings)
-        worker = importlib.import_module(spec.module)
-        validate_settings(worker, spec, resolved)
-        device_line = device_note()        # XPR_DEVICE checked here (exit 2 when wrong)
+        prepared = runner.prepare(spec, settings_name, overrides, state.home_option)
     except XprUserError as error:
         fail_user(error)
     except KeyError as error:
         click.echo(f"xpr: the defaults of '{what}' lack the key {error}", err=True)
         raise click.exceptions.Exit(2) from None
     try:
-        run = Run(home, spec.group, spec.product, structure, resolved.settings, quiet=state.quiet,
-                  command=spec.name, console=not state.quiet,
-                  level=logging.DEBUG if state.verbose else logging.INFO)
-    except OSError as error:           # read-only home, full disk
-        click.echo(disk_error_line(error, what), err=True)
-        raise click.exceptions.Exit(1) from None
-    run.log.info("settings %s -> run %s", resolved.source, run.path)
-    run.log.debug("worker %s in process %d; xpr %s", spec.module, os.getpid(), __version__)
-    if device_line:
-        run.log.info(device_line)
-    try:
-        with signals_raise():
-            worker.run(resolved.settings, run)
-    except Interrupted as error:
-        parallel.stop_child_processes()
-        marked = run.fail(error, reason=f"interrupted by signal {error.name} ({error.signum})")
-        click.echo(f"xpr: {what} stopped by {error.name}\n  run:     {run.path}"
-                   + (" (marked FAILED)" if marked else ""), err=True)
-        raise click.exceptions.Exit(128 + error.signum) from None
-    except XprUserError as error:
-        click.echo(error.format(), err=True)
-        if run.started_work():
-            run.fail(error)
-            click.echo(f"  run:     {run.path} (marked FAILED)", err=True)
+        outcome = runner.execute(prepared, quiet=state.quiet, verbose=state.verbose,
+                                 console=not state.quiet)
+    except runner.Interrupted as stop:
+        click.echo(f"xpr: {what} stopped by {stop.name}\n  run:     {stop.run.path}"
+                   + (" (marked FAILED)" if stop.marked else ""), err=True)
+        raise click.exceptions.Exit(128 + stop.signum) from None
+    except runner.RunFailed as failure:
+        run, error = failure.run, failure.error
+        if isinstance(error, XprUserError):
+            click.echo(error.format(), err=True)
+        elif isinstance(error, OSError) and error.errno in DISK_ERRNOS:
+            click.echo(disk_error_line(error, what), err=True)
         else:
-            run.discard()          # nothing was computed: no run folder is left behind
-        raise click.exceptions.Exit(error.exit_code) from None
-    except OSError as error:   # a write the disk refused, or an unreadable file mid-run
-        marked = run.fail(error)
-        click.echo(disk_error_line(error, what) if error.errno in DISK_ERRNOS else
-                   f"xpr: {what} failed: {type(error).__name__}: {error}", err=True)
-        click.echo(f"  run:     {run.path}" + (" (marked FAILED; traceback in run.log)" if marked else ""),
-                   err=True)
-        raise click.exceptions.Exit(1) from None
-    except Exception as error:  # the worker's computation failed: record it, exit non-zero
-        run.fail(error)
-        click.echo(f"xpr: {what} failed: {type(error).__name__}: {error}\n"
-                   f"  run:     {run.path} (marked FAILED; traceback in run.log)", err=True)
-        raise click.exceptions.Exit(1) from None
-    try:
-        link = run.succeed()
-        record_run(spec, run)
-    except OSError as error:
-        run.fail(error)
-        click.echo(disk_error_line(error, what), err=True)
-        raise click.exceptions.Exit(1) from None
+            click.echo(f"xpr: {what} failed: {type(error).__name__}: {error}", err=True)
+        if run is not None and failure.marked:
+            traceback_note = "" if isinstance(error, XprUserError) else "; traceback in run.log"
+            click.echo(f"  run:     {run.path} (marked FAILED{traceback_note})", err=True)
+        raise click.exceptions.Exit(error.exit_code if isinstance(error, XprUserError) else 1) from None
+    run, link = outcome.run, outcome.link
     if not state.quiet:
         click.echo(f"{what}: results in {run.path}" + (f"\n  latest: {link}" if link else ""))
     return run.path
-
-
-def record_run(spec: registry.CommandSpec, run: Run):
-    """Array-job shares: append 'group command run_folder main_file' to $XPR_RUN_RECORD if set."""
-    record = os.environ.get("XPR_RUN_RECORD")
-    if record:
-        with open(record, "a") as f:
-            f.write(f"{spec.group} {spec.name} {run.path} {run.main_file or ''}\n")
 
 
 class SettingsCommand(click.Command):

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import datetime
 import difflib
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
