@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from xpr import memory, parallel, plot
-from xpr.backend import Backend
+from xpr.backend import BackendSpec, cpu
 from xpr.errors import InputError
 from xpr.io import read_array
 from xpr.io.checks import check_intensities
@@ -122,7 +122,7 @@ def phase_chunk(task, shared=None, progress=None):
     optional bar advanced once per iteration (only in the calling process)."""
     task = dict(shared or {}, **task)
     options = task["options"]
-    backend = Backend(task["use_gpu"], task["precision"])
+    backend = task["backend"].create()
     xp = backend.xp
     shape = task["intensity_fft"].shape
     seeds = task["seeds"]
@@ -202,13 +202,12 @@ def run(settings, archive, dimensions):
     steps = compile_steps(settings)
     archive.log.info("schedule: %s", schedule.describe(steps))
 
-    precision = (settings.get("GPU") or {}).get("precision", "single")
     problem = {
         "intensity_fft": np.fft.ifftshift(intensity).astype(np.float32),
         "measured_fft": np.fft.ifftshift(~masked),
         "initial_support": initial_support, "init_model": init_model, "steps": steps,
         "options": _options(settings, dimensions),
-        "use_gpu": Backend.from_settings(settings).is_gpu, "precision": precision,
+        "backend": BackendSpec.from_settings(settings),
     }
     repeats = phase_repeats(settings, archive, problem)
     data = {"intensity": intensity, "mask": masked, "initial_support": initial_support}
@@ -224,10 +223,9 @@ def merge_and_write(settings, archive, filename, repeats, data, attrs):
     repeats: object, support, e_mod, e_con, e_con_iterations, seed (leading axis = repeat);
     data: intensity, mask (True = floats), initial_support.
     """
-    precision = (settings.get("GPU") or {}).get("precision", "single")
     final = repeats["e_mod"][:, -1]
     archive.log.info("final eMod per repeat: %s", np.array2string(final, precision=4))
-    backend = Backend(False, precision)
+    backend = cpu(BackendSpec.from_settings(settings).precision)    # merging runs on the host
     selected = merge.select(final, keep_fraction=float(settings.merge.keep_fraction),
                             tolerance=settings.merge.error_tolerance)
     merged, aligned = merge.merge_repeats(repeats["object"], selected, backend,
@@ -288,11 +286,13 @@ def phase_repeats(settings, archive, problem):
     repeats = int(settings.phasing.repeats)
     seeds = parallel.task_seeds(int(settings.phasing.seed), repeats)
     spread = settings.get("multi_process")
-    workers = parallel.n_workers(spread, repeats)
+    gpus = problem["backend"].gpus()           # on cupy: one worker per GPU
+    workers = parallel.n_workers(spread, repeats, gpus)
     batch = spread.get("batch_size") if spread else None
     n_tasks = max(workers, -(-repeats // int(batch))) if batch else workers
     n_tasks = memory.plan_cdi_phase(problem["intensity_fft"].shape, repeats, workers, n_tasks,
-                                    double=problem["precision"] == "double", log=archive.log)
+                                    double=problem["backend"].precision == "double",
+                                    log=archive.log)
     tasks = [{"seeds": [seeds[i] for i in chunk]} for chunk in _chunks(repeats, n_tasks)]
     n_iterations = schedule.total_iterations(problem["steps"])
     archive.log.info("%d repeats x %d iterations in %d batch(es)", repeats, n_iterations,
@@ -305,7 +305,7 @@ def phase_repeats(settings, archive, problem):
         bar = archive.progress(total=len(tasks), desc="phasing batches")
         results = parallel.map(phase_chunk, tasks, spread, shared=problem,
                                on_result=lambda index, result: bar.update(1),
-                               tolerate_failures=True)
+                               tolerate_failures=True, gpus=gpus)
         failures = [r for r in results if isinstance(r, parallel.TaskFailure)]
         for failure in failures:
             archive.log.warning("batch %d (seeds %s) failed: %s", failure.index,

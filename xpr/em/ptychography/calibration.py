@@ -36,7 +36,7 @@ from scipy import optimize
 from xpr import backend as backends
 from xpr.em.optics import electron_wavelength_A, with_defocus
 from xpr.errors import InputError
-from xpr.io.checks import check_intensity_frames
+from xpr.io.checks import check_dtype, check_intensity_frames
 
 # Keys of the `experiment:` group, with PyPty's names. Values missing from the settings (null)
 # are taken from the data file's calibration attributes when it has them (simulate_4dstem output).
@@ -45,6 +45,11 @@ EXPERIMENT_KEYS = (
     "scan_size", "scan_step_A", "aberrations", "defocus", "PLRotation_deg", "data_pad",
     "data_bin", "flip_ky", "transposed", "num_slices", "total_thickness",
 )
+
+# Keys whose origin (settings or data file) the log reports.
+CALIBRATION_REPORTED = ("acc_voltage", "rez_pixel_size_A", "rez_pixel_size_mrad",
+                        "conv_semiangle_mrad", "scan_size", "scan_step_A", "aberrations",
+                        "defocus", "PLRotation_deg", "transposed")
 
 # Keys that choose how the data are processed, not what they are: never read from the data file.
 PROCESSING_KEYS = ("data_pad", "data_bin")
@@ -56,27 +61,12 @@ BRIGHT_FIELD_THRESHOLD = 0.5   # fraction of the mean pattern's maximum that cou
 # reading data
 # --------------------------------------------------------------------------------------------
 
-def _read_raw(path: Path):
-    """The array stored in a PyPty .h5 (dataset `data`) or a .npy file, 3-D or 4-D."""
-    if not path.exists():
-        raise InputError(f"data file does not exist: {path}", file=path, key="experiment.data_path")
-    suffix = path.suffix.lower()
-    try:
-        if suffix in (".h5", ".hdf5"):
-            import h5py
-            with h5py.File(path, "r") as handle:
-                if "data" not in handle:
-                    raise InputError(f"{path.name} has no dataset `data` (expected PyPty layout "
-                                     "(N, ky, kx))", file=path, key="experiment.data_path")
-                return np.asarray(handle["data"][()])
-        if suffix == ".npy":
-            return np.load(path, mmap_mode="r")
-    except InputError:
-        raise
-    except (OSError, ValueError) as err:
-        raise InputError(f"cannot read {path}: {err}", file=path, key="experiment.data_path") from err
-    raise InputError(f"unsupported data format {suffix!r} (expected .h5 or .npy)", file=path,
-                     key="experiment.data_path")
+def _read_raw(path: Path, dataset=None):
+    """All patterns of a 4D-STEM file (xpr.io.stem4d formats), 3-D or 4-D, in memory."""
+    from xpr.io.stem4d import open_scan
+
+    with open_scan(path, dataset) as scan:
+        return scan.read_all().reshape(scan.shape)
 
 
 def _as_pattern_stack(raw, path=None):
@@ -96,34 +86,14 @@ def load_patterns(path) -> np.ndarray:
     return patterns
 
 
-def read_file_calibration(path) -> dict:
-    """Calibration stored with the data (attributes named as the `experiment:` keys).
+def read_file_calibration(path, dataset=None) -> dict:
+    """Calibration stored with the data, under the `experiment:` key names (xpr.io.stem4d: root
+    attributes or an `experiment`/`calibration` group for xpr/PyPty files, py4DSTEM's calibration,
+    NeXus axis units, RosettaSciIO metadata; a 4-D array gives `scan_size`)."""
+    from xpr.io.stem4d import open_scan
 
-    Looks at the root attributes of an .h5 file and at a group `experiment` or `calibration`
-    (attributes or scalar/vector datasets). A 4-D array gives `scan_size`. Returns {} for .npy.
-    """
-    path = Path(path)
-    found = {}
-    if path.suffix.lower() in (".h5", ".hdf5"):
-        import h5py
-        with h5py.File(path, "r") as handle:
-            sources = [handle.attrs]
-            for name in ("experiment", "calibration"):
-                if name in handle and isinstance(handle[name], h5py.Group):
-                    group = handle[name]
-                    sources.append(group.attrs)
-                    sources.append({k: group[k][()] for k in group if isinstance(group[k], h5py.Dataset)})
-            for source in sources:
-                for key in EXPERIMENT_KEYS:
-                    if key in source:
-                        found[key] = _plain(source[key])
-            if "data" in handle and handle["data"].ndim == 4:
-                found["scan_size"] = list(handle["data"].shape[:2])
-    elif path.suffix.lower() == ".npy":
-        raw = np.load(path, mmap_mode="r")
-        if raw.ndim == 4:
-            found["scan_size"] = list(raw.shape[:2])
-    return found
+    with open_scan(path, dataset) as scan:
+        return dict(scan.calibration)
 
 
 def _plain(value):
@@ -419,16 +389,29 @@ class Experiment:
 
     # ---------------------------------------------------------------- construction
     @classmethod
-    def from_settings(cls, experiment_settings, patterns, file_calibration=None, data_file=None):
+    def from_settings(cls, experiment_settings, patterns, file_calibration=None, data_file=None,
+                      file_sources=None):
         """Calibrate `patterns` ((N, ky, kx) or (ny, nx, ky, kx)) with the `experiment:` settings.
 
-        Settings values that are null fall back to `file_calibration` (from the data file).
-        Errors in the user's input raise InputError naming the `experiment.<key>`.
+        Settings values that are null fall back to `file_calibration` (from the data file;
+        `file_sources` says where in it each was found). Errors in the user's input raise
+        InputError naming the `experiment.<key>`. The notes say where each calibration value
+        came from (settings or the data file).
         """
         settings = _settings_dict(experiment_settings)
         given = {k: v for k, v in (file_calibration or {}).items()
                  if v is not None and k not in PROCESSING_KEYS}
+        from_file = set(given)
         given.update({k: v for k, v in settings.items() if v is not None})
+        origins = []
+        for key in CALIBRATION_REPORTED:
+            if key in given:
+                if key in settings and settings[key] is not None:
+                    where = "settings" + (" (overrides the data file)" if key in from_file else "")
+                else:
+                    where = "data file" + (f": {file_sources[key]}" if file_sources
+                                           and key in file_sources else "")
+                origins.append(f"{key} = {given[key]!r} from {where}")
 
         def need(key, why):
             if given.get(key) is None:
@@ -438,7 +421,7 @@ class Experiment:
 
         raw = np.asarray(patterns)
         stack, shape_in_data = _as_pattern_stack(raw, data_file)
-        notes = []
+        notes = ["calibration: " + "; ".join(origins)] if origins else []
 
         # scan grid
         scan_size = given.get("scan_size", shape_in_data)
@@ -563,14 +546,23 @@ class Experiment:
 
 
 def load_experiment(experiment_settings, default_data_path=None) -> tuple[Experiment, Path]:
-    """Read the data named by `experiment.data_path` (or the default) and calibrate it."""
+    """Read the data named by `experiment.data_path` (or the default) and calibrate it.
+
+    `experiment.dataset` names the HDF5 dataset when the file's layout does not say
+    (xpr.io.stem4d); the file's calibration fills the settings left null."""
+    from xpr.io.stem4d import open_scan
+
     settings = _settings_dict(experiment_settings)
     data_path = settings.get("data_path") or default_data_path
     if data_path is None:
         raise InputError("no input data: set experiment.data_path", key="experiment.data_path")
     data_path = Path(data_path).expanduser()
-    raw = check_intensity_frames(_read_raw(data_path), file=data_path, key="experiment.data_path",
+    with open_scan(data_path, settings.get("dataset"), settings.get("scan_size")) as scan:
+        check_dtype(scan.data, file=data_path, key="experiment.data_path")
+        raw = scan.read_all().reshape(scan.shape)
+        calibration, sources = dict(scan.calibration), dict(scan.sources)
+    raw = check_intensity_frames(raw, file=data_path, key="experiment.data_path",
                                  what="diffraction intensities")
-    experiment = Experiment.from_settings(settings, raw, read_file_calibration(data_path),
-                                          data_file=data_path)
+    experiment = Experiment.from_settings(settings, raw, calibration, data_file=data_path,
+                                          file_sources=sources)
     return experiment, data_path

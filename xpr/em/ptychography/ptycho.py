@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from xpr import backend as backends
-from xpr.em.ptychography import calibration
+from xpr.em.ptychography import calibration, direct
 from xpr.em import optics
 from xpr.em.ptychography import checkpoints
 from xpr.em.ptychography.forward import Model
@@ -154,13 +155,34 @@ def band_limited(image, pixel_size_A: float, k_max_invA: float):
     return np.fft.ifft2(np.fft.fft2(image) * keep).real
 
 
+def probe_centres_px(corners_px, window: int):
+    """Probe centres of windows with top-left corners `corners_px`: the probe of an n-pixel
+    window is centred on its pixel (n // 2, n // 2) (xpr.em.optics.probe_real)."""
+    return np.asarray(corners_px, dtype=np.float64) + window // 2
+
+
+def fit_affine(source, target):
+    """Least-squares affine map (3, 2) with [source, 1] @ A ≈ target, for (N, 2) point sets."""
+    design = np.hstack([np.asarray(source, dtype=np.float64), np.ones((len(source), 1))])
+    matrix, *_ = np.linalg.lstsq(design, np.asarray(target, dtype=np.float64), rcond=None)
+    return matrix
+
+
 def phase_correlation(object_slices, corner0_px, scan_corners_px, window, true_phase,
-                      true_corner0_px, pixel_size_A, true_pixel_size_A, k_max_invA=None):
+                      true_corner0_px, pixel_size_A, true_pixel_size_A, k_max_invA=None,
+                      true_centres_px=None):
     """Pearson r between reconstructed and true phase over the scanned area (planes removed).
 
     The scanned area runs from the first to the last probe centre. The truth is first limited
     to the spatial frequencies the detector measured (k ≤ k_max: far-field ptychography cannot
-    recover more), then resampled (cubic) onto the reconstruction grid if the pixels differ.
+    recover more), then resampled (cubic) onto the reconstruction grid.
+
+    How the grids are aligned: with `true_centres_px` (the truth-grid probe centre of every scan
+    point, (N, 2)), by the least-squares affine map from the reconstruction's probe centres
+    (window corners + window // 2) to those — right whatever the window size (binning,
+    padding), the positions (measured, refined) or a rotation; without, the reconstruction's
+    first window corner is taken to lie on `true_corner0_px` with the pixel ratio as scale
+    (right only when the windows and positions are the simulation's).
     """
     from scipy import ndimage
 
@@ -172,10 +194,15 @@ def phase_correlation(object_slices, corner0_px, scan_corners_px, window, true_p
     high = np.ceil(np.max(scan_corners_px, axis=0) + window / 2).astype(int) + 1
     rows, cols = np.mgrid[low[0]:high[0], low[1]:high[1]].astype(np.float64)
     ours = phase[low[0]:high[0], low[1]:high[1]]
-    scale = pixel_size_A / true_pixel_size_A
-    truth = ndimage.map_coordinates(true_phase.astype(np.float64),
-                                    [(rows - corner0_px[0]) * scale + true_corner0_px[0],
-                                     (cols - corner0_px[1]) * scale + true_corner0_px[1]], order=3)
+    if true_centres_px is not None:
+        matrix = fit_affine(probe_centres_px(scan_corners_px, window), true_centres_px)
+        grid = np.stack([rows.ravel(), cols.ravel(), np.ones(rows.size)], axis=1) @ matrix
+        coordinates = [grid[:, 0].reshape(rows.shape), grid[:, 1].reshape(rows.shape)]
+    else:
+        scale = pixel_size_A / true_pixel_size_A
+        coordinates = [(rows - corner0_px[0]) * scale + true_corner0_px[0],
+                       (cols - corner0_px[1]) * scale + true_corner0_px[1]]
+    truth = ndimage.map_coordinates(true_phase.astype(np.float64), coordinates, order=3)
     a, b = _remove_plane(ours), _remove_plane(truth)
     return float(np.sum(a * b) / math.sqrt(np.sum(a * a) * np.sum(b * b)))
 
@@ -185,8 +212,20 @@ def measured_k_max(experiment) -> float:
     return experiment.unpadded_patterns.shape[-1] // 2 * experiment.rez_pixel_size_invA
 
 
+class Truth(NamedTuple):
+    phase: np.ndarray            # true phase (y, x), rad
+    corner0_px: np.ndarray       # truth-grid pixel of the first simulated window's corner
+    pixel_size_A: float
+    centres_px: np.ndarray       # truth-grid probe centre of every scan point (N, 2)
+
+
 def read_truth(path):
-    """(true_phase, corner0_px, pixel_size_A) from a simulate_4dstem file, or None."""
+    """The ground truth a simulate_4dstem file carries (Truth), or None.
+
+    The probe centres come from the simulated positions (`positions_A`, window corners in Å)
+    and the simulation's window (the detector size): centre_j = corner0 + (r_j − r_0)/pixel +
+    n // 2.
+    """
     import h5py
 
     path = Path(path)
@@ -195,8 +234,13 @@ def read_truth(path):
     with h5py.File(path, "r") as handle:
         if "true_phase" not in handle:
             return None
-        return (handle["true_phase"][()], handle["true_phase_corner_px"][()],
-                float(handle["pixel_size_A"][()]))
+        corner0 = np.asarray(handle["true_phase_corner_px"][()], dtype=np.float64)
+        pixel = float(handle["pixel_size_A"][()])
+        centres = None
+        if "positions_A" in handle and "data" in handle:
+            positions = np.asarray(handle["positions_A"][()], dtype=np.float64)
+            centres = corner0 + (positions - positions[0]) / pixel + handle["data"].shape[-1] // 2
+        return Truth(handle["true_phase"][()], corner0, pixel, centres)
 
 
 # -- the worker --------------------------------------------------------------------------------
@@ -205,8 +249,8 @@ def run(settings, archive):
     """Calibrate, reconstruct, write object / probe / positions / loss and figures."""
     be = backends.from_settings(settings)
     xp = be.xp
-    default_data = archive.home.latest("em", "simulate_4dstem", f"{settings.structure_name}.h5")
-    experiment, data_path = calibration.load_experiment(settings.experiment, default_data)
+    experiment, data_path = calibration.load_experiment(
+        settings.experiment, direct.default_data_path(settings, archive))
     archive.log.info("%s", experiment.summary())
     for note in experiment.notes:
         archive.log.info("%s", note)
@@ -255,12 +299,15 @@ def run(settings, archive):
         "defocus_change_A": defocus_change, "C10_A": c10,
     }
     truth = read_truth(data_path)
-    if truth is not None:
-        true_phase, true_corner0, true_pixel = truth
+    if truth is not None and truth.centres_px is not None \
+            and len(truth.centres_px) == len(positions):
         result["phase_correlation"] = phase_correlation(
-            object_slices, positions[0], positions, model.window, true_phase, true_corner0,
-            experiment.pixel_size_A, true_pixel, measured_k_max(experiment))
-        archive.log.info("phase correlation with the truth: %.4f", result["phase_correlation"])
+            object_slices, positions[0], positions, model.window, truth.phase, truth.corner0_px,
+            experiment.pixel_size_A, truth.pixel_size_A, measured_k_max(experiment),
+            true_centres_px=truth.centres_px)
+        archive.log.info("phase correlation with the truth: %.4f (truth aligned on the probe "
+                         "centres of the %d scan points)", result["phase_correlation"],
+                         len(positions))
     name = f"{settings.structure_name}.h5"
     archive.set_link_name(name)
     archive.save_h5(name, result, main=True, attrs={

@@ -171,38 +171,97 @@ def _normalised_correlation(a, b, interior):
     return float(np.sum(a * b) / math.sqrt(np.sum(a * a) * np.sum(b * b) + 1e-300))
 
 
-def register_to_reference(reference, moving, rotation_scale=True, upsample=20, smoothing_px=2.0):
-    """Estimate the similarity transform T with moving ≈ T(reference) and undo it.
+def fresnel_smoothing_px(wavelength_m, defocus_difference_m, pixel_size_m, floor_px=2.0,
+                         fresnel_fraction=0.7):
+    """Gaussian σ (px) that removes the Fresnel fringes of a defocus difference Δ: the fringes
+    of an edge have the period √(λ|Δ|) near it, so σ = fraction · √(λ|Δ|) / pixel (at least
+    `floor_px`). At ±5 µm and 300 kV that is 3.1 nm: 6 px of 0.5 nm, σ ≈ 4.4 px."""
+    fresnel_px = math.sqrt(wavelength_m * abs(defocus_difference_m)) / pixel_size_m
+    return max(float(floor_px), float(fresnel_fraction) * fresnel_px)
 
-    1. shift from the cross-correlation of the low-passed images (Gaussian σ = smoothing_px,
-       which suppresses the defocus-dependent fringes);
-    2. with `rotation_scale`, (rotation, log scale, shift) refined by maximising the normalised
-       correlation of T(reference) with `moving` in the central 80 % (Powell's method).
-    Returns the aligned image (T⁻¹ applied to `moving`) and the estimate of T.
+
+def shift_candidates(reference, moving, smoothing_px=2.0, upsample=20):
+    """Shifts (dy, dx) of `moving` relative to `reference` from three comparisons of images at
+    different defocus, each right where the others fail:
+
+    * `low_pass`: the images low-passed with σ = smoothing_px (their common outline and
+      absorption);
+    * `strong_low_pass`: σ doubled (what is left when a strong phase object's defocused image
+      is dominated by its lens effect at the scale of the fringes);
+    * `gradient`: the gradient magnitudes |∇(G_σ * I)| — edges, whose phase contrast changes
+      sign between over- and underfocus while its position does not.
     """
     cpu = Backend(use_gpu=False, precision="double")
     reference, moving = np.asarray(reference, float), np.asarray(moving, float)
+    s = float(smoothing_px)
+    return {
+        "low_pass": correlation_shift(cpu, ndimage.gaussian_filter(reference, s),
+                                      ndimage.gaussian_filter(moving, s), upsample),
+        "strong_low_pass": correlation_shift(cpu, ndimage.gaussian_filter(reference, 2 * s),
+                                             ndimage.gaussian_filter(moving, 2 * s), upsample),
+        "gradient": correlation_shift(cpu, ndimage.gaussian_gradient_magnitude(reference, s),
+                                      ndimage.gaussian_gradient_magnitude(moving, s), upsample),
+    }
+
+
+def similarity_search(reference, moving, shift, smoothing_px=2.0, upsample=20,
+                      max_rotation_deg=3.0, max_scale=0.03, shift_window_px=3.0):
+    """Bounded search of the similarity transform T with moving ≈ T(reference), started at
+    `shift`: (rotation, log scale, shift) maximise the normalised correlation of the low-passed
+    T(reference) with `moving` in the central 80 % (Powell), within |rotation| ≤
+    max_rotation_deg, |scale − 1| ≤ max_scale and shift_window_px of the start.
+
+    Plausibility: an estimate that ends on (within 5 % of) its rotation or scale bound is what a
+    genuine difference between the images — the lens effect of a strong phase object, which
+    magnifies its defocused images — does to the fit, not a stage error; then rotation and
+    scale are dropped, the start shift is kept and `fallback` says why."""
+    reference, moving = np.asarray(reference, float), np.asarray(moving, float)
     smooth_reference = ndimage.gaussian_filter(reference, smoothing_px)
     smooth_moving = ndimage.gaussian_filter(moving, smoothing_px)
-    shift = correlation_shift(cpu, smooth_reference, smooth_moving, upsample)
-    rotation_deg, scale = 0.0, 1.0
-    if rotation_scale:
-        ny, nx = reference.shape
-        interior = np.zeros(reference.shape, bool)
-        interior[ny // 10:ny - ny // 10, nx // 10:nx - nx // 10] = True
+    ny, nx = reference.shape
+    interior = np.zeros(reference.shape, bool)
+    interior[ny // 10:ny - ny // 10, nx // 10:nx - nx // 10] = True
 
-        def mismatch(parameters):
-            angle, log_scale, dy, dx = parameters
-            model = similarity_transform(smooth_reference, angle, math.exp(log_scale), (dy, dx), order=1)
-            return -_normalised_correlation(model, smooth_moving, interior)
+    def mismatch(parameters):
+        angle, log_scale, dy, dx = parameters
+        model = similarity_transform(smooth_reference, angle, math.exp(log_scale), (dy, dx), order=1)
+        return -_normalised_correlation(model, smooth_moving, interior)
 
-        result = optimize.minimize(mismatch, np.array([0.0, 0.0, shift[0], shift[1]]),
-                                   method="Powell",
-                                   options={"xtol": 1e-3 / upsample, "ftol": 1e-10, "maxfev": 2000})
-        angle, log_scale, dy, dx = result.x
-        rotation_deg, scale, shift = float(angle), math.exp(float(log_scale)), (float(dy), float(dx))
-    aligned = inverse_similarity_transform(moving, rotation_deg, scale, shift)
-    return aligned, {"rotation_deg": rotation_deg, "scale": scale, "shift_px": shift}
+    log_bound = math.log1p(max_scale) if max_scale > 0 else 0.0
+    bounds = [(-max_rotation_deg, max_rotation_deg), (-log_bound, log_bound),
+              (shift[0] - shift_window_px, shift[0] + shift_window_px),
+              (shift[1] - shift_window_px, shift[1] + shift_window_px)]
+    result = optimize.minimize(mismatch, np.array([0.0, 0.0, shift[0], shift[1]]), method="Powell",
+                               bounds=bounds,
+                               options={"xtol": 1e-3 / upsample, "ftol": 1e-10, "maxfev": 2000})
+    angle, log_scale, dy, dx = (float(v) for v in result.x)
+    limits = []
+    if max_rotation_deg > 0 and abs(angle) >= 0.95 * max_rotation_deg:
+        limits.append(f"rotation {angle:.3f}° at its limit ±{max_rotation_deg:g}°")
+    if max_scale > 0 and abs(log_scale) >= 0.95 * log_bound:
+        limits.append(f"scale {math.exp(log_scale):.4f} at its limit 1 ± {max_scale:g}")
+    if limits:
+        return {"rotation_deg": 0.0, "scale": 1.0, "shift_px": tuple(shift),
+                "fallback": "; ".join(limits)}
+    return {"rotation_deg": angle, "scale": math.exp(log_scale), "shift_px": (dy, dx), "fallback": ""}
+
+
+def register_to_reference(reference, moving, rotation_scale=True, upsample=20, smoothing_px=2.0,
+                          max_rotation_deg=3.0, max_scale=0.03, shift_window_px=3.0):
+    """Estimate the similarity transform T with moving ≈ T(reference) and undo it: the shift
+    from the cross-correlation of the low-passed images (Gaussian σ = smoothing_px; give it
+    `fresnel_smoothing_px` so that the defocus-dependent fringes are gone), then, with
+    `rotation_scale`, `similarity_search`. Returns the aligned image (T⁻¹ applied to `moving`)
+    and the estimate of T."""
+    shift = shift_candidates(reference, moving, smoothing_px, upsample)["low_pass"]
+    estimate = {"rotation_deg": 0.0, "scale": 1.0, "shift_px": shift, "fallback": ""}
+    if rotation_scale and (max_rotation_deg > 0 or max_scale > 0):
+        estimate = similarity_search(reference, moving, shift, smoothing_px, upsample,
+                                     max_rotation_deg, max_scale, shift_window_px)
+    estimate["correlation_shift_px"] = shift
+    aligned = inverse_similarity_transform(moving, estimate["rotation_deg"], estimate["scale"],
+                                           estimate["shift_px"])
+    return aligned, estimate
 
 
 def inverse_similarity_transform(image, rotation_deg=0.0, scale=1.0, shift_px=(0.0, 0.0), order=3):

@@ -5,9 +5,12 @@ Method.
 1. Input. `images` (n, y, x) at `defocus_m` (n,) (0 = in focus; positive Δf means the transfer
    function exp(+iπλΔf|q|²)); optics from the settings or the file's attributes. Optional
    `images_flipped` (the specimen turned over, recorded mirrored) and `exact_phase`.
-2. Registration (optional). Every image is aligned to the image nearest focus: the shift from
-   the cross-correlation of the low-passed images, then rotation, magnification and shift
-   refined by maximising their normalised correlation (xpr.em.tie.focal_series).
+2. Registration (optional). Every image is aligned to the image nearest focus: shift
+   candidates from cross-correlations of images low-passed beyond their Fresnel fringes and of
+   their gradient magnitudes, then a bounded search of rotation and magnification (an estimate
+   on its bound falls back to the shift). Every choice is judged by the self-consistency of the
+   series — its forward-model misfit after TIE + a few GS–Misell sweeps — and registration is
+   dropped, with a warning, when it does not improve it (xpr.em.tie.focal_series).
 3. ∂I/∂Δf by a per-pixel least-squares polynomial fit over all defocus values (several pairs
    average the noise, the quadratic term removes the Δf² bias of a ± pair).
 4. TIE, k ∂I/∂Δf = ∇·(I∇φ): uniform intensity, or full (Teague's auxiliary function, 1/I
@@ -30,6 +33,7 @@ Method.
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import h5py
 import numpy as np
@@ -57,7 +61,7 @@ def run(settings, archive):
     # 2. registration
     registration = {}
     if settings.registration.enabled:
-        registration = register_series(series, settings.registration, archive.log)
+        registration = register_series(backend, series, settings, archive)
 
     # 3–5. TIE and refinement of the series (and of the flipped one)
     result = retrieve_phase(backend, series, series.images, settings, archive)
@@ -209,27 +213,126 @@ def _plain(value):
 # 2. Registration
 # ---------------------------------------------------------------------------------------------
 
-def register_series(series, options, log):
-    """Align every image (and every un-mirrored flipped image) to the image nearest focus."""
-    reference = series.images[series.reference_index].copy()
+def register_series(backend, series, settings, archive):
+    """Align every image (and every un-mirrored flipped image) to the image nearest focus, and
+    keep only what makes the series more self-consistent.
+
+    The measure (`check`) is the forward-model misfit of the series: TIE, then `check_sweeps`
+    Gerchberg–Saxton–Misell sweeps, amplitude misfit per pixel. Images of one specimen at
+    different defocus are consistent with one exit wave only when they are aligned, so it
+    judges a registration without knowing the truth, where comparing images at different
+    defocus with each other cannot (a strong phase object's defocused images differ from the
+    in-focus one by its lens effect and fringes).
+    1. Shift candidates per image (focal_series.shift_candidates: low-passed beyond the Fresnel
+       fringes of its defocus distance, twice that, gradient magnitudes); with the check, each
+       image in turn takes the candidate of least series misfit.
+    2. With `rotation_scale`, a bounded search of rotation, magnification and shift from that
+       shift; an estimate on its bound falls back to the shift alone (logged).
+    3. With the check, the misfits of the registration, of its shifts alone and of the
+       unregistered series are compared; the least wins, and the log says which.
+    The stacks of `series` are replaced by the chosen ones; returns the estimates."""
+    options, log = settings.registration, archive.log
+    check = bool(options.check)
+    wavelength_m = electron_wavelength_A(series.accelerating_voltage_kV) * 1e-10
+    reference_index = series.reference_index
+    reference = series.images[reference_index].copy()
+
+    def misfit(images):
+        return series_misfit(backend, series, images, settings, archive, int(options.check_sweeps))
+
     estimates = {}
     stacks = [("images", series.images)]
     if series.images_flipped is not None:
         stacks.append(("images_flipped", series.images_flipped))
     for name, stack in stacks:
-        rotation, scale, shift = np.zeros(len(stack)), np.ones(len(stack)), np.zeros((len(stack), 2))
-        for index in range(len(stack)):
-            if name == "images" and index == series.reference_index:
-                continue
-            stack[index], estimate = focal_series.register_to_reference(
-                reference, stack[index], bool(options.rotation_scale), int(options.upsample),
-                float(options.smoothing_px))
-            rotation[index], scale[index] = estimate["rotation_deg"], estimate["scale"]
-            shift[index] = estimate["shift_px"]
-            log.info("registered %s[%d]: rotation %.3f°, scale %.4f, shift (%.2f, %.2f) px", name,
-                     index, rotation[index], scale[index], *shift[index])
-        estimates[name] = {"rotation_deg": rotation, "scale": scale, "shift_px": shift}
+        n = len(stack)
+        moving = [i for i in range(n) if not (name == "images" and i == reference_index)]
+        sigma = {i: focal_series.fresnel_smoothing_px(
+            wavelength_m, series.defocus_m[i] - series.defocus_m[reference_index],
+            series.pixel_size_m, float(options.smoothing_px), float(options.fresnel_fraction))
+            for i in moving}
+        # 1. shifts
+        candidates = {i: focal_series.shift_candidates(reference, stack[i], sigma[i],
+                                                       int(options.upsample)) for i in moving}
+        shift = np.zeros((n, 2))
+        for i in moving:
+            shift[i] = candidates[i]["low_pass"]
+        shifted = stack.copy()
+
+        def apply_shift(index, value):
+            shifted[index] = focal_series.inverse_similarity_transform(stack[index], 0.0, 1.0,
+                                                                       tuple(value))
+
+        for i in moving:
+            apply_shift(i, shift[i])
+        if check:
+            for i in moving:
+                distinct = {}
+                for method, value in candidates[i].items():
+                    if all(np.hypot(*(np.subtract(value, v))) > 0.25 for v in distinct.values()):
+                        distinct[method] = value
+                if len(distinct) < 2:
+                    continue
+                scores = {}
+                for method, value in distinct.items():
+                    apply_shift(i, value)
+                    scores[method] = misfit(shifted)
+                best = min(scores, key=scores.get)
+                shift[i] = distinct[best]
+                apply_shift(i, shift[i])
+                log.info("%s[%d] shift candidates %s; kept %s", name, i, ", ".join(
+                    f"{m} ({distinct[m][0]:.2f}, {distinct[m][1]:.2f}) px misfit {s:.3e}"
+                    for m, s in scores.items()), best)
+        # 2. rotation and magnification
+        rotation, scale, full_shift = np.zeros(n), np.ones(n), shift.copy()
+        registered = shifted.copy()
+        if bool(options.rotation_scale):
+            for i in moving:
+                estimate = focal_series.similarity_search(
+                    reference, stack[i], tuple(shift[i]), sigma[i], int(options.upsample),
+                    float(options.max_rotation_deg), float(options.max_scale),
+                    float(options.shift_window_px))
+                if estimate["fallback"]:
+                    log.warning("%s[%d]: %s — implausible for a stage error (the lens effect of a "
+                                "phase object magnifies defocused images); kept the shift only",
+                                name, i, estimate["fallback"])
+                    continue
+                rotation[i], scale[i] = estimate["rotation_deg"], estimate["scale"]
+                full_shift[i] = estimate["shift_px"]
+                registered[i] = focal_series.inverse_similarity_transform(
+                    stack[i], rotation[i], scale[i], tuple(full_shift[i]))
+        for i in moving:
+            log.info("registered %s[%d] (low-pass σ %.1f px): rotation %.3f°, scale %.4f, "
+                     "shift (%.2f, %.2f) px", name, i, sigma[i], rotation[i], scale[i], *full_shift[i])
+        # 3. the check
+        choices = {"registered": registered, "shifts_only": shifted, "unregistered": stack}
+        if not np.any(rotation != 0) and not np.any(scale != 1):
+            choices.pop("shifts_only")
+        chosen, misfits = "registered", {}
+        if check:
+            misfits = {label: misfit(images) for label, images in choices.items()}
+            chosen = min(misfits, key=misfits.get)
+            log.info("registration check (%s): forward-model misfit per pixel %s; kept %s", name,
+                     ", ".join(f"{k} {v:.3e}" for k, v in misfits.items()), chosen)
+            if chosen != "registered":
+                log.warning("%s: the registration as estimated makes the series less consistent "
+                            "than %s; using the series %s", name, chosen.replace("_", " "),
+                            chosen.replace("_", " "))
+        if chosen == "shifts_only":
+            rotation[:], scale[:], full_shift = 0.0, 1.0, shift
+        elif chosen == "unregistered":
+            rotation[:], scale[:], full_shift = 0.0, 1.0, np.zeros((n, 2))
+        stack[...] = choices[chosen].copy()
+        estimates[name] = {"rotation_deg": rotation, "scale": scale, "shift_px": full_shift,
+                           "kept": chosen, **{f"misfit_{k}": v for k, v in misfits.items()}}
     return estimates
+
+
+def series_misfit(backend, series, images, settings, archive, sweeps):
+    """Amplitude misfit per pixel of the series after the TIE and `sweeps` GS–Misell sweeps."""
+    quick = SimpleNamespace(tie=settings.tie, refinement=SimpleNamespace(
+        method="gs_misell", iterations=max(1, sweeps), fit_amplitude=True))
+    return retrieve_phase(backend, series, images, quick, _QuietArchive(archive))["misfit"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,7 +407,7 @@ def retrieve_phase(backend, series, images, settings, archive, label="series"):
     log_amplitude = 0.5 * xp.log(xp.maximum(in_focus_intensity,
                                             1e-3 * float(in_focus_intensity.mean())))
     log_amplitude = log_amplitude.astype(backend.real_dtype)
-    phase, amplitude = phase_tie, xp.exp(log_amplitude)
+    phase, amplitude, loss = phase_tie, xp.exp(log_amplitude), float("nan")
     if refinement.method != "none" and int(refinement.iterations) > 0:
         bar = archive.progress(total=int(refinement.iterations), desc=f"{refinement.method} ({label})")
 
@@ -328,7 +431,7 @@ def retrieve_phase(backend, series, images, settings, archive, label="series"):
     return {"phase_tie": backend.asnumpy(phase_tie), "phase": backend.asnumpy(phase),
             "amplitude": backend.asnumpy(amplitude),
             "in_focus_intensity": backend.asnumpy(in_focus_intensity),
-            "in_focus_intensity_source": description}
+            "in_focus_intensity_source": description, "misfit": loss}
 
 
 def corrected_in_focus_intensity(backend, series, shape, fitted, phase, order=None):
