@@ -351,3 +351,65 @@ def test_group_of_images_with_different_shapes_is_refused(home, run_xpr, tmp_pat
     result = run_xpr(["em", "tie", "tutorial", "-o", f"input.focal_series={path}"])
     assert result.exit_code == 2
     assert "different shapes" in result.output and "[16, 18]" in result.output
+
+
+def _sphere_series(n=96, pixel=1e-9, defocus=(-4e-6, 0.0, 4e-6)):
+    thickness = specimens.sphere_thickness_m((n, n), pixel, 25e-9)
+    phase, amplitude = specimens.electrostatic_phase_and_amplitude(thickness, 17.0, 1.0, 300.0)
+    wavelength = electron_wavelength_A(300.0) * 1e-10
+    images = focal_series.focal_series_images(
+        CPU, amplitude * np.exp(1j * phase),
+        [focal_series.transfer_function(CPU, (n, n), pixel, wavelength, d) for d in defocus])
+    return np.asarray(images), phase
+
+
+def test_focal_series_from_tiff_files_and_an_fei_mrc_stack(home, run_xpr, tmp_path):
+    """The same series as a list of TIFF files (defocus and optics from the settings) and as one
+    MRC stack with an FEI1 extended header (defocus, pixel size and voltage from the header, FEI's
+    underfocus-negative sign): both give the phase the HDF5 file gives, to float32 precision."""
+    import mrcfile
+    import tifffile
+
+    defocus = (-4e-6, 0.0, 4e-6)
+    images, exact = _sphere_series(defocus=defocus)
+    save_tree(tmp_path / "series.h5", {"images": images, "defocus_m": np.asarray(defocus)},
+              attrs={"accelerating_voltage_kV": 300.0, "pixel_size_m": 1e-9})
+    names = []
+    for index, image in enumerate(images):
+        names.append(str(tmp_path / f"image_{index}.tif"))
+        tifffile.imwrite(names[-1], image.astype(np.float32))
+    header_type = mrcfile.dtypes.get_ext_header_dtype(b"FEI1")
+    extended = np.zeros(len(images), dtype=header_type)
+    extended["Metadata size"] = header_type.itemsize
+    extended["Defocus"] = [-d for d in defocus]         # FEI: underfocus negative
+    extended["Pixel size X"] = 1e-9
+    extended["HT"] = 300e3
+    with mrcfile.new(tmp_path / "series.mrcs", overwrite=True) as mrc:
+        mrc.set_data(images.astype(np.float32))
+        mrc.set_image_stack()
+        mrc.header.exttyp = b"FEI1"
+        mrc.set_extended_header(extended)
+        mrc.voxel_size = 20.0                            # wrong on purpose: the FEI header wins
+    settings = write(tmp_path, "files", "structure_name: files\nrefinement: {method: none}\n")
+    phases = {}
+    for label, overrides in (
+            ("h5", [f"input.focal_series={tmp_path / 'series.h5'}"]),
+            ("tiff", [f"input.focal_series=[{', '.join(names)}]", f"input.defocus_m={list(defocus)}",
+                      "imaging.accelerating_voltage_kV=300", "imaging.pixel_size_m=1.0e-9"]),
+            ("mrc", [f"input.focal_series={tmp_path / 'series.mrcs'}"])):
+        arguments = ["-q", "em", "tie", settings]
+        for override in overrides:
+            arguments += ["-o", override]
+        result = run_xpr(arguments)
+        assert result.exit_code == 0, result.output
+        with h5py.File(home / "data/em/tie/files.h5") as out:
+            phases[label] = out["phase_tie"][()]
+            assert out["defocus_m"][()] == pytest.approx(defocus)
+    assert tie_solvers.rms_error_in_window(phases["h5"], exact, 0.35) < 0.3
+    for label in ("tiff", "mrc"):
+        assert tie_solvers.rms_error_in_window(phases[label], phases["h5"], 0.35) < 1e-3
+    # without defocus values anywhere: exit 2 naming input.defocus_m
+    result = run_xpr(["em", "tie", settings, "-o", f"input.focal_series=[{', '.join(names)}]",
+                      "-o", "imaging.accelerating_voltage_kV=300", "-o", "imaging.pixel_size_m=1.0e-9"])
+    assert result.exit_code == 2
+    assert "input.defocus_m" in result.output

@@ -36,7 +36,7 @@ from typing import Callable
 import numpy as np
 
 from xpr import parallel
-from xpr.backend import cpu
+from xpr.backend import cpu, cpu_only
 from xpr.em.ali3d import euler, fsc as fsc_tools, particles, phantom, symmetry
 from xpr.em.ali3d.project import prepare_projector
 from xpr.em.ali3d.reconstruct import FourierGrid, InsertionBatch, grid_to_volume, insert_batch, sample_projector
@@ -416,6 +416,14 @@ def simulate_input(settings, archive, backend):
 def read_input(settings, archive, backend):
     """Images, start parameters, CTF, pixel size, the parameter table, the truth if known."""
     inp, need_ctf = settings.input, settings.alignment.CTF != "none"
+    if inp.stack is None and inp.parameters is not None:      # the images the table's rlnImageName names
+        names = particles.image_names(inp.parameters)
+        stack = particles.read_named_images(names, inp.parameters)
+        table = particles.read_parameters(inp.parameters, len(stack.images), inp.pixel_size_A or stack.pixel_size_A,
+                                          need_ctf)
+        archive.log.info("%d images read through rlnImageName from %d stack(s)", len(stack.images),
+                         len({str(name).partition("@")[2].strip() for name in names}))
+        return _with_table(inp, stack, table, need_ctf)
     if inp.stack is None:
         data = simulate_input(settings, archive, backend)
         if need_ctf and data.ctf is None:
@@ -428,6 +436,11 @@ def read_input(settings, archive, backend):
         raise InputError("a stack needs its parameter table", key="input.parameters")
     n = len(stack.images)
     table = particles.read_parameters(inp.parameters, n, inp.pixel_size_A or stack.pixel_size_A, need_ctf)
+    return _with_table(inp, stack, table, need_ctf)
+
+
+def _with_table(inp, stack, table, need_ctf):
+    n = len(stack.images)
     pixel = inp.pixel_size_A or table.pixel_size_A or stack.pixel_size_A
     if not pixel:
         raise InputError("no pixel size in the table or the stack header: set input.pixel_size_A",
@@ -522,7 +535,8 @@ def write_criterion_log(history, archive):
 
 def run(settings, archive):
     """Read (or simulate) the data, refine, write every iteration and the final product."""
-    backend = cpu()
+    backend = cpu_only(settings, archive.log, "local_ali3d",
+                       "the per-image simplex searches over small images are CPU work, spread over processes")
     images, angles, shifts_px, ctf, pixel, table, truth, phantom_volume = read_input(settings, archive, backend)
     box = images.shape[-1]
     options = options_from_settings(settings, box, pixel)

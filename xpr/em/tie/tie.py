@@ -33,6 +33,7 @@ Method.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import h5py
@@ -41,7 +42,7 @@ from scipy import ndimage
 
 from xpr import backend as backends
 from xpr import plot
-from xpr.em.tie import focal_series, solvers as tie_solvers
+from xpr.em.tie import focal_series, image_files, solvers as tie_solvers
 from xpr.em.tie.focal_series import FocalSeries
 from xpr.em.optics import electron_wavelength_A
 from xpr.errors import InputError
@@ -116,13 +117,30 @@ def read_focal_series(settings, archive) -> FocalSeries:
     path = settings.input.focal_series
     if path is None:
         path = archive.home.latest("em", "simulate_focal", f"{settings.structure_name}.h5")
+    paths = list(path) if isinstance(path, (list, tuple)) else [path]
+    if len(paths) > 1 or Path(str(paths[0])).suffix.lower() in image_files.SUFFIXES:
+        tree, attributes = image_files.read_series(paths, settings.input.defocus_m, INPUT_KEY)
+        path = str(paths[0]) if len(paths) == 1 else ", ".join(str(p) for p in paths)
+    else:
+        path = paths[0]
+        tree, attributes = _read_series_file(path)
+        if settings.input.defocus_m is not None:
+            tree["defocus_m"] = np.asarray([float(d) for d in settings.input.defocus_m])
+    return _focal_series(settings, path, tree, attributes)
+
+
+def _read_series_file(path):
+    """The HDF5 focal-series file: its tree and attributes."""
     tree = load_tree(path)
     try:
         with h5py.File(path, "r") as f:
             attributes = {key: _plain(value) for key, value in f.attrs.items()}
     except OSError as err:
         raise InputError(f"not a readable HDF5 file ({err})", file=path, key=INPUT_KEY) from None
+    return tree, attributes
 
+
+def _focal_series(settings, path, tree, attributes) -> FocalSeries:
     images = _image_stack(tree, "images", path)
     if "defocus_m" not in tree:
         raise InputError("the file has no `defocus_m` dataset (defocus of each image, m)",
