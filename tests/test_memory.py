@@ -100,6 +100,7 @@ def test_too_large_simulate_exits_2_naming_key_estimate_and_limit(home, run_xpr,
     estimate = memory.cdi_simulate((256,) * 3).bytes() / GB
     assert "key: shape" in text and f"{estimate:.2f} GB" in text and "0.50 GB (test limit)" in text
     assert not (home / "data" / "cdi" / "simulate" / "big.h5").exists()
+    assert not (home / "data" / "cdi" / "simulate" / "archive" / "big").exists()   # refused before a run folder
 
 
 def test_phase_refuses_or_shrinks_its_batches(home, run_xpr, monkeypatch):
