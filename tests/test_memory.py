@@ -100,6 +100,7 @@ def test_too_large_simulate_exits_2_naming_key_estimate_and_limit(home, run_xpr,
     estimate = memory.cdi_simulate((256,) * 3).bytes() / GB
     assert "key: shape" in text and f"{estimate:.2f} GB" in text and "0.50 GB (test limit)" in text
     assert not (home / "data" / "cdi" / "simulate" / "big.h5").exists()
+    assert not (home / "data" / "cdi" / "simulate" / "archive" / "big").exists()   # refused before a run folder
 
 
 def test_phase_refuses_or_shrinks_its_batches(home, run_xpr, monkeypatch):
@@ -127,3 +128,18 @@ def test_phase_refuses_or_shrinks_its_batches(home, run_xpr, monkeypatch):
     text = " ".join(result.output.split())
     assert "key: phasing.repeats" in text and memory.size(estimate.bytes(1)) in text
     assert not (home / "data" / "cdi" / "phase2d" / "refused.h5").exists()
+    assert not (home / "data" / "cdi" / "phase2d" / "archive" / "refused").exists()   # before a run folder
+
+
+def test_phase3d_on_1024_cubed_refused_from_the_header(home, run_xpr, monkeypatch, tmp_path):
+    """The issue's OOM case: a 1024³ pattern (an HDF5 dataset never written, so the file is
+    small) is refused from its header alone on a 24 GB machine, before a run folder exists."""
+    _limit(monkeypatch, 24 * GB)
+    with h5py.File(tmp_path / "big.h5", "w") as f:
+        f.create_dataset("data", shape=(1024, 1024, 1024), dtype=np.float32)
+    result = run_xpr(["cdi", "phase3d", "tutorial", "-o", f"input.data_path={tmp_path / 'big.h5'}",
+                      "-o", "structure_name=big"])
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert "key: input.data_path" in text and "1024x1024x1024" in text and "24.00 GB (test limit)" in text
+    assert not (home / "data" / "cdi" / "phase3d" / "archive" / "big").exists()

@@ -274,3 +274,49 @@ def plan_cdi_simulate(shape, complex_object=False, log=None, limit=None):
     require(estimate, limit, "shape", f"simulating a {size} pattern",
             "a smaller shape (or dimensions: 2)")
     log_plan(log, f"simulating a {size} pattern", estimate, limit)
+
+
+def pattern_shape(path, dataset=None, shape=None):
+    """The shape of a pattern file from its header alone (.npy, HDF5/CXI/NeXus, .bin with the
+    given shape); None where only reading the file would tell (then the worker checks)."""
+    from xpr.io.readers import HDF5_SUFFIXES
+
+    text = str(path).lower()
+    try:
+        if shape is not None:
+            return tuple(int(n) for n in shape)
+        if text.endswith(".npy"):
+            import numpy as np
+            return tuple(np.load(str(path), mmap_mode="r", allow_pickle=False).shape)
+        if text.endswith(HDF5_SUFFIXES):
+            from xpr.io.h5 import find_signal, open_h5
+            with open_h5(path) as f:
+                name, _ = find_signal(f, path, dataset=dataset)
+                return tuple(f[name].shape)
+    except (OSError, ValueError, InputError):
+        return None          # the worker reads the file and says what is wrong with it
+    return None
+
+
+def validate_cdi_phase(settings, dimensions):
+    """Before a run folder exists: refuse (exit 2) a `cdi phase2d/3d` whose pattern, read from
+    the file's header, could not be phased in memory even one repeat per batch. Batches that
+    merely need shrinking are left to the worker (plan_cdi_phase, logged in the run)."""
+    from xpr import parallel
+
+    inp = settings.input
+    if inp.data_path is None:
+        return                     # the latest `cdi simulate` result: its size was checked there
+    shape = pattern_shape(inp.data_path, inp.get("dataset"), inp.shape)
+    if shape is None:
+        return
+    shape = tuple(n for n in shape if n != 1) if len(shape) > dimensions else shape
+    if len(shape) != dimensions:
+        return
+    if inp.padd_to_pow2:
+        shape = tuple(1 << (int(n) - 1).bit_length() for n in shape)
+    repeats = int(settings.phasing.repeats)
+    spread = settings.get("multi_process")
+    workers = parallel.n_workers(spread, repeats)
+    double = (settings.get("GPU") or {}).get("precision", "single") == "double"
+    plan_cdi_phase(shape, repeats, workers, workers, double=double)

@@ -7,12 +7,15 @@ the PRTF. Output: phase2d.h5 with `merged/object` of the (padded) pattern's shap
 """
 from __future__ import annotations
 
+from xpr import memory
 from xpr.cdi import phasing
 
 
 def validate(settings):
-    """Values checked before a run folder exists: the schedule, its beta and shrink-wrap steps."""
+    """Values checked before a run folder exists: the schedule, its beta and shrink-wrap steps;
+    whether the pattern can be phased in memory at all (xpr.memory)."""
     phasing.compile_steps(settings)
+    memory.validate_cdi_phase(settings, 2)
 
 
 def run(settings, archive):

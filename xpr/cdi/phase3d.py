@@ -6,12 +6,15 @@ as vtk/merged_density.vts. Output: phase3d.h5 with `merged/object` of the (padde
 """
 from __future__ import annotations
 
+from xpr import memory
 from xpr.cdi import phasing
 
 
 def validate(settings):
-    """Values checked before a run folder exists: the schedule, its beta and shrink-wrap steps."""
+    """Values checked before a run folder exists: the schedule, its beta and shrink-wrap steps;
+    whether the pattern can be phased in memory at all (xpr.memory)."""
     phasing.compile_steps(settings)
+    memory.validate_cdi_phase(settings, 3)
 
 
 def run(settings, archive):

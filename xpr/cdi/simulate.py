@@ -42,6 +42,13 @@ def record(intensity, photons=None, seed=0):
     return np.random.default_rng(seed).poisson(expected).astype(np.float64)
 
 
+def validate(settings):
+    """Before a run folder exists: the memory this shape needs (xpr.memory; exit 2 naming
+    `shape` when it would not fit)."""
+    memory.plan_cdi_simulate((int(settings.shape),) * int(settings.dimensions),
+                             complex_object=bool(settings.object.max_phase))
+
+
 def run(settings, archive):
     dimensions = int(settings.dimensions)
     shape = (int(settings.shape),) * dimensions

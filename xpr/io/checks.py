@@ -98,6 +98,21 @@ def check_intensities(array, mask=None, file=None, key=None, log=None, what="int
     return cleaned, negative
 
 
+def check_dtype(array, file=None, key=None):
+    """Refuse complex, non-numeric and empty data from its dtype and shape alone (a lazy array:
+    h5py dataset, memmap, dask), before a reader casts it."""
+    fail = _where(array, file, key)
+    kind = np.dtype(array.dtype).kind
+    size = int(np.prod(array.shape))
+    if kind == "c":
+        fail(f"complex values in all {size} pixels: intensities are real; give |amplitude|^2 "
+             "or the real part explicitly")
+    if kind not in "iuf":
+        fail(f"values of type {array.dtype} are not numbers (expected integer or float)")
+    if size == 0:
+        fail("the array is empty (0 pixels)")
+
+
 def check_intensity_frames(array, file=None, key=None, log=None, what="intensities",
                            chunk_bytes=1 << 27):
     """check_intensities for a large stack (e.g. 4-D STEM data, possibly a read-only memmap),
@@ -106,13 +121,7 @@ def check_intensity_frames(array, file=None, key=None, log=None, what="intensiti
     fail = _where(array, file, key)
     if not hasattr(array, "dtype") or not hasattr(array, "shape"):
         array = np.asarray(array)
-    if array.dtype.kind == "c":
-        fail(f"complex values in all {array.size} pixels: intensities are real; give "
-             "|amplitude|^2 or the real part explicitly")
-    if array.dtype.kind not in "iuf":
-        fail(f"values of type {array.dtype} are not numbers (expected integer or float)")
-    if array.size == 0:
-        fail("the array is empty (0 pixels)")
+    check_dtype(array, file, key)
     rows = max(1, int(chunk_bytes // max(1, array[0:1].nbytes))) if array.ndim else 1
     nan = inf = positive = negative = 0
     low = 0.0
