@@ -322,3 +322,26 @@ def test_local_ali3d_with_gpu_use_true_runs_on_the_cpu_and_says_so(tmp_path, hom
     assert result.exit_code == 0, result.output
     log = next((home / "data" / "em" / "local_ali3d").rglob("run.log")).read_text()
     assert "local_ali3d runs on the CPU by design" in log and "GPU.use: true has no effect here" in log
+
+
+def test_a_planted_numpy_call_fails_a_command_only_on_the_emulated_device(home, run_xpr, monkeypatch):
+    """cdi phase2d with a kernel that applies numpy's FFT to a backend array: fine on numpy, a
+    failed run (exit 1, the TypeError in run.log) on the emulated device, as it would be on cupy."""
+    from xpr.phasing import engine
+
+    original = engine.random_starts
+
+    def planted(backend, amplitude, support, seeds):
+        np.fft.ifftn(amplitude)                            # the mistake
+        return original(backend, amplitude, support, seeds)
+
+    monkeypatch.setattr(engine, "random_starts", planted)
+    options = ["-o", "multi_process.engine=serial", "-o", "phasing.repeats=2", "-o", "phasing.iters=20ER"]
+    assert run_xpr(["-q", "cdi", "simulate", "tutorial"]).exit_code == 0
+    monkeypatch.setenv("XPR_DEVICE", "emulated")
+    result = run_xpr(["-q", "cdi", "phase2d", "tutorial", *options])
+    assert result.exit_code == 1
+    failed = next((home / "data" / "cdi" / "phase2d").rglob("FAILED")).parent / "run.log"
+    assert "numpy.ifftn applied to a device array" in failed.read_text()
+    monkeypatch.delenv("XPR_DEVICE")
+    assert run_xpr(["-q", "cdi", "phase2d", "tutorial", *options]).exit_code == 0

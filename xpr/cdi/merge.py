@@ -21,6 +21,7 @@ from xpr.archive import read_run_records
 from xpr.cdi.phasing import merge_and_write
 from xpr.errors import InputError
 from xpr.io import load_tree
+from xpr.backend import cpu_only
 
 
 def main_file(entry) -> Path:
@@ -36,6 +37,7 @@ def main_file(entry) -> Path:
 
 
 def run(settings, archive):
+    cpu_only(settings, archive.log, "cdi merge", "repeats are aligned and averaged on the host, as after phasing")
     files = []
     if settings.input.shares_dir:
         files += read_run_records(settings.input.shares_dir, "cdi", ("phase2d", "phase3d"))

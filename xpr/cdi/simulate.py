@@ -19,6 +19,7 @@ import numpy as np
 from xpr import memory, plot
 from xpr.cdi.objects import far_field_intensity, model_object
 from xpr.phasing.projections import centred_radius
+from xpr.backend import cpu_only
 
 
 def detector_mask(shape, beamstop_radius=0.0, gap_width=0, gap_offset=0):
@@ -50,6 +51,7 @@ def validate(settings):
 
 
 def run(settings, archive):
+    cpu_only(settings, archive.log, "cdi simulate", "one pattern, one FFT")
     dimensions = int(settings.dimensions)
     shape = (int(settings.shape),) * dimensions
     obj = settings.object

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from xpr.errors import InputError
+from xpr.backend import cpu_only
 from . import cross_correlation as ccd_file
 from .extraction import (extract_from_cc, invariants_from_projection, max_supported_order,
                          pixel_custom_cc_mask, projection_error_estimates, projection_matrices_3d,
@@ -78,6 +79,7 @@ def extract_dataset(settings, data, log):
 
 def run(settings, archive):
     """ccd.h5 → proj_data.h5."""
+    cpu_only(settings, archive.log, "fxs extract", "per-order eigen-decompositions of small matrices")
     path = input_path(settings, archive)
     data = ccd_file.read_ccd(path)
     archive.log.info("cross-correlation from %s", path)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from xpr.errors import InputError
+from xpr.backend import cpu_only
 from . import cross_correlation as ccd_file
 from .grids import n_phi_for_order, reciprocal_radial_points
 from .invariants import (average_intensity_from_invariants, deg2_invariants_2d, deg2_invariants_3d,
@@ -54,6 +55,7 @@ def density_preview(model, n: int = 64):
 
 def run(settings, archive):
     """Model → B_l → C(q1, q2, Δ); writes ccd.h5 and the model density."""
+    cpu_only(settings, archive.log, "fxs simulate_ccd", "one analytic model's invariants, small transforms")
     check_grid(settings)
     rng = np.random.default_rng(settings.random_seed)
     model = model_from_settings(settings.shapes, settings.dimensions, rng)

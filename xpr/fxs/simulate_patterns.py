@@ -24,6 +24,7 @@ import numpy as np
 
 from xpr import parallel
 from xpr.io.atomic import atomic_path
+from xpr.backend import cpu_only
 from .detector import Detector
 from .models import model_from_settings, random_rotation
 
@@ -60,6 +61,7 @@ def write_chunk(path: Path, result: dict) -> Path:
 
 def run(settings, archive):
     """Model → n_patterns detector images + pattern list."""
+    cpu_only(settings, archive.log, "fxs simulate_patterns", "pattern chunks spread over processes")
     dims = settings.dimensions
     detector = Detector.from_settings(settings.detector)
     rng = np.random.default_rng(settings.random_seed)
