@@ -74,8 +74,9 @@ def test_emulated_device_counts_synchronisations_and_copies_on_transfer():
     total = xp.sum(a)                                   # a 0-d device array, as cupy returns
     assert isinstance(total, xp.ndarray) and total.shape == ()
     assert float(total) == 66.0 and int(xp.max(a)) == 11 and bool(xp.any(a > 10))
-    assert [float(v) for v in a[1]] == [4.0, 5.0, 6.0, 7.0]
-    assert backend.emulator.syncs == {"float()": 6, "int()": 1, "bool()": 1, "iteration": 1}
+    rows = list(a)                                      # iteration gives device views, no transfer
+    assert isinstance(rows[1], xp.ndarray) and [float(v) for v in rows[1]] == [4.0, 5.0, 6.0, 7.0]
+    assert backend.emulator.syncs == {"float()": 6, "int()": 1, "bool()": 1}
     np.testing.assert_array_equal(backend.asnumpy(a * 2 + 1), np.arange(12).reshape(3, 4) * 2 + 1)
     assert to_host(a).tolist() == a.get().tolist()
 
@@ -151,7 +152,9 @@ def test_modulus_projection_parity(device):
 def test_fxs_transform_pair_parity(device):
     """forward, real_inverse on the device = on numpy (2-D and 3-D grids); real_inverse∘forward
     is a projection on either."""
-    from xpr.fxs.fxs_phasing import FourierTransformPair, build_grid, density_guess
+    from xpr.fxs.grids import build_grid
+    from xpr.fxs.real_space import density_guess
+    from xpr.fxs.transforms import FourierTransformPair
 
     for dimensions in (2, 3):
         grid = build_grid(dimensions, 16, 0.5, 6)
@@ -277,3 +280,45 @@ def test_ali3d_projection_and_insertion_parity(device):
         assert np.corrcoef(out[name][1].ravel(), volume.ravel())[0, 1] > 0.97
     for ours, reference in zip(out["device"], out["cpu"]):
         np.testing.assert_allclose(ours, reference, atol=1e-4 * np.abs(reference).max())
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU.use on paths that are CPU-only by design
+# ---------------------------------------------------------------------------------------------
+
+def test_cpu_only_paths_say_so(monkeypatch, caplog):
+    import logging
+
+    from xpr.backend import cpu_only
+
+    log = logging.getLogger("xpr.test.cpu_only")
+    monkeypatch.setenv("XPR_DEVICE", "emulated")
+    with caplog.at_level(logging.INFO, logger=log.name):
+        backend = cpu_only(Frozen({"GPU": {"use": True, "precision": "double"}}), log, "thing", "why")
+    assert backend.device == "cpu" and backend.complex_dtype == np.complex128
+    (record,) = caplog.records
+    assert record.levelname == "WARNING" and "thing runs on the CPU by design (why)" in record.getMessage()
+    assert "GPU.use: true has no effect" in record.getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger=log.name):
+        cpu_only(Frozen({"GPU": {"use": False}}), log, "thing", "why")
+    assert not caplog.records                               # nothing to say when no device is asked for
+    monkeypatch.delenv("XPR_DEVICE")
+    if not Backend.from_settings(Frozen({"GPU": {"use": "auto"}})).is_gpu:
+        with pytest.raises(SettingsError, match="GPU.use is true"):  # required and absent: as everywhere
+            cpu_only(Frozen({"GPU": {"use": True}}), log, "thing", "why")
+
+
+def test_local_ali3d_with_gpu_use_true_runs_on_the_cpu_and_says_so(tmp_path, home, run_xpr, monkeypatch):
+    import yaml
+
+    settings = tmp_path / "tiny.yaml"
+    settings.write_text(yaml.safe_dump({
+        "structure_name": "tiny", "GPU": {"use": True},
+        "alignment": {"maxit": 1, "chunk": 0.5, "max_evaluations": 20}, "multi_process": {"engine": "serial"},
+        "input": {"simulate": {"n_images": 24, "box": 16, "snr": 4.0, "n_blobs": 4}}}))
+    monkeypatch.setenv("XPR_DEVICE", "emulated")
+    result = run_xpr(["-q", "em", "local_ali3d", settings])
+    assert result.exit_code == 0, result.output
+    log = next((home / "data" / "em" / "local_ali3d").rglob("run.log")).read_text()
+    assert "local_ali3d runs on the CPU by design" in log and "GPU.use: true has no effect here" in log

@@ -100,7 +100,7 @@ def test_size_bounds_refuse_before_allocating(expression):
     started = time.monotonic()
     with pytest.raises(expressions.Refused):
         expressions.evaluate(expression, table())
-    assert time.monotonic() - started < 1.0
+    assert time.monotonic() - started < 2.0       # refused at once (the machine may be busy)
 
 
 @pytest.mark.parametrize("expression", ["[sum(k for k in range(1000)) for j in range(10**5)]",

@@ -278,6 +278,22 @@ def spec_from_settings(settings=None) -> BackendSpec:
     return BackendSpec.from_settings(settings)
 
 
+def cpu_only(settings, log, what: str, reason: str) -> Backend:
+    """The numpy backend of a path that runs on the CPU by design, saying so.
+
+    GPU.use is checked as everywhere (true without a device: SettingsError, exit 2); when it
+    would give a device (true, or auto with one present or emulated) the run's log states that
+    `what` runs on the CPU and why, as a warning when the settings asked for the GPU (true)."""
+    spec = BackendSpec.from_settings(settings)
+    if spec.on_device:
+        gpu = settings.get("GPU") if hasattr(settings, "get") else None
+        asked = _use_setting(gpu) in (True, "true", "True")
+        (log.warning if asked else log.info)(
+            "%s runs on the CPU by design (%s)%s", what, reason,
+            "; GPU.use: true has no effect here" if asked else f"; the {spec.device} device is not used")
+    return cpu(spec.precision)
+
+
 def cpu(precision: str = "single") -> Backend:
     """numpy, whatever the settings and XPR_DEVICE say: for paths that are CPU-only by design."""
     return Backend(False, precision)

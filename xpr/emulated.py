@@ -17,7 +17,8 @@ Refused with TypeError (cupy refuses these too, or its result would silently cha
   * `ufunc.at` (cupy has no general one: the backend's `scatter_add` is the way).
 Counted, not refused (cupy allows these, each a device synchronisation and a transfer):
   `float()`, `int()`, `complex()`, `bool()`, `operator.index()` and formatting of a one-element
-  array, `.item()`, `.tolist()` and iteration. `Device.syncs` holds the counts by kind.
+  array, `.item()`, `.tolist()`. `Device.syncs` holds the counts by kind. Iterating over the
+  leading axis is neither (cupy yields device views, as here).
 Explicit transfers: `xp.asarray(host)` copies to the "device" (so it never aliases the host array,
 as on a GPU), `xp.asnumpy(a)` / `a.get()` / `Backend.asnumpy(a)` copy back.
 """
@@ -286,7 +287,6 @@ class DeviceArray:
         return self._sync("tolist()").tolist()
 
     def __iter__(self):
-        self._device.count("iteration")
         for element in self._a:
             yield self._device.wrap(element)
 

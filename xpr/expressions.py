@@ -549,8 +549,12 @@ class _Evaluation:
             _check_dtype(args[0] if args else kwargs.get("dtype"), "astype")
         if isinstance(owner, str) and name == "join" and args:
             parts = list(args[0]) if not isinstance(args[0], str) else args[0]
-            _bounded(sum(len(s) if isinstance(s, str) else 1 for s in parts) + len(owner) * len(parts),
-                     "a joined string")
+            total = len(owner) * len(parts)
+            for part in parts:
+                total += len(part) if isinstance(part, str) else 1
+                if total > MAX_ELEMENTS:
+                    break
+            _bounded(total, "a joined string")
         if function in (str, int, float, complex, list, tuple, set, dict) and args:
             _bounded(_size_of(args[0]), f"{name}(...)")
 

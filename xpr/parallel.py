@@ -479,6 +479,31 @@ class Session:
             del result
         return Reduction(value, len(tasks), failures)
 
+    def stop(self):
+        """Stop at once (interrupted): the pool's processes are ended, not waited for; an owned
+        dask cluster is closed without waiting on its tasks."""
+        if self._pool is not None:
+            processes = list((getattr(self._pool, "_processes", None) or {}).values())
+            for process in processes:
+                if process.is_alive():
+                    process.terminate()
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            for process in processes:
+                process.join(timeout=5)
+                if process.is_alive():
+                    process.kill()
+                    process.join(timeout=5)
+            self._pool = None
+        if self._owned is not None:
+            cluster = getattr(self._owned, "xpr_owns_cluster", None)
+            try:
+                self._owned.close(timeout=5)
+                if cluster is not None:
+                    cluster.close(timeout=5)
+            except Exception:  # noqa: BLE001 - interrupted anyway; stop_child_processes ends the rest
+                pass
+            self._owned = self._client = None
+
     def close(self):
         self.drop_local_pool()
         if self._owned is not None:
@@ -491,8 +516,11 @@ class Session:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, exc, traceback):
+        if exc_type is not None and not issubclass(exc_type, Exception):   # a signal, Ctrl-C, exit
+            self.stop()
+        else:
+            self.close()
 
 
 def map(fn, tasks, settings=None, shared=None, on_result=None, tolerate_failures=False,
@@ -517,6 +545,85 @@ def reduce(fn, tasks, combine, settings=None, initial=None, shared=None, on_resu
     with Session(settings, client=client) as session:
         return session.reduce(fn, tasks, combine, initial=initial, shared=shared, on_result=on_result,
                               tolerate_failures=tolerate_failures, in_flight=in_flight)
+
+
+def child_processes(pid: int | None = None) -> list[int]:
+    """Every live descendant of `pid` (default: this process), from /proc (Linux); elsewhere the
+    multiprocessing children this process knows."""
+    pid = os.getpid() if pid is None else pid
+    proc = Path("/proc")
+    if not (proc / str(pid) / "stat").exists():
+        return [p.pid for p in multiprocessing.active_children()]
+    parents = {}
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if fields[0] != "Z":                  # zombies are dead already (reaped below)
+            parents.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def stop_child_processes(grace: float = 3.0) -> list[int]:
+    """End every process this one started (pool workers, the resource tracker, dask nannies and
+    workers): SIGTERM, then SIGKILL after `grace` seconds; reap them. Returns their pids."""
+    import signal
+    import time
+
+    children = child_processes()
+    for pid in children:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace
+    alive = list(children)
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.05)
+        multiprocessing.active_children()          # reaps multiprocessing's own children
+        _reap()
+        alive = [pid for pid in alive if _alive(pid)]
+    for pid in alive:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    time.sleep(0.05)
+    _reap()
+    return children
+
+
+def _reap():
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return not Path("/proc").is_dir()
+    return stat[stat.rindex(")") + 2] != "Z"
 
 
 def required_successes(n_tasks: int, settings=None) -> int:

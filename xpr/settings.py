@@ -558,6 +558,12 @@ class Resolved:
     settings: Frozen
     source: str          # the user file (or "defaults")
     schema: Schema
+    where: Any = None    # (key path tuple) -> the file or `-o` override the value came from
+
+    def origin(self, dotted: str) -> str:
+        """Where the value of a dotted key came from: '-o key', the user file or the defaults."""
+        path = tuple(str(dotted).split("."))
+        return self.where(path) if self.where is not None else self.source
 
 
 def user_settings_path(home, group: str, command: str, name: str) -> Path:
@@ -609,4 +615,4 @@ def resolve(group: str, command: str, name: str, home=None, overrides=()) -> Res
     merged = deep_merge(merged, override_tree, schema, merge_any=True)
     resolved = evaluate_expressions(merged, make_evaluator(home), origin)
     check_values(resolved, schema, origin)
-    return Resolved(settings=Frozen(resolved), source=str(user_path), schema=schema)
+    return Resolved(settings=Frozen(resolved), source=str(user_path), schema=schema, where=origin)

@@ -97,9 +97,9 @@ def write_stack_and_table(tmp_path, images, n_rows):
     ("function", "reference.function"),
 ])
 def test_bad_input_is_refused_with_exit_2(tmp_path, home, run_xpr, case, expected):
-    images = np.zeros((10, 24, 24), np.float32)
-    if case == "non_square":
-        images = np.zeros((10, 24, 20), np.float32)
+    # noise images: an all-zero stack is itself refused (no signal) before these checks
+    noise = np.random.default_rng(0).normal(size=(10, 24, 24)).astype(np.float32)
+    images = noise[:, :, :20] if case == "non_square" else noise
     stack, table = write_stack_and_table(tmp_path, images, 12 if case == "length" else 10)
     tree = merged(TINY, {"structure_name": "bad", "input": {"stack": str(stack), "parameters": str(table)}})
     if case == "symmetry":

@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 
 from xpr.backend import Backend
-from xpr.fxs.fxs_phasing import (FourierTransformPair, RealSpaceOptions, build_grid, compile_policies,
-                                 gaussian_blobs, phase, radial_field)
+from xpr.fxs.grids import build_grid, gaussian_blobs
+from xpr.fxs.iterate import RealSpaceOptions, compile_policies, phase
+from xpr.fxs.real_space import radial_field
 from xpr.fxs.reciprocal_projection import InvariantProjection, constraint_from_density
+from xpr.fxs.transforms import FourierTransformPair
 from xpr.phasing import schedule
 
 MAIN_LOOP = {"sub_loops": {"order": ["main", "own"],
@@ -43,3 +45,11 @@ def test_block_beta_and_global_ramp_are_what_phase_applies():
                      "4HIO(0.30)", "2ER"]
     assert f"{betas[5]:.2f}" == "0.69" and f"{betas[9]:.2f}" == "0.65"
     assert np.all(np.isfinite(result["errors_main"])) and np.all(result["best_error"] <= result["errors_main"].min(1))
+
+
+def test_error_figure_marks_the_shrink_wraps_where_they_run():
+    """error_metrics.png draws a shrink-wrap line after global iterations 6 and 15 of MAIN_LOOP
+    (6 HIO, SW, 3 ER, 6 HIO, SW, ...)."""
+    from xpr.fxs.reconstruct import shrink_wrap_iterations
+
+    assert shrink_wrap_iterations(schedule.parse_blocks(MAIN_LOOP)) == [6, 15]

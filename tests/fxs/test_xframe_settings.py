@@ -3,7 +3,6 @@ are folded into xpr's, its ramp specifiers are compiled into the schedule, and o
 inside main_loop changes one number instead of wiping the schedule."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,7 +34,8 @@ def test_xframe_keys_fold_into_xpr_keys(tmp_path):
         "IO.folders.mine=" + str(tmp_path),
         "IO.files.proj_data.name=proj.h5", "IO.files.proj_data.folder=mine",
         "IO.files.reconstructions.options.generate_vtk_files=false",
-        "multi_process.n_parallel_reconstructions=true"])
+        "multi_process.n_parallel_reconstructions=true", "grid.n_radial_points=40",
+        "fourier_transform.reciprocity_coefficient=2.0"])
     folded, notes = fold(resolved.settings, cores=6)
     real = folded.projections.real
     assert list(real.apply) == ["support", "value_threshold", "limit_imag"]
@@ -43,6 +43,8 @@ def test_xframe_keys_fold_into_xpr_keys(tmp_path):
     assert real.support.enforce_initial_support.if_error_bigger_than == pytest.approx(6e-3)
     assert real.limit_imag.threshold == 2
     assert folded.n_reconstructions == 6                     # true: one per physical core
+    assert folded.grid.n_radial_grid_points == 40 and folded.grid.reciprocity_coefficient == 2.0
+    assert "n_radial_points" not in folded.grid and "fourier_transform" not in folded
     assert folded.input.invariants_file == str(tmp_path / "proj.h5")
     assert folded.output.vtk is False and folded.output.plots is True
     assert any("IO.files.proj_data" in n for n in notes)

@@ -242,3 +242,22 @@ def test_bad_cxi_and_nexus_exit_2_naming_what_is_missing(home, run_xpr, tmp_path
     text = " ".join(result.output.split())
     assert words in text and str(path) in text
     assert not (home / "data" / "cdi" / "phase2d" / "bad.h5").exists()
+
+
+def test_input_dataset_and_mask_dataset_through_the_cli(home, run_xpr, tmp_path):
+    data, _ = _pattern()
+    mask = np.zeros(data.shape, np.uint8)
+    mask[5:7, 9] = 1
+    with h5py.File(tmp_path / "scan.h5", "w") as f:
+        f.create_dataset("scan/frames", data=data[None], **hdf5plugin.LZ4())
+        f["scan/bad_pixels"] = mask
+        f["scan/energy_keV"] = 8.0
+    path = tmp_path / "scan.h5"
+    result = _phase(run_xpr, path, "named", "phasing.iters=5ER")
+    assert result.exit_code == 2 and "input.dataset" in result.output
+    result = _phase(run_xpr, path, "named", "phasing.iters=5ER", "input.dataset=scan/frames",
+                    "input.mask_dataset=scan/bad_pixels")
+    assert result.exit_code == 0, result.output
+    with h5py.File(home / "data" / "cdi" / "phase2d" / "named.h5") as f:
+        np.testing.assert_array_equal(f["data/mask"][()], mask)
+        np.testing.assert_array_equal(f["data/intensity"][()], data)

@@ -158,3 +158,87 @@ def test_fxs_correlate_refuses_junk_patterns(home, run_xpr, tmp_path, kind, word
     text = " ".join(result.output.split())
     assert words in text and str(bad) in text
     assert not list((home / "data" / "fxs" / "ccd").glob(f"*junk_{kind}*.h5"))
+
+
+# --------------------------------------------------------------------------------------------
+# em: 4D-STEM data (dpc, ptycho: one reader), focal series (tie), particle stacks (local_ali3d)
+
+
+def _stem_junk(kind):
+    good = np.random.default_rng(0).poisson(20, (4, 4, 16, 16)).astype(np.float32)
+    return {"nan": np.where(good > 25, np.nan, good), "zeros": np.zeros_like(good),
+            "negative": -good - 1, "complex": good + 1j, "empty": good[:0]}[kind]
+
+
+@pytest.mark.parametrize("command", ["dpc", "tcbf"])   # ptycho reads through the same load_experiment
+@pytest.mark.parametrize("kind, words", [
+    ("nan", "NaN and 0 infinite values among 4096 pixels"),
+    ("zeros", "no signal: all 4096 pixels are 0"),
+    ("negative", "no positive diffraction intensities: all 4096 pixels are <= 0 (4096 negative)"),
+    ("complex", "complex values in all 4096 pixels"),
+    ("empty", "empty (0 pixels)"),
+])
+def test_4dstem_junk_exits_2(home, run_xpr, tmp_path, command, kind, words):
+    path = tmp_path / f"{kind}.npy"
+    np.save(path, _stem_junk(kind))
+    result = run_xpr(["em", command, "tutorial", "-o", f"experiment.data_path={path}",
+                      "-o", "structure_name=junk"])
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert words in text and str(path) in text
+    assert not list((home / "data" / "em" / command).glob("junk*.h5"))
+
+
+def test_4dstem_scattered_negatives_clipped_and_counted(caplog):
+    from xpr.io.checks import check_intensity_frames
+
+    data = np.random.default_rng(1).poisson(20, (6, 5, 8, 8)).astype(np.float32)
+    data[2, 3, 1, :5] = -3.0
+    with caplog.at_level(logging.INFO, logger="xpr.io.checks"):
+        clipped = check_intensity_frames(data, file="d.npy", chunk_bytes=600)    # blocks of 2 frames
+    assert clipped.min() == 0 and np.array_equal(clipped[data >= 0], data[data >= 0])
+    assert "5 of 1920 pixels were negative (down to -3)" in caplog.text
+
+
+def _focal(path, images):
+    with h5py.File(path, "w") as f:
+        f["images"] = images
+        f["defocus_m"] = np.array([-1e-6, 0.0, 1e-6])
+
+
+@pytest.mark.parametrize("kind, words", [
+    ("nan", "3072 NaN and 0 infinite values"),
+    ("zeros", "no signal: all 3072 measured pixels are 0"),
+    ("complex", "complex values"),
+])
+def test_focal_series_junk_exits_2(home, run_xpr, tmp_path, kind, words):
+    images = {"nan": np.full((3, 32, 32), np.nan), "zeros": np.zeros((3, 32, 32)),
+              "complex": np.ones((3, 32, 32)) + 1j}[kind]
+    path = tmp_path / f"{kind}.h5"
+    _focal(path, images)
+    result = run_xpr(["em", "tie", "tutorial", "-o", f"input.focal_series={path}", "-o", "structure_name=junk"])
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert words in text and str(path) in text
+    assert not list((home / "data" / "em" / "tie").glob("*junk*.h5"))
+
+
+@pytest.mark.parametrize("kind, words", [
+    ("nan", "1 NaN and 0 infinite particle image values"),
+    ("zeros", "no signal: all 3072 pixels are 0"),
+    ("complex", "complex values"),
+    ("text", "are not numbers"),
+])
+def test_particle_stack_junk_exits_2(home, run_xpr, tmp_path, kind, words):
+    stack = np.random.default_rng(2).normal(size=(3, 32, 32)).astype(np.float32)
+    if kind == "nan":
+        stack[1, 2, 3] = np.nan
+    images = {"nan": stack, "zeros": np.zeros_like(stack), "complex": stack + 1j,
+              "text": np.full((3, 32, 32), "x")}[kind]
+    path = tmp_path / f"{kind}.npy"
+    np.save(path, images)
+    result = run_xpr(["em", "local_ali3d", "tutorial", "-o", f"input.stack={path}",
+                      "-o", f"input.parameters={tmp_path / 'none.star'}", "-o", "structure_name=junk"])
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert words in text and str(path) in text

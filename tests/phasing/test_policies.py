@@ -138,3 +138,16 @@ def test_xframe_ramp_specifiers_per_block():
     assert info.value.key == "projections.real.HIO.beta"
     with pytest.raises(InputError, match="resolution"):
         schedule.apply_beta_ramp(steps, [False], names=names)
+
+
+def test_support_threshold_is_per_repeat_on_any_batch_axis():
+    """The value threshold compares each repeat with its own peak: repeats on axis 0 or on
+    axis -2 (fxs's layout) give the same feasible set."""
+    rng = np.random.default_rng(3)
+    y = rng.random((4, 3, 5)) * np.array([1.0, 10.0, 100.0])[None, :, None]   # repeats on axis 1 (= -2)
+    support = np.ones_like(y, bool)
+    ok_last = SupportProjection(threshold=0.5, batch_axis=-2).feasible(y, support, np)
+    ok_first = SupportProjection(threshold=0.5).feasible(np.moveaxis(y, 1, 0), np.moveaxis(support, 1, 0), np)
+    assert np.array_equal(np.moveaxis(ok_last, 1, 0), ok_first)
+    for b in range(3):
+        assert np.array_equal(ok_last[:, b], y[:, b] >= 0.5 * y[:, b].max())

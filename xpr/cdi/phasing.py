@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from xpr import parallel, plot
+from xpr import memory, parallel, plot
 from xpr.backend import BackendSpec, cpu
 from xpr.errors import InputError
 from xpr.io import read_array
@@ -290,6 +290,8 @@ def phase_repeats(settings, archive, problem):
     workers = parallel.n_workers(spread, repeats, gpus)
     batch = spread.get("batch_size") if spread else None
     n_tasks = max(workers, -(-repeats // int(batch))) if batch else workers
+    n_tasks = memory.plan_cdi_phase(problem["intensity_fft"].shape, repeats, workers, n_tasks,
+                                    double=problem["backend"].precision == "double", log=archive.log)
     tasks = [{"seeds": [seeds[i] for i in chunk]} for chunk in _chunks(repeats, n_tasks)]
     n_iterations = schedule.total_iterations(problem["steps"])
     archive.log.info("%d repeats x %d iterations in %d batch(es)", repeats, n_iterations,

@@ -34,7 +34,7 @@ import numpy as np
 from scipy.ndimage import map_coordinates
 
 from xpr import parallel
-from xpr.backend import cpu
+from xpr.backend import cpu, cpu_only
 from xpr.errors import InputError
 from xpr.io import load_tree
 from xpr.io.checks import check_stack
@@ -224,6 +224,8 @@ def finish(sums, n_phi: int, fc_n_max=None):
 
 def run(settings, archive):
     """Patterns → C(q1, q2, Δ) and Ī(q) in ccd.h5."""
+    cpu_only(settings, archive.log, "fxs correlate", "pattern chunks are read, resampled to polar grids and "
+             "correlated with small FFTs, spread over processes")
     files, dataset, detector, n_particles = pattern_sources(settings, archive)
     counts = pattern_counts(files, dataset, detector)
     q = reciprocal_radial_points(settings.grid.max_q, settings.grid.n_radial_points)

@@ -66,7 +66,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from xpr.fxs.extraction import projection_matrices_3d, projection_vectors_2d
-from xpr.fxs.fxs_phasing import FourierTransformPair, angular_integral, integrate
+from xpr.fxs.transforms import FourierTransformPair, angular_integral, integrate
 
 
 @dataclass

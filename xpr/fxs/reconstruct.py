@@ -3,7 +3,7 @@
 1. Read the invariants file (proj_data.h5 of xpr's or xFrame's extract): the projection matrices
    V_l (3-D, B_l = V_l V_l^dagger) or vectors v_n (2-D), their q ranges and the average intensity.
 2. Build the polar (2-D) or spherical (3-D) grid pair (midpoint radial grids, Q R = pi N) and the
-   harmonic + Hankel transforms between densities and amplitudes (``fxs_phasing``); put the data
+   harmonic + Hankel transforms between densities and amplitudes (``grids``, ``transforms``); put the data
    on its reciprocal grid (regrid.interpolation: cubic, linear or nearest in q when the grids
    differ) and scale it to one particle (number_of_particles: given, or estimated from the data
    by xFrame's negative-volume heuristic, ``particle_number``); SO_freedom (2-D) fixes one
@@ -32,12 +32,15 @@ from scipy.interpolate import CubicSpline, interp1d
 from xpr import parallel
 from xpr.backend import BackendSpec
 from xpr.errors import InputError
-from xpr.fxs.fxs_phasing import (FourierTransformPair, RealSpaceOptions, blas_threads, build_grid,
-                                 compile_policies, density_guess, phase, radial_field)
+from xpr.fxs.grids import build_grid
+from xpr.fxs.iterate import RealSpaceOptions, compile_policies, phase
 from xpr.fxs.particle_number import check_search_space, estimate_number_of_particles
+from xpr.fxs.real_space import density_guess, radial_field
 from xpr.fxs.reciprocal_projection import (InvariantConstraint, InvariantProjection, PointwiseRefinement,
                                            invariants_from_coefficients)
+from xpr.fxs.transforms import FourierTransformPair, blas_threads
 from xpr.fxs.xframe_settings import fold as fold_xframe_settings
+from xpr.phasing.schedule import ITERATING
 
 
 # ----------------------------------------------------------------------------------------------
@@ -302,6 +305,12 @@ def real_space_options(settings, grid=None) -> RealSpaceOptions:
         resolution=None if grid is None else float(np.pi / grid.max_q))
 
 
+def validate(settings):
+    """Values checked before a run folder exists: the main_loop schedule (blocks, counts, betas)
+    and the real-space policies compiled into it."""
+    _schedule(settings, real_space_options(settings))
+
+
 def _schedule(settings, options):
     """The steps of main_loop with the real-space policies compiled in (what runs and is logged)
     and, for the progress line, the block name of each step."""
@@ -349,7 +358,7 @@ def _phase_batch(task: dict) -> list:
     apply_support = "support" in settings["projections"]["real"]["apply"]
     support = radial_field(grid, grid.real_radii <= (support_radius if apply_support else np.inf), n, xp).astype(bool)
 
-    from tqdm import tqdm
+    from tqdm.auto import tqdm
 
     total = sum(s.iterations for s in task["steps"] if s.method != "SW")
     with tqdm(total=total, desc=f"reconstructions {task['first']}-{task['first'] + n - 1}",
@@ -426,15 +435,44 @@ def invariant_mismatch(invariants, constraint: InvariantConstraint, dimensions: 
 # 5. output
 # ----------------------------------------------------------------------------------------------
 
-def _figures(archive, results, constraint, grid, data, settings):
+def shrink_wrap_iterations(steps) -> list:
+    """Global iteration counts after which each SW step of a compiled schedule runs."""
+    done, at = 0, []
+    for step in steps:
+        if step.method == "SW":
+            at.append(done)
+        elif step.method in ITERATING:
+            done += step.iterations
+    return at
+
+
+def _figures(archive, results, constraint, grid, data, settings, steps=()):
+    """error_metrics.png: per reconstruction, the real-space error (xFrame's main metric, by which the
+    kept density is chosen) and the modulus error at every iteration, the shrink-wrap updates as
+    dotted lines and each reconstruction's kept (least-error) iteration as a dot. The real-space
+    error is measured against the current support: after a shrink-wrap tightens it, more of P_M ρ
+    lies outside and the error jumps, so values are comparable only between two shrink-wraps, and
+    the kept density can come from an early block (see docs/fxs_reconstruct.md)."""
     from xpr import plot
 
-    fig, ax = plot.figure(size=(6.0, 4.0))
+    fig, (top, bottom) = plot.figure(2, 1, size=(7.0, 3.2), sharex=True)
+    sw = shrink_wrap_iterations(steps)
     for i, r in enumerate(results):
-        ax.semilogy(r["error_dict"]["main"], lw=0.8, label=f"{i}: {r['final_error']:.2e}")
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("real-space error (l2 projection diff)")
-    ax.legend(fontsize=6, ncol=2)
+        main = np.asarray(r["error_dict"]["main"])
+        modulus = np.asarray(r["error_dict"]["reciprocal"]["modulus_error"])
+        iterations = np.arange(1, len(main) + 1)
+        best = int(np.argmin(main))
+        line, = top.semilogy(iterations, main, lw=0.8, label=f"{i}: kept {main[best]:.2e} at it. {best + 1}")
+        top.plot(best + 1, main[best], "o", ms=3, color=line.get_color())
+        bottom.semilogy(iterations, modulus, lw=0.8, color=line.get_color())
+    for ax in (top, bottom):
+        for k, at in enumerate(sw):
+            ax.axvline(at + 0.5, color="grey", lw=0.5, ls=":", label="shrink-wrap" if (k == 0 and ax is top) else None)
+    top.set_ylabel("real-space error\n‖P_S P_M ρ − P_M ρ‖²/‖P_M ρ‖²", fontsize=8)
+    top.set_title("error per iteration (against the current support; the dot: the density kept)", fontsize=9)
+    bottom.set_ylabel("modulus error\n‖|A| − |A'|‖/‖A'‖", fontsize=8)
+    bottom.set_xlabel("iteration")
+    top.legend(fontsize=6, ncol=2)
     archive.savefig(fig, "error_metrics.png")
 
     n_orders = settings.output.n_plotted_orders
@@ -582,7 +620,7 @@ def run(settings, archive):
     archive.set_link_name(f"{settings.dimensions}d_{settings.structure_name}.h5")
     archive.save_h5("data.h5", tree, main=True)
     if settings.output.plots:
-        _figures(archive, results, constraint, grid, data, settings)
+        _figures(archive, results, constraint, grid, data, settings, steps)
         if grid.dimensions == 2:
             _pictures_2d(archive, results, grid)
     if settings.output.vtk and grid.dimensions == 3:

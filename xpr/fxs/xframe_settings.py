@@ -6,6 +6,8 @@ xFrame's `fxs reconstruct` runs as it is.
   real-space constraints one level deeper) -> `projections.real.<key>`; a key spelled both ways
   takes xFrame's nested value (it is the one an xFrame user wrote);
 * `value_threshold.threshold: [0, False]` -> [0.0, null] (False = no bound);
+* `grid.n_radial_points` -> grid.n_radial_grid_points; `fourier_transform.reciprocity_coefficient`
+  -> grid.reciprocity_coefficient;
 * `multi_process.n_parallel_reconstructions`: a number -> n_reconstructions; True -> one
   reconstruction per physical core (xFrame starts as many as the machine has cores);
 * `IO` (xFrame's folders and files): `IO.files.<invariants|proj_data|projection_matrices>` with
@@ -60,6 +62,19 @@ def fold(settings, cores=None) -> tuple:
     threshold = real["value_threshold"]["threshold"]
     if isinstance(threshold, (list, tuple)):
         real["value_threshold"]["threshold"] = [None if v is False else v for v in threshold]
+
+    radial = tree["grid"].pop("n_radial_points", None)
+    if radial is not None:
+        tree["grid"]["n_radial_grid_points"] = radial
+        notes.append(f"grid.n_radial_points read as grid.n_radial_grid_points = {radial}")
+    transform = tree.pop("fourier_transform", None) or {}
+    unknown = [k for k in transform if k != "reciprocity_coefficient"] if isinstance(transform, dict) else [transform]
+    if unknown:
+        raise InputError(f"unknown keys {unknown} in fourier_transform (known: reciprocity_coefficient)",
+                         key="fourier_transform")
+    if "reciprocity_coefficient" in transform:
+        tree["grid"]["reciprocity_coefficient"] = float(transform["reciprocity_coefficient"])
+        notes.append("fourier_transform.reciprocity_coefficient read as grid.reciprocity_coefficient")
 
     parallel = tree["multi_process"].pop("n_parallel_reconstructions", None)
     if parallel is not None and parallel is not False:

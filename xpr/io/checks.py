@@ -12,9 +12,13 @@ many pixels.
 """
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from xpr.errors import InputError
+
+_LOG = logging.getLogger("xpr.io.checks")
 
 
 def _where(array, file, key):
@@ -89,10 +93,50 @@ def check_intensities(array, mask=None, file=None, key=None, log=None, what="int
     if negative:
         cleaned = np.where(cleaned < 0, 0, cleaned) if masked is None else \
             np.where((cleaned < 0) & ~masked, 0, cleaned)
-        if log is not None:
-            log.info("%s: %d of %d measured pixels were negative (down to %.4g): clipped to 0",
-                     file or key or what, negative, values.size, float(values.min()))
+        (log or _LOG).info("%s: %d of %d measured pixels were negative (down to %.4g): clipped "
+                           "to 0", file or key or what, negative, values.size, float(values.min()))
     return cleaned, negative
+
+
+def check_intensity_frames(array, file=None, key=None, log=None, what="intensities",
+                           chunk_bytes=1 << 27):
+    """check_intensities for a large stack (e.g. 4-D STEM data, possibly a read-only memmap),
+    counted frame block by frame block along axis 0 so no full-size temporary is made. Returns
+    the array itself, or a clipped copy when it holds negative values (counted and logged)."""
+    fail = _where(array, file, key)
+    if not hasattr(array, "dtype") or not hasattr(array, "shape"):
+        array = np.asarray(array)
+    if array.dtype.kind == "c":
+        fail(f"complex values in all {array.size} pixels: intensities are real; give "
+             "|amplitude|^2 or the real part explicitly")
+    if array.dtype.kind not in "iuf":
+        fail(f"values of type {array.dtype} are not numbers (expected integer or float)")
+    if array.size == 0:
+        fail("the array is empty (0 pixels)")
+    rows = max(1, int(chunk_bytes // max(1, array[0:1].nbytes))) if array.ndim else 1
+    nan = inf = positive = negative = 0
+    low = 0.0
+    for start in range(0, array.shape[0] if array.ndim else 1, rows):
+        block = np.asarray(array[start:start + rows] if array.ndim else array)
+        if block.dtype.kind == "f":
+            nan += int(np.count_nonzero(np.isnan(block)))
+            inf += int(np.count_nonzero(np.isinf(block)))
+        positive += int(np.count_nonzero(block > 0))
+        below = block < 0
+        if below.any():
+            negative += int(np.count_nonzero(below))
+            low = min(low, float(block[below].min()))
+    if nan or inf:
+        fail(f"{nan} NaN and {inf} infinite values among {array.size} pixels")
+    if positive == 0:
+        if negative:
+            fail(f"no positive {what}: all {array.size} pixels are <= 0 ({negative} negative)")
+        fail(f"no signal: all {array.size} pixels are 0")
+    if negative:
+        (log or _LOG).info("%s: %d of %d pixels were negative (down to %.4g): clipped to 0",
+                           file or key or what, negative, array.size, low)
+        return np.maximum(array, 0)
+    return array
 
 
 def check_real(array, file=None, key=None, what="values"):

@@ -1,14 +1,14 @@
 """4D-STEM data as microscopes and peers write it, opened lazily, with the calibration it carries.
 
 `open_scan(path, dataset=None)` returns a `Scan4D`: the patterns stay in the file (an h5py
-dataset, a numpy memmap or a dask array) and are read in batches of whole patterns; the
+dataset, a .npy read slab by slab or a dask array) and are read in batches of whole patterns; the
 calibration found in the file's metadata is returned under the `experiment:` key names
 (`acc_voltage` kV, `scan_step_A`, `rez_pixel_size_A` Å⁻¹ or `rez_pixel_size_mrad`,
 `conv_semiangle_mrad`, `PLRotation_deg`, `scan_size`) with, for every value, where it came from.
 
 Formats:
 
-* `.npy` 3-D (N, ky, kx) or 4-D (ny, nx, ky, kx): memory-mapped.
+* `.npy` 3-D (N, ky, kx) or 4-D (ny, nx, ky, kx): read slab by slab (NpyFile).
 * HDF5 (`.h5 .hdf5 .nxs .emd .cxi`), in this order of preference:
   `dataset` when given (any path in the file); the root dataset `data` (xpr's simulate_4dstem and
   PyPty; calibration in root attributes or an `experiment`/`calibration` group named as the
@@ -16,8 +16,8 @@ Formats:
   calibration from its `metadatabundle/calibration` group: R_pixel_size/units, Q_pixel_size/units,
   QR_rotation, QR_flip); NeXus (the `@default` chain to an NXdata group, its `@signal` dataset,
   axis units from `@axes`); otherwise the only 3-D/4-D dataset in the file. Compressed
-  datasets (bitshuffle/LZ4, Blosc, Zstd… as detectors write them) need the `hdf5plugin` filters,
-  registered on import when the package is installed.
+  datasets (bitshuffle/LZ4, Blosc, Zstd… as detectors write them) are read through the
+  `hdf5plugin` filters that xpr.io.h5 registers; the NeXus signal is xpr.io.h5.nexus_signal.
 * Through RosettaSciIO (`rosettasciio`, lazily, as dask arrays): Gatan `.dm3/.dm4`, Quantum
   Detectors Merlin `.mib`, EMPAD `.xml` (+ its `.raw`), Velox/NCEM `.emd` that are not EMD 1.0,
   `.tif/.tiff`. Axes with length units give the scan step, reciprocal or angular units the
@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from xpr.errors import InputError
+from xpr.io.checks import check_intensity_frames
 
 KEY = "experiment.data_path"
 HDF5_SUFFIXES = (".h5", ".hdf5", ".nxs", ".cxi", ".emd", ".hdf")
@@ -58,15 +59,6 @@ def _unit(value) -> str:
     return str(value or "").strip().lower().replace(" ", "")
 
 
-def register_hdf5_filters() -> bool:
-    """Register the detector compression filters (hdf5plugin) with h5py; False if unavailable."""
-    try:
-        import hdf5plugin  # noqa: F401  (importing registers the filters)
-    except ImportError:
-        return False
-    return True
-
-
 def _plain(value):
     """HDF5 attribute → plain Python (bytes → str, arrays → lists, numpy scalars → numbers)."""
     if isinstance(value, bytes):
@@ -78,6 +70,42 @@ def _plain(value):
     if isinstance(value, np.generic):
         return value.item()
     return value
+
+
+class NpyFile:
+    """A .npy array read slab by slab along its first axis with plain file reads.
+
+    Unlike a memory map, the pages read do not stay mapped into the process (a memmap's
+    touched pages count in its resident memory until the kernel drops them), so streaming a
+    file larger than memory keeps the resident set at one batch.
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        with open(self.path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read_header(handle)
+            self.offset = handle.tell()
+        if fortran and len(shape) > 1:
+            raise ValueError("Fortran-ordered .npy arrays cannot be streamed; save in C order")
+        if dtype.hasobject:
+            raise ValueError("the .npy file holds Python objects, not numbers")
+        self.shape, self.dtype = tuple(shape), dtype
+        self.ndim = len(self.shape)
+
+    def __getitem__(self, index):
+        if not isinstance(index, slice) or index.step not in (None, 1):
+            raise TypeError("NpyFile reads contiguous slabs along the first axis only")
+        start, stop, _ = index.indices(self.shape[0])
+        stop = max(start, stop)
+        row = int(np.prod(self.shape[1:])) * self.dtype.itemsize
+        with open(self.path, "rb") as handle:
+            handle.seek(self.offset + start * row)
+            values = np.fromfile(handle, dtype=self.dtype, count=(stop - start) * row
+                                 // self.dtype.itemsize)
+        return values.reshape((stop - start,) + self.shape[1:])
 
 
 @dataclass
@@ -135,6 +163,8 @@ class Scan4D:
             raise InputError(f"cannot read the patterns ({self.where}): {err}"
                              + _filter_hint(err), file=self.path, key=KEY) from None
         block = block.reshape((-1,) + self.detector_shape)[offset:offset + stop - start]
+        if block.dtype.kind not in "iuf":     # complex or not numbers: refused, never cast
+            check_intensity_frames(block, file=self.path, key=KEY, what="diffraction intensities")
         return block.astype(np.float32, copy=False)
 
     def batches(self, size: int):
@@ -195,7 +225,7 @@ def open_scan(path, dataset: str | None = None, scan_size=None) -> Scan4D:
     suffix = path.suffix.lower()
     if suffix == ".npy":
         try:
-            array = np.load(path, mmap_mode="r", allow_pickle=False)
+            array = NpyFile(path)
         except (OSError, ValueError) as err:
             raise InputError(f"cannot read {path.name}: {err}", file=path, key=KEY) from None
         _pattern_array_check(array, path, path.name)
@@ -227,7 +257,7 @@ def _is_hdf5(path) -> bool:
 def _open_hdf5(path: Path, dataset: str | None) -> Scan4D:
     import h5py
 
-    register_hdf5_filters()
+    import xpr.io.h5  # noqa: F401  (importing it registers hdf5plugin's detector filters)
     try:
         handle = h5py.File(path, "r")
     except OSError as err:
@@ -245,7 +275,7 @@ def _open_hdf5(path: Path, dataset: str | None) -> Scan4D:
         elif (found := _py4dstem_datacube(handle)) is not None:
             node = found["data"]
             _py4dstem_calibration(handle, found, calibration, sources)
-        elif (found := _nexus_signal(handle)) is not None:
+        elif (found := _nexus_signal(handle, path)) is not None:
             node = found
             _nexus_axes(node, calibration, sources)
         else:
@@ -361,34 +391,16 @@ def _py4dstem_calibration(handle, cube, calibration, sources):
     # the first two axes are taken as the slow/fast scan axes as stored.
 
 
-def _nexus_signal(handle):
-    """The NXdata @signal dataset reached from the root's @default chain (or the only NXdata)."""
-    import h5py
+def _nexus_signal(handle, path):
+    """The NXdata @signal dataset (xpr.io.h5.nexus_signal: the @default chain), or None."""
+    from xpr.io.h5 import SignalNotFound, nexus_signal
 
-    def nxclass(obj):
-        return _plain(obj.attrs.get("NX_class"))
-
-    group = handle
-    for _ in range(4):
-        default = _plain(group.attrs.get("default"))
-        if not default or not isinstance(group.get(default), h5py.Group):
-            break
-        group = group[default]
-        if nxclass(group) == "NXdata":
-            break
-    if nxclass(group) != "NXdata":
-        groups = []
-        handle.visititems(lambda n, obj: groups.append(obj)
-                          if isinstance(obj, h5py.Group) and nxclass(obj) == "NXdata" else None)
-        groups = [g for g in groups if _plain(g.attrs.get("signal")) in g]
-        if len(groups) != 1:
-            return None
-        group = groups[0]
-    signal = _plain(group.attrs.get("signal"))
-    if signal is None and isinstance(group.get("data"), h5py.Dataset):
-        signal = "data"
-    node = group.get(signal) if signal else None
-    return node if isinstance(node, h5py.Dataset) else None
+    try:
+        name = nexus_signal(handle)
+    except SignalNotFound as err:
+        raise InputError(f"{err}; or name the dataset with experiment.dataset", file=path,
+                         key="experiment.dataset") from None
+    return None if name is None else handle[name]
 
 
 def _nexus_axes(node, calibration, sources):

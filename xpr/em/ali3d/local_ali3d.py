@@ -36,7 +36,7 @@ from typing import Callable
 import numpy as np
 
 from xpr import parallel
-from xpr.backend import cpu
+from xpr.backend import cpu, cpu_only
 from xpr.em.ali3d import euler, fsc as fsc_tools, particles, phantom, symmetry
 from xpr.em.ali3d.project import prepare_projector
 from xpr.em.ali3d.reconstruct import FourierGrid, InsertionBatch, grid_to_volume, insert_batch, sample_projector
@@ -535,7 +535,8 @@ def write_criterion_log(history, archive):
 
 def run(settings, archive):
     """Read (or simulate) the data, refine, write every iteration and the final product."""
-    backend = cpu()
+    backend = cpu_only(settings, archive.log, "local_ali3d",
+                       "the per-image simplex searches over small images are CPU work, spread over processes")
     images, angles, shifts_px, ctf, pixel, table, truth, phantom_volume = read_input(settings, archive, backend)
     box = images.shape[-1]
     options = options_from_settings(settings, box, pixel)

@@ -25,6 +25,7 @@ import numpy as np
 
 from xpr.em.ali3d.ctf import CTFParameters
 from xpr.errors import InputError
+from xpr.io.checks import check_real
 from xpr.io.atomic import atomic_path
 
 ANGLE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
@@ -50,7 +51,7 @@ def read_stack(path, key: str = "input.stack") -> Stack:
             import mrcfile
 
             with mrcfile.open(path, permissive=True) as mrc:
-                images = np.array(mrc.data, dtype=np.float32)
+                images = np.array(mrc.data)
                 voxel = float(mrc.voxel_size.x)
                 pixel_size = voxel if voxel > 0 else None
         elif suffix in (".h5", ".hdf5"):
@@ -60,11 +61,11 @@ def read_stack(path, key: str = "input.stack") -> Stack:
                 if "images" not in f:
                     raise InputError("the HDF5 stack needs a dataset 'images' of shape (n, ny, nx)",
                                      file=path, key=key)
-                images = np.asarray(f["images"][()], dtype=np.float32)
+                images = np.asarray(f["images"][()])
                 if "pixel_size_A" in f["images"].attrs:
                     pixel_size = float(f["images"].attrs["pixel_size_A"])
         elif suffix == ".npy":
-            images = np.load(path, allow_pickle=False).astype(np.float32)
+            images = np.load(path, allow_pickle=False)
         else:
             raise InputError(f"unknown stack type '{suffix}' (expected .mrcs .mrc .h5 .npy)", file=path, key=key)
     except (OSError, ValueError) as err:
@@ -143,6 +144,7 @@ def read_named_images(names, table_path, key: str = "input.parameters") -> Stack
 
 
 def _checked_stack(images, pixel_size, path, key) -> Stack:
+    images = check_real(images, file=path, key=key, what="particle image values").astype(np.float32, copy=False)
     if images.ndim == 2:
         images = images[None]
     if images.ndim != 3:

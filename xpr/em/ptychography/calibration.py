@@ -36,6 +36,7 @@ from scipy import optimize
 from xpr import backend as backends
 from xpr.em.optics import electron_wavelength_A, with_defocus
 from xpr.errors import InputError
+from xpr.io.checks import check_intensity_frames
 
 # Keys of the `experiment:` group, with PyPty's names. Values missing from the settings (null)
 # are taken from the data file's calibration attributes when it has them (simulate_4dstem output).
@@ -55,6 +56,14 @@ PROCESSING_KEYS = ("data_pad", "data_bin")
 
 BRIGHT_FIELD_THRESHOLD = 0.5   # fraction of the mean pattern's maximum that counts as bright field
 
+# float32 copies of a batch alive at once while it is prepared (read, flip/transpose/bin, clip,
+# roll, pad): a streamed batch holds max_memory_GB / WORK_COPIES of patterns.
+WORK_COPIES = 4
+
+# rms curl / divergence above which the PL-rotation fit is reported as unreliable (on abTEM MoS2
+# data, 0.5 Å step, C10 = −100 Å: ratio 0.91, fitted 6.8° for a true 0°; well-sampled scans ≲ 0.2)
+UNRELIABLE_CURL_RATIO = 0.5
+
 
 # --------------------------------------------------------------------------------------------
 # reading data
@@ -66,6 +75,13 @@ def _read_raw(path: Path, dataset=None):
 
     with open_scan(path, dataset) as scan:
         return scan.read_all().reshape(scan.shape)
+
+
+class _LazyStack:
+    """The (N, ky, kx) shape of a Scan4D, for the checks before any pattern is read."""
+
+    def __init__(self, scan):
+        self.shape = (scan.n_patterns,) + tuple(scan.detector_shape)
 
 
 def _as_pattern_stack(raw, path=None):
@@ -319,6 +335,87 @@ def _settings_dict(experiment_settings) -> dict:
     raise TypeError("experiment settings must be a mapping")
 
 
+def unpadded_batches(experiment):
+    """(start, unpadded prepared patterns) batch by batch — one batch of everything when the
+    experiment is in memory."""
+    p = experiment.data_pad
+    if not experiment.streamed:
+        yield 0, experiment.unpadded_patterns
+        return
+    for start, batch in experiment.patterns.batches():
+        yield start, batch if p == 0 else batch[:, p:-p, p:-p]
+
+
+class StreamedPatterns:
+    """Prepared patterns of a file larger than the memory budget, read batch by batch.
+
+    The preparation of Experiment.from_settings (flip ky → transpose → bin → clip → roll by the
+    centring shift → pad) is applied to each batch as it is read from the xpr.io.stem4d.Scan4D.
+    `np.asarray` of it reads everything (methods that do not stream yet).
+    """
+
+    def __init__(self, scan, flip_ky, transposed, data_bin, batch_size):
+        self.scan, self.flip_ky, self.transposed, self.data_bin = scan, flip_ky, transposed, data_bin
+        self.batch_size = max(1, int(batch_size))
+        self.shift, self.pad = (0, 0), 0
+
+    @property
+    def shape(self) -> tuple:
+        ky, kx = self.scan.detector_shape
+        if self.transposed:
+            ky, kx = kx, ky
+        b = self.data_bin
+        return (self.scan.n_patterns, ky // b + 2 * self.pad, kx // b + 2 * self.pad)
+
+    def prepare(self, raw):
+        batch = raw[:, ::-1, :] if self.flip_ky else raw
+        if self.transposed:
+            batch = np.swapaxes(batch, 1, 2)
+        batch = np.clip(bin_patterns(batch, self.data_bin), 0, None)
+        if self.shift != (0, 0):
+            batch = np.roll(batch, self.shift, axis=(1, 2))
+        return np.ascontiguousarray(pad_patterns(batch, self.pad), dtype=np.float32)
+
+    def batches(self):
+        for start, raw in self.scan.batches(self.batch_size):
+            yield start, self.prepare(raw)
+
+    def __array__(self, dtype=None, copy=None):
+        out = np.empty(self.shape, dtype=np.float32)
+        for start, batch in self.batches():
+            out[start:start + len(batch)] = batch
+        return out if dtype is None else out.astype(dtype)
+
+
+def streamed_statistics(patterns: StreamedPatterns):
+    """One pass: the mean pattern and every pattern's centre of mass (pixels from the centre)."""
+    total = np.zeros(patterns.shape[1:], dtype=np.float64)
+    com_y = np.empty(patterns.shape[0], dtype=np.float64)
+    com_x = np.empty(patterns.shape[0], dtype=np.float64)
+    for start, batch in patterns.batches():
+        total += batch.sum(axis=0, dtype=np.float64)
+        cy, cx = center_of_mass(batch)
+        com_y[start:start + len(batch)] = cy
+        com_x[start:start + len(batch)] = cx
+    return total / patterns.shape[0], com_y, com_x
+
+
+def streamed_dark_field(patterns: StreamedPatterns, mean_pattern, outer_factor=1.2,
+                        threshold=BRIGHT_FIELD_THRESHOLD):
+    """dark_field_signal batch by batch (the disk radius from the mean pattern), or None."""
+    n_ky, n_kx = mean_pattern.shape
+    radius = bright_field_radius_px(mean_pattern, threshold)
+    ky = np.arange(n_ky)[:, None] - n_ky // 2
+    kx = np.arange(n_kx)[None, :] - n_kx // 2
+    outside = np.hypot(ky, kx) > outer_factor * radius + 1.0
+    if outside.sum() < 4:
+        return None
+    signal = np.empty(patterns.shape[0], dtype=np.float64)
+    for start, batch in patterns.batches():
+        signal[start:start + len(batch)] = batch[:, outside].sum(axis=1)
+    return signal
+
+
 @dataclass
 class Experiment:
     """A calibrated 4D-STEM data set (all lengths in Å, reciprocal lengths in Å⁻¹)."""
@@ -344,6 +441,8 @@ class Experiment:
     pl_rotation_fit: RotationFit | None = None
     center_shift_px: tuple = (0, 0)
     notes: list = field(default_factory=list)
+    com_px: tuple | None = None          # (com_y, com_x) of the prepared patterns when streamed
+    mean_pattern: np.ndarray | None = field(default=None, repr=False)   # unpadded, when streamed
 
     # ---------------------------------------------------------------- derived quantities
     @property
@@ -366,9 +465,14 @@ class Experiment:
         return self.conv_semiangle_mrad * 1e-3 / self.wavelength_A
 
     @property
+    def streamed(self) -> bool:
+        return isinstance(self.patterns, StreamedPatterns)
+
+    @property
     def unpadded_patterns(self) -> np.ndarray:
         p = self.data_pad
-        return self.patterns if p == 0 else self.patterns[:, p:-p, p:-p]
+        patterns = np.asarray(self.patterns)
+        return patterns if p == 0 else patterns[:, p:-p, p:-p]
 
     @property
     def object_shape_px(self) -> tuple:
@@ -389,13 +493,17 @@ class Experiment:
     # ---------------------------------------------------------------- construction
     @classmethod
     def from_settings(cls, experiment_settings, patterns, file_calibration=None, data_file=None,
-                      file_sources=None):
+                      file_sources=None, memory_GB=None):
         """Calibrate `patterns` ((N, ky, kx) or (ny, nx, ky, kx)) with the `experiment:` settings.
 
         Settings values that are null fall back to `file_calibration` (from the data file;
         `file_sources` says where in it each was found). Errors in the user's input raise
         InputError naming the `experiment.<key>`. The notes say where each calibration value
         came from (settings or the data file).
+
+        `patterns` may be an opened xpr.io.stem4d.Scan4D: with `memory_GB` given and the data
+        (as float32) larger than that, the patterns stay in the file (StreamedPatterns) and the
+        mean pattern, centres of mass and dark-field counts are computed batch by batch.
         """
         settings = _settings_dict(experiment_settings)
         given = {k: v for k, v in (file_calibration or {}).items()
@@ -418,8 +526,19 @@ class Experiment:
                                  "nor in the data file", file=data_file, key=f"experiment.{key}")
             return given[key]
 
-        raw = np.asarray(patterns)
-        stack, shape_in_data = _as_pattern_stack(raw, data_file)
+        scan = patterns if hasattr(patterns, "batches") else None
+        if scan is not None:
+            stack = _LazyStack(scan)
+            shape_in_data = scan.scan_shape
+            stream = memory_GB is not None and scan.nbytes_float32 > memory_GB * 1e9
+            if not stream:
+                raw = check_intensity_frames(scan.read_all().reshape(scan.shape), file=data_file,
+                                             key="experiment.data_path",
+                                             what="diffraction intensities")
+                stack, shape_in_data = _as_pattern_stack(raw, data_file)
+        else:
+            stream = False
+            stack, shape_in_data = _as_pattern_stack(np.asarray(patterns), data_file)
         notes = ["calibration: " + "; ".join(origins)] if origins else []
 
         # scan grid
@@ -460,19 +579,35 @@ class Experiment:
         data_bin = int(given.get("data_bin", 1) or 1)
         if data_bin < 1:
             raise InputError(f"data_bin must be ≥ 1, got {data_bin}", key="experiment.data_bin")
-        prepared = np.asarray(stack, dtype=np.float32)
-        if bool(given.get("flip_ky", False)):
-            prepared = prepared[:, ::-1, :]
         transposed_setting = given.get("transposed", False)
         if isinstance(transposed_setting, str) and transposed_setting.lower() != "auto":
             raise InputError(f"transposed must be true, false or auto, got {transposed_setting!r}",
                              key="experiment.transposed")
         transposed = transposed_setting is True
-        if transposed:
-            prepared = np.swapaxes(prepared, 1, 2)
-        prepared = bin_patterns(prepared, data_bin)
-        prepared = np.clip(prepared, 0, None)
-        prepared, center_shift = center_patterns(prepared)
+        stream_com = None
+        if stream:
+            pattern_bytes = 4 * int(np.prod(scan.detector_shape))
+            prepared = StreamedPatterns(scan, bool(given.get("flip_ky", False)), transposed,
+                                        data_bin, memory_GB * 1e9 // (WORK_COPIES * pattern_bytes))
+            mean_pattern, com_y0, com_x0 = streamed_statistics(prepared)
+            centre_y, centre_x = center_of_mass(mean_pattern)
+            center_shift = (-int(round(float(centre_y))), -int(round(float(centre_x))))
+            prepared.shift = center_shift
+            mean_pattern = np.roll(mean_pattern, center_shift, axis=(0, 1))
+            stream_com = (com_y0 + center_shift[0], com_x0 + center_shift[1])
+            notes.append(f"{scan.n_patterns} patterns streamed from the file in batches of "
+                         f"{prepared.batch_size} ({scan.nbytes_float32 / 1e9:.2f} GB as float32 > "
+                         f"max_memory_GB {memory_GB:g})")
+        else:
+            prepared = np.asarray(stack, dtype=np.float32)
+            if bool(given.get("flip_ky", False)):
+                prepared = prepared[:, ::-1, :]
+            if transposed:
+                prepared = np.swapaxes(prepared, 1, 2)
+            prepared = bin_patterns(prepared, data_bin)
+            prepared = np.clip(prepared, 0, None)
+            prepared, center_shift = center_patterns(prepared)
+            mean_pattern = None
         if center_shift != (0, 0):
             notes.append(f"patterns re-centred by {center_shift} px (mean CoM off the centre pixel)")
 
@@ -482,7 +617,8 @@ class Experiment:
         elif given.get("rez_pixel_size_mrad") is not None:
             rez = float(given["rez_pixel_size_mrad"]) * 1e-3 / wavelength_A * data_bin
         elif conv_semiangle is not None:
-            rez = estimate_rez_pixel_size(prepared.mean(axis=0), conv_semiangle, wavelength_A)
+            rez = estimate_rez_pixel_size(prepared.mean(axis=0) if mean_pattern is None
+                                          else mean_pattern, conv_semiangle, wavelength_A)
             notes.append(f"reciprocal pixel size {rez:.5g} Å⁻¹ estimated from the bright-field disk")
         else:
             raise InputError("the detector is not calibrated: give rez_pixel_size_A, "
@@ -499,19 +635,34 @@ class Experiment:
             if pl_setting.lower() != "auto":
                 raise InputError(f"PLRotation_deg must be a number or auto, got {pl_setting!r}",
                                  key="experiment.PLRotation_deg")
-            com_y, com_x = center_of_mass(prepared)
-            dark_field = dark_field_signal(prepared)
+            if stream:
+                com_y, com_x = stream_com
+                dark_field = streamed_dark_field(prepared, mean_pattern)
+            else:
+                com_y, com_x = center_of_mass(prepared)
+                dark_field = dark_field_signal(prepared)
             rotation_fit = fit_pl_rotation(
                 com_y.reshape(scan_size), com_x.reshape(scan_size),
                 try_transposed=transposed_setting == "auto",
                 dark_field=None if dark_field is None else dark_field.reshape(scan_size))
             pl_rotation_deg = rotation_fit.angle_deg
             if rotation_fit.transposed:
-                prepared = np.ascontiguousarray(np.swapaxes(prepared, 1, 2))
+                if stream:
+                    prepared.transposed = not prepared.transposed
+                    stream_com = stream_com[::-1]
+                    mean_pattern = np.ascontiguousarray(mean_pattern.T)
+                else:
+                    prepared = np.ascontiguousarray(np.swapaxes(prepared, 1, 2))
                 transposed = True
             notes.append(f"PL rotation fitted from the curl-free CoM field: {pl_rotation_deg:.2f}°"
                          f"{', detector transposed' if rotation_fit.transposed else ''} "
                          f"(rms curl / divergence {rotation_fit.curl_ratio:.3f})")
+            if rotation_fit.curl_ratio > UNRELIABLE_CURL_RATIO:
+                notes.append(f"WARNING: the centre-of-mass field is far from curl-free at every "
+                             f"angle (ratio {rotation_fit.curl_ratio:.2f} > "
+                             f"{UNRELIABLE_CURL_RATIO}): the fitted PL rotation is unreliable "
+                             "(scan step too coarse for the CoM field, or noise); give "
+                             "experiment.PLRotation_deg")
         else:
             pl_rotation_deg = float(pl_setting)
             if transposed_setting == "auto":
@@ -523,7 +674,10 @@ class Experiment:
         pad = int(math.ceil(prepared.shape[-1] / 4)) if pad is None else int(pad)
         if pad < 0:
             raise InputError(f"data_pad must be ≥ 0, got {pad}", key="experiment.data_pad")
-        prepared = np.ascontiguousarray(pad_patterns(prepared, pad), dtype=np.float32)
+        if stream:
+            prepared.pad = pad
+        else:
+            prepared = np.ascontiguousarray(pad_patterns(prepared, pad), dtype=np.float32)
         n_padded = prepared.shape[-1]
         pixel_size_A = 1.0 / (rez * n_padded)
 
@@ -541,14 +695,17 @@ class Experiment:
             num_slices=int(given.get("num_slices", 1) or 1),
             total_thickness_A=float(given.get("total_thickness", 1.0) or 1.0),
             scan_positions_A=positions_A, scan_positions_px=positions_px,
-            pl_rotation_fit=rotation_fit, center_shift_px=center_shift, notes=notes)
+            pl_rotation_fit=rotation_fit, center_shift_px=center_shift, notes=notes,
+            com_px=stream_com, mean_pattern=mean_pattern if stream else None)
 
 
-def load_experiment(experiment_settings, default_data_path=None) -> tuple[Experiment, Path]:
+def load_experiment(experiment_settings, default_data_path=None, memory_GB=None):
     """Read the data named by `experiment.data_path` (or the default) and calibrate it.
 
     `experiment.dataset` names the HDF5 dataset when the file's layout does not say
-    (xpr.io.stem4d); the file's calibration fills the settings left null."""
+    (xpr.io.stem4d); the file's calibration fills the settings left null. With `memory_GB`, data
+    larger than that stay in the file and are streamed (Experiment.patterns is then a
+    StreamedPatterns; the file stays open until the experiment is garbage-collected)."""
     from xpr.io.stem4d import open_scan
 
     settings = _settings_dict(experiment_settings)
@@ -556,9 +713,12 @@ def load_experiment(experiment_settings, default_data_path=None) -> tuple[Experi
     if data_path is None:
         raise InputError("no input data: set experiment.data_path", key="experiment.data_path")
     data_path = Path(data_path).expanduser()
-    with open_scan(data_path, settings.get("dataset"), settings.get("scan_size")) as scan:
-        raw = scan.read_all().reshape(scan.shape)
-        calibration, sources = dict(scan.calibration), dict(scan.sources)
-    experiment = Experiment.from_settings(settings, raw, calibration, data_file=data_path,
-                                          file_sources=sources)
+    scan = open_scan(data_path, settings.get("dataset"), settings.get("scan_size"))
+    try:
+        experiment = Experiment.from_settings(settings, scan, dict(scan.calibration),
+                                              data_file=data_path, file_sources=dict(scan.sources),
+                                              memory_GB=memory_GB)
+    finally:
+        if memory_GB is None or not scan.nbytes_float32 > memory_GB * 1e9:
+            scan.close()
     return experiment, data_path

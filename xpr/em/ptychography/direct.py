@@ -29,12 +29,16 @@ def default_data_path(settings, archive):
     return archive.home.latest("em", "simulate_4dstem", f"{settings['structure_name']}.h5")
 
 
-def prepare(settings, archive):
-    """The compute backend and the calibrated experiment (logged) of a direct-method run."""
+def prepare(settings, archive, memory_GB=None):
+    """The compute backend and the calibrated experiment (logged) of a direct-method run; with
+    `memory_GB`, data larger than that are streamed from the file (Experiment.streamed)."""
     backend = backends.from_settings(settings)
     data_path = default_data_path(settings, archive)
-    experiment, data_path = load_experiment(settings["experiment"], data_path)
+    experiment, data_path = load_experiment(settings["experiment"], data_path, memory_GB)
     archive.log.info("data %s: %s", data_path, experiment.summary())
+    if backend.is_gpu:
+        archive.log.info("calibration (centre of mass, rotation fit) ran on the CPU by design (scan-sized "
+                         "host arrays); the reconstruction runs on %s", backend)
     for note in experiment.notes:
         archive.log.info(note)
     return backend, experiment, data_path

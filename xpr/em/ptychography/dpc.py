@@ -29,8 +29,10 @@ from xpr.em.ptychography.calibration import center_of_mass, rotate_to_scan_frame
 
 def phase_gradient_from_com(experiment, xp=np):
     """2π⟨k⟩ in the scan frame, rad/Å, as two (ny, nx) maps (g_y, g_x); mean (probe term) removed."""
-    patterns = xp.asarray(experiment.patterns)
-    com_y, com_x = center_of_mass(patterns, xp)
+    if experiment.com_px is not None:               # streamed: measured batch by batch
+        com_y, com_x = (xp.asarray(c) for c in experiment.com_px)
+    else:
+        com_y, com_x = center_of_mass(xp.asarray(experiment.patterns), xp)
     to_rad_per_A = 2.0 * math.pi * experiment.rez_pixel_size_invA
     g_y, g_x = rotate_to_scan_frame(com_y * to_rad_per_A, com_x * to_rad_per_A,
                                     experiment.pl_rotation_deg)
@@ -76,8 +78,9 @@ def reconstruct(experiment, backend, high_pass_invA=0.0, low_pass_invA=0.0, pad_
 
 def run(settings, archive):
     """Calibrate, take the CoM, rotate into the scan frame, integrate; save phase and CoM maps."""
-    backend, experiment, data_path = direct.prepare(settings, archive)
     options = settings["dpc"]
+    backend, experiment, data_path = direct.prepare(settings, archive,
+                                                    float(options["max_memory_GB"]))
     result = reconstruct(experiment, backend, high_pass_invA=float(options["high_pass_invA"]),
                          low_pass_invA=float(options["low_pass_invA"]),
                          pad_factor=float(options["pad_factor"]))

@@ -34,7 +34,7 @@ from scipy import optimize
 from xpr import backend as backends
 from xpr.em.ptychography import direct
 from xpr.em import optics
-from xpr.em.ptychography.calibration import BRIGHT_FIELD_THRESHOLD
+from xpr.em.ptychography.calibration import BRIGHT_FIELD_THRESHOLD, unpadded_batches
 from xpr.em.ptychography.direct import probe_spectrum_at
 
 
@@ -48,16 +48,21 @@ def bright_field_images(experiment, bright_field_fraction=0.9):
     BF pixels: mean pattern above half its maximum and |k| ≤ fraction · k_α (k_α from the
     convergence angle; without it, the disk's equal-area radius).
     """
-    patterns = experiment.unpadded_patterns
-    n_ky, n_kx = patterns.shape[1:]
-    mean_pattern = patterns.mean(axis=0)
+    if experiment.streamed:                 # the file is read batch by batch below
+        mean_pattern = experiment.mean_pattern
+    else:
+        mean_pattern = experiment.unpadded_patterns.mean(axis=0)
+    n_ky, n_kx = mean_pattern.shape
     ky, kx = optics.centred_frequencies((n_ky, n_kx), experiment.rez_pixel_size_invA)
     disk = mean_pattern > BRIGHT_FIELD_THRESHOLD * mean_pattern.max()
     k_disk = experiment.aperture_radius_invA
     if k_disk is None:
         k_disk = math.sqrt(disk.sum() / math.pi) * experiment.rez_pixel_size_invA
     chosen = disk & (np.hypot(ky, kx) <= bright_field_fraction * k_disk)
-    images = patterns[:, chosen].T.reshape((-1,) + tuple(experiment.scan_size)).astype(np.float32)
+    values = np.empty((experiment.n_scan, int(chosen.sum())), dtype=np.float32)
+    for start, batch in unpadded_batches(experiment):
+        values[start:start + len(batch)] = batch[:, chosen]
+    images = values.T.reshape((-1,) + tuple(experiment.scan_size))
     means = images.mean(axis=(1, 2), keepdims=True)
     images = images / np.where(means > 0, means, 1.0) - 1.0
     return images, np.stack([ky[chosen], kx[chosen]], axis=1)
@@ -308,8 +313,12 @@ def reconstruct(experiment, backend, fit_aberrations=3, fit_rotation=True, itera
 
 def run(settings, archive):
     """Calibrate, align the BF images, fit aberrations and rotation, shift-and-sum, deconvolve."""
-    backend, experiment, data_path = direct.prepare(settings, archive)
     options = settings["tcbf"]
+    backend, experiment, data_path = direct.prepare(settings, archive,
+                                                    float(options["max_memory_GB"]))
+    if backend.is_gpu:
+        archive.log.info("tcbf: bright-field image alignment on %s; shift-and-sum and the Wiener deconvolution "
+                         "on the CPU by design (one image of the scan's size)", backend)
     result = reconstruct(experiment, backend, fit_aberrations=int(options["fit_aberrations"]),
                          fit_rotation=bool(options["fit_rotation"]),
                          iterations=int(options["iterations"]),

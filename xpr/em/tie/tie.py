@@ -47,6 +47,7 @@ from xpr.em.tie.focal_series import FocalSeries
 from xpr.em.optics import electron_wavelength_A
 from xpr.errors import InputError
 from xpr.io import load_tree
+from xpr.io.checks import check_intensities
 
 INPUT_KEY = "input.focal_series"
 
@@ -203,6 +204,7 @@ def _image_stack(tree, name, path):
             raise InputError(f"`{name}` holds images of different shapes {shapes}", file=path,
                              key=INPUT_KEY)
         value = np.stack(value)
+    value, _ = check_intensities(value, file=path, key=f"{INPUT_KEY} ({name})", what=f"`{name}` intensities")
     images = np.asarray(value, dtype=float)
     if images.ndim != 3 or len(images) < 2:
         raise InputError(f"`{name}` must be a stack (n ≥ 2, y, x), got shape {list(images.shape)}",

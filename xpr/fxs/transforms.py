@@ -1,11 +1,12 @@
-"""Densities on polar (2-D) and spherical (3-D) grids and their Fourier transforms, for phasing.
+"""Fourier transforms of densities on polar (2-D) and spherical (3-D) phasing grids.
 
 FXS data constrain the intensity through its angular harmonics, so the phasing iterates on grids
 where harmonics are natural: a radial midpoint grid times a polar angle grid (2-D) or a
 Gauss-Legendre x equispaced (theta, phi) grid (3-D).
 
-Grids (xFrame's conventions). Reciprocal radii q_k = (k + 1/2) Q / N, real radii
-r_k = (k + 1/2) R / N with the reciprocity relation Q R = pi N, so that dr dq = pi / N.
+Grids (``grids``: PhasingGrid, build_grid; xFrame's conventions). Reciprocal radii
+q_k = (k + 1/2) Q / N, real radii r_k = (k + 1/2) R / N with the reciprocity relation Q R = pi N,
+so that dr dq = pi / N.
 
 Fourier transform (as xpr's fxs data side, docs/fxs.md): A(q) = Int rho(x) exp(-i q.x) dx. Expanding
 the density in angular harmonics, rho(r, Omega) = sum_lm rho_lm(r) Y_lm(Omega) (3-D, orthonormal
@@ -44,12 +45,11 @@ products of the full complex transforms (fxs_reconstruct.md has the derivation).
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 
 import numpy as np
 from scipy import special
 
-from xpr.errors import InputError
+from xpr.fxs.grids import PhasingGrid
 
 
 def blas_threads(n: int = 1):
@@ -62,112 +62,6 @@ def blas_threads(n: int = 1):
         return contextlib.nullcontext()
     return threadpool_limits(limits=n, user_api="blas")
 
-
-# ----------------------------------------------------------------------------------------------
-# grids
-# ----------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class PhasingGrid:
-    """The real/reciprocal grid pair of a reconstruction."""
-
-    dimensions: int
-    real_radii: np.ndarray          # r_k, Å
-    reciprocal_radii: np.ndarray    # q_k, Å^-1 (with the 2 pi)
-    max_order: int                  # L: harmonic band limit
-    phis: np.ndarray                # azimuths in [0, 2 pi)
-    thetas: np.ndarray | None       # polar angles (3-D), Gauss-Legendre nodes in cos(theta)
-    theta_weights: np.ndarray | None  # Gauss-Legendre weights (sum 2)
-
-    @property
-    def n_radial(self) -> int:
-        return len(self.real_radii)
-
-    @property
-    def dr(self) -> float:
-        return float(self.real_radii[1] - self.real_radii[0]) if self.n_radial > 1 else float(2 * self.real_radii[0])
-
-    @property
-    def dq(self) -> float:
-        return float(self.reciprocal_radii[1] - self.reciprocal_radii[0]) if self.n_radial > 1 else float(2 * self.reciprocal_radii[0])
-
-    @property
-    def angular_shape(self) -> tuple:
-        if self.dimensions == 2:
-            return (len(self.phis),)
-        return (len(self.phis), len(self.thetas))
-
-    @property
-    def max_r(self) -> float:
-        return self.dr * self.n_radial
-
-    @property
-    def max_q(self) -> float:
-        return self.dq * self.n_radial
-
-    def angular_weights(self) -> np.ndarray:
-        """Quadrature weights of the angular grid (sum 2 pi in 2-D, 4 pi in 3-D), angular shape."""
-        n_phi = len(self.phis)
-        if self.dimensions == 2:
-            return np.full(n_phi, 2 * np.pi / n_phi)
-        return np.outer(np.full(n_phi, 2 * np.pi / n_phi), self.theta_weights)
-
-    def volume_weights(self, space: str = "real") -> np.ndarray:
-        """Quadrature weights of the full grid, shaped (*angular, 1, N) to broadcast over repeats."""
-        radii, step = (self.real_radii, self.dr) if space == "real" else (self.reciprocal_radii, self.dq)
-        radial = radii ** (self.dimensions - 1) * step
-        angular = self.angular_weights()
-        return angular[..., None, None] * radial
-
-    def cartesian_points(self, space: str = "real") -> np.ndarray:
-        """Cartesian coordinates of every grid point, shape (*angular, N, d)."""
-        radii = self.real_radii if space == "real" else self.reciprocal_radii
-        if self.dimensions == 2:
-            phi = self.phis[:, None]
-            return np.stack([radii * np.cos(phi), radii * np.sin(phi)], axis=-1)
-        phi = self.phis[:, None, None]
-        theta = self.thetas[None, :, None]
-        return np.stack([radii * np.sin(theta) * np.cos(phi),
-                         radii * np.sin(theta) * np.sin(phi),
-                         radii * np.cos(theta) + 0 * phi], axis=-1)
-
-
-def gaussian_blobs(grid, centres, widths, heights):
-    """A density of Gaussian blobs on the real-space grid: Σ h exp(−|x − c|² / 2w²) (Å), the test
-    particle of the fxs tests and benchmarks."""
-    x = grid.cartesian_points("real")
-    rho = np.zeros(x.shape[:-1])
-    for c, w, h in zip(centres, widths, heights):
-        rho += h * np.exp(-np.sum((x - np.asarray(c, float)) ** 2, -1) / (2 * w ** 2))
-    return rho
-
-
-def build_grid(dimensions: int, n_radial: int, max_q: float, max_order: int,
-               n_theta: int = 0, n_phi: int = 0, reciprocity: float = np.pi) -> PhasingGrid:
-    """Midpoint radial grids with Q R = reciprocity * N and the angular grid of band limit L."""
-    if dimensions not in (2, 3):
-        raise InputError(f"dimensions must be 2 or 3, got {dimensions}", key="dimensions")
-    n = int(n_radial)
-    q = (np.arange(n) + 0.5) * max_q / n
-    max_r = reciprocity * n / max_q
-    r = (np.arange(n) + 0.5) * max_r / n
-    L = int(max_order)
-    # |A|^2 of an amplitude of band L has band 2L; its coefficients up to L are free of aliasing
-    # when n_phi >= 3L + 1 and (Gauss-Legendre) n_theta >= (3L + 1)/2: the default grid
-    n_phi = int(n_phi) if n_phi else 3 * L + 2
-    if n_phi < 2 * L + 1:
-        raise InputError(f"n_phi = {n_phi} cannot resolve max_order {L}: need n_phi >= {2 * L + 1}",
-                         key="grid.n_phi")
-    phis = 2 * np.pi * np.arange(n_phi) / n_phi
-    if dimensions == 2:
-        return PhasingGrid(2, r, q, L, phis, None, None)
-    n_theta = int(n_theta) if n_theta else (3 * L + 3) // 2
-    if n_theta < L + 1:
-        raise InputError(f"n_theta = {n_theta} cannot resolve max_order {L}: need n_theta >= {L + 1}",
-                         key="grid.n_theta")
-    x, w = np.polynomial.legendre.leggauss(n_theta)
-    order = np.argsort(-x)                     # theta ascending
-    return PhasingGrid(3, r, q, L, phis, np.arccos(x[order]), w[order])
 
 
 def m_values(max_order: int) -> np.ndarray:
@@ -186,9 +80,6 @@ def legendre_table(max_order: int, thetas: np.ndarray) -> np.ndarray:
     return table
 
 
-# ----------------------------------------------------------------------------------------------
-# transforms
-# ----------------------------------------------------------------------------------------------
 
 class FourierTransformPair:
     """Harmonic + Hankel transforms between densities and amplitudes on a PhasingGrid.
@@ -517,220 +408,3 @@ def angular_integral(values, grid: PhasingGrid, xp=np):
     n_angular = len(grid.angular_shape)
     angular = xp.asarray(grid.angular_weights(), dtype=values.dtype)
     return xp.tensordot(angular, values, axes=(tuple(range(n_angular)), tuple(range(n_angular))))
-
-
-# ----------------------------------------------------------------------------------------------
-# real space: starting density, support, shrink-wrap
-# ----------------------------------------------------------------------------------------------
-
-def radial_field(grid: PhasingGrid, values_of_r, n_repeats: int, xp=np):
-    """A field depending on r only, broadcast to the layout (*angular, B, N)."""
-    values = np.asarray(values_of_r, dtype=float)
-    shape = grid.angular_shape + (n_repeats, grid.n_radial)
-    return xp.asarray(np.broadcast_to(values, shape).copy())
-
-
-def density_guess(grid: PhasingGrid, n_repeats: int, radius: float, kind: str, slope: float,
-                  amplitude: str, snr: float, rng, target_norm: float, xp=np):
-    """Starting densities: an envelope (bump or ball) times random values of a given SNR.
-
-    The bump is exp(-slope R^2 / (R^2 - r^2)) inside R (a smooth test function). Each density is
-    scaled so that its integral of rho^2 equals target_norm (Parseval with the data).
-    """
-    r = grid.real_radii
-    inside = r < radius
-    if kind == "bump":
-        envelope = np.zeros_like(r)
-        envelope[inside] = np.exp(-slope * radius ** 2 / (radius ** 2 - r[inside] ** 2) + slope)
-    else:
-        envelope = inside.astype(float)
-    shape = grid.angular_shape + (n_repeats, grid.n_radial)
-    field = np.broadcast_to(envelope, shape).copy()
-    if amplitude == "random":
-        field *= np.clip(1 + rng.standard_normal(shape) / snr, 0, None)
-    field = xp.asarray(field)
-    norm = integrate(field ** 2, grid, "real", xp)
-    scale = xp.sqrt(target_norm / xp.maximum(norm, 1e-300))
-    return field * scale[:, None]
-
-
-def gaussian_blur(density, transform: FourierTransformPair, sigma: float):
-    """Density convolved with a Gaussian of width sigma (Å): multiply its transform by exp(-q^2 s^2/2)."""
-    xp = transform.xp
-    q = transform.grid.reciprocal_radii
-    damping = xp.asarray(np.exp(-0.5 * (q * sigma) ** 2))
-    return transform.real_inverse(transform.forward(density) * damping)
-
-
-def shrink_wrap(density, transform: FourierTransformPair, sigma: float, threshold: float,
-                confine_to=None):
-    """New support: where the blurred |density| exceeds threshold x its maximum (per repeat)."""
-    xp = transform.xp
-    blurred = gaussian_blur(xp.abs(density), transform, sigma)
-    axes = tuple(range(len(transform.grid.angular_shape))) + (density.ndim - 1,)
-    peak = xp.max(blurred, axis=axes, keepdims=True)
-    support = blurred >= threshold * peak
-    if confine_to is not None:
-        support &= confine_to
-    return support
-
-
-# ----------------------------------------------------------------------------------------------
-# the phasing loop
-# ----------------------------------------------------------------------------------------------
-
-@dataclass
-class RealSpaceOptions:
-    """Real-space constraints and their schedules (xFrame's projections.real).
-
-    sw_sigmas, sw_thresholds: ramp specifiers (xpr.phasing.schedule.ramp_values: [first, last]
-    linear over the shrink-wraps, or xFrame's segments) for SW steps that set no value of their
-    own; hio_betas: a ramp specifier ([first, last] exponential, or xFrame's segments) over the
-    HIO iterations of every HIO step without its own beta (None: the steps' own betas).
-    """
-
-    positivity: bool = True
-    sw_sigmas: tuple = (20.0, 5.0)          # Å
-    sw_thresholds: tuple = (0.1, 0.1)       # fraction of the blurred maximum
-    hio_betas: tuple | None = None
-    enforce_initial_support: bool = True
-    enforce_if_error_bigger_than: float = 0.0
-    resolution: float | None = None         # Å: xFrame's False sigma (the half-period resolution)
-
-
-def compile_policies(steps, options: RealSpaceOptions, names=None) -> list:
-    """The schedule with the HIO beta ramp and the shrink-wrap sigma/threshold ramps compiled
-    into its steps (a block's own beta and an SW step's own sigma/threshold are kept); names: the
-    block of each step (for xFrame's per-block specifiers). Pure and idempotent: what `describe`
-    of the result shows is what `phase` runs."""
-    from xpr.phasing import schedule
-
-    key = "projections.real"
-    if options.hio_betas is not None:
-        steps = schedule.apply_beta_ramp(steps, _plain(options.hio_betas), ("HIO",), "exponential",
-                                         key=f"{key}.HIO.beta", names=names)
-    steps = schedule.apply_option_ramp(steps, "SW", "sigma", _plain(options.sw_sigmas), "linear",
-                                       key=f"{key}.shrink_wrap.sigmas", names=names,
-                                       false_value=options.resolution)
-    return schedule.apply_option_ramp(steps, "SW", "threshold", _plain(options.sw_thresholds), "linear",
-                                      key=f"{key}.shrink_wrap.thresholds", names=names)
-
-
-def _plain(spec):
-    """Settings lists arrive as tuples (frozen): nested lists again, numbers as they are."""
-    if isinstance(spec, (list, tuple)):
-        return [_plain(v) for v in spec]
-    return spec
-
-
-def real_space_error(projected, constrained, grid: PhasingGrid, xp):
-    """xFrame's l2_projection_diff: ||P_S(P_M x) - P_M x||^2 / ||P_M x||^2, per repeat."""
-    diff = integrate((projected - constrained) ** 2, grid, "real", xp)
-    norm = integrate(projected ** 2, grid, "real", xp)
-    return diff / xp.maximum(norm, 1e-300)
-
-
-class _RecordingProjection:
-    """Wraps P_M so the loop sees the last projected density without another transform."""
-
-    def __init__(self, projection):
-        self.projection = projection
-        self.last = None
-
-    def __call__(self, x):
-        projected, e_mod = self.projection(x)
-        self.last = projected
-        return projected, e_mod
-
-
-class _BestTracker:
-    """Engine callback: xFrame's real-space error of every iteration and, per repeat, the
-    constrained density, support and error of its best iteration so far."""
-
-    def __init__(self, P_M, P_S, grid, backend, density, support, progress=None, loop_names=None,
-                 steps=()):
-        self.P_M, self.P_S, self.grid, self.backend = P_M, P_S, grid, backend
-        n_repeats = density.shape[-2]
-        self.best_error = np.full(n_repeats, np.inf)
-        self.best_density = density.copy()
-        self.best_support = support.copy()
-        self.errors_main, self.errors_mod = [], []
-        self.progress = progress
-        self.names = {id(step): name for step, name in zip(steps, loop_names or [])}
-
-    def latest_error(self):
-        return self.errors_main[-1] if self.errors_main else np.full(len(self.best_error), np.inf)
-
-    def __call__(self, state):
-        xp = self.backend.xp
-        projected = self.P_M.last
-        constrained = self.P_S(projected, state.support, xp)
-        e_real = self.backend.asnumpy(real_space_error(projected, constrained, self.grid, xp))
-        self.errors_main.append(e_real)
-        self.errors_mod.append(self.backend.asnumpy(state.e_mod))
-        improved = e_real < self.best_error
-        if np.any(improved):
-            chosen = xp.asarray(improved)[:, None]       # (B, 1) broadcasts over (.., B, N)
-            self.best_density = xp.where(chosen, constrained, self.best_density)
-            self.best_support = xp.where(chosen, state.support, self.best_support)
-            self.best_error = np.where(improved, e_real, self.best_error)
-        if self.progress is not None:
-            name = self.names.get(id(state.step), "")
-            self.progress.set_postfix_str(f"{name} {state.step.method} error {np.median(e_real):.2e} "
-                                          f"best {np.min(self.best_error):.2e}", refresh=False)
-            self.progress.update(1)
-
-
-def phase(transform: FourierTransformPair, projection, steps, density, support, options: RealSpaceOptions,
-          progress=None, loop_names=None, fit_metrics=None):
-    """Run a schedule (xpr.phasing.schedule steps) on a batch of densities with the shared engine.
-
-    density: (*angular, B, N) real, repeats on axis -2; support: bool, same shape. The policies
-    of `options` are compiled into the steps first (compile_policies). fit_metrics: algorithm
-    name -> metric of the reciprocal projection's Procrustes fits during its steps ('intensity'
-    or 'modulus', InvariantProjection.use_metric); None: the projection's own. Returns a dict of
-    numpy arrays: best and last densities, supports, error histories (per repeat), the beta of
-    every iteration.
-    """
-    from xpr.phasing.engine import iterate
-    from xpr.phasing.projections import SupportProjection
-
-    xp = transform.xp
-    steps = compile_policies(steps, options, loop_names)
-    P_S = SupportProjection(positivity=options.positivity)
-    P_M = _RecordingProjection(projection)
-    initial_support = support.copy()
-    tracker = _BestTracker(P_M, P_S, transform.grid, transform.backend, density, support, progress,
-                           loop_names, steps)
-
-    def shrink_wrap_step(x, support, step):
-        current = P_S(P_M.last, support, xp) if P_M.last is not None else x
-        confine = None
-        if options.enforce_initial_support:
-            enforce = xp.asarray(tracker.latest_error() > options.enforce_if_error_bigger_than)[:, None]
-            confine = xp.where(enforce, initial_support, True)          # per repeat
-        new = shrink_wrap(current, transform, float(step.options["sigma"]), float(step.options["threshold"]),
-                          confine)
-        if progress is not None:
-            progress.update(0)
-        return new
-
-    def on_step(step):
-        if fit_metrics and step.method in fit_metrics:
-            projection.use_metric(fit_metrics[step.method])
-
-    x, support, history = iterate(steps, density.copy(), support, P_M, P_S, xp=xp, metrics_every=0,
-                                  batch_axis=-2, operations={"SW": shrink_wrap_step},
-                                  callbacks=(tracker,), on_step=on_step)
-    last_density = P_S(P_M.last, support, xp)
-    asnumpy = transform.backend.asnumpy
-    return {
-        "real_density": asnumpy(tracker.best_density),
-        "support_mask": asnumpy(tracker.best_support),
-        "last_real_density": asnumpy(last_density),
-        "last_support_mask": asnumpy(support),
-        "errors_main": np.array(tracker.errors_main).T,          # (B, iterations)
-        "errors_modulus": np.array(tracker.errors_mod).T,
-        "best_error": tracker.best_error,
-        "betas": np.asarray(history.betas, dtype=float),
-    }
