@@ -301,6 +301,26 @@ def register_series(backend, series, settings, archive):
                 log.info("%s[%d] shift candidates %s; kept %s", name, i, ", ".join(
                     f"{m} ({distinct[m][0]:.2f}, {distinct[m][1]:.2f}) px misfit {s:.3e}"
                     for m, s in scores.items()), best)
+        if check and float(options.refine_shifts_px) > 0:
+            # local pattern search of each shift on the series misfit: steps halved to 1/8 px
+            current = misfit(shifted)
+            step = float(options.refine_shifts_px)
+            while step >= 0.125 - 1e-9:
+                moved = True
+                while moved:
+                    moved = False
+                    for i in moving:
+                        for direction in ((1, 0), (-1, 0), (0, 1), (0, -1)):
+                            trial = shift[i] + step * np.asarray(direction, float)
+                            apply_shift(i, trial)
+                            value = misfit(shifted)
+                            if value < current:
+                                current, shift[i], moved = value, trial, True
+                                break
+                        apply_shift(i, shift[i])
+                step /= 2
+            for i in moving:
+                log.info("%s[%d] shift refined on the series misfit: (%.3f, %.3f) px", name, i, *shift[i])
         # 2. rotation and magnification
         rotation, scale, full_shift = np.zeros(n), np.ones(n), shift.copy()
         registered = shifted.copy()
