@@ -56,9 +56,10 @@ def scan_frequencies(scan_size, step_A, pl_rotation_deg, xp=np):
     return det_y.ravel(), det_x.ravel()
 
 
-# complex64 arrays of one frequency's detector plane alive at once in the deconvolution loop
-# (χ_P in complex128, W_P, H, |W_P|², W_O): a streamed chunk holds max_memory_GB / this
-FREQUENCY_WORK_BYTES = 64
+# bytes per detector pixel of one spatial frequency alive at once in the deconvolution loop
+# (P̃ at u − Q evaluated in float64/complex128, χ_P, W_P, H, |W_P|², W_O; measured ≈ 90 on a
+# 64² scan, 128² detector): a streamed chunk of frequencies holds max_memory_GB / this
+FREQUENCY_WORK_BYTES = 128
 
 
 def _scan_transform_in_memory(experiment, backend):
@@ -85,18 +86,22 @@ def _scan_transform_streamed(experiment, backend, memory_GB, scratch):
     n_k = n_ky * n_kx
     norm = float(experiment.mean_pattern.sum())     # mean counts per pattern
     item = np.dtype(backend.complex_dtype).itemsize
+    # pass 2 holds a block of detector pixels with all scan positions, read, transformed and
+    # written back (≈ 3 complex copies), in half the budget (the chunk cache takes the rest)
+    block = max(1, min(n_k, int(memory_GB * 1e9) // (2 * 3 * item * n_scan)))
+    # HDF5 chunks of ≤ 1 MB that pass 1 writes whole (rows) and pass 2 reads whole (columns)
     rows = max(1, min(n_scan, 64))
-    columns = max(1, min(n_k, (1 << 20) // (item * rows)))   # 1 MB chunks
+    columns = max(1, min(block, (1 << 20) // (item * rows)))
+    block = block // columns * columns
     handle = h5py.File(scratch, "w", rdcc_nbytes=max(1 << 20, int(memory_GB * 1e9) // 8))
     G = handle.create_dataset("G", shape=(n_scan, n_k), dtype=backend.complex_dtype,
                               chunks=(rows, columns))
+    # pass 1: each streamed batch (≤ max_memory_GB / WORK_COPIES of float32) is written a few
+    # rows at a time, so its shifted complex copy stays small
     for start, batch in unpadded_batches(experiment):
-        shifted = np.fft.ifftshift(batch / np.float32(norm), axes=(-2, -1))
-        G[start:start + len(batch)] = shifted.reshape(len(batch), n_k).astype(backend.complex_dtype)
-    # a block of detector pixels: read, transformed and written back (≈ 3 complex copies), in
-    # half the budget (the chunk cache and the batch arrays take the rest)
-    block = max(1, min(n_k, int(memory_GB * 1e9) // (2 * 3 * item * n_scan)))
-    block = max(columns, block // columns * columns) if block >= columns else block
+        for r0 in range(0, len(batch), rows):
+            part = np.fft.ifftshift(batch[r0:r0 + rows], axes=(-2, -1)).reshape(-1, n_k)
+            G[start + r0:start + r0 + len(part)] = (part / np.float32(norm)).astype(backend.complex_dtype)
     for c0 in range(0, n_k, block):
         c1 = min(c0 + block, n_k)
         values = xp.asarray(G[:, c0:c1]).reshape(ny, nx, c1 - c0)
