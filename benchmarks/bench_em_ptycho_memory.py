@@ -4,8 +4,9 @@ Writes a synthetic scan (default 24² scan × 96² detector, float32) as a .npy 
 `xpr em ptycho` on it for a few epochs in a child process, printing the child's peak resident
 set (VmHWM) less the interpreter's own (xpr and its libraries imported), as a multiple of the
 calibrated data's bytes, beside ptycho's own estimate (ptycho.data_memory; the data held while
-reconstructing are 2.25 × the calibrated patterns since the held-out set is boolean and the
-square roots and weights are formed per batch — 6 × before). Then the price of forming √D per
+reconstructing are 1.25 × the calibrated patterns: the counts in FFT order, the held-out set
+as booleans; the square roots and weights are formed per batch and the experiment's calibrated
+copy is released — 6 × before). Then the price of forming √D per
 batch: the time of taking the square roots of all counts once, as a fraction of one loss +
 gradient evaluation (same process, same data).
 
@@ -74,6 +75,7 @@ def main():
             "scan_step_A": 0.5, "PLRotation_deg": 0.0, "conv_semiangle_mrad": 25.08})
         calibrated = experiment.patterns.nbytes
         _, resident = ptycho.data_memory(experiment.n_scan, experiment.pattern_shape, 1, 0, 0.05)
+        resident.pop("calibrated patterns")            # released once the counts are made
         print(f"scan {args.scan}² × detector {args.detector}²: calibrated patterns "
               f"{calibrated / 1e6:.1f} MB; `em ptycho` {args.epochs} epochs in {seconds:.0f} s")
         be = cpu()

@@ -342,11 +342,16 @@ def run(settings, archive):
         experiment, options, settings.probe, be, margin_px=settings.reconstruction.object_margin_px,
         positions_px=positions_px,
         memory_GB=batch_work_GB(experiment, settings, limit))
+    # the counts (a copy in FFT order, made by prepare) hold the calibrated patterns now: release
+    # the experiment's copy, keeping its shape (n_scan, pattern_shape and measured_k_max read
+    # only that; nothing after this point reads its values)
+    experiment.patterns = np.broadcast_to(np.zeros((), np.float32), experiment.patterns.shape)
     n = model.window
+    resident = data_memory(experiment.n_scan, experiment.pattern_shape, 1, 0,
+                           options.validation_fraction)[1]
+    resident.pop("calibrated patterns")
     needed = reconstruction_memory(
-        data_memory(experiment.n_scan, experiment.pattern_shape, 1, 0,
-                    options.validation_fraction)[1],
-        params["object"].shape[1:], model.n_slices, params["probe"].shape[0], n,
+        resident, params["object"].shape[1:], model.n_slices, params["probe"].shape[0], n,
         options.batch_size, model.lanes(), options.history)
     what = f"ptycho of a {'x'.join(map(str, params['object'].shape))} object"
     memory.require(needed, limit, MEMORY_KEY, what, _memory_hint())
