@@ -299,8 +299,6 @@ class Model:
         want_positions = "positions" in refine
         want_defocus = "defocus" in refine
         n = self.window
-        if loss_name == "lsq_sqrt":
-            measured.amplitudes                         # formed once, before any thread
         corners_all, fractional_all = self.split_positions(positions)
         evaluation = _Evaluation(
             measured=measured, loss_fn=losses.by_name(loss_name), object_slices=object_slices,

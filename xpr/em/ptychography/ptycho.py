@@ -29,6 +29,7 @@ from typing import NamedTuple
 import numpy as np
 
 from xpr import backend as backends
+from xpr import memory
 from xpr.em.ptychography import calibration, direct
 from xpr.em import optics
 from xpr.em.ptychography import checkpoints
@@ -75,6 +76,82 @@ def batch_size_for(memory_GB: float, n: int, modes: int, slices: int, on_gpu: bo
     return min(memory_bound, cache_bound)
 
 
+MEMORY_KEY = "reconstruction.max_memory_GB"
+BATCH_WORK_GB = 2.0               # at most this much for the work arrays of one batch
+
+
+def data_memory(n_patterns: int, detector_shape, data_bin=1, data_pad=0,
+                validation_fraction=0.0) -> tuple:
+    """(memory.Estimate of reading the scan, dict of the data arrays resident while
+    reconstructing), counted from the code: the file read as float32, then two prepared float32
+    copies alive at once (calibration: clip → roll → pad); resident: the calibrated patterns,
+    their copy in FFT order (the counts) and the held-out pixel set as booleans."""
+    ky, kx = (int(d) // max(1, int(data_bin)) for d in detector_shape)
+    pad = int(math.ceil(kx / 4)) if data_pad is None else int(data_pad)
+    prepared = 4 * int(n_patterns) * (ky + 2 * pad) * (kx + 2 * pad)
+    raw = 4 * int(n_patterns) * int(np.prod(detector_shape))
+    reading = memory.Estimate().add("reading and calibrating the scan", {
+        "scan as float32": raw, "two calibrated copies": 2 * prepared})
+    resident = {"calibrated patterns": prepared, "counts in FFT order": prepared}
+    if validation_fraction > 0:
+        resident["held-out pixels (bool)"] = prepared // 4
+    return reading, resident
+
+
+def reconstruction_memory(resident: dict, object_shape, slices: int, modes: int, n: int,
+                          batch_size: int, lanes: int, history: int) -> memory.Estimate:
+    """The peak while reconstructing: the resident data, the object and probe with L-BFGS's
+    2 × history curvature pairs and ≈ 6 working copies (iterate, gradient, direction, trial
+    point, best iterate, preconditioner), and one batch of work arrays per thread."""
+    unknowns = 8 * (int(slices) * int(np.prod(object_shape)) + int(modes) * n * n)
+    arrays_per_pattern = modes * (2 * slices + 4) + 6
+    return memory.Estimate().add("reconstructing", dict(resident, **{
+        "object, probe and L-BFGS state": (2 * int(history) + 6) * unknowns,
+        "batch work arrays": int(lanes) * int(batch_size) * arrays_per_pattern * n * n * 8}))
+
+
+def check_data_fits(settings, data_path, log=None):
+    """Stop (exit 2, key reconstruction.max_memory_GB) before reading a scan whose data would
+    not fit: the scan's shape is read from the file without its data."""
+    from xpr.io.stem4d import open_scan
+
+    experiment = settings.experiment
+    given = calibration._settings_dict(experiment)
+    with open_scan(Path(data_path).expanduser(), given.get("dataset"),
+                   given.get("scan_size")) as scan:
+        n_patterns, detector = scan.n_patterns, scan.detector_shape
+    reading, resident = data_memory(n_patterns, detector, given.get("data_bin", 1) or 1,
+                                    given.get("data_pad", 0),
+                                    float(settings.reconstruction.validation_fraction))
+    reading.add("holding the data", resident)
+    limit = memory_limit(settings)
+    what = f"ptycho on {n_patterns} patterns of {detector[0]}x{detector[1]} px"
+    memory.require(reading, limit, MEMORY_KEY, what, _memory_hint())
+    memory.log_plan(log, what, reading, limit)
+    return limit
+
+
+def batch_work_GB(experiment, settings, limit: memory.Limit) -> float:
+    """Memory for one batch's work arrays: what the resident data leave of the usable limit,
+    shared by the threads, at most BATCH_WORK_GB (the batch then has at least one pattern)."""
+    _, resident = data_memory(experiment.n_scan, experiment.pattern_shape, 1, 0,
+                              float(settings.reconstruction.validation_fraction))
+    left = memory.USABLE_FRACTION * limit.bytes - sum(resident.values())
+    return max(1e-6, min(BATCH_WORK_GB, left / 1e9 / 8))
+
+
+def memory_limit(settings) -> memory.Limit:
+    """The smallest of reconstruction.max_memory_GB, the cgroup's grant and MemAvailable."""
+    cap = settings.reconstruction.max_memory_GB
+    return memory.available(None if cap is None else float(cap), MEMORY_KEY)
+
+
+def _memory_hint() -> str:
+    return ("raise reconstruction.max_memory_GB if the machine has the memory, bin the detector "
+            "(experiment.data_bin), pad less (experiment.data_pad), or reconstruct a part of the "
+            "scan; dpc, wdd and tcbf stream scans larger than memory")
+
+
 # -- 2. initial guess -----------------------------------------------------------------------
 
 def initial_probe(experiment, probe_settings, be):
@@ -114,7 +191,8 @@ def options_from(settings) -> Options:
 
 
 def prepare(experiment, options: Options, probe_settings, be, margin_px: int = 4,
-            positions_px=None, memory_GB: float = 2.0, num_slices=None, total_thickness_A=None):
+            positions_px=None, memory_GB: float = BATCH_WORK_GB, num_slices=None,
+            total_thickness_A=None):
     """Model, counts (FFT order), detector mask and initial parameters for an experiment."""
     xp = be.xp
     n = experiment.pattern_shape[-1]
@@ -249,8 +327,9 @@ def run(settings, archive):
     """Calibrate, reconstruct, write object / probe / positions / loss and figures."""
     be = backends.from_settings(settings)
     xp = be.xp
-    experiment, data_path = calibration.load_experiment(
-        settings.experiment, direct.default_data_path(settings, archive))
+    data_path = direct.default_data_path(settings, archive)
+    limit = check_data_fits(settings, data_path, archive.log)
+    experiment, data_path = calibration.load_experiment(settings.experiment, data_path)
     archive.log.info("%s", experiment.summary())
     for note in experiment.notes:
         archive.log.info("%s", note)
@@ -261,7 +340,22 @@ def run(settings, archive):
     options = options_from(settings)
     model, counts, mask, params = prepare(
         experiment, options, settings.probe, be, margin_px=settings.reconstruction.object_margin_px,
-        positions_px=positions_px, memory_GB=settings.reconstruction.max_memory_GB)
+        positions_px=positions_px,
+        memory_GB=batch_work_GB(experiment, settings, limit))
+    # the counts (a copy in FFT order, made by prepare) hold the calibrated patterns now: release
+    # the experiment's copy, keeping its shape (n_scan, pattern_shape and measured_k_max read
+    # only that; nothing after this point reads its values)
+    experiment.patterns = np.broadcast_to(np.zeros((), np.float32), experiment.patterns.shape)
+    n = model.window
+    resident = data_memory(experiment.n_scan, experiment.pattern_shape, 1, 0,
+                           options.validation_fraction)[1]
+    resident.pop("calibrated patterns")
+    needed = reconstruction_memory(
+        resident, params["object"].shape[1:], model.n_slices, params["probe"].shape[0], n,
+        options.batch_size, model.lanes(), options.history)
+    what = f"ptycho of a {'x'.join(map(str, params['object'].shape))} object"
+    memory.require(needed, limit, MEMORY_KEY, what, _memory_hint())
+    memory.log_plan(archive.log, what, needed, limit, 1)
     start_epoch, history = 0, History()
     if settings.checkpoint.resume_from:
         params, start_epoch, history = checkpoints.load(settings.checkpoint.resume_from, params, be)

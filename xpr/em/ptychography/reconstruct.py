@@ -177,13 +177,13 @@ def defocus_slope(model, measured, params, options: Options) -> float:
 
 
 def held_out_pixels(shape, fraction: float, seed: int, xp):
-    """(N, n, n) float32, 1 on a random `fraction` of the pixels of each pattern, else 0."""
+    """(N, n, n) bool, True on a random `fraction` of the pixels of each pattern."""
     if fraction <= 0:
         return None
     import numpy as np
 
     chosen = np.random.default_rng(seed).random(shape) < fraction
-    return xp.asarray(chosen.astype(np.float32))
+    return xp.asarray(chosen)
 
 
 def reconstruct(model, counts, params: dict, options: Options, mask=None, start_epoch: int = 0,
