@@ -11,7 +11,7 @@ Per case it prints the fraction of repeats within real-space error 0.15 of the t
 translation, global phase and twin removal: xpr.phasing.merge.real_space_error), the merged
 object's error and the wall time of the run.
 
-    python benchmarks/bench_cdi_robustness.py --quick            # 2-D 256^2 and one 3-D 64^3 case
+    python benchmarks/bench_cdi_robustness.py --quick            # 7 2-D 256^2, one 3-D 64^3, two 512^2 (the issue's)
     python benchmarks/bench_cdi_robustness.py                    # the whole family (hours on 2 cores)
     python benchmarks/bench_cdi_robustness.py --quick --set merge.select_by=e_mod   # compare options
     python benchmarks/bench_cdi_robustness.py --speed            # whole-run cost per iteration
@@ -84,6 +84,9 @@ def quick_family():
         Case("shapes", photons=1e8, oversampling=8, beamstop=3, seed=4),
         Case("random_smooth", photons=1e5, seed=5),                     # below 1e6: reported only
         Case("random_smooth", n=64, dim=3, oversampling=4, photons=2e7, beamstop=3),
+        # the 2-D class: 512^2, radius ~64 px, ~2e6 photons (~87 % zeros), beamstop 5 px
+        Case("random_smooth", n=512, oversampling=4, photons=2e6, beamstop=5, seed=6),
+        Case("random_smooth", n=512, oversampling=4, photons=2e6, beamstop=5, phase=1.0, seed=7),
     ]
     return cases
 
