@@ -1,6 +1,6 @@
 """Direct 4D-STEM methods (dpc, wdd, tcbf): time relative to an FFT pair, and fidelity vs truth.
 
-Data: `xpr.em.simulate_4dstem.simulate` — MoS2 (2 slices), 200 kV, 25 mrad, 64² detector, scan
+Data: `xpr.em.ptychography.simulate_4dstem.simulate` — MoS2 (2 slices), 200 kV, 25 mrad, 64² detector, scan
 32 × 32 at 0.3 Å (the direct methods want a scan step near the Nyquist step of the aperture,
 λ/(4α) ≈ 0.25 Å for WDD), 25 000 e/pattern, defocus 0 Å (dpc, wdd, ssb) and 60 Å (ssb, tcbf).
 
@@ -21,9 +21,9 @@ import numpy as np
 from scipy.ndimage import map_coordinates
 
 from xpr import backend as backends
-from xpr.em import dpc, tcbf, wdd
-from xpr.em.calibration import Experiment
-from xpr.em.simulate_4dstem import simulate
+from xpr.em.ptychography import dpc, tcbf, wdd
+from xpr.em.ptychography.calibration import Experiment
+from xpr.em.ptychography.simulate_4dstem import simulate
 
 
 def best_time(fn, repeat):

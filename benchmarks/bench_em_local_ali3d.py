@@ -5,7 +5,9 @@ default 500 images of 64² (the issue's benchmark; the SPARX-like numpy prototyp
 iteration on 2 cores).  One iteration (chunk 0.2, all cores through xpr.parallel) is timed.
 
 Printed, measured in this run: seconds per iteration; criterion evaluations per image; the time of
-one criterion evaluation (projection + masked correlation) and of one full reconstruction, and the
+one criterion evaluation (projection + masked correlation, batched over images as the simplex
+searches make them) and its ratio to one FFT pair of the image size (machine-independent); the
+time of one full reconstruction; the iteration time over images × evaluations × FFT pair; the
 iteration time divided by (images × evaluations × one evaluation / cores) — the share of the
 iteration spent in the simplex searches; and the angular / shift error before and after.
 Never pass/fail on time.
@@ -21,10 +23,10 @@ import numpy as np
 
 from xpr import parallel
 from xpr.backend import cpu
-from xpr.em import local_ali3d as ali
+from xpr.em.ali3d import local_ali3d as ali
 from xpr.em.ali3d import euler, phantom
 from xpr.em.ali3d.project import prepare_projector
-from xpr.em.ali3d.refine import masked_ccc, normalise_in_mask, single_threaded_backend
+from xpr.em.ali3d.refine import BatchedCriterion, disc_mask
 
 
 def main():
@@ -50,16 +52,19 @@ def main():
     radius = state.history[-1]["slice_radius_px"]
 
     projector = prepare_projector(state.reference, backend, radius=radius)
-    small = single_threaded_backend()
-    mask = np.zeros((args.box, args.box), bool)
-    axis = np.arange(args.box) - args.box // 2
-    mask[axis[:, None] ** 2 + axis[None, :] ** 2 <= options.ou ** 2] = True
-    target = normalise_in_mask(data.images[0], mask)
-    matrices = euler.rotation_matrices(*data.start_angles[:200].T)
+    count = min(200, args.images)
+    criterion = BatchedCriterion(projector, data.images[:count], disc_mask(args.box, options.ou))
+    points = np.concatenate([data.start_angles[:count], data.start_shifts[:count] + 0.5], axis=1)
     tick = time.perf_counter()
-    for matrix in matrices:
-        masked_ccc(projector.project(matrix, small, shift_px=(0.5, -0.5)), target, mask)
-    one_evaluation = (time.perf_counter() - tick) / len(matrices)
+    for _ in range(5):                      # one simplex step of `count` images: one batched call
+        criterion(np.arange(count), points)
+    one_evaluation = (time.perf_counter() - tick) / (5 * count)
+    spectra = np.fft.rfft2(data.images[:count])
+    tick = time.perf_counter()
+    for _ in range(5):
+        np.fft.irfft2(np.fft.rfft2(data.images[:count]), s=(args.box, args.box))
+    fft_pair = (time.perf_counter() - tick) / (5 * count)
+    del spectra
 
     tick = time.perf_counter()
     grid = ali.fourier_sums(data.images, np.arange(args.images), None, (data.start_angles, data.start_shifts),
@@ -74,7 +79,9 @@ def main():
     print(f"images {args.images} of {args.box}², {workers} worker process(es), slice radius {radius:.0f} px")
     print(f"seconds per iteration            {seconds:8.2f}")
     print(f"criterion evaluations per image  {evaluations:8.1f}")
-    print(f"one criterion evaluation (ms)    {1e3 * one_evaluation:8.3f}")
+    print(f"one criterion evaluation (ms)    {1e3 * one_evaluation:8.3f}  (batched over {count} images)")
+    print(f"  / one {args.box}² FFT pair         {one_evaluation / fft_pair:8.1f}")
+    print(f"iteration / (images × evaluations × FFT pair)  {seconds / (args.images * evaluations * fft_pair):8.1f}")
     print(f"one reconstruction, all images   {reconstruction:8.2f} s  (with its residual correction)")
     print(f"simplex share of the iteration   {search / seconds:8.2f}  (images × evaluations × evaluation / cores ÷ iteration)")
     print(f"iteration / prototype (35 s, 2 cores)  {seconds / 35.0:6.2f}  (different machine: indicative only)")

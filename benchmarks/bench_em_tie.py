@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from xpr.backend import Backend
-from xpr.em import focal_series, specimens, tie_solvers
+from xpr.em.tie import focal_series, specimens, solvers as tie_solvers
 from xpr.em.optics import electron_wavelength_A
 
 

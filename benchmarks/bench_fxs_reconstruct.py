@@ -26,12 +26,14 @@ import time
 import numpy as np
 
 from xpr.backend import Backend
-from xpr.fxs.fxs_phasing import (FourierTransformPair, RealSpaceOptions, blas_threads, build_grid, density_guess,
-                                 phase, radial_field)
-from xpr.fxs.fxs_phasing import gaussian_blobs as blobs
+from xpr.fxs.grids import build_grid
+from xpr.fxs.grids import gaussian_blobs as blobs
+from xpr.fxs.iterate import RealSpaceOptions, phase
+from xpr.fxs.real_space import density_guess, radial_field
 from xpr.fxs.reciprocal_projection import (InvariantProjection, KnownIntensityProjection, OrderConstraints3D,
                                            PointwiseRefinement, constraint_from_density,
                                            invariants_from_coefficients)
+from xpr.fxs.transforms import FourierTransformPair, blas_threads
 from xpr.phasing.schedule import parse_blocks
 
 

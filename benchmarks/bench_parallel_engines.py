@@ -29,6 +29,7 @@ import h5py
 import numpy as np
 
 from xpr import parallel
+from xpr.backend import BackendSpec
 from xpr.cdi import phasing
 from xpr.cdi.objects import far_field_intensity, model_object
 from xpr.fxs.correlate import accumulate, add_sums, chunk_tasks, correlate_chunk, finish, polar_geometry
@@ -56,7 +57,7 @@ def problem(size, iterations):
         "intensity_fft": np.fft.ifftshift(intensity).astype(np.float32),
         "measured_fft": np.fft.ifftshift(~masked),
         "initial_support": np.asarray(centred_radius(intensity.shape)) <= size / 4,
-        "init_model": None, "steps": steps, "use_gpu": False, "precision": "single",
+        "init_model": None, "steps": steps, "backend": BackendSpec("cpu", "single"),
         "options": {"background": False, "positivity": True, "value_threshold": None, "imag_limit": 0.0,
                     "support_size": None, "metrics_every": 10,
                     "shrink_wrap": {"threshold": 0.15, "sigma": [3.0, 1.0], "confine_to_initial": True,

@@ -7,15 +7,81 @@ import pytest
 from click.testing import CliRunner
 
 HERE = Path(__file__).resolve().parent
-# Files written by xFrame itself, for compatibility tests: ../shared/data/xframe beside the checkout.
-XFRAME_DATA = HERE.parent.parent / "shared" / "data" / "xframe"
+# Files written by xFrame itself, for compatibility tests; they ship with the tests (see its README.md).
+XFRAME_DATA = HERE / "data" / "xframe"
 
 
 @pytest.fixture
 def xframe_data() -> Path:
-    """The folder of xFrame-written reference files (shared/data/xframe beside the checkout)."""
+    """The folder of xFrame-written reference files (tests/data/xframe, in the checkout)."""
     assert XFRAME_DATA.is_dir(), f"xFrame reference files expected at {XFRAME_DATA}"
     return XFRAME_DATA
+
+
+GUARD = HERE / "outside_guard"
+CHECKOUT = HERE.parent
+
+
+def pytest_configure(config):
+    """Watch for files read outside the checkout beside it (../shared, sibling clones): they fail
+    the session (tests/outside_guard/sitecustomize.py), here and in every process tests start."""
+    import getpass
+    import importlib.util
+    import os
+    import tempfile
+
+    handle, log = tempfile.mkstemp(prefix="xpr-outside-", suffix=".log")
+    os.close(handle)
+    pytest_temp = Path(tempfile.gettempdir()) / f"pytest-of-{getpass.getuser()}"
+    environment = {"XPR_TEST_CHECKOUT": str(CHECKOUT), "XPR_TEST_OUTSIDE_LOG": log,
+                   "XPR_TEST_ALLOW_UNDER": os.pathsep.join(filter(None, [str(pytest_temp),
+                                                                         os.environ.get("XPR_TEST_ALLOW_UNDER")])),
+                   "PYTHONPATH": os.pathsep.join(filter(None, [str(GUARD), os.environ.get("PYTHONPATH")]))}
+    config._xpr_outside = {"log": log, "saved": {k: os.environ.get(k) for k in environment}}
+    os.environ.update(environment)
+    spec = importlib.util.spec_from_file_location("xpr_outside_guard", GUARD / "sitecustomize.py")
+    guard = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(guard)              # installs the audit hook in this process
+
+    import h5py                                  # HDF5 opens files in C: announce them to the hook
+
+    original = h5py.File.__init__
+
+    def announced(self, name, *args, **kwargs):
+        if isinstance(name, (str, bytes, os.PathLike)):
+            import sys
+
+            sys.audit("open", os.fspath(name), "h5py", 0)
+        original(self, name, *args, **kwargs)
+
+    h5py.File.__init__ = announced
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import os
+
+    state = getattr(session.config, "_xpr_outside", None)
+    if state is None:
+        return
+    for key, value in state["saved"].items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    try:
+        lines = sorted(set(Path(state["log"]).read_text().splitlines()))
+    finally:
+        os.unlink(state["log"])
+    if lines:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        message = ("tests read outside the checkout (ship the data in tests/ instead):\n  "
+                   + "\n  ".join(lines[:20]))
+        if reporter is not None:
+            reporter.write("\n")
+            reporter.write_line(message, red=True)
+        else:
+            print(message)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_collection_modifyitems(config, items):
@@ -26,8 +92,14 @@ def pytest_collection_modifyitems(config, items):
         return
     skip = pytest.mark.skip(reason="needs cupy and a CUDA device")
     for item in items:
-        if "gpu" in item.keywords:
+        if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip)
+
+
+@pytest.fixture(params=["emulated", pytest.param("cuda", marks=pytest.mark.gpu)])
+def device(request) -> str:
+    """A device for device/CPU parity tests: the emulated one always, cupy where present."""
+    return request.param
 
 
 @pytest.fixture(autouse=True)

@@ -32,7 +32,8 @@ def test_double_precision_on_request():
 
 
 @pytest.mark.skipif(gpu_available(), reason="the error path exists only without a GPU")
-def test_gpu_true_without_device_is_a_clear_error():
+def test_gpu_true_without_device_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("XPR_DEVICE", raising=False)       # the emulated device would stand in
     with pytest.raises(SettingsError, match="GPU.use is true"):
         Backend.from_settings(Frozen({"GPU": {"use": True}}))
 

@@ -1,10 +1,18 @@
-"""One place decides numpy or cupy, and every FFT goes through here.
+"""One place decides numpy, cupy or the emulated device, and every FFT goes through here.
 
-    backend = Backend.from_settings(settings)    # reads settings.GPU.use: auto | true | false
-    xp = backend.xp                               # numpy or cupy
-    F = backend.fftn(x, axes=(-2, -1))             # scipy.fft (all cores) or cupyx.scipy.fft
+    spec = BackendSpec.from_settings(settings)   # GPU.use, GPU.precision, XPR_DEVICE: read once
+    backend = spec.create()                       # in this process or in a worker (the spec pickles)
+    backend = Backend.from_settings(settings)     # both at once
+    xp = backend.xp                               # numpy, cupy, or the emulated device's namespace
+    F = backend.fftn(x, axes=(-2, -1))             # scipy.fft (this process's cores) or cupyx.scipy.fft
 
-Kernels take a Backend (or its xp) and never import numpy/cupy for arrays that may live on a GPU.
+Devices: "cpu" (numpy + scipy.fft), "cuda" (cupy + cupyx.scipy.fft) and "emulated" (xpr.emulated:
+arrays on the CPU that refuse implicit conversion to numpy as cupy's do, so the device path of
+every kernel is exercised without a GPU). `XPR_DEVICE=emulated` in the environment makes the
+emulated device stand in for the CUDA device: `GPU.use: auto` and `true` resolve to it, `false`
+stays on numpy. Kernels take a Backend (or its xp) and never import numpy/cupy for arrays that may
+live on a device; they move data with `asarray`/`asnumpy` and scatter-add with `scatter_add`.
+
 Complex64 / float32 by default; `precision: double` in the GPU group gives complex128.
 FFT normalisation is numpy's "backward" everywhere (forward unscaled, inverse 1/N); kernels may
 pass `overwrite_x=True` where the input is no longer needed, saving a copy per transform.
@@ -12,18 +20,56 @@ pass `overwrite_x=True` where the input is no longer needed, saving a copy per t
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import numpy as np
 
 from xpr.errors import SettingsError
 
+DEVICES = ("cpu", "cuda", "emulated")
+
 
 def gpu_available() -> bool:
+    """A CUDA device with cupy (the real one; see `device_available` for the emulated one)."""
     try:
         import cupy
         return cupy.cuda.runtime.getDeviceCount() > 0
     except Exception:  # no cupy, no driver, no device: all mean "no GPU" here
         return False
+
+
+def gpu_ids() -> list[str]:
+    """The CUDA devices this process may use, as CUDA_VISIBLE_DEVICES names them ([] without)."""
+    if not gpu_available():
+        return []
+    import cupy
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    count = cupy.cuda.runtime.getDeviceCount()
+    if visible:
+        return [name.strip() for name in visible.split(",") if name.strip()][:count]
+    return [str(i) for i in range(count)]
+
+
+def emulated_requested() -> bool:
+    """True when XPR_DEVICE=emulated (SettingsError for another non-empty value)."""
+    value = os.environ.get("XPR_DEVICE", "").strip().lower()
+    if value not in ("", "emulated"):
+        raise SettingsError(f"XPR_DEVICE must be 'emulated' or unset, not {value!r}", key="XPR_DEVICE")
+    return value == "emulated"
+
+
+def device_available() -> bool:
+    """A device for `GPU.use`: the emulated one under XPR_DEVICE=emulated, else a CUDA one."""
+    return emulated_requested() or gpu_available()
+
+
+def device_note() -> str | None:
+    """The line every run logs under XPR_DEVICE=emulated (None otherwise)."""
+    if emulated_requested():
+        return ("device: emulated device (XPR_DEVICE=emulated): GPU.use auto/true run on CPU arrays that "
+                "refuse implicit numpy conversion as cupy's do")
+    return None
 
 
 def default_fft_workers() -> int:
@@ -32,56 +78,124 @@ def default_fft_workers() -> int:
     return int(value) if value else -1
 
 
+def _use_setting(gpu) -> object:
+    return gpu.get("use", "auto") if gpu is not None else False
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """What a backend is, resolved once from the settings, and sent to worker processes.
+
+    device: cpu | cuda | emulated; precision: single | double; fft_workers: CPU threads per FFT
+    (None: this process's share, XPR_FFT_WORKERS or all cores, read where the backend is made);
+    device_id: the CUDA device to use (None: the current one, i.e. the first visible).
+    """
+
+    device: str = "cpu"
+    precision: str = "single"
+    fft_workers: int | None = None
+    device_id: int | None = None
+
+    def __post_init__(self):
+        if self.device not in DEVICES:
+            raise SettingsError(f"device must be one of {', '.join(DEVICES)}, not {self.device!r}")
+        if self.precision not in ("single", "double"):
+            raise SettingsError(f"precision must be 'single' or 'double', not {self.precision!r}",
+                                key="GPU.precision")
+
+    @property
+    def on_device(self) -> bool:
+        """True for the CUDA and the emulated device (arrays that are not numpy's)."""
+        return self.device != "cpu"
+
+    @classmethod
+    def from_settings(cls, settings=None) -> "BackendSpec":
+        """From a settings mapping with an optional `GPU: {use: auto|true|false, precision}` group
+        (the only place GPU.use and GPU.precision are read)."""
+        gpu = settings.get("GPU") if settings is not None and hasattr(settings, "get") else None
+        use = _use_setting(gpu)
+        precision = gpu.get("precision", "single") if gpu is not None else "single"
+        emulated = emulated_requested()
+        if use in ("auto", None):
+            device = "emulated" if emulated else ("cuda" if gpu_available() else "cpu")
+        elif use is True or use in ("true", "True"):
+            if emulated:
+                device = "emulated"
+            elif gpu_available():
+                device = "cuda"
+            else:
+                raise SettingsError("GPU.use is true but no CUDA device with cupy was found "
+                                    "(install xpr[gpu] or set GPU.use: auto)", key="GPU.use")
+        elif use is False or use in ("false", "False"):
+            device = "cpu"
+        else:
+            raise SettingsError(f"GPU.use must be auto, true or false, not {use!r}", key="GPU.use")
+        return cls(device, precision)
+
+    def gpus(self) -> list[str] | None:
+        """The CUDA devices to spread work over (one worker each), or None off cupy."""
+        return gpu_ids() or None if self.device == "cuda" else None
+
+    def create(self) -> "Backend":
+        return Backend(device=self.device, precision=self.precision, fft_workers=self.fft_workers,
+                       device_id=self.device_id)
+
+
 class Backend:
-    def __init__(self, use_gpu: bool = False, precision: str = "single", fft_workers: int | None = None):
-        """fft_workers: CPU threads per FFT (default: all, or this process's share under
+    def __init__(self, use_gpu: bool = False, precision: str = "single", fft_workers: int | None = None,
+                 device: str | None = None, device_id: int | None = None):
+        """device: cpu | cuda | emulated (default: cuda if use_gpu else cpu).
+        fft_workers: CPU threads per FFT (default: all, or this process's share under
         xpr.parallel); 1 suits many tiny transforms, where thread start-up dominates."""
-        if precision not in ("single", "double"):
-            raise SettingsError(f"precision must be 'single' or 'double', not {precision!r}", key="GPU.precision")
-        self.is_gpu = bool(use_gpu)
+        device = device or ("cuda" if use_gpu else "cpu")
+        self.spec = BackendSpec(device, precision, fft_workers, device_id)
+        self.device = device
         self.precision = precision
-        if self.is_gpu:
+        self.is_gpu = device != "cpu"        # the device path (cupy or its emulation)
+        self.emulated = device == "emulated"
+        self._fft_kwargs = {}
+        if device == "cuda":
             import cupy
             import cupyx.scipy.fft as gpu_fft
 
+            if device_id is not None:
+                cupy.cuda.Device(int(device_id)).use()
             self.xp = cupy
             self._fft = gpu_fft
-            self._fft_kwargs = {}
         else:
             import scipy.fft as cpu_fft
 
-            self.xp = np
             self._fft = cpu_fft
             self._fft_kwargs = {"workers": fft_workers if fft_workers is not None else default_fft_workers()}
-        self.complex_dtype = self.xp.complex64 if precision == "single" else self.xp.complex128
-        self.real_dtype = self.xp.float32 if precision == "single" else self.xp.float64
+            if device == "emulated":
+                from xpr.emulated import Device
+
+                self.emulator = Device()
+                self.xp = self.emulator.xp
+            else:
+                self.xp = np
+        self.complex_dtype = np.complex64 if precision == "single" else np.complex128
+        self.real_dtype = np.float32 if precision == "single" else np.float64
 
     @classmethod
     def from_settings(cls, settings=None) -> "Backend":
         """From a settings mapping with an optional `GPU: {use: auto|true|false, precision}` group."""
-        gpu = settings.get("GPU") if settings is not None and hasattr(settings, "get") else None
-        use = gpu.get("use", "auto") if gpu is not None else False
-        precision = gpu.get("precision", "single") if gpu is not None else "single"
-        if use in ("auto", None):
-            use_gpu = gpu_available()
-        elif use is True or use in ("true", "True"):
-            if not gpu_available():
-                raise SettingsError("GPU.use is true but no CUDA device with cupy was found "
-                                    "(install xpr[gpu] or set GPU.use: auto)", key="GPU.use")
-            use_gpu = True
-        else:
-            use_gpu = False
-        return cls(use_gpu, precision)
+        return BackendSpec.from_settings(settings).create()
 
     def __repr__(self):
-        return f"Backend({'cupy' if self.is_gpu else 'numpy'}, {self.precision})"
+        name = {"cpu": "numpy", "cuda": "cupy", "emulated": "emulated device"}[self.device]
+        return f"Backend({name}, {self.precision})"
 
     # --- arrays -------------------------------------------------------------------------
     def asarray(self, a, dtype=None):
+        """To this backend's device (a copy when host data goes to a device)."""
         return self.xp.asarray(a, dtype=dtype)
 
     def asnumpy(self, a):
-        if self.is_gpu:
+        """To a numpy array on the host (a copy from a device; numpy arrays pass through)."""
+        if self.device == "cuda":
+            return self.xp.asnumpy(a)
+        if self.emulated:
             return self.xp.asnumpy(a)
         return np.asarray(a)
 
@@ -89,38 +203,70 @@ class Backend:
         """A seeded Generator on the device (numpy.random.Generator or cupy's)."""
         return self.xp.random.default_rng(seed)
 
+    def scatter_add(self, target, indices, values):
+        """target[indices] += values, adding every repeated index (numpy's add.at).
+
+        On cupy through cupyx.scatter_add, which has atomic adds for real types only: a complex
+        target is added to as its real and imaginary parts (views of the same memory)."""
+        if self.device == "cuda":
+            import cupyx
+
+            if self.xp.iscomplexobj(target):
+                parts = target.view(target.real.dtype).reshape(target.shape + (2,))
+                values = self.xp.asarray(values, dtype=target.dtype)
+                cupyx.scatter_add(parts[..., 0], indices, values.real)
+                cupyx.scatter_add(parts[..., 1], indices, values.imag)
+            else:
+                cupyx.scatter_add(target, indices, values)
+            return target
+        if self.emulated:
+            np.add.at(self.emulator.unwrap(target, "scatter_add"), self.emulator.unwrap(indices, "scatter_add"),
+                      self.emulator.unwrap(values, "scatter_add"))
+            return target
+        np.add.at(target, indices, values)
+        return target
+
     # --- FFTs -----------------------------------------------------------------------------
+    def _call(self, name, a, **kwargs):
+        if self.emulated:   # cupyx.scipy.fft takes device arrays only
+            device = self.emulator
+            return device.wrap(getattr(self._fft, name)(device.unwrap(a, f"backend.{name}"), **kwargs))
+        return getattr(self._fft, name)(a, **kwargs)
+
     def fftn(self, a, axes=None, overwrite_x=False):
-        return self._fft.fftn(a, axes=axes, overwrite_x=overwrite_x, **self._fft_kwargs)
+        return self._call("fftn", a, axes=axes, overwrite_x=overwrite_x, **self._fft_kwargs)
 
     def ifftn(self, a, axes=None, overwrite_x=False):
-        return self._fft.ifftn(a, axes=axes, overwrite_x=overwrite_x, **self._fft_kwargs)
+        return self._call("ifftn", a, axes=axes, overwrite_x=overwrite_x, **self._fft_kwargs)
 
     def fft2(self, a, axes=(-2, -1), overwrite_x=False):
-        return self._fft.fft2(a, axes=axes, overwrite_x=overwrite_x, **self._fft_kwargs)
+        return self._call("fft2", a, axes=axes, overwrite_x=overwrite_x, **self._fft_kwargs)
 
     def ifft2(self, a, axes=(-2, -1), overwrite_x=False):
-        return self._fft.ifft2(a, axes=axes, overwrite_x=overwrite_x, **self._fft_kwargs)
+        return self._call("ifft2", a, axes=axes, overwrite_x=overwrite_x, **self._fft_kwargs)
 
     def fft(self, a, axis=-1, n=None, overwrite_x=False):
-        return self._fft.fft(a, n=n, axis=axis, overwrite_x=overwrite_x, **self._fft_kwargs)
+        return self._call("fft", a, n=n, axis=axis, overwrite_x=overwrite_x, **self._fft_kwargs)
 
     def ifft(self, a, axis=-1, n=None, overwrite_x=False):
-        return self._fft.ifft(a, n=n, axis=axis, overwrite_x=overwrite_x, **self._fft_kwargs)
+        return self._call("ifft", a, n=n, axis=axis, overwrite_x=overwrite_x, **self._fft_kwargs)
 
     def rfft(self, a, axis=-1, n=None):
-        return self._fft.rfft(a, n=n, axis=axis, **self._fft_kwargs)
+        return self._call("rfft", a, n=n, axis=axis, **self._fft_kwargs)
 
     def irfft(self, a, axis=-1, n=None):
-        return self._fft.irfft(a, n=n, axis=axis, **self._fft_kwargs)
+        return self._call("irfft", a, n=n, axis=axis, **self._fft_kwargs)
 
     def fftshift(self, a, axes=None):
-        return self._fft.fftshift(a, axes=axes)
+        return self._call("fftshift", a, axes=axes)
 
     def ifftshift(self, a, axes=None):
-        return self._fft.ifftshift(a, axes=axes)
+        return self._call("ifftshift", a, axes=axes)
 
     def fftfreq(self, n, d=1.0):
+        """Sample frequencies, on the device (as cupyx.scipy.fft.fftfreq gives them)."""
+        if self.emulated:
+            return self.emulator.wrap(self._fft.fftfreq(n, d=d))
         return self._fft.fftfreq(n, d=d)
 
 
@@ -128,5 +274,42 @@ def from_settings(settings=None) -> Backend:
     return Backend.from_settings(settings)
 
 
-def cpu() -> Backend:
-    return Backend(False)
+def spec_from_settings(settings=None) -> BackendSpec:
+    return BackendSpec.from_settings(settings)
+
+
+def cpu_only(settings, log, what: str, reason: str) -> Backend:
+    """The numpy backend of a path that runs on the CPU by design, saying so.
+
+    GPU.use is checked as everywhere (true without a device: SettingsError, exit 2); when it
+    would give a device (true, or auto with one present or emulated) the run's log states that
+    `what` runs on the CPU and why, as a warning when the settings asked for the GPU (true)."""
+    spec = BackendSpec.from_settings(settings)
+    if spec.on_device:
+        gpu = settings.get("GPU") if hasattr(settings, "get") else None
+        asked = _use_setting(gpu) in (True, "true", "True")
+        (log.warning if asked else log.info)(
+            "%s runs on the CPU by design (%s)%s", what, reason,
+            "; GPU.use: true has no effect here" if asked else f"; the {spec.device} device is not used")
+    return cpu(spec.precision)
+
+
+def cpu(precision: str = "single") -> Backend:
+    """numpy, whatever the settings and XPR_DEVICE say: for paths that are CPU-only by design."""
+    return Backend(False, precision)
+
+
+def to_host(a):
+    """A numpy array of `a`, wherever it lives (for code holding an array but no Backend;
+    kernels with a backend call `backend.asnumpy`)."""
+    if isinstance(a, np.ndarray):
+        return a
+    if type(a).__module__.startswith("cupy"):
+        import cupy
+
+        return cupy.asnumpy(a)
+    from xpr.emulated import DeviceArray
+
+    if isinstance(a, DeviceArray):
+        return a.get()
+    return np.asarray(a)

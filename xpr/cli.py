@@ -4,33 +4,40 @@
     xpr [--home PATH] [-q] <group> <command> SETTINGS_NAME [-o key.sub=value ...] [<command> ...]
     xpr settings <group> <command> SETTINGS_NAME [-o ...]
 
-Each command resolves its settings, claims a run folder, calls its worker's `run(settings, archive)`
-and, on success only, points the product's latest-link at the run's main file. A user error exits
-2 with a one-screen message; a failed computation exits 1 (traceback in the run's log); either
-stops the chain, and earlier runs stay as they are.
+Each command resolves its settings, lets its worker check their values (an optional
+`validate(settings)` in the worker module), claims a run folder, calls the worker's
+`run(settings, archive)` and, on success only, points the product's latest-link at the run's main
+file. A user error exits 2 with a one-screen message (a run that wrote nothing yet leaves no
+folder); a failed computation exits 1 (traceback in the run's log); a full or read-only disk
+exits 1 with one line naming the path; SIGTERM/SIGINT stop the worker processes, mark the run
+FAILED with the signal and exit 128 + the signal number. Any of these stops the chain, and
+earlier runs and the latest-links stay as they are.
 """
 from __future__ import annotations
 
-import importlib
-import os
+import errno
+import logging
 import sys
 
 import click
 import yaml
 
-from xpr import __version__, registry
+from xpr import __version__, registry, runner
 from xpr import home as home_module
-from xpr.archive import Run
 from xpr.errors import XprUserError
 from xpr.settings import Schema, resolve, to_plain
+
+
+DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT}
 
 
 class State:
     """What the root options say, handed down to every command (click's ctx.obj)."""
 
-    def __init__(self, home_option=None, quiet=False):
+    def __init__(self, home_option=None, quiet=False, verbose=False):
         self.home_option = home_option
         self.quiet = quiet
+        self.verbose = verbose
 
 
 def fail_user(error: XprUserError):
@@ -38,49 +45,47 @@ def fail_user(error: XprUserError):
     raise click.exceptions.Exit(error.exit_code)
 
 
+def disk_error_line(error: OSError, what: str) -> str:
+    """One line for a write the disk refused: the path and the reason (no traceback)."""
+    path = error.filename or "?"
+    reason = error.strerror or str(error)
+    return f"xpr: {what}: cannot write {path}: {reason}"
+
+
 def run_command(spec: registry.CommandSpec, settings_name: str, overrides, state: State):
-    """Resolve, archive, run the worker, finalise. Returns the run folder."""
+    """Resolve, validate, archive, run the worker, finalise (xpr.runner, shared with xpr.api).
+    Returns the run folder."""
+    what = f"{spec.group} {spec.name}"
     try:
-        home = home_module.locate(state.home_option)
-        resolved = resolve(spec.group, spec.name, settings_name, home, overrides)
-        structure = spec.structure(resolved.settings)
+        prepared = runner.prepare(spec, settings_name, overrides, state.home_option)
     except XprUserError as error:
         fail_user(error)
     except KeyError as error:
-        click.echo(f"xpr: the defaults of '{spec.group} {spec.name}' lack the key {error}", err=True)
+        click.echo(f"xpr: the defaults of '{what}' lack the key {error}", err=True)
         raise click.exceptions.Exit(2) from None
-    worker = importlib.import_module(spec.module)
-    run = Run(home, spec.group, spec.product, structure, resolved.settings, quiet=state.quiet,
-              command=spec.name)
-    run.log.info("settings %s -> run %s", resolved.source, run.path)
     try:
-        worker.run(resolved.settings, run)
-    except XprUserError as error:
-        run.fail(error)
-        click.echo(error.format(), err=True)
-        click.echo(f"  run:     {run.path} (marked FAILED)", err=True)
-        raise click.exceptions.Exit(error.exit_code) from None
-    except KeyboardInterrupt as error:
-        run.fail(error)
-        raise
-    except Exception as error:  # the worker's computation failed: record it, exit non-zero
-        run.fail(error)
-        click.echo(f"xpr: {spec.group} {spec.name} failed: {type(error).__name__}: {error}\n"
-                   f"  run:     {run.path} (marked FAILED; traceback in run.log)", err=True)
-        raise click.exceptions.Exit(1) from None
-    link = run.succeed()
-    record_run(spec, run)
+        outcome = runner.execute(prepared, quiet=state.quiet, verbose=state.verbose,
+                                 console=not state.quiet)
+    except runner.Interrupted as stop:
+        click.echo(f"xpr: {what} stopped by {stop.name}\n  run:     {stop.run.path}"
+                   + (" (marked FAILED)" if stop.marked else ""), err=True)
+        raise click.exceptions.Exit(128 + stop.signum) from None
+    except runner.RunFailed as failure:
+        run, error = failure.run, failure.error
+        if isinstance(error, XprUserError):
+            click.echo(error.format(), err=True)
+        elif isinstance(error, OSError) and error.errno in DISK_ERRNOS:
+            click.echo(disk_error_line(error, what), err=True)
+        else:
+            click.echo(f"xpr: {what} failed: {type(error).__name__}: {error}", err=True)
+        if run is not None and failure.marked:
+            traceback_note = "" if isinstance(error, XprUserError) else "; traceback in run.log"
+            click.echo(f"  run:     {run.path} (marked FAILED{traceback_note})", err=True)
+        raise click.exceptions.Exit(error.exit_code if isinstance(error, XprUserError) else 1) from None
+    run, link = outcome.run, outcome.link
     if not state.quiet:
-        click.echo(f"{spec.group} {spec.name}: results in {run.path}" + (f"\n  latest: {link}" if link else ""))
+        click.echo(f"{what}: results in {run.path}" + (f"\n  latest: {link}" if link else ""))
     return run.path
-
-
-def record_run(spec: registry.CommandSpec, run: Run):
-    """Array-job shares: append 'group command run_folder main_file' to $XPR_RUN_RECORD if set."""
-    record = os.environ.get("XPR_RUN_RECORD")
-    if record:
-        with open(record, "a") as f:
-            f.write(f"{spec.group} {spec.name} {run.path} {run.main_file or ''}\n")
 
 
 class SettingsCommand(click.Command):
@@ -150,14 +155,16 @@ def build_group(name: str) -> click.Group:
 @click.option("--home", "home_option", type=click.Path(file_okay=False), default=None,
               help="The xpr home to use (else XPR_HOME, else the last --setup_home, else ~/.xpr).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or log lines on the console.")
+@click.option("-v", "--verbose", is_flag=True, help="Debug output in the console and run.log.")
 @click.option("--setup_home", "setup_home", is_flag=False, flag_value="", default=None, metavar="[PATH]",
               help="Create a home (default ~/.xpr or XPR_HOME) with every command's default and "
                    "tutorial settings; never overwrites existing files.")
 @click.version_option(__version__, "--version", prog_name="xpr")
 @click.pass_context
-def main(ctx, home_option, quiet, setup_home):
+def main(ctx, home_option, quiet, verbose, setup_home):
     """xpr — phase retrieval from the command line: fxs, cdi and em workflows."""
-    ctx.obj = State(home_option, quiet)
+    ctx.obj = State(home_option, quiet, verbose)
+    logging.getLogger("xpr").setLevel(logging.DEBUG if verbose else logging.INFO)
     if setup_home is not None:
         home, created = home_module.setup(setup_home or home_option or None)
         click.echo(f"xpr home: {home.root}\n  {len(created)} settings files created, existing files kept\n"
@@ -210,13 +217,15 @@ def show_settings(state, group, command, settings_name, overrides):
 @click.option("--queue", default=None, help="Queue / partition.")
 @click.option("--account", default=None)
 @click.option("--directive", "directives", multiple=True, help="Extra scheduler directive, verbatim.")
+@click.option("--gpus", type=int, default=0, show_default=True,
+              help="GPUs per node: requested from the scheduler, one dask worker each.")
 @click.option("--dask/--no-dask", "use_dask", default=None,
               help="Start a dask cluster inside the job for the parallel steps (default: yes, except arrays).")
 @click.argument("group")
 @click.argument("chain", nargs=-1, type=click.UNPROCESSED)
 @click.pass_obj
 def jobscript_command(state, scheduler, array_size, each, merge, nodes, cores, memory, walltime, queue,
-                      account, directives, use_dask, group, chain):
+                      account, directives, gpus, use_dask, group, chain):
     """Write a batch script running GROUP CHAIN... (settings resolved and archived beside it)."""
     from xpr import jobscript
 
@@ -225,7 +234,7 @@ def jobscript_command(state, scheduler, array_size, each, merge, nodes, cores, m
         written = jobscript.write(
             home, scheduler, group, chain,
             jobscript.Resources(nodes=nodes, cores=cores, memory=memory, walltime=walltime, queue=queue,
-                                account=account, directives=list(directives)),
+                                account=account, directives=list(directives), gpus=gpus),
             array=array_size, each=each, merge=merge, use_dask=use_dask)
     except XprUserError as error:
         fail_user(error)

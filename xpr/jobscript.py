@@ -8,7 +8,10 @@ The settings of every step are resolved now (bad ones stop here, exit 2) and arc
 folder `HOME/jobs/<D_M_YYYY>/job_<N>/` beside the scripts, so the job runs exactly what was checked.
 
 * single job: the chain runs on the allocation with a dask cluster inside the job (scheduler and
-  workers started from a scheduler file) for every parallel step;
+  workers started from a scheduler file) for every parallel step; `workers.sh` starts the
+  workers of one node (on every node through srun): `cores` single-threaded workers, each with
+  one FFT/BLAS thread, or with `--gpus N` one worker per GPU (CUDA_VISIBLE_DEVICES, from the
+  GPUs the scheduler gave the job) with cores / N FFT threads each;
 * array job: each array task runs the chain on its own share (`--each KEY=VALUE` overrides, with
   `{index}` the task's index, e.g. a seed), records its run folders in `shares/`, and a merge job
   that depends on the whole array runs `--merge` over every recorded share (`submit.sh` submits
@@ -45,6 +48,7 @@ class Resources:
     queue: str | None = None
     account: str | None = None
     directives: list = field(default_factory=list)
+    gpus: int = 0               # GPUs per node: one dask worker each
 
 
 @dataclass
@@ -86,10 +90,11 @@ def directives(scheduler: str, name: str, res: Resources, log_dir: Path, array: 
                  f"--cpus-per-task={res.cores}", f"--mem={res.memory}", f"--time={res.walltime}",
                  f"--output={out}/%x_%j{'_%a' if array else ''}.out"]
         lines += [f"--partition={res.queue}"] * bool(res.queue) + [f"--account={res.account}"] * bool(res.account)
-        lines += [f"--array=0-{array - 1}"] * bool(array)
+        lines += [f"--array=0-{array - 1}"] * bool(array) + [f"--gres=gpu:{res.gpus}"] * bool(res.gpus)
         prefix = "#SBATCH "
     elif scheduler == "pbs":
-        lines = [f"-N {name}", f"-l select={res.nodes}:ncpus={res.cores}:mem={res.memory.lower()}",
+        gpus = f":ngpus={res.gpus}" if res.gpus else ""
+        lines = [f"-N {name}", f"-l select={res.nodes}:ncpus={res.cores}{gpus}:mem={res.memory.lower()}",
                  f"-l walltime={res.walltime}", "-j oe", f"-o {out}/"]
         lines += [f"-q {res.queue}"] * bool(res.queue) + [f"-A {res.account}"] * bool(res.account)
         lines += [f"-J 0-{array - 1}"] * bool(array)
@@ -98,7 +103,7 @@ def directives(scheduler: str, name: str, res: Resources, log_dir: Path, array: 
         lines = [f"-N {name}", f"-pe smp {res.cores}", f"-l h_vmem={res.memory}", f"-l h_rt={res.walltime}",
                  "-j y", f"-o {out}/", "-cwd", "-S /bin/bash"]
         lines += [f"-q {res.queue}"] * bool(res.queue) + [f"-P {res.account}"] * bool(res.account)
-        lines += [f"-t 1-{array}"] * bool(array)
+        lines += [f"-t 1-{array}"] * bool(array) + [f"-l gpu={res.gpus}"] * bool(res.gpus)
         prefix = "#$ "
     elif scheduler == "lsf":
         job = f"{name}[1-{array}]" if array else name
@@ -106,6 +111,7 @@ def directives(scheduler: str, name: str, res: Resources, log_dir: Path, array: 
         lines = [f'-J "{job}"', f"-n {res.cores}", f'-R "span[hosts=1] rusage[mem={res.memory}]"',
                  f"-W {hours}:{minutes}", f"-o {out}/%J{'_%I' if array else ''}.out"]
         lines += [f"-q {res.queue}"] * bool(res.queue) + [f"-P {res.account}"] * bool(res.account)
+        lines += [f'-gpu "num={res.gpus}"'] * bool(res.gpus)
         prefix = "#BSUB "
     else:
         raise SettingsError(f"unknown scheduler '{scheduler}' (known: {', '.join(SCHEDULERS)})")
@@ -129,16 +135,54 @@ def _shell_word(word: str) -> str:
 
 
 DASK_IN_JOB = """\
-# a dask cluster inside this job: scheduler + workers from a scheduler file
+# a dask cluster inside this job: scheduler + workers (workers.sh on each node) from a scheduler file
 SCHEDULER_FILE="$JOB_DIR/scheduler_${{JOB_TAG}}.json"
 "{python}" -m distributed.cli.dask_scheduler --scheduler-file "$SCHEDULER_FILE" --no-dashboard &
 DASK_PIDS=$!
-{launcher}"{python}" -m distributed.cli.dask_worker --scheduler-file "$SCHEDULER_FILE" \\
-    --nworkers {cores} --nthreads 1 --no-dashboard &
+{launcher}bash "$JOB_DIR/workers.sh" "$SCHEDULER_FILE" &
 DASK_PIDS="$DASK_PIDS $!"
 trap 'kill $DASK_PIDS 2>/dev/null || true' EXIT
 for _ in $(seq 120); do [ -s "$SCHEDULER_FILE" ] && break; sleep 1; done
 """
+
+WORKERS_CPU = """\
+# {cores} workers of one thread each: one task at a time, its FFTs and BLAS on that thread
+export {environment}
+exec "{python}" -m distributed.cli.dask_worker --scheduler-file "$SCHEDULER_FILE" \\
+    --nworkers {cores} --nthreads 1 --no-dashboard
+"""
+
+WORKERS_GPU = """\
+# one worker per GPU (the job's GPUs, as the scheduler sets CUDA_VISIBLE_DEVICES), each running one
+# task at a time with {threads} FFT/BLAS threads ({cores} cores / {gpus} GPUs)
+IFS=, read -r -a GPUS <<< "${{CUDA_VISIBLE_DEVICES:-{default_gpus}}}"
+PIDS=""
+for GPU in "${{GPUS[@]:0:{gpus}}}"; do
+  env CUDA_VISIBLE_DEVICES="$GPU" {environment} \\
+    "{python}" -m distributed.cli.dask_worker --scheduler-file "$SCHEDULER_FILE" \\
+    --nworkers 1 --nthreads 1 --no-dashboard --name "$(hostname)-gpu$GPU" &
+  PIDS="$PIDS $!"
+done
+trap 'kill $PIDS 2>/dev/null || true' EXIT TERM
+wait
+"""
+
+
+def workers_script(res: Resources) -> list[str]:
+    """The body of workers.sh: the dask workers of one node, threads and GPUs set per worker."""
+    from xpr.parallel import worker_environment
+
+    if res.gpus:
+        environment = worker_environment(res.cores // res.gpus if res.cores >= res.gpus else 1, 1)
+        text = WORKERS_GPU.format(python=sys.executable, gpus=res.gpus, cores=res.cores,
+                                  threads=environment["XPR_FFT_WORKERS"],
+                                  default_gpus=",".join(str(i) for i in range(res.gpus)),
+                                  environment=" ".join(f"{k}={v}" for k, v in environment.items()))
+    else:
+        environment = worker_environment(res.cores, res.cores)
+        text = WORKERS_CPU.format(python=sys.executable, cores=res.cores,
+                                  environment=" ".join(f"{k}={v}" for k, v in environment.items()))
+    return ["set -euo pipefail", 'SCHEDULER_FILE="$1"', text]
 
 
 def write(home, scheduler: str, group: str, tokens, resources: Resources, array: int = 0,
@@ -148,6 +192,8 @@ def write(home, scheduler: str, group: str, tokens, resources: Resources, array:
         raise SettingsError(f"unknown scheduler '{scheduler}' (known: {', '.join(SCHEDULERS)})")
     if array < 0:
         raise SettingsError(f"--array must be a number of tasks >= 1, got {array}")
+    if resources.gpus < 0 or resources.cores < 1:
+        raise SettingsError(f"--gpus must be >= 0 and --cores >= 1, got {resources.gpus} and {resources.cores}")
     chain = [(command, resolve(group, command, name, home, overrides))     # fails here, not on the cluster
              for command, name, overrides in split_chain(group, tokens)]
     job_dir = claim_run_folder(home.root / "jobs" / today_folder_name(), prefix="job")
@@ -174,7 +220,8 @@ def write(home, scheduler: str, group: str, tokens, resources: Resources, array:
     if use_dask:
         launcher = f"srun --ntasks={resources.nodes} --ntasks-per-node=1 " \
             if scheduler == "slurm" and resources.nodes > 1 else ""
-        body.append(DASK_IN_JOB.format(python=sys.executable, launcher=launcher, cores=resources.cores))
+        body.append(DASK_IN_JOB.format(python=sys.executable, launcher=launcher))
+        _write_script(job_dir / "workers.sh", [], workers_script(resources))
         extra += ["multi_process.engine=dask", "multi_process.dask.scheduler_file=$SCHEDULER_FILE"]
     command = _xpr_command(home, group, steps, extra)
     body.append(command)

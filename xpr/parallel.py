@@ -9,9 +9,15 @@
 `fn` is a module-level function; results come back in task order. Engines (`multi_process.engine`):
 
   serial  one after another in this process (also used for one task or n_processes: 1)
-  local   processes on this machine (default: one per physical core), each FFT-threaded on its share
+  local   processes on this machine (default: one per physical core, or one per GPU when the
+          work runs on cupy), each FFT-threaded on its share of the cores
   dask    a dask.distributed cluster: an existing scheduler (address or scheduler file), a
           LocalCluster, or batch jobs through dask-jobqueue (slurm, pbs, sge, lsf)
+
+Threads and devices: every worker process xpr starts gets XPR_FFT_WORKERS (scipy.fft threads) and
+OMP/MKL/OpenBLAS threads set to the cores it owns divided by the tasks it runs at once
+(`worker_environment`), so a machine is never oversubscribed; with `gpus` (the CUDA devices of
+`xpr.backend.gpu_ids()`) each worker is pinned to one of them through CUDA_VISIBLE_DEVICES.
 
 A task that raises, or whose worker dies, is run again up to `retries` times. With
 `tolerate_failures=True` a task that still fails comes back as a `TaskFailure` in its place and
@@ -100,10 +106,12 @@ def _get(settings, key, default):
     return default if settings is None else settings.get(key, default)
 
 
-def n_workers(settings, n_tasks: int) -> int:
+def n_workers(settings, n_tasks: int, gpus=None) -> int:
+    """Worker processes for n_tasks: `n_processes`, or auto = one per physical core (one per GPU
+    when `gpus` lists the devices the work runs on)."""
     requested = _get(settings, "n_processes", "auto")
     if requested in ("auto", None):
-        workers = physical_cores()
+        workers = len(gpus) if gpus else physical_cores()
     elif isinstance(requested, int) and not isinstance(requested, bool) and requested >= 1:
         workers = requested
     else:
@@ -151,10 +159,24 @@ def _serial(call, tasks, settings, session, window):
         del result
 
 
-def _init_worker(threads: int):
-    os.environ["XPR_FFT_WORKERS"] = str(threads)
-    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[name] = str(threads)
+THREAD_VARIABLES = ("XPR_FFT_WORKERS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def worker_environment(cores: int, tasks_at_once: int = 1, gpu: str | None = None) -> dict:
+    """Environment of a worker process owning `cores` cores and running `tasks_at_once` tasks at
+    a time: FFT (scipy.fft `workers`) and BLAS/OpenMP threads = cores / tasks_at_once (>= 1),
+    and CUDA_VISIBLE_DEVICES = gpu when given."""
+    threads = str(max(1, int(cores) // max(1, int(tasks_at_once))))
+    environment = {name: threads for name in THREAD_VARIABLES}
+    if gpu is not None:
+        environment["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    return environment
+
+
+def _init_worker(threads: int, gpu_queue=None):
+    """A local worker's start: its thread counts, and its GPU (one per worker) if any."""
+    gpu = gpu_queue.get() if gpu_queue is not None else None
+    os.environ.update(worker_environment(threads, 1, gpu))
 
 
 def _local(call, tasks, settings, session, window):
@@ -205,8 +227,26 @@ def _local(call, tasks, settings, session, window):
             future.cancel()
 
 
-def dask_client(settings):
-    """A dask.distributed Client as `multi_process.dask` says (caller closes it)."""
+def jobqueue_options(cluster_settings) -> dict:
+    """dask-jobqueue cluster options of `multi_process.dask.cluster`: one worker process per job
+    with `cores` threads, each task's FFTs and BLAS single-threaded (set in the job script)."""
+    cores = int(cluster_settings.get("cores", 1))
+    environment = worker_environment(cores, cores)
+    options = dict(cores=cores, processes=1, memory=cluster_settings.get("memory", "4GB"),
+                   walltime=cluster_settings.get("walltime", "01:00:00"),
+                   job_extra_directives=list(cluster_settings.get("job_extra_directives", [])),
+                   job_script_prologue=[f"export {k}={v}" for k, v in environment.items()])
+    if cluster_settings.get("queue"):
+        options["queue"] = cluster_settings["queue"]
+    if cluster_settings.get("account"):
+        options["account"] = cluster_settings["account"]
+    return options
+
+
+def dask_client(settings, gpus=None):
+    """A dask.distributed Client as `multi_process.dask` says (caller closes it). A cluster xpr
+    starts gets per-worker thread counts (`worker_environment`); a LocalCluster with `gpus` has
+    one single-threaded worker per GPU, each pinned to its own."""
     try:
         from dask.distributed import Client, LocalCluster
     except ImportError:
@@ -222,8 +262,11 @@ def dask_client(settings):
     jobs = int(cluster_settings.get("jobs", 2))
     cores = int(cluster_settings.get("cores", 1))
     if kind == "local":
+        if gpus:
+            jobs, cores = len(gpus), 1
+        environment = worker_environment(available_cpus() // max(1, jobs), cores)
         cluster = LocalCluster(n_workers=jobs, threads_per_worker=cores, processes=True,
-                               dashboard_address=None)
+                               dashboard_address=None, env=environment)
     else:
         try:
             import dask_jobqueue
@@ -232,17 +275,15 @@ def dask_client(settings):
                                 key="multi_process.dask.cluster.type") from None
         cluster_class = {"slurm": dask_jobqueue.SLURMCluster, "pbs": dask_jobqueue.PBSCluster,
                          "sge": dask_jobqueue.SGECluster, "lsf": dask_jobqueue.LSFCluster}[kind]
-        options = dict(cores=cores, memory=cluster_settings.get("memory", "4GB"),
-                       walltime=cluster_settings.get("walltime", "01:00:00"),
-                       job_extra_directives=list(cluster_settings.get("job_extra_directives", [])))
-        if cluster_settings.get("queue"):
-            options["queue"] = cluster_settings["queue"]
-        if cluster_settings.get("account"):
-            options["account"] = cluster_settings["account"]
+        options = jobqueue_options(cluster_settings)
         cluster = cluster_class(**options)
         cluster.scale(jobs=jobs)
     client = Client(cluster)
     client.xpr_owns_cluster = cluster   # closed together with the client by Session.close
+    if gpus and kind == "local":
+        from xpr.dask_plugins import PinWorkerGPU
+
+        client.register_plugin(PinWorkerGPU(gpus))
     return client
 
 
@@ -315,10 +356,13 @@ class Session:
 
     (Starting processes costs seconds on a busy machine; a loop of small maps should pay it once.)
     client: an existing dask Client to use with engine 'dask' (the caller keeps and closes it).
+    gpus: the CUDA devices the tasks run on (`xpr.backend.gpu_ids()` when the backend is cupy):
+    one local worker (or LocalCluster worker) per device, each pinned to its own.
     """
 
-    def __init__(self, settings=None, client=None):
+    def __init__(self, settings=None, client=None, gpus=None):
         self.settings = settings
+        self.gpus = list(gpus) if gpus else None
         self.engine = _get(settings, "engine", "local")
         if self.engine not in ENGINES:
             raise SettingsError(f"unknown engine '{self.engine}' (known: {', '.join(ENGINES)})",
@@ -331,14 +375,20 @@ class Session:
     def local_workers(self, n_tasks: int) -> int:
         if self._pool is not None:
             return self._pool_workers
-        return n_workers(self.settings, max(n_tasks, physical_cores()))
+        return n_workers(self.settings, max(n_tasks, physical_cores()), self.gpus)
 
     def local_pool(self, n_tasks: int) -> ProcessPoolExecutor:
         if self._pool is None:
             workers = self.local_workers(n_tasks)
             threads = max(1, available_cpus() // workers)
-            self._pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=_init_worker, initargs=(threads,))
+            context = multiprocessing.get_context("spawn")
+            gpu_queue = None
+            if self.gpus:       # worker k takes GPU k (a replaced pool hands them out again)
+                gpu_queue = context.Queue()
+                for k in range(workers):
+                    gpu_queue.put(self.gpus[k % len(self.gpus)])
+            self._pool = ProcessPoolExecutor(max_workers=workers, mp_context=context,
+                                             initializer=_init_worker, initargs=(threads, gpu_queue))
             self._pool_workers = workers
         return self._pool
 
@@ -349,13 +399,13 @@ class Session:
 
     def dask_client(self):
         if self._client is None:
-            self._client = self._owned = dask_client(self.settings)
+            self._client = self._owned = dask_client(self.settings, self.gpus)
         return self._client
 
     def _stream(self, fn, tasks, shared, on_result, window):
         """(index, result | TaskFailure) in the order tasks finish; on_result called for each."""
         engine = self.engine
-        if engine == "local" and (n_workers(self.settings, len(tasks)) == 1 or len(tasks) <= 1):
+        if engine == "local" and (n_workers(self.settings, len(tasks), self.gpus) == 1 or len(tasks) <= 1):
             engine = "serial"
         call = functools.partial(fn, shared=shared) if shared is not None else fn
         for index, result in ENGINES[engine](call, tasks, self.settings, self, window):
@@ -429,6 +479,31 @@ class Session:
             del result
         return Reduction(value, len(tasks), failures)
 
+    def stop(self):
+        """Stop at once (interrupted): the pool's processes are ended, not waited for; an owned
+        dask cluster is closed without waiting on its tasks."""
+        if self._pool is not None:
+            processes = list((getattr(self._pool, "_processes", None) or {}).values())
+            for process in processes:
+                if process.is_alive():
+                    process.terminate()
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            for process in processes:
+                process.join(timeout=5)
+                if process.is_alive():
+                    process.kill()
+                    process.join(timeout=5)
+            self._pool = None
+        if self._owned is not None:
+            cluster = getattr(self._owned, "xpr_owns_cluster", None)
+            try:
+                self._owned.close(timeout=5)
+                if cluster is not None:
+                    cluster.close(timeout=5)
+            except Exception:  # noqa: BLE001 - interrupted anyway; stop_child_processes ends the rest
+                pass
+            self._owned = self._client = None
+
     def close(self):
         self.drop_local_pool()
         if self._owned is not None:
@@ -441,14 +516,17 @@ class Session:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, exc, traceback):
+        if exc_type is not None and not issubclass(exc_type, Exception):   # a signal, Ctrl-C, exit
+            self.stop()
+        else:
+            self.close()
 
 
 def map(fn, tasks, settings=None, shared=None, on_result=None, tolerate_failures=False,
-        client=None):  # noqa: A001 - the natural name
-    """One `Session(settings, client).map(...)`: workers started for this call and stopped after."""
-    with Session(settings, client=client) as session:
+        client=None, gpus=None):  # noqa: A001 - the natural name
+    """One `Session(settings, client, gpus).map(...)`: workers started for this call and stopped after."""
+    with Session(settings, client=client, gpus=gpus) as session:
         return session.map(fn, tasks, shared=shared, on_result=on_result,
                            tolerate_failures=tolerate_failures)
 
@@ -467,6 +545,85 @@ def reduce(fn, tasks, combine, settings=None, initial=None, shared=None, on_resu
     with Session(settings, client=client) as session:
         return session.reduce(fn, tasks, combine, initial=initial, shared=shared, on_result=on_result,
                               tolerate_failures=tolerate_failures, in_flight=in_flight)
+
+
+def child_processes(pid: int | None = None) -> list[int]:
+    """Every live descendant of `pid` (default: this process), from /proc (Linux); elsewhere the
+    multiprocessing children this process knows."""
+    pid = os.getpid() if pid is None else pid
+    proc = Path("/proc")
+    if not (proc / str(pid) / "stat").exists():
+        return [p.pid for p in multiprocessing.active_children()]
+    parents = {}
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if fields[0] != "Z":                  # zombies are dead already (reaped below)
+            parents.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def stop_child_processes(grace: float = 3.0) -> list[int]:
+    """End every process this one started (pool workers, the resource tracker, dask nannies and
+    workers): SIGTERM, then SIGKILL after `grace` seconds; reap them. Returns their pids."""
+    import signal
+    import time
+
+    children = child_processes()
+    for pid in children:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace
+    alive = list(children)
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.05)
+        multiprocessing.active_children()          # reaps multiprocessing's own children
+        _reap()
+        alive = [pid for pid in alive if _alive(pid)]
+    for pid in alive:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    time.sleep(0.05)
+    _reap()
+    return children
+
+
+def _reap():
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return not Path("/proc").is_dir()
+    return stat[stat.rindex(")") + 2] != "Z"
 
 
 def required_successes(n_tasks: int, settings=None) -> int:

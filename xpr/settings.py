@@ -6,10 +6,12 @@ Resolution of `xpr <group> <command> NAME -o a.b=v`:
    each key's line is that key's documentation (description | unit | range | choices | type | keys);
 2. NAME is a path to a YAML file, or `NAME.yaml` in `HOME/settings/projects/<group>/<command>/`;
 3. the user tree is deep-merged over the defaults (a key documented `keys: any` is replaced whole),
-   then each `-o key.sub=value` override (value read as YAML) is applied;
-4. every mapping `{command: "expression"}` is evaluated by asteval (numpy as `np`, `pi`,
-   `xpr_opt`, `today`; comprehensions allowed; no imports, no dunder access) and `{today}` in
-   strings becomes the run-folder date;
+   then each `-o key.sub=value` override (value read as YAML) is applied: it sets that one key,
+   inside `keys: any` mappings too (the rest of such a mapping is kept);
+4. every mapping `{command: "expression"}` is evaluated as pure arithmetic by xpr.expressions
+   (an allow-list: numpy's mathematical functions and constructors under `np`, `pi`, `xpr_opt`,
+   `today`, comprehensions; no I/O, no modules, bounded size and time) and `{today}` in strings
+   becomes the run-folder date;
 5. every key is checked against the defaults: unknown keys (with a did-you-mean), types, ranges
    and choices. Any problem raises SettingsError naming the file, the key path and what was
    expected.
@@ -23,14 +25,13 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import yaml
 
+from xpr import expressions, resources
 from xpr.errors import SettingsError
-from xpr import resources
 
 COMMON_DEFAULTS = """\
 save_symlink: true          # point the product's latest-link at this run's main file after success | type: bool
@@ -321,16 +322,20 @@ class Schema:
 # merge, overrides, expressions
 # --------------------------------------------------------------------------------------------
 
-def deep_merge(base: dict, update: dict, schema: Schema | None = None, prefix=()) -> dict:
-    """`update` over `base`, recursively; a `keys: any` key or a `command:` value replaces whole."""
+def deep_merge(base: dict, update: dict, schema: Schema | None = None, prefix=(), merge_any=False) -> dict:
+    """`update` over `base`, recursively; a `keys: any` key or a `command:` value replaces whole.
+
+    merge_any: merge into `keys: any` mappings too (for `-o` overrides, each of which sets one key:
+    `-o main_loop.sub_loops.main.iterations=3` changes that number and keeps the schedule)."""
     merged = dict(base)
     for key, value in update.items():
         path = prefix + (str(key),)
         spec = schema.spec(path) if schema else None
-        replace_whole = spec is not None and (spec.keys_any or not spec.is_group)
+        replace_whole = spec is not None and ((spec.keys_any and not merge_any) or
+                                              (not spec.is_group and not spec.keys_any))
         if isinstance(value, dict) and isinstance(merged.get(key), dict) and not replace_whole \
                 and not _is_command(value) and not _is_command(merged[key]):
-            merged[key] = deep_merge(merged[key], value, schema, path)
+            merged[key] = deep_merge(merged[key], value, schema, path, merge_any)
         else:
             merged[key] = value
     return merged
@@ -360,22 +365,18 @@ def set_path(tree: dict, path: tuple, value) -> dict:
     return tree
 
 
-def make_xpr_opt(home) -> SimpleNamespace:
-    """Names a `command:` expression may use for paths of the home."""
+def make_xpr_opt(home) -> dict:
+    """Names a `command:` expression may use for paths of the home (as `xpr_opt.<name>`)."""
     if home is None:
-        return SimpleNamespace(home=None, data=None, settings=None, today=today_folder_name())
-    return SimpleNamespace(home=str(home.root), data=str(home.data), settings=str(home.settings),
-                           today=today_folder_name())
+        return dict(home=None, data=None, settings=None, today=today_folder_name())
+    return dict(home=str(home.root), data=str(home.data), settings=str(home.settings),
+                today=today_folder_name())
 
 
 def make_evaluator(home):
-    import asteval
-
-    symbols = {"np": np, "numpy": np, "pi": math.pi, "xpr_opt": make_xpr_opt(home),
-               "today": today_folder_name()}
-    return asteval.Interpreter(minimal=True, use_numpy=False, user_symbols=symbols,
-                               config={"listcomp": True, "dictcomp": True, "setcomp": True,
-                                       "ifexp": True})
+    """evaluate(text) -> value: pure arithmetic on the allow-listed names of xpr.expressions."""
+    table = expressions.names(make_xpr_opt(home), today_folder_name())
+    return lambda text: expressions.evaluate(text, table)
 
 
 def evaluate_expressions(tree, evaluate, origin, prefix=()):
@@ -384,9 +385,9 @@ def evaluate_expressions(tree, evaluate, origin, prefix=()):
         expression = tree["command"]
         try:
             return evaluate(expression)
-        except Exception as err:  # asteval raises the evaluated code's own exception types
-            raise SettingsError(f"expression `{expression}` failed: {type(err).__name__}: "
-                                f"{str(err).splitlines()[-1] if str(err) else ''}",
+        except expressions.ExpressionError as err:
+            kind = "refused: " if isinstance(err, expressions.Refused) else ""
+            raise SettingsError(f"expression `{expression}` failed: {kind}{err}",
                                 file=origin(prefix), key=".".join(prefix) or None) from None
     if isinstance(tree, dict):
         return {k: evaluate_expressions(v, evaluate, origin, prefix + (str(k),)) for k, v in tree.items()}
@@ -557,6 +558,12 @@ class Resolved:
     settings: Frozen
     source: str          # the user file (or "defaults")
     schema: Schema
+    where: Any = None    # (key path tuple) -> the file or `-o` override the value came from
+
+    def origin(self, dotted: str) -> str:
+        """Where the value of a dotted key came from: '-o key', the user file or the defaults."""
+        path = tuple(str(dotted).split("."))
+        return self.where(path) if self.where is not None else self.source
 
 
 def user_settings_path(home, group: str, command: str, name: str) -> Path:
@@ -605,12 +612,7 @@ def resolve(group: str, command: str, name: str, home=None, overrides=()) -> Res
     check_known_keys(override_tree, schema, origin)
 
     merged = deep_merge(schema.defaults, user_tree, schema)
-    merged = deep_merge(merged, override_tree, schema)
-    evaluator = make_evaluator(home)
-
-    def evaluate(expression):
-        return evaluator.eval(expression, raise_errors=True, show_errors=False)
-
-    resolved = evaluate_expressions(merged, evaluate, origin)
+    merged = deep_merge(merged, override_tree, schema, merge_any=True)
+    resolved = evaluate_expressions(merged, make_evaluator(home), origin)
     check_values(resolved, schema, origin)
-    return Resolved(settings=Frozen(resolved), source=str(user_path), schema=schema)
+    return Resolved(settings=Frozen(resolved), source=str(user_path), schema=schema, where=origin)

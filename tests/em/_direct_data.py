@@ -5,7 +5,7 @@ Forward model (the same as ptycho's single-slice model, far field):
     ψ_p(r) = P(r − r_p) · exp(iφ(r)),   I_p(k) = |FFT ψ_p|²  (fftshift: zero frequency at centre)
 
 with the probe from xpr.em.optics on the pattern grid, the scan positions from
-xpr.em.calibration (top-left corners of the probe windows, PL rotation applied) and sub-pixel
+xpr.em.ptychography.calibration (top-left corners of the probe windows, PL rotation applied) and sub-pixel
 positions applied to the probe by a Fourier phase ramp. Optional Poisson noise.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import math
 import numpy as np
 
 from xpr.em import optics
-from xpr.em.calibration import Experiment
+from xpr.em.ptychography.calibration import Experiment
 
 KV = 200.0
 CONV_MRAD = 20.0

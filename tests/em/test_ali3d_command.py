@@ -6,7 +6,7 @@ import yaml
 
 from xpr.em.ali3d import particles, phantom
 from xpr.em.ali3d.ctf import CTFParameters
-from xpr.em.local_ali3d import parameter_errors
+from xpr.em.ali3d.local_ali3d import parameter_errors
 
 TINY = {"alignment": {"maxit": 1, "chunk": 0.5, "max_evaluations": 40},
         "multi_process": {"engine": "serial"}}
@@ -97,9 +97,9 @@ def write_stack_and_table(tmp_path, images, n_rows):
     ("function", "reference.function"),
 ])
 def test_bad_input_is_refused_with_exit_2(tmp_path, home, run_xpr, case, expected):
-    images = np.zeros((10, 24, 24), np.float32)
-    if case == "non_square":
-        images = np.zeros((10, 24, 20), np.float32)
+    # noise images: an all-zero stack is itself refused (no signal) before these checks
+    noise = np.random.default_rng(0).normal(size=(10, 24, 24)).astype(np.float32)
+    images = noise[:, :, :20] if case == "non_square" else noise
     stack, table = write_stack_and_table(tmp_path, images, 12 if case == "length" else 10)
     tree = merged(TINY, {"structure_name": "bad", "input": {"stack": str(stack), "parameters": str(table)}})
     if case == "symmetry":
@@ -135,3 +135,55 @@ def test_stack_and_star_files_with_known_truth(tmp_path, home, run_xpr):
                                                   (data.true_angles, data.true_shifts), np.eye(3)[None])
     assert shift[-1] < 0.3 * start_shift
     assert angular[-1] < start_angular + 0.5
+
+
+def test_star_file_naming_images_in_several_stacks(tmp_path, home, run_xpr):
+    """rlnImageName `12@a.mrcs`, `3@b.mrcs`: rows point into two stacks in shuffled order; the images
+    are gathered row by row (exactly: each one is identified by its own values), and the refinement
+    recovers the shifts as with one stack."""
+    rng = np.random.default_rng(4)
+    data = phantom.simulate(rng, 60, 24, n_blobs=6, snr=0.0, angle_error_deg=2.0, shift_error_px=1.0)
+    order = rng.permutation(60)                       # row r of the table is image order[r]
+    in_a, in_b = order[:35], order[35:]
+    particles.write_mrc(tmp_path / "a.mrcs", data.images[np.sort(in_a)][::-1], 2.0, stack=True)
+    (tmp_path / "sub").mkdir()
+    particles.write_mrc(tmp_path / "sub" / "b.mrcs", data.images[np.sort(in_b)], 2.0, stack=True)
+    names = []
+    for image in order:
+        if image in in_a:
+            names.append(f"{len(in_a) - int(np.searchsorted(np.sort(in_a), image))}@a.mrcs")
+        else:
+            names.append(f"{int(np.searchsorted(np.sort(in_b), image)) + 1}@sub/b.mrcs")
+    start = particles.write_parameters(tmp_path / "start.star", None, data.start_angles[order],
+                                       data.start_shifts[order], 2.0)
+    true = particles.write_parameters(tmp_path / "true.star", None, data.true_angles[order],
+                                      data.true_shifts[order], 2.0)
+    for path in (start, true):
+        import starfile
+
+        blocks = starfile.read(path, always_dict=True)
+        blocks["particles"]["rlnImageName"] = names
+        starfile.write(blocks, path, overwrite=True)
+    stack = particles.read_named_images(names, start)
+    np.testing.assert_array_equal(stack.images, data.images[order])
+    assert stack.pixel_size_A == pytest.approx(2.0)
+    tree = merged(TINY, {"structure_name": "multi", "alignment": {"maxit": 1, "max_evaluations": 100,
+                                                                  "center": "average"},
+                         "input": {"parameters": str(start), "true_parameters": str(true)}})
+    result = run_xpr(["-q", "em", "local_ali3d", write_settings(tmp_path / "multi.yaml", tree)])
+    assert result.exit_code == 0, result.output
+    with h5py.File(home / "data/em/local_ali3d/multi.h5", "r") as f:
+        shift = f["criterion/shift_error_px"][()]
+    start_shift = parameter_errors(data.start_angles, data.start_shifts, (data.true_angles, data.true_shifts),
+                                   np.eye(3)[None])[1]
+    assert shift[-1] < 0.5 * start_shift
+    # a name beyond its stack, a missing stack: exit 2 naming the row
+    for bad, expected in ((f"{len(in_a) + 1}@a.mrcs", "asks for image"), ("1@nowhere.mrcs", "not found")):
+        blocks = starfile.read(start, always_dict=True)
+        blocks["particles"].loc[0, "rlnImageName"] = bad
+        broken = tmp_path / "broken.star"
+        starfile.write(blocks, broken, overwrite=True)
+        tree["input"]["parameters"] = str(broken)
+        result = run_xpr(["em", "local_ali3d", write_settings(tmp_path / "broken.yaml", tree)])
+        assert result.exit_code == 2, result.output
+        assert expected in result.output

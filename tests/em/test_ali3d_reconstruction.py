@@ -111,6 +111,9 @@ def test_wiener_reconstruction_of_ctf_modulated_projections(blobs32):
     plain = grid_to_volume(insert_batch(InsertionBatch(modulated, matrices, shifts, np.eye(3)[None]), cpu()), cpu())
     assert correlation(corrected, truth) >= 0.97
     assert correlation(plain, truth) < 0.9
+    # the Wiener term is one image's worth (1/snr), not one per sample (N/snr): even at snr 1 it
+    # fades under 300 images (0.81 with N/snr, whose low frequencies, CTF ≈ Q, were all but gone)
+    assert correlation(grid_to_volume(grid, cpu(), snr=1.0), truth) >= 0.97
 
 
 def test_fsc_of_identical_and_independent_volumes():
@@ -122,3 +125,25 @@ def test_fsc_of_identical_and_independent_volumes():
     _, independent = fsc.fourier_shell_correlation(volume, rng.standard_normal((32, 32, 32)), cpu())
     # shells beyond the first few hold hundreds of voxels: |FSC| ~ 1/sqrt(voxels)
     assert np.abs(independent[4:]).max() < 0.2
+
+
+def test_ctf_matches_relions_formula():
+    """RELION's form (src/ctf.h): deltaf = −[(U+V)/2 + (U−V)/2 cos 2(α − α_ast)], CTF =
+    −sin(πλ·deltaf·k² + (π/2)C_sλ³k⁴ − phase − arctan(Q/√(1−Q²))), evaluated here independently,
+    against xpr's at frequencies in several directions; and the worked example of the docs."""
+    from xpr.em.optics import electron_wavelength_A
+
+    u, v, angle, kv, cs_mm, q, shift = 15000.0, 14000.0, 30.0, 300.0, 2.7, 0.1, 20.0
+    params = ctf_model.CTFParameters(*(np.array([x]) for x in (u, v, angle, kv, cs_mm, q, shift)))
+    box, pixel = 100, 1.3
+    rng = np.random.default_rng(0)
+    kx, ky = rng.integers(-40, 41, 50), rng.integers(-40, 41, 50)
+    x, y = kx / (box * pixel), ky / (box * pixel)
+    lam = electron_wavelength_A(kv)
+    deltaf = -((u + v) / 2 + (u - v) / 2 * np.cos(2 * (np.arctan2(y, x) - np.deg2rad(angle))))
+    argument = (np.pi * lam * deltaf * (x * x + y * y) + np.pi / 2 * cs_mm * 1e7 * lam ** 3 * (x * x + y * y) ** 2
+                - np.deg2rad(shift) - np.arctan(q / np.sqrt(1 - q * q)))
+    np.testing.assert_allclose(ctf_model.ctf_values(params, 0, kx, ky, pixel, box), -np.sin(argument), atol=1e-9)
+    example = ctf_model.CTFParameters(*(np.array([x]) for x in (u, v, angle, kv, cs_mm, q, 0.0)))
+    values = ctf_model.ctf_values(example, 0, np.array([0, 3, 10, 0]), np.array([0, 0, 0, 10]), 1.0, 100)
+    np.testing.assert_allclose(values, [0.1, 0.7962, 0.2320, 0.5170], atol=1e-4)

@@ -1,4 +1,4 @@
-"""Calibration of 4D-STEM data (xpr.em.calibration): units, geometry, rotation fit, bad input."""
+"""Calibration of 4D-STEM data (xpr.em.ptychography.calibration): units, geometry, rotation fit, bad input."""
 from __future__ import annotations
 
 import math
@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from xpr.em.calibration import (Experiment, center_of_mass, estimate_rez_pixel_size,
+from xpr.em.ptychography.calibration import (Experiment, center_of_mass, estimate_rez_pixel_size,
                                 fit_pl_rotation, load_experiment, load_patterns)
 from xpr.errors import InputError
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from xpr.backend import Backend
-from xpr.em import specimens
-from xpr.em.tie_solvers import rms_error_in_window
+from xpr.em.tie import specimens
+from xpr.em.tie.solvers import rms_error_in_window
 
 HBAR = 6.62607015e-34 / (2 * math.pi)
 

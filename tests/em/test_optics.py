@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from xpr import backend
-from xpr.em import multislice, optics, potentials
+from xpr.em.ptychography import multislice, potentials
+from xpr.em import optics
 
 
 def test_relativistic_wavelength_matches_tabulated_values():

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from xpr import backend
-from xpr.em import calibration, ptycho
+from xpr.em.ptychography import calibration, ptycho
 from xpr.em.ptychography.reconstruct import Options, reconstruct
-from xpr.em.simulate_4dstem import simulate
+from xpr.em.ptychography.simulate_4dstem import simulate
 
 PROBE = dict(modes=1, mode_type="hermite", higher_mode_power=0.1, focal_spread_A=0.0)
 

@@ -157,7 +157,7 @@ def test_near_field_gradients_match_finite_differences(slices, modes):
 def test_near_field_image_is_the_fresnel_propagated_exit_wave():
     """One pattern, one slice: the near-field intensity equals |IFFT[FFT[p·O] K_z]|² computed
     directly with multislice.fresnel_propagator (no band limit), and conserves Σ|p·O|²."""
-    from xpr.em import multislice
+    from xpr.em.ptychography import multislice
 
     rng = np.random.default_rng(4)
     n, pixel, wavelength, z = 24, 0.5, 0.025, 400.0

@@ -3,8 +3,9 @@ import h5py
 import numpy as np
 import pytest
 
-from xpr.em import calibration, optics, potentials
-from xpr.em.simulate_4dstem import simulate
+from xpr.em.ptychography import calibration, potentials
+from xpr.em import optics
+from xpr.em.ptychography.simulate_4dstem import simulate
 
 SMALL = dict(crystal="graphene", scan_size=(6, 5), scan_step_A=0.7, detector_size=32,
              pixel_size_A=0.3, defocus=40.0, oversampling=2)

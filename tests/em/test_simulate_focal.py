@@ -10,7 +10,7 @@ import pytest
 from scipy.spatial.transform import Rotation
 
 from xpr.backend import Backend
-from xpr.em import focal_series, specimens
+from xpr.em.tie import focal_series, specimens
 from xpr.em.optics import electron_wavelength_A, interaction_constant
 
 CPU = Backend(False, "double")

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from xpr.backend import cpu
-from xpr.em import wdd
-from xpr.em.calibration import Experiment
+from xpr.em.ptychography import wdd
+from xpr.em.ptychography.calibration import Experiment
 
 from ._direct_data import correlation, simulate, truth_on_scan_grid, write_pypty_h5, write_settings
 

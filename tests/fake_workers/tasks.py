@@ -37,3 +37,12 @@ def fails_for_two(index):
 def worker_pid(_):
     time.sleep(0.05)
     return os.getpid()
+
+
+def worker_setup(_):
+    """What a worker process was given: its pid, GPU, thread counts and scipy.fft workers."""
+    from xpr.backend import Backend
+
+    time.sleep(0.3)           # long enough for every worker to take a task
+    return (os.getpid(), os.environ.get("CUDA_VISIBLE_DEVICES"), os.environ.get("XPR_FFT_WORKERS"),
+            os.environ.get("OMP_NUM_THREADS"), Backend(False)._fft_kwargs["workers"])

@@ -6,8 +6,9 @@ import pytest
 
 from xpr.backend import Backend
 from xpr.fxs.alignment import (WignerD, align, centre, euler_to_matrix, prtf, relative_error, rigid_motion)
-from xpr.fxs.fxs_phasing import FourierTransformPair, build_grid
-from xpr.fxs.fxs_phasing import gaussian_blobs as blobs
+from xpr.fxs.grids import build_grid
+from xpr.fxs.grids import gaussian_blobs as blobs
+from xpr.fxs.transforms import FourierTransformPair
 
 
 def rotation_angle_deg(R):

@@ -6,11 +6,14 @@ import pytest
 
 from xpr.backend import Backend
 from xpr.fxs.alignment import WignerD, harmonic_coefficients, from_coefficients, rotate_coefficients_3d
-from xpr.fxs.fxs_phasing import FourierTransformPair, RealSpaceOptions, build_grid, phase, radial_field
-from xpr.fxs.fxs_phasing import gaussian_blobs as blobs
+from xpr.fxs.grids import build_grid
+from xpr.fxs.grids import gaussian_blobs as blobs
+from xpr.fxs.iterate import RealSpaceOptions, phase
+from xpr.fxs.real_space import radial_field
 from xpr.fxs.reciprocal_projection import (InvariantProjection, KnownIntensityProjection, PointwiseRefinement,
                                            constraint_from_density, invariants_from_coefficients,
                                            procrustes_fit_real, procrustes_unitary)
+from xpr.fxs.transforms import FourierTransformPair
 from xpr.phasing.schedule import parse_string
 
 

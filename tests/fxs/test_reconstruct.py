@@ -11,7 +11,9 @@ import yaml
 
 from xpr.backend import Backend
 from xpr.fxs.alignment import align, centre, relative_error
-from xpr.fxs.fxs_phasing import FourierTransformPair, build_grid, gaussian_blur
+from xpr.fxs.grids import build_grid
+from xpr.fxs.real_space import gaussian_blur
+from xpr.fxs.transforms import FourierTransformPair
 from xpr.io.h5 import load_tree
 
 SCHEDULE_2D = {"sub_loops": {"order": ["main", "refinement"],

@@ -12,10 +12,11 @@ from test_reconstruct import SCHEDULE_2D, densities_of, discs_2d, write_invarian
 
 from xpr.backend import Backend
 from xpr.fxs.alignment import align, centre, correlation, find_rotation_2d, harmonic_coefficients, relative_error
-from xpr.fxs.fxs_phasing import FourierTransformPair, build_grid, gaussian_blobs
+from xpr.fxs.grids import build_grid, gaussian_blobs
 from xpr.fxs.particle_number import estimate_number_of_particles
 from xpr.fxs.reciprocal_projection import constraint_from_density
 from xpr.fxs.reconstruct import _to_grid, in_data_range
+from xpr.fxs.transforms import FourierTransformPair
 from xpr.io.h5 import load_tree
 
 BLOBS = ([(0, 0, 0), (60, 10, 0), (-20, 55, 30)], [25, 14, 14], [1.0, 2.0, 1.5])

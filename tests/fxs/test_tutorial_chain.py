@@ -18,8 +18,8 @@ import yaml
 from xpr.backend import Backend
 from xpr.fxs.alignment import align, centre
 from xpr.fxs.average import grid_from_configuration
-from xpr.fxs.fxs_phasing import FourierTransformPair
 from xpr.fxs.models import model_from_settings
+from xpr.fxs.transforms import FourierTransformPair
 from xpr.io.h5 import load_tree
 
 

@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from xpr.cdi.objects import far_field_intensity, model_object
-from xpr.backend import cpu
+from xpr.backend import BackendSpec, cpu
 from xpr.phasing import engine, merge, schedule
 from xpr.phasing.algorithms import ALGORITHMS
 from xpr.phasing.projections import ModulusProjection, SupportProjection, centred_radius
@@ -136,22 +136,21 @@ def test_shrink_wrap_keeps_brightest_voxels_within_initial_support(backend):
         assert np.abs(x[i])[new[i]].min() >= np.sort(inside)[-30]
 
 
-@pytest.mark.gpu
-def test_gpu_batch_matches_cpu():
-    """The same chunk of repeats on cupy and on numpy (ER + shrink-wrap, no chaotic feedback)."""
+def test_device_batch_matches_cpu(device):
+    """The same chunk of repeats on the device (emulated, and cupy where present) and on numpy (ER + shrink-wrap, no chaotic feedback)."""
     from xpr.cdi.phasing import phase_chunk
     truth, intensity = _pattern((32, 32), 12)
     steps = schedule.with_periodic_shrink_wrap(schedule.parse_string("30ER"), 10, 10, sigma=1.0)
     problem = {
         "intensity_fft": intensity.astype(np.float32), "measured_fft": np.ones((32, 32), bool),
         "initial_support": np.asarray(centred_radius((32, 32))) <= 8, "init_model": None,
-        "steps": steps, "precision": "single",
+        "steps": steps,
         "options": {"background": True, "positivity": True, "value_threshold": None,
                     "imag_limit": 0.0, "support_size": None, "metrics_every": 10,
                     "shrink_wrap": {"threshold": 0.15, "sigma": [2.0, 1.0],
                                     "confine_to_initial": True, "max_shrink": None}},
     }
-    cpu = phase_chunk({"seeds": [1, 2]}, shared=dict(problem, use_gpu=False))
-    gpu = phase_chunk({"seeds": [1, 2]}, shared=dict(problem, use_gpu=True))
+    cpu = phase_chunk({"seeds": [1, 2]}, shared=dict(problem, backend=BackendSpec("cpu")))
+    gpu = phase_chunk({"seeds": [1, 2]}, shared=dict(problem, backend=BackendSpec(device)))
     assert np.allclose(gpu["object"], cpu["object"], atol=1e-3 * np.abs(cpu["object"]).max())
     assert np.allclose(gpu["e_mod"], cpu["e_mod"], rtol=1e-3, atol=1e-6)

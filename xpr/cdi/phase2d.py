@@ -10,5 +10,10 @@ from __future__ import annotations
 from xpr.cdi import phasing
 
 
+def validate(settings):
+    """Values checked before a run folder exists: the schedule, its beta and shrink-wrap steps."""
+    phasing.compile_steps(settings)
+
+
 def run(settings, archive):
     return phasing.run(settings, archive, dimensions=2)

@@ -24,10 +24,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from xpr import parallel, plot
-from xpr.backend import Backend
+from xpr import memory, parallel, plot
+from xpr.backend import BackendSpec, cpu
 from xpr.errors import InputError
 from xpr.io import read_array
+from xpr.io.checks import check_intensities
+from xpr.io.cxi import save_cxi_result
+from xpr.io.readers import read_pattern
 from xpr.phasing import engine, merge, schedule
 from xpr.phasing.likelihood import BandModulusProjection, free_deviance, free_pixels
 from xpr.phasing.projections import ModulusProjection, SupportProjection, centred_radius
@@ -38,52 +41,29 @@ from xpr.phasing.shrinkwrap import ShrinkWrap
 # 1. input
 
 
-def _read(path, key, shape=None, dataset=None):
-    path_text = str(path)
-    if path_text.lower().endswith((".h5", ".hdf5", ".cxi")):
-        import h5py
-        try:
-            with h5py.File(path_text, "r") as f:
-                if dataset is not None and dataset in f:
-                    return np.asarray(f[dataset][()])
-        except OSError as err:
-            raise InputError(f"cannot read the file: {err}", file=path, key=key) from None
-        return read_array(path, key=key)
-    return read_array(path, shape=shape, key=key)
-
-
-def _h5_has(path, name):
-    if not str(path).lower().endswith((".h5", ".hdf5", ".cxi")):
-        return False
-    import h5py
-    with h5py.File(str(path), "r") as f:
-        return name in f
-
-
 def load_pattern(settings, archive, dimensions):
-    """(intensity, masked, source) with zero frequency at the centre; masked: True = float."""
+    """(intensity, masked, source) with zero frequency at the centre; masked: True = float.
+    Files, datasets and masks as xpr.io.readers.read_pattern finds them (CXI, NeXus, ...);
+    junk refused and scattered negative values clipped by xpr.io.checks."""
     inp = settings.input
     source = inp.data_path
     if source is None:
         source = archive.home.latest("cdi", "simulate", f"{settings.structure_name}.h5")
     shape = None if inp.shape is None else tuple(int(n) for n in inp.shape)
-    intensity = np.asarray(_read(source, "input.data_path", shape, dataset="data"), dtype=np.float64)
+    intensity, mask, where = read_pattern(source, dataset=inp.get("dataset"), mask_path=inp.mask_path,
+                                          mask_dataset=inp.get("mask_dataset"), shape=shape)
     intensity = np.squeeze(intensity) if intensity.ndim > dimensions else intensity
     if intensity.ndim != dimensions:
         raise InputError(f"expected a {dimensions}-D pattern, got shape {list(intensity.shape)}",
-                         file=source, key="input.data_path")
-    if inp.mask_path is not None:
-        mask = np.asarray(_read(inp.mask_path, "input.mask_path", shape, dataset="mask"))
-        mask_source = inp.mask_path
-    elif _h5_has(source, "mask"):
-        mask = np.asarray(_read(source, "input.data_path", dataset="mask"))
-        mask_source = source
-    else:
-        mask, mask_source = np.zeros(intensity.shape, dtype=bool), None
+                         file=where, key="input.data_path")
+    mask = np.zeros(intensity.shape, dtype=bool) if mask is None else \
+        (np.squeeze(mask) if mask.ndim > dimensions else mask)
     if mask.shape != intensity.shape:
         raise InputError(f"mask shape {list(mask.shape)} differs from the pattern's "
-                         f"{list(intensity.shape)}", file=mask_source, key="input.mask_path")
-    return intensity, mask.astype(bool), source
+                         f"{list(intensity.shape)}", file=inp.mask_path or where, key="input.mask_path")
+    intensity, _ = check_intensities(intensity, mask, file=where, key="input.data_path",
+                                     log=archive.log)
+    return intensity.astype(np.float64), mask, where
 
 
 def pad_to_pow2(intensity, masked):
@@ -175,20 +155,21 @@ def phase_chunk(task, shared=None, progress=None):
     optional bar advanced once per iteration (only in the calling process)."""
     task = dict(shared or {}, **task)
     options = task["options"]
-    backend = Backend(task["use_gpu"], task["precision"])
+    backend = task["backend"].create()
     xp = backend.xp
     shape = task["intensity_fft"].shape
     seeds = task["seeds"]
     repeats = len(seeds)
     initial = xp.asarray(task["initial_support"])
 
-    free = task.get("free_fft")
-    if options["noise_band"] or free is not None:
+    free = task.get("free_fft")                     # optional: free pixels, Poisson band
+    band = float(options.get("noise_band") or 0.0)
+    if band or free is not None:
         P_M = BandModulusProjection(backend, xp.asarray(task["intensity_fft"]),
-                                    xp.asarray(task["measured_fft"]), band=options["noise_band"],
+                                    xp.asarray(task["measured_fft"]), band=band,
                                     free=None if free is None else xp.asarray(free),
                                     background=options["background"], repeats=repeats,
-                                    metrics_every=options["e_mod_every"])
+                                    metrics_every=options.get("e_mod_every", 1))
     else:
         P_M = ModulusProjection(backend, xp.asarray(task["intensity_fft"]),
                                 xp.asarray(task["measured_fft"]),
@@ -271,7 +252,6 @@ def run(settings, archive, dimensions):
     steps = compile_steps(settings)
     archive.log.info("schedule: %s", schedule.describe(steps))
 
-    precision = (settings.get("GPU") or {}).get("precision", "single")
     options = _options(settings, dimensions)
     options["noise_band"] = noise_band(settings.phasing_parameters.noise_band, intensity, masked)
     archive.log.info("modulus constraint: %s", f"Poisson band +-{options['noise_band']:.2f} sqrt(counts)"
@@ -281,7 +261,7 @@ def run(settings, archive, dimensions):
         "free_fft": free,
         "initial_support": initial_support, "init_model": init_model, "steps": steps,
         "options": options,
-        "use_gpu": Backend.from_settings(settings).is_gpu, "precision": precision,
+        "backend": BackendSpec.from_settings(settings),
     }
     repeats = phase_repeats(settings, archive, problem)
     data = {"intensity": intensity, "mask": masked, "initial_support": initial_support}
@@ -297,7 +277,6 @@ def merge_and_write(settings, archive, filename, repeats, data, attrs):
     repeats: object, support, e_mod, e_con, e_con_iterations, seed (leading axis = repeat);
     data: intensity, mask (True = floats), initial_support.
     """
-    precision = (settings.get("GPU") or {}).get("precision", "single")
     final = repeats["e_mod"][:, -1]
     archive.log.info("final eMod per repeat: %s", np.array2string(final, precision=4))
     score, tolerance = final, settings.merge.error_tolerance
@@ -305,7 +284,7 @@ def merge_and_write(settings, archive, filename, repeats, data, attrs):
         score = np.asarray(repeats["free_deviance"], dtype=float)
         tolerance = settings.merge.deviance_tolerance
         archive.log.info("free Poisson deviance per repeat: %s", np.array2string(score, precision=4))
-    backend = Backend(False, precision)
+    backend = cpu(BackendSpec.from_settings(settings).precision)    # merging runs on the host
     selected = merge.select(score, keep_fraction=float(settings.merge.keep_fraction),
                             tolerance=tolerance)
     merged, aligned = merge.merge_repeats(repeats["object"], selected, backend,
@@ -328,6 +307,10 @@ def merge_and_write(settings, archive, filename, repeats, data, attrs):
                  "mask": np.asarray(data["mask"]).astype(np.uint8),
                  "initial_support": np.asarray(data["initial_support"]).astype(np.uint8)},
     }, main=True, attrs=dict(attrs, mask_convention="1 = masked / unmeasured"))
+    cxi = save_cxi_result(archive.file(filename[:-3] + ".cxi"), merged.astype(np.complex64), support,
+                          prtf=prtf, prtf_radius=shells, command=filename[:-3], note=attrs,
+                          settings=settings.to_dict() if hasattr(settings, "to_dict") else None)
+    archive.log.info("wrote %s (CXI)", cxi)
     _figures(archive, merged, support, repeats, selected, shells, prtf)
     if merged.ndim == 3:
         archive.save_vts("vtk/merged_density.vts", np.abs(merged).astype(np.float32),
@@ -364,9 +347,12 @@ def phase_repeats(settings, archive, problem):
     repeats = int(settings.phasing.repeats)
     seeds = parallel.task_seeds(int(settings.phasing.seed), repeats)
     spread = settings.get("multi_process")
-    workers = parallel.n_workers(spread, repeats)
+    gpus = problem["backend"].gpus()           # on cupy: one worker per GPU
+    workers = parallel.n_workers(spread, repeats, gpus)
     batch = spread.get("batch_size") if spread else None
     n_tasks = max(workers, -(-repeats // int(batch))) if batch else workers
+    n_tasks = memory.plan_cdi_phase(problem["intensity_fft"].shape, repeats, workers, n_tasks,
+                                    double=problem["backend"].precision == "double", log=archive.log)
     tasks = [{"seeds": [seeds[i] for i in chunk]} for chunk in _chunks(repeats, n_tasks)]
     n_iterations = schedule.total_iterations(problem["steps"])
     archive.log.info("%d repeats x %d iterations in %d batch(es)", repeats, n_iterations,
@@ -379,7 +365,7 @@ def phase_repeats(settings, archive, problem):
         bar = archive.progress(total=len(tasks), desc="phasing batches")
         results = parallel.map(phase_chunk, tasks, spread, shared=problem,
                                on_result=lambda index, result: bar.update(1),
-                               tolerate_failures=True)
+                               tolerate_failures=True, gpus=gpus)
         failures = [r for r in results if isinstance(r, parallel.TaskFailure)]
         for failure in failures:
             archive.log.warning("batch %d (seeds %s) failed: %s", failure.index,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from xpr import plot
+from xpr import memory, plot
 from xpr.cdi.objects import far_field_intensity, model_object
 from xpr.phasing.projections import centred_radius
 
@@ -46,6 +46,7 @@ def run(settings, archive):
     dimensions = int(settings.dimensions)
     shape = (int(settings.shape),) * dimensions
     obj = settings.object
+    memory.plan_cdi_simulate(shape, complex_object=bool(obj.max_phase), log=archive.log)
     diameter = shape[0] / float(obj.oversampling)
     truth = model_object(obj.kind, shape, diameter, seed=int(obj.seed),
                          correlation_length=float(obj.correlation_length),

@@ -166,9 +166,9 @@ def probe_real(shape, rez_pixel_size_invA: float, wavelength_A: float, conv_semi
 def _backend(backend):
     if backend is not None:
         return backend
-    from xpr.em import default_backend
+    from xpr import backend as backends      # the CPU backend when a caller passes none
 
-    return default_backend()
+    return backends.cpu()
 
 
 # ---------------------------------------------------------------------------------------------

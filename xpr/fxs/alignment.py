@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage, optimize
 
-from xpr.fxs.fxs_phasing import PhasingGrid
+from xpr.fxs.grids import PhasingGrid
 
 
 # ----------------------------------------------------------------------------------------------

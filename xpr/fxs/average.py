@@ -25,7 +25,8 @@ from xpr.archive import read_run_records
 from xpr.backend import Backend
 from xpr.errors import InputError
 from xpr.fxs.alignment import (WignerD, align, centre, normalise, prtf, relative_error)
-from xpr.fxs.fxs_phasing import FourierTransformPair, PhasingGrid, blas_threads
+from xpr.fxs.grids import PhasingGrid
+from xpr.fxs.transforms import FourierTransformPair, blas_threads
 from xpr.io.h5 import load_tree
 
 
@@ -178,15 +179,30 @@ def _plots(archive, grid, prtf_values, average, settings):
         ax.set_ylim(0, 1.05)
         ax.legend()
         archive.savefig(fig, "PRTF.png")
-    if grid.dimensions == 2:
-        from xpr.fxs.alignment import resample
+    extent, planes = central_slices(average, grid)
+    fig, axes = plot.figure(1, len(planes), size=(4.5, 4.0))
+    for ax, (label, values) in zip(np.atleast_1d(axes), planes):
+        plot.image(ax, values, title=f"average, {label}", extent=(-extent, extent, -extent, extent))
+        ax.set_xlabel(f"{label[0]} (Å)")
+        ax.set_ylabel(f"{label[1]} (Å)")
+    archive.savefig(fig, "average.png")
 
-        extent = grid.real_radii[-1] / 2
-        xs = np.linspace(-extent, extent, 201)
-        points = np.stack(np.meshgrid(xs, xs, indexing="xy"), axis=-1)
-        fig, ax = plot.figure(size=(4.5, 4.0))
-        plot.image(ax, resample(average, grid, points), title="average", extent=(-extent, extent, -extent, extent))
-        archive.savefig(fig, "average.png")
+
+def central_slices(density, grid, n_points: int = 201, extent=None):
+    """The density (*angular, N) on the central planes through the origin, sampled on n x n
+    Cartesian points over [-extent, extent]² (default: half the grid's radius): 2-D its plane
+    ('xy'), 3-D the planes z = 0 ('xy'), y = 0 ('xz') and x = 0 ('yz'). Returns (extent, [(label,
+    values (n, n) with axis 0 along the label's second coordinate)])."""
+    from xpr.fxs.alignment import resample
+
+    extent = float(grid.real_radii[-1] / 2 if extent is None else extent)
+    xs = np.linspace(-extent, extent, n_points)
+    a, b = np.meshgrid(xs, xs, indexing="xy")
+    zero = np.zeros_like(a)
+    if grid.dimensions == 2:
+        return extent, [("xy", resample(density, grid, np.stack([a, b], axis=-1)))]
+    planes = {"xy": (a, b, zero), "xz": (a, zero, b), "yz": (zero, a, b)}
+    return extent, [(label, resample(density, grid, np.stack(xyz, axis=-1))) for label, xyz in planes.items()]
 
 
 def run(settings, archive):

@@ -34,9 +34,10 @@ import numpy as np
 from scipy.ndimage import map_coordinates
 
 from xpr import parallel
-from xpr.backend import cpu
+from xpr.backend import cpu, cpu_only
 from xpr.errors import InputError
 from xpr.io import load_tree
+from xpr.io.checks import check_stack
 from . import cross_correlation as ccd_file
 from .detector import MM_TO_A, UM_TO_A, Detector
 from .grids import reciprocal_radial_points
@@ -90,6 +91,8 @@ def pattern_counts(files, dataset, detector):
                 if dataset not in h:
                     raise InputError(f"no dataset '{dataset}' in the pattern file", file=f, key="input.dataset")
                 shape = h[dataset].shape
+                check_stack(h[dataset], file=f, key="input.dataset", what="pattern intensities",
+                            nonfinite_masked=True)
         except OSError as err:
             raise InputError(f"not a readable HDF5 pattern file ({err})", file=f) from None
         frames = shape if len(shape) == 3 else (1,) + tuple(shape)
@@ -221,6 +224,8 @@ def finish(sums, n_phi: int, fc_n_max=None):
 
 def run(settings, archive):
     """Patterns → C(q1, q2, Δ) and Ī(q) in ccd.h5."""
+    cpu_only(settings, archive.log, "fxs correlate", "pattern chunks are read, resampled to polar grids and "
+             "correlated with small FFTs, spread over processes")
     files, dataset, detector, n_particles = pattern_sources(settings, archive)
     counts = pattern_counts(files, dataset, detector)
     q = reciprocal_radial_points(settings.grid.max_q, settings.grid.n_radial_points)

@@ -9,13 +9,20 @@ Radial grids
     max_q · max_r = x · N  (x = ``reciprocity_coefficient``, default π, the relation of a Cartesian
     FFT grid; xFrame's ``fourier_transform.reciprocity_coefficient``).
 
-Angular grids (built from the largest harmonic order L = max_order)
-    2-D: polar angle φ_j = 2π j / n_phi, n_phi = 2(L+1), so a Fourier series in φ with orders
-         |n| ≤ L is sampled without aliasing.
-    3-D: Gauss–Legendre rings θ_i (n_theta = L+1 rings, ordered from the north pole θ≈0 to the
-         south pole θ≈π) × φ_j = 2π j / n_phi, n_phi = 2(L+1). This is the grid ducc0's "GL"
-         geometry uses, on which the spherical-harmonic analysis of a band-limited function is
-         exact.
+Angular grids (built from the largest harmonic order L = max_order). One rule, two uses:
+    a field of band L is analysed exactly on n_phi >= 2L+1 azimuths and (3-D) n_theta >= L+1
+    Gauss–Legendre rings; the square of such a field (an intensity |A|² of an amplitude of band L)
+    has band 2L, and its harmonics up to L are free of aliasing on n_phi >= 3L+1 azimuths and
+    n_theta >= (3L+1)/2 rings.
+    * data side (cross-correlations, invariants, the harmonics module): the fields are
+      intensities of band L: n_phi = 2(L+1) (`n_phi_for_order`), n_theta = L+1
+      (`gauss_legendre_thetas`) — the grid of ducc0's "GL" geometry;
+    * phasing (`PhasingGrid`, `build_grid`): amplitudes of band L whose |A|² is analysed up to L:
+      n_phi = 3L+2 (`n_phi_for_products`), n_theta = (3L+3)//2, unless given.
+    θ are ordered from the north pole θ≈0 to the south pole θ≈π; φ_j = 2π j / n_phi.
+
+Phasing grid layout: real-space arrays (phi, theta, repeat, r) in 3-D and (phi, repeat, r) in
+2-D (the layout the transforms of ``transforms`` want; repeats on axis -2).
 
 Ewald sphere
     A detector pixel measuring momentum transfer of magnitude q sees the reciprocal-space point
@@ -27,6 +34,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from xpr.errors import InputError
 
 
 def reciprocal_radial_points(max_q: float, n_radial_points: int) -> np.ndarray:
@@ -49,6 +58,11 @@ def real_radial_points(max_q: float, n_radial_points: int,
 def n_phi_for_order(max_order: int) -> int:
     """Number of azimuthal samples, 2(L+1): resolves Fourier/SH orders |m| ≤ L."""
     return 2 * (max_order + 1)
+
+
+def n_phi_for_products(max_order: int) -> int:
+    """Azimuthal samples 3L+2 on which |A|² of an amplitude of band L has alias-free orders ≤ L."""
+    return 3 * max_order + 2
 
 
 def polar_angles(max_order: int) -> np.ndarray:
@@ -76,97 +90,105 @@ def ewald_theta(q, xray_wavelength: float | None):
 
 
 @dataclass(frozen=True)
-class _RadialGridPair:
-    """The radial half of a real/reciprocal grid pair: q_k = (k+½)·max_q/N and its real partner."""
-    max_q: float
-    n_radial_points: int
-    max_order: int
-    reciprocity_coefficient: float = np.pi
+class PhasingGrid:
+    """The real/reciprocal grid pair of a reconstruction."""
+
+    dimensions: int
+    real_radii: np.ndarray          # r_k, Å
+    reciprocal_radii: np.ndarray    # q_k, Å^-1 (with the 2 pi)
+    max_order: int                  # L: harmonic band limit
+    phis: np.ndarray                # azimuths in [0, 2 pi)
+    thetas: np.ndarray | None       # polar angles (3-D), Gauss-Legendre nodes in cos(theta)
+    theta_weights: np.ndarray | None  # Gauss-Legendre weights (sum 2)
 
     @property
-    def q(self):
-        return reciprocal_radial_points(self.max_q, self.n_radial_points)
+    def n_radial(self) -> int:
+        return len(self.real_radii)
 
     @property
-    def r(self):
-        return real_radial_points(self.max_q, self.n_radial_points, self.reciprocity_coefficient)
-
-
-@dataclass(frozen=True)
-class PolarGrid(_RadialGridPair):
-    """2-D grid pair: real (r, φ) and reciprocal (q, φ); arrays shaped (N, n_phi)."""
+    def dr(self) -> float:
+        return float(self.real_radii[1] - self.real_radii[0]) if self.n_radial > 1 else float(2 * self.real_radii[0])
 
     @property
-    def phi(self):
-        return polar_angles(self.max_order)
+    def dq(self) -> float:
+        return float(self.reciprocal_radii[1] - self.reciprocal_radii[0]) if self.n_radial > 1 else float(2 * self.reciprocal_radii[0])
 
     @property
-    def shape(self):
-        return (self.n_radial_points, n_phi_for_order(self.max_order))
-
-    def real_cartesian(self) -> np.ndarray:
-        """(N, n_phi, 2) Cartesian points (x, y) of the real-space grid, Å."""
-        return polar_to_cartesian(self.r, self.phi)
-
-    def reciprocal_cartesian(self) -> np.ndarray:
-        """(N, n_phi, 2) Cartesian points of the reciprocal grid, Å⁻¹."""
-        return polar_to_cartesian(self.q, self.phi)
-
-
-@dataclass(frozen=True)
-class SphericalGrid(_RadialGridPair):
-    """3-D grid pair: real (r, θ, φ) and reciprocal (q, θ, φ); arrays shaped (N, L+1, 2(L+1)).
-
-    θ are Gauss–Legendre nodes (ducc0 "GL" geometry), φ_j = 2πj/n_phi.
-    """
+    def angular_shape(self) -> tuple:
+        if self.dimensions == 2:
+            return (len(self.phis),)
+        return (len(self.phis), len(self.thetas))
 
     @property
-    def theta(self):
-        return gauss_legendre_thetas(self.max_order)[0]
+    def max_r(self) -> float:
+        return self.dr * self.n_radial
 
     @property
-    def phi(self):
-        return polar_angles(self.max_order)
+    def max_q(self) -> float:
+        return self.dq * self.n_radial
 
-    @property
-    def shape(self):
-        return (self.n_radial_points, self.max_order + 1, n_phi_for_order(self.max_order))
+    def angular_weights(self) -> np.ndarray:
+        """Quadrature weights of the angular grid (sum 2 pi in 2-D, 4 pi in 3-D), angular shape."""
+        n_phi = len(self.phis)
+        if self.dimensions == 2:
+            return np.full(n_phi, 2 * np.pi / n_phi)
+        return np.outer(np.full(n_phi, 2 * np.pi / n_phi), self.theta_weights)
 
-    def solid_angle_weights(self) -> np.ndarray:
-        """(L+1, n_phi) quadrature weights on the unit sphere (sum 4π)."""
-        w = gauss_legendre_thetas(self.max_order)[1]
-        n_phi = n_phi_for_order(self.max_order)
-        return np.repeat(w[:, None] * (2 * np.pi / n_phi), n_phi, axis=1)
+    def volume_weights(self, space: str = "real") -> np.ndarray:
+        """Quadrature weights of the full grid, shaped (*angular, 1, N) to broadcast over repeats."""
+        radii, step = (self.real_radii, self.dr) if space == "real" else (self.reciprocal_radii, self.dq)
+        radial = radii ** (self.dimensions - 1) * step
+        angular = self.angular_weights()
+        return angular[..., None, None] * radial
 
-    def real_cartesian(self) -> np.ndarray:
-        """(N, L+1, n_phi, 3) Cartesian points of the real-space grid, Å."""
-        return spherical_to_cartesian(self.r, self.theta, self.phi)
-
-    def reciprocal_cartesian(self) -> np.ndarray:
-        """(N, L+1, n_phi, 3) Cartesian points of the reciprocal grid, Å⁻¹."""
-        return spherical_to_cartesian(self.q, self.theta, self.phi)
-
-
-def make_grid(dimensions: int, max_q: float, n_radial_points: int, max_order: int,
-              reciprocity_coefficient: float = np.pi):
-    """PolarGrid (2-D) or SphericalGrid (3-D)."""
-    cls = PolarGrid if dimensions == 2 else SphericalGrid
-    return cls(float(max_q), int(n_radial_points), int(max_order), float(reciprocity_coefficient))
-
-
-def polar_to_cartesian(r, phi) -> np.ndarray:
-    r = np.asarray(r, float)[:, None]
-    phi = np.asarray(phi, float)[None, :]
-    return np.stack(np.broadcast_arrays(r * np.cos(phi), r * np.sin(phi)), axis=-1)
+    def cartesian_points(self, space: str = "real") -> np.ndarray:
+        """Cartesian coordinates of every grid point, shape (*angular, N, d)."""
+        radii = self.real_radii if space == "real" else self.reciprocal_radii
+        if self.dimensions == 2:
+            phi = self.phis[:, None]
+            return np.stack([radii * np.cos(phi), radii * np.sin(phi)], axis=-1)
+        phi = self.phis[:, None, None]
+        theta = self.thetas[None, :, None]
+        return np.stack([radii * np.sin(theta) * np.cos(phi),
+                         radii * np.sin(theta) * np.sin(phi),
+                         radii * np.cos(theta) + 0 * phi], axis=-1)
 
 
-def spherical_to_cartesian(r, theta, phi) -> np.ndarray:
-    r = np.asarray(r, float)[:, None, None]
-    st = np.sin(np.asarray(theta, float))[None, :, None]
-    ct = np.cos(np.asarray(theta, float))[None, :, None]
-    cp = np.cos(np.asarray(phi, float))[None, None, :]
-    sp = np.sin(np.asarray(phi, float))[None, None, :]
-    return np.stack(np.broadcast_arrays(r * st * cp, r * st * sp, r * ct), axis=-1)
+def gaussian_blobs(grid, centres, widths, heights):
+    """A density of Gaussian blobs on the real-space grid: Σ h exp(−|x − c|² / 2w²) (Å), the test
+    particle of the fxs tests and benchmarks."""
+    x = grid.cartesian_points("real")
+    rho = np.zeros(x.shape[:-1])
+    for c, w, h in zip(centres, widths, heights):
+        rho += h * np.exp(-np.sum((x - np.asarray(c, float)) ** 2, -1) / (2 * w ** 2))
+    return rho
+
+
+def build_grid(dimensions: int, n_radial: int, max_q: float, max_order: int,
+               n_theta: int = 0, n_phi: int = 0, reciprocity: float = np.pi) -> PhasingGrid:
+    """Midpoint radial grids with Q R = reciprocity * N and the angular grid of band limit L."""
+    if dimensions not in (2, 3):
+        raise InputError(f"dimensions must be 2 or 3, got {dimensions}", key="dimensions")
+    n = int(n_radial)
+    q = reciprocal_radial_points(max_q, n)
+    r = real_radial_points(max_q, n, reciprocity)
+    L = int(max_order)
+    # |A|^2 of an amplitude of band L has band 2L; its coefficients up to L are free of aliasing
+    # when n_phi >= 3L + 1 and (Gauss-Legendre) n_theta >= (3L + 1)/2: the default grid
+    n_phi = int(n_phi) if n_phi else n_phi_for_products(L)
+    if n_phi < 2 * L + 1:
+        raise InputError(f"n_phi = {n_phi} cannot resolve max_order {L}: need n_phi >= {2 * L + 1}",
+                         key="grid.n_phi")
+    phis = 2 * np.pi * np.arange(n_phi) / n_phi
+    if dimensions == 2:
+        return PhasingGrid(2, r, q, L, phis, None, None)
+    n_theta = int(n_theta) if n_theta else (3 * L + 3) // 2
+    if n_theta < L + 1:
+        raise InputError(f"n_theta = {n_theta} cannot resolve max_order {L}: need n_theta >= {L + 1}",
+                         key="grid.n_theta")
+    x, w = np.polynomial.legendre.leggauss(n_theta)
+    order = np.argsort(-x)                     # theta ascending
+    return PhasingGrid(3, r, q, L, phis, np.arccos(x[order]), w[order])
 
 
 def spherical_point(center) -> np.ndarray:

@@ -11,7 +11,7 @@ Spherical harmonics (3-D, Gauss–Legendre grid, through ducc0.sht)
     Coefficient arrays have shape (..., L+1, 2L+1): f_lm sits at [..., l, m + L]; entries with
     |m| > l are zero. ``by_order`` turns them into a list of (..., 2l+1) arrays (m = −l … l),
     the layout of xFrame's per-order coefficient tuples.
-    Maps have shape (..., L+1, n_phi) on ``grids.SphericalGrid`` (θ north→south, φ_j = 2πj/n_phi).
+    Maps have shape (..., L+1, n_phi) on the data side's grid of ``grids`` (L+1 Gauss–Legendre rings θ north→south, n_phi = 2(L+1), φ_j = 2πj/n_phi).
 
 All leading axes (e.g. radial shells) are batched.
 """
@@ -53,7 +53,7 @@ def fourier_inverse(coefficients, n_phi: int | None = None):
 # ---------------------------------------------------------------- spherical harmonics (3-D)
 
 class SphericalHarmonicTransform:
-    """Forward/inverse SHT up to degree L on the Gauss–Legendre grid of ``SphericalGrid``."""
+    """Forward/inverse SHT up to degree L on the data side's Gauss–Legendre grid (``grids``)."""
 
     def __init__(self, max_order: int, n_threads: int = 1):
         self.max_order = L = int(max_order)

@@ -3,7 +3,7 @@
 1. Read the invariants file (proj_data.h5 of xpr's or xFrame's extract): the projection matrices
    V_l (3-D, B_l = V_l V_l^dagger) or vectors v_n (2-D), their q ranges and the average intensity.
 2. Build the polar (2-D) or spherical (3-D) grid pair (midpoint radial grids, Q R = pi N) and the
-   harmonic + Hankel transforms between densities and amplitudes (``fxs_phasing``); put the data
+   harmonic + Hankel transforms between densities and amplitudes (``grids``, ``transforms``); put the data
    on its reciprocal grid (regrid.interpolation: cubic, linear or nearest in q when the grids
    differ) and scale it to one particle (number_of_particles: given, or estimated from the data
    by xFrame's negative-volume heuristic, ``particle_number``); SO_freedom (2-D) fixes one
@@ -30,13 +30,17 @@ import numpy as np
 from scipy.interpolate import CubicSpline, interp1d
 
 from xpr import parallel
-from xpr.backend import Backend
+from xpr.backend import BackendSpec
 from xpr.errors import InputError
-from xpr.fxs.fxs_phasing import (FourierTransformPair, RealSpaceOptions, blas_threads, build_grid,
-                                 density_guess, phase, radial_field)
+from xpr.fxs.grids import build_grid
+from xpr.fxs.iterate import RealSpaceOptions, compile_policies, phase
 from xpr.fxs.particle_number import check_search_space, estimate_number_of_particles
+from xpr.fxs.real_space import density_guess, radial_field
 from xpr.fxs.reciprocal_projection import (InvariantConstraint, InvariantProjection, PointwiseRefinement,
                                            invariants_from_coefficients)
+from xpr.fxs.transforms import FourierTransformPair, blas_threads
+from xpr.fxs.xframe_settings import fold as fold_xframe_settings
+from xpr.phasing.schedule import ITERATING
 
 
 # ----------------------------------------------------------------------------------------------
@@ -278,9 +282,10 @@ def target_density_norm(constraint: InvariantConstraint, grid) -> float:
 # 3-4. phasing a batch (module level: runs in worker processes)
 # ----------------------------------------------------------------------------------------------
 
-def real_space_options(settings) -> RealSpaceOptions:
+def real_space_options(settings, grid=None) -> RealSpaceOptions:
     real = settings.projections.real
     low, high = list(real.value_threshold.threshold) + [None] * (2 - len(real.value_threshold.threshold))
+    low, high = (None if low is False else low), (None if high is False else high)
     if high is not None or (low not in (None, 0, 0.0)):
         raise InputError("value_threshold supports [0.0, null] (positivity) or [null, null] (none)",
                          key="projections.real.value_threshold.threshold")
@@ -292,25 +297,29 @@ def real_space_options(settings) -> RealSpaceOptions:
     enforce = real.support.enforce_initial_support
     return RealSpaceOptions(
         positivity=("value_threshold" in apply) and low is not None,
-        sw_sigmas=tuple(float(s) for s in real.shrink_wrap.sigmas),
-        sw_thresholds=tuple(float(t) for t in real.shrink_wrap.thresholds),
-        hio_betas=tuple(float(b) for b in real.HIO.beta) if real.HIO.beta else None,
+        sw_sigmas=real.shrink_wrap.sigmas,
+        sw_thresholds=real.shrink_wrap.thresholds,
+        hio_betas=real.HIO.beta if real.HIO.beta not in (None, False, ()) else None,
         enforce_initial_support=bool(enforce.apply),
-        enforce_if_error_bigger_than=float(enforce.if_error_bigger_than))
+        enforce_if_error_bigger_than=float(enforce.if_error_bigger_than),
+        resolution=None if grid is None else float(np.pi / grid.max_q))
 
 
-def _schedule(settings):
-    """Compiled steps of main_loop and, for the progress line, the block name of each step."""
+def validate(settings):
+    """Values checked before a run folder exists: the main_loop schedule (blocks, counts, betas)
+    and the real-space policies compiled into it."""
+    _schedule(settings, real_space_options(settings))
+
+
+def _schedule(settings, options):
+    """The steps of main_loop with the real-space policies compiled in (what runs and is logged)
+    and, for the progress line, the block name of each step."""
     from xpr.phasing.schedule import parse_blocks
 
     main_loop = settings.main_loop.to_dict() if hasattr(settings.main_loop, "to_dict") else dict(settings.main_loop)
-    steps = parse_blocks(main_loop, key="main_loop")
-    sub = main_loop["sub_loops"]
     names = []
-    for block in sub.get("order", [k for k in sub if k != "order"]):
-        single = parse_blocks({"sub_loops": {"order": [block], block: sub[block]}}, key="main_loop")
-        names += [block] * len(single)
-    return steps, names
+    steps = parse_blocks(main_loop, key="main_loop", names=names)
+    return compile_policies(steps, options, names), names
 
 
 def to_xframe_layout(field, dimensions):
@@ -326,7 +335,7 @@ def phase_batch(task: dict) -> list:
 
 def _phase_batch(task: dict) -> list:
     settings = task["settings"]
-    backend = Backend(task["use_gpu"], settings["GPU"]["precision"])
+    backend = task["backend"].create()
     grid = task["grid"]
     transform = FourierTransformPair(grid, backend)
     refinement = settings["projections"]["reciprocal"]["modulus_refinement"]
@@ -349,7 +358,7 @@ def _phase_batch(task: dict) -> list:
     apply_support = "support" in settings["projections"]["real"]["apply"]
     support = radial_field(grid, grid.real_radii <= (support_radius if apply_support else np.inf), n, xp).astype(bool)
 
-    from tqdm import tqdm
+    from tqdm.auto import tqdm
 
     total = sum(s.iterations for s in task["steps"] if s.method != "SW")
     with tqdm(total=total, desc=f"reconstructions {task['first']}-{task['first'] + n - 1}",
@@ -426,15 +435,44 @@ def invariant_mismatch(invariants, constraint: InvariantConstraint, dimensions: 
 # 5. output
 # ----------------------------------------------------------------------------------------------
 
-def _figures(archive, results, constraint, grid, data, settings):
+def shrink_wrap_iterations(steps) -> list:
+    """Global iteration counts after which each SW step of a compiled schedule runs."""
+    done, at = 0, []
+    for step in steps:
+        if step.method == "SW":
+            at.append(done)
+        elif step.method in ITERATING:
+            done += step.iterations
+    return at
+
+
+def _figures(archive, results, constraint, grid, data, settings, steps=()):
+    """error_metrics.png: per reconstruction, the real-space error (xFrame's main metric, by which the
+    kept density is chosen) and the modulus error at every iteration, the shrink-wrap updates as
+    dotted lines and each reconstruction's kept (least-error) iteration as a dot. The real-space
+    error is measured against the current support: after a shrink-wrap tightens it, more of P_M ρ
+    lies outside and the error jumps, so values are comparable only between two shrink-wraps, and
+    the kept density can come from an early block (see docs/fxs_reconstruct.md)."""
     from xpr import plot
 
-    fig, ax = plot.figure(size=(6.0, 4.0))
+    fig, (top, bottom) = plot.figure(2, 1, size=(7.0, 3.2), sharex=True)
+    sw = shrink_wrap_iterations(steps)
     for i, r in enumerate(results):
-        ax.semilogy(r["error_dict"]["main"], lw=0.8, label=f"{i}: {r['final_error']:.2e}")
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("real-space error (l2 projection diff)")
-    ax.legend(fontsize=6, ncol=2)
+        main = np.asarray(r["error_dict"]["main"])
+        modulus = np.asarray(r["error_dict"]["reciprocal"]["modulus_error"])
+        iterations = np.arange(1, len(main) + 1)
+        best = int(np.argmin(main))
+        line, = top.semilogy(iterations, main, lw=0.8, label=f"{i}: kept {main[best]:.2e} at it. {best + 1}")
+        top.plot(best + 1, main[best], "o", ms=3, color=line.get_color())
+        bottom.semilogy(iterations, modulus, lw=0.8, color=line.get_color())
+    for ax in (top, bottom):
+        for k, at in enumerate(sw):
+            ax.axvline(at + 0.5, color="grey", lw=0.5, ls=":", label="shrink-wrap" if (k == 0 and ax is top) else None)
+    top.set_ylabel("real-space error\n‖P_S P_M ρ − P_M ρ‖²/‖P_M ρ‖²", fontsize=8)
+    top.set_title("error per iteration (against the current support; the dot: the density kept)", fontsize=9)
+    bottom.set_ylabel("modulus error\n‖|A| − |A'|‖/‖A'‖", fontsize=8)
+    bottom.set_xlabel("iteration")
+    top.legend(fontsize=6, ncol=2)
     archive.savefig(fig, "error_metrics.png")
 
     n_orders = settings.output.n_plotted_orders
@@ -488,6 +526,9 @@ def _vtk(archive, results, grid):
 def run(settings, archive):
     """Invariants -> n_reconstructions densities, sorted by final error, in data.h5."""
     start = time.time()
+    settings, notes = fold_xframe_settings(settings)
+    for note in notes:
+        archive.log.info("xFrame settings: %s", note)
     path = input_path(settings, archive)
     data = read_invariants(path, settings.dimensions)
     archive.log.info("invariants from %s (%d-D, max_order %d, %d radial points)", path,
@@ -507,19 +548,19 @@ def run(settings, archive):
     if constraint.fixed_phase_orders:
         archive.log.info("SO_freedom: the phase of order %d is fixed (orientation fixed up to rotations by "
                          "2π/%d)", constraint.fixed_phase_orders[0], constraint.fixed_phase_orders[0])
-    options = real_space_options(settings)
-    steps, loop_names = _schedule(settings)
+    options = real_space_options(settings, grid)
+    steps, loop_names = _schedule(settings, options)
     from xpr.phasing.schedule import describe
 
     archive.log.info("grid: %d radial x %s angular points, L = %d; schedule: %s", grid.n_radial,
                      "x".join(map(str, grid.angular_shape)), grid.max_order, describe(steps))
 
-    backend = Backend.from_settings(settings)
+    backend = BackendSpec.from_settings(settings)
     n = settings.n_reconstructions
     seeds = parallel.task_seeds(settings.random_seed, n)
     batch = settings.multi_process.batch_size
     plain = settings.to_dict()
-    tasks = [{"settings": plain, "use_gpu": backend.is_gpu, "grid": grid, "constraint": constraint,
+    tasks = [{"settings": plain, "backend": backend, "grid": grid, "constraint": constraint,
               "steps": steps, "loop_names": loop_names, "options": options,
               "target_norm": target_density_norm(constraint, grid), "seeds": seeds[i:i + batch],
               "n_particles": n_particles,
@@ -527,7 +568,8 @@ def run(settings, archive):
              for k, i in enumerate(range(0, n, batch))]
     # a batch whose process is lost (or raises) is retried; one that still fails is logged,
     # recorded in data.h5 (failed_seeds) and left out, as long as min_success of them succeeded
-    batches = parallel.map(phase_batch, tasks, settings.multi_process, tolerate_failures=True)
+    batches = parallel.map(phase_batch, tasks, settings.multi_process, tolerate_failures=True,
+                           gpus=backend.gpus())
     failures = [b for b in batches if isinstance(b, parallel.TaskFailure)]
     for failure in failures:
         archive.log.warning("batch %d (reconstructions %d-%d, seeds %s) failed: %s", failure.index,
@@ -578,7 +620,7 @@ def run(settings, archive):
     archive.set_link_name(f"{settings.dimensions}d_{settings.structure_name}.h5")
     archive.save_h5("data.h5", tree, main=True)
     if settings.output.plots:
-        _figures(archive, results, constraint, grid, data, settings)
+        _figures(archive, results, constraint, grid, data, settings, steps)
         if grid.dimensions == 2:
             _pictures_2d(archive, results, grid)
     if settings.output.vtk and grid.dimensions == 3:

@@ -17,7 +17,7 @@ import numpy as np
 
 from xpr.errors import InputError
 from . import cross_correlation as ccd_file
-from .grids import make_grid, n_phi_for_order
+from .grids import n_phi_for_order, reciprocal_radial_points
 from .invariants import (average_intensity_from_invariants, deg2_invariants_2d, deg2_invariants_3d,
                          invariants_to_cc, model_intensity_coefficients)
 from .models import model_from_settings
@@ -35,14 +35,13 @@ def check_grid(settings):
 
 def model_invariants(settings, model, progress=None):
     """(q, B (L+1, N, N), Ī(q)) of the model on the settings' grid, for n_particles per shot."""
-    grid = make_grid(settings.dimensions, settings.grid.max_q, settings.grid.n_radial_points,
-                     settings.grid.max_order)
-    coefficients = model_intensity_coefficients(model, grid.q, grid.max_order, progress=progress)
+    q = reciprocal_radial_points(settings.grid.max_q, settings.grid.n_radial_points)
+    coefficients = model_intensity_coefficients(model, q, settings.grid.max_order, progress=progress)
     b = deg2_invariants_3d(coefficients) if settings.dimensions == 3 else deg2_invariants_2d(coefficients)
     n = settings.n_particles
     b = b * n
     b[0] *= n
-    return grid.q, b, average_intensity_from_invariants(b[0], settings.dimensions)
+    return q, b, average_intensity_from_invariants(b[0], settings.dimensions)
 
 
 def density_preview(model, n: int = 64):

@@ -5,12 +5,23 @@
   attribute `type` = 'list' | 'tuple' and members "0", "1", ... (as xFrame writes them);
 * None -> an empty dataset with attribute `type` = 'None'.
 Reading inverts all of it (xFrame's files read the same way).
+
+Also the general helpers for HDF5 files users bring (any reader in xpr.io uses them):
+
+* importing this module imports hdf5plugin, which registers the compression filters detectors
+  write (bitshuffle-LZ4, LZ4, blosc, Zstd, ...) with HDF5, so h5py opens such files;
+* `open_h5` (an InputError instead of an OSError), `list_datasets`;
+* `nexus_signal` follows the NeXus `@default` chain to the NXdata group and its `@signal`;
+* `cxi_data` finds the pattern and the detector mask where cxidb's CXI files keep them;
+* `find_signal` picks the dataset of a file when none is named, or says why it cannot.
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import h5py
+import hdf5plugin  # noqa: F401  (registers the detectors' compression filters with HDF5)
 import numpy as np
 
 from xpr.errors import InputError
@@ -97,3 +108,206 @@ def _read(node):
         items = [_read(node[k]) for k in sorted(node.keys(), key=lambda k: int(k))]
         return items if kind == "list" else tuple(items)
     return {key: _read(node[key]) for key in node.keys()}
+
+
+# ---------------------------------------------------------------------------------------------
+# files users bring: open, list, and find the signal (NeXus, CXI) when no dataset is named
+
+
+@contextlib.contextmanager
+def open_h5(path, key=None):
+    """h5py.File(path, "r"), with the detector filters registered; unreadable -> InputError."""
+    path = Path(str(path)).expanduser()
+    if not path.is_file():
+        raise InputError("input file not found", file=path, key=key)
+    try:
+        f = h5py.File(path, "r")
+    except OSError as err:
+        raise InputError(f"not a readable HDF5 file ({err})", file=path, key=key) from None
+    try:
+        yield f
+    finally:
+        f.close()
+
+
+def list_datasets(f) -> list[str]:
+    """Every dataset path in the file (links followed once), as 'path [shape dtype]' sorted."""
+    found = []
+
+    def visit(name, obj):
+        if isinstance(obj, h5py.Dataset):
+            found.append(f"{name} {list(obj.shape)} {obj.dtype}")
+    f.visititems(visit)
+    return sorted(found)
+
+
+def _text(value):
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.ndarray) and value.size == 1:
+        return _text(value.reshape(()).item())
+    return None if value is None else str(value)
+
+
+def _nx_class(obj):
+    return _text(obj.attrs.get("NX_class"))
+
+
+def _is_dataset(f, name):
+    try:
+        return isinstance(f.get(name), h5py.Dataset)
+    except (KeyError, OSError):       # a broken external or soft link
+        return False
+
+
+class SignalNotFound(Exception):
+    """Why a file's signal could not be found (turned into an InputError by the caller)."""
+
+
+def nexus_signal(f) -> str | None:
+    """The path of the NeXus plottable signal: the root's `@default` entry (else the only
+    NXentry), its `@default` NXdata group (else the only NXdata in it), the group's `@signal`
+    dataset (else a dataset with attribute signal=1, else the group's only dataset).
+    None when the file has no NeXus structure; SignalNotFound when the chain is broken."""
+    entries = [k for k in f if isinstance(f[k], h5py.Group) and _nx_class(f[k]) == "NXentry"]
+    default = _text(f.attrs.get("default"))
+    if default is not None:
+        if not isinstance(f.get(default), h5py.Group):
+            raise SignalNotFound(f"NeXus: the root's @default names '{default}', which is not a group in the file")
+        entry = default
+    elif len(entries) == 1:
+        entry = entries[0]
+    elif not entries:
+        return None
+    else:
+        raise SignalNotFound(f"NeXus: {len(entries)} NXentry groups ({', '.join(sorted(entries))}) "
+                             "and no @default at the root")
+    group = f[entry]
+    default = _text(group.attrs.get("default"))
+    if default is not None:
+        if not isinstance(group.get(default), h5py.Group):
+            raise SignalNotFound(f"NeXus: /{entry}/@default names '{default}', which is not a group")
+        data_name = f"{entry}/{default}"
+    else:
+        nxdata = [k for k in group if isinstance(group[k], h5py.Group) and _nx_class(group[k]) == "NXdata"]
+        if len(nxdata) != 1:
+            raise SignalNotFound(f"NeXus: /{entry} has {len(nxdata)} NXdata groups "
+                                 f"({', '.join(sorted(nxdata)) or 'none'}) and no @default")
+        data_name = f"{entry}/{nxdata[0]}"
+    data = f[data_name]
+    signal = _text(data.attrs.get("signal"))
+    if signal is not None:
+        if not _is_dataset(f, f"{data_name}/{signal}"):
+            raise SignalNotFound(f"NeXus: /{data_name}/@signal names '{signal}', which is not a "
+                                 "readable dataset in that group")
+        return f"{data_name}/{signal}"
+    flagged = [k for k in data if _is_dataset(data, k) and _text(data[k].attrs.get("signal")) == "1"]
+    members = [k for k in data if _is_dataset(data, k)]
+    if len(flagged) == 1:
+        return f"{data_name}/{flagged[0]}"
+    if len(members) == 1:          # e.g. a detector's NXdata with one linked data_000001
+        return f"{data_name}/{members[0]}"
+    raise SignalNotFound(f"NeXus: /{data_name} has no @signal attribute and {len(members)} datasets "
+                         f"({', '.join(sorted(members)) or 'none'})")
+
+
+def _numbered(group, prefix):
+    names = [k for k in group if k.startswith(prefix) and k[len(prefix):].isdigit()]
+    return sorted(names, key=lambda k: int(k[len(prefix):]))
+
+
+def is_cxi(f, path=None) -> bool:
+    """A CXI file: the .cxi suffix, a `cxi_version` dataset, or an `entry_1` group."""
+    return (path is not None and str(path).lower().endswith(".cxi")) or "cxi_version" in f \
+        or isinstance(f.get("entry_1"), h5py.Group)
+
+
+def cxi_data(f) -> tuple[str, str | None]:
+    """(pattern path, mask path or None) in a CXI file as cxidb writes it: the pattern at
+    entry_N/data_M/data (else entry_N/image_M/data), the detector mask (nonzero = bad) at
+    entry_N/instrument_1/detector_1/mask (or beside the data). SignalNotFound when absent or
+    when several entries hold data."""
+    entries = _numbered(f, "entry_")
+    if not entries:
+        raise SignalNotFound("CXI: no entry_1 group (a CXI file keeps its data in "
+                             "entry_1/data_1/data)")
+    for kind in ("data_", "image_"):
+        found = [f"{e}/{d}/data" for e in entries for d in _numbered(f[e], kind)
+                 if _is_dataset(f, f"{e}/{d}/data")]
+        if len(found) > 1:
+            raise SignalNotFound(f"CXI: several patterns ({', '.join(found)}): name one with input.dataset")
+        if found:
+            data = found[0]
+            break
+    else:
+        raise SignalNotFound(f"CXI: no dataset entry_N/data_M/data or entry_N/image_M/data "
+                             f"(entries: {', '.join(entries)})")
+    entry, group = data.split("/")[:2]
+    mask = None
+    for candidate in (f"{entry}/{group}/mask", f"{entry}/instrument_1/detector_1/mask"):
+        if _is_dataset(f, candidate):
+            mask = candidate
+            break
+    return data, mask
+
+
+def nexus_mask(f, signal: str) -> str | None:
+    """The detector mask of a NeXus file (nonzero = bad): an NXdetector's pixel_mask (Eiger:
+    detectorSpecific/pixel_mask) in the signal's entry, or a `mask` beside the signal."""
+    entry = signal.split("/")[0]
+    beside = signal.rsplit("/", 1)[0] + "/mask"
+    if _is_dataset(f, beside):
+        return beside
+    found = []
+
+    def visit(name, obj):
+        if isinstance(obj, h5py.Dataset) and name.rsplit("/", 1)[-1] == "pixel_mask":
+            found.append(f"{entry}/{name}")
+    if isinstance(f.get(entry), h5py.Group):
+        f[entry].visititems(visit)
+    return found[0] if len(found) == 1 else None
+
+
+def find_signal(f, path, key=None, dataset=None, prefer=("data",)) -> tuple[str, str | None]:
+    """(dataset path, mask path or None) of the array to read from an open file.
+
+    dataset: named by the user (input.dataset): used as is, no mask guessed.
+    Else, in order: a CXI file's pattern and detector mask; the NeXus signal (and pixel_mask);
+    a root dataset named in `prefer` (xpr's own files: `data`, with `mask` beside it); the
+    file's only dataset. Anything else is an InputError naming the file and listing its datasets.
+    """
+    if dataset is not None:
+        if not _is_dataset(f, dataset):
+            raise InputError(f"no dataset '{dataset}' in the file; it holds: "
+                             + "; ".join(list_datasets(f)), file=path, key=key)
+        return dataset, None
+    try:
+        if is_cxi(f, path):
+            return cxi_data(f)
+        signal = nexus_signal(f)
+    except SignalNotFound as why:
+        raise InputError(f"{why}; the file holds: " + "; ".join(list_datasets(f) or ["no datasets"])
+                         + " (or name the dataset with input.dataset)", file=path, key=key) from None
+    if signal is not None:
+        return signal, nexus_mask(f, signal)
+    for name in prefer:
+        if _is_dataset(f, name):
+            return name, ("mask" if _is_dataset(f, "mask") else None)
+    names = list_datasets(f)
+    if len(names) == 1:
+        return names[0].split(" ")[0], None
+    raise InputError(f"the HDF5 file holds {len(names)} datasets and none is marked as the "
+                     "signal (no CXI entry_1/data_1/data, no NeXus NXdata @signal): name one with "
+                     "input.dataset; it holds: " + ("; ".join(names) or "nothing"), file=path, key=key)
+
+
+def read_dataset(path, dataset=None, key=None, prefer=("data",)):
+    """(array, mask array or None, dataset path) of a user's HDF5/CXI/NeXus file; see find_signal."""
+    with open_h5(path, key) as f:
+        name, mask_name = find_signal(f, path, key=key, dataset=dataset, prefer=prefer)
+        try:
+            array = f[name][()]
+            mask = None if mask_name is None else f[mask_name][()]
+        except OSError as err:       # e.g. a filter HDF5 cannot apply, a missing external file
+            raise InputError(f"cannot read dataset '{name}': {err}", file=path, key=key) from None
+    return array, mask, name

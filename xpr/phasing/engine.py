@@ -1,9 +1,19 @@
-"""Walk a compiled schedule over a batch of independent repeats.
+"""Walk a compiled schedule over a batch of independent repeats: the one loop of cdi and fxs.
 
 The engine knows only the list of steps (xpr.phasing.schedule), the two projections
-(xpr.phasing.projections or any stand-ins with the same call signatures) and a shrink-wrap rule.
-All repeats advance together as one array of shape (repeats, *grid), so each iteration costs one
-batched forward and inverse FFT whatever the number of repeats.
+(xpr.phasing.projections or any stand-ins with the same call signatures) and the operations the
+schedule names (SW = shrink-wrap, or any other, as cohere's op_flow). All repeats advance together
+as one array, so each iteration costs one batched transform pair whatever the number of repeats.
+The repeats lie along `batch_axis` of the iterate and the support: 0 for cdi's (repeats, *grid),
+-2 for fxs's (*angular, repeats, r); every per-repeat quantity the engine makes is an array over
+that axis.
+
+Everything that varies during a run is compiled into the steps beforehand (beta of every
+iteration, each operation's options); the engine does not decide anything. Callers watch the run
+through callbacks: `callbacks` are called after every iteration with an `Iteration` (metrics,
+best-iterate tracking, progress), `on_step` before each iterating step (e.g. to switch a
+projection's mode per algorithm). An operation is called as op(x, support, step) and returns the
+new support (or None to keep it); it may also change x in place.
 
 Per iteration it records eMod (from the modulus projection, no extra transform) and, every
 `metrics_every` iterations, eCon: the fraction of the iterate's norm that lies outside the support,
@@ -19,6 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from xpr.backend import to_host
 from xpr.phasing.algorithms import ALGORITHMS, error_reduction
 from xpr.phasing.schedule import ITERATING
 
@@ -30,6 +41,8 @@ class History:
     e_mod: list = field(default_factory=list)
     e_con: list = field(default_factory=list)         # (iteration, array over repeats)
     support_updates: list = field(default_factory=list)  # iterations after which SW ran
+    operations: list = field(default_factory=list)   # (iteration, name) of every operation run
+    betas: list = field(default_factory=list)        # beta applied at each iteration
 
     def e_mod_array(self):
         """eMod as a (repeats, iterations) numpy array."""
@@ -47,36 +60,74 @@ class History:
 
 
 def _to_numpy(a):
-    return a.get() if hasattr(a, "get") else np.asarray(a)
+    return to_host(a)
 
 
-def constraint_error(x, support, xp):
-    """sqrt(sum_outside |x|^2 / sum |x|^2) per repeat."""
-    power = (x.real * x.real + x.imag * x.imag).reshape(x.shape[0], -1)
-    outside = power * (~support).reshape(support.shape[0], -1)
-    return xp.sqrt(xp.sum(outside, axis=1) / xp.maximum(xp.sum(power, axis=1), 1e-30))
+def constraint_error(x, support, xp, batch_axis=0):
+    """sqrt(sum_outside |x|^2 / sum |x|^2) per repeat (repeats along batch_axis)."""
+    power = x.real * x.real + x.imag * x.imag if xp.iscomplexobj(x) else x * x
+    outside = power * ~xp.broadcast_to(support, power.shape)
+    axes = tuple(a for a in range(power.ndim) if a != batch_axis % power.ndim)
+    return xp.sqrt(xp.sum(outside, axis=axes) / xp.maximum(xp.sum(power, axis=axes), 1e-30))
+
+
+@dataclass
+class Iteration:
+    """What a callback sees after one iteration: the global count (1 after the first), the step
+    and the iteration within it, the beta applied, the iterate and support, eMod per repeat."""
+
+    done: int
+    step: object
+    k: int
+    beta: float
+    x: object
+    support: object
+    e_mod: object
 
 
 def iterate(steps, x, support, P_M, P_S, shrink_wrap=None, xp=np, progress=None,
-            metrics_every=10):
-    """Run the steps on the batch x (updated in place). Returns (x, support, History)."""
+            metrics_every=10, batch_axis=0, operations=None, callbacks=(), on_step=None):
+    """Run the steps on the batch x (updated in place). Returns (x, support, History).
+
+    shrink_wrap(x, support, **step.options) serves SW steps unless `operations` names its own SW;
+    operations: name -> op(x, support, step) for every non-iterating step of the schedule.
+    """
     history = History()
+    ops = dict(operations or {})
+    if shrink_wrap is not None and "SW" not in ops:
+        ops["SW"] = lambda x, support, step: shrink_wrap(x, support, **step.options)
     done = 0
     for step in steps:
-        if step.method == "SW":
-            if shrink_wrap is None:
-                raise ValueError("schedule asks for shrink-wrap but none was configured")
-            support = shrink_wrap(x, support, **step.options)
-            history.support_updates.append(done)
+        if step.method not in ALGORITHMS:
+            operation = ops.get(step.method)
+            if operation is None:
+                if step.method == "SW":
+                    raise ValueError("schedule asks for shrink-wrap but none was configured")
+                raise ValueError(f"schedule asks for operation {step.method!r} but none was configured")
+            new_support = operation(x, support, step)
+            if new_support is not None:
+                support = new_support
+            if step.method == "SW":
+                history.support_updates.append(done)
+            history.operations.append((done, step.method))
             continue
+        if on_step is not None:
+            on_step(step)
         rule = ALGORITHMS[step.method]
         if rule is error_reduction and P_S.is_plain_support:
             rule = _plain_error_reduction
         for k in range(step.iterations):
-            history.e_mod.append(rule(x, support, step.beta_at(k), P_M, P_S, xp))
+            beta = step.beta_at(k)
+            e_mod = rule(x, support, beta, P_M, P_S, xp)
+            history.e_mod.append(e_mod)
+            history.betas.append(beta)
             done += 1
             if metrics_every and done % metrics_every == 0:
-                history.e_con.append((done, constraint_error(x, support, xp)))
+                history.e_con.append((done, constraint_error(x, support, xp, batch_axis)))
+            if callbacks:
+                state = Iteration(done, step, k, beta, x, support, e_mod)
+                for callback in callbacks:
+                    callback(state)
             if progress is not None:
                 progress.update(1)
                 if done % 10 == 0 and hasattr(progress, "set_postfix"):
@@ -100,7 +151,7 @@ def random_starts(backend, amplitude, support, seeds):
     """
     xp = backend.xp
     axes = tuple(range(-amplitude.ndim, 0))
-    amplitude_host = _to_numpy(amplitude)
+    amplitude_host = backend.asnumpy(amplitude)
     spectra = np.empty((len(seeds),) + amplitude_host.shape, dtype=backend.complex_dtype)
     for i, seed in enumerate(seeds):
         phase = np.random.default_rng(seed).uniform(0.0, 2.0 * np.pi, amplitude_host.shape)

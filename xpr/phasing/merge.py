@@ -43,7 +43,7 @@ def correlation_peak(reference, y, backend):
     """(peak height, shift s such that y(r - s) best matches reference(r)) for one pair."""
     xp = backend.xp
     correlation = xp.abs(backend.ifftn(backend.fftn(reference) * xp.conj(backend.fftn(y))))
-    correlation = np.asarray(correlation.get() if hasattr(correlation, "get") else correlation)
+    correlation = backend.asnumpy(correlation)
     peak = np.unravel_index(int(np.argmax(correlation)), correlation.shape)
     shift = []
     for axis, n in enumerate(correlation.shape):
@@ -136,8 +136,8 @@ def prtf(aligned, measured, backend):
     coherent = xp.abs(spectra.sum(axis=0))
     incoherent = xp.abs(spectra).sum(axis=0)
     ratio = coherent / xp.maximum(incoherent, 1e-30)
-    ratio = np.asarray(ratio.get() if hasattr(ratio, "get") else ratio)
-    measured = np.asarray(measured.get() if hasattr(measured, "get") else measured, dtype=bool)
+    ratio = backend.asnumpy(ratio)
+    measured = np.asarray(backend.asnumpy(measured), dtype=bool)
     shell = np.rint(np.asarray(fft_radius(ratio.shape))).astype(np.int64)
     n_shells = int(shell.max()) + 1
     weights = measured.ravel().astype(np.float64)

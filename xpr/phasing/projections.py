@@ -127,10 +127,11 @@ class ModulusProjection:
 class SupportProjection:
     """P_S: zero outside the support (and where other real-space constraints fail)."""
 
-    def __init__(self, positivity=False, threshold=None, imag_limit=None):
+    def __init__(self, positivity=False, threshold=None, imag_limit=None, batch_axis=0):
         self.positivity = bool(positivity)
         self.threshold = threshold
         self.imag_limit = imag_limit
+        self.batch_axis = batch_axis          # axis of the repeats (engine.iterate's batch_axis)
 
     @property
     def is_plain_support(self) -> bool:
@@ -143,8 +144,8 @@ class SupportProjection:
             ok = ok & (y.real >= 0)
         if self.threshold is not None:
             amplitude = xp.abs(y)
-            peak = xp.max((amplitude * support).reshape(y.shape[0], -1), axis=1)
-            peak = peak.reshape((-1,) + (1,) * (y.ndim - 1))
+            axes = tuple(a for a in range(y.ndim) if a != self.batch_axis % y.ndim)
+            peak = xp.max(amplitude * support, axis=axes, keepdims=True)    # per repeat
             ok = ok & (amplitude >= self.threshold * peak)
         return ok
 

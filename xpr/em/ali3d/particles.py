@@ -12,7 +12,8 @@ block), CSV with the same column names, or HDF5 with one dataset per column.  Co
     rlnAmplitudeContrast, rlnPhaseShift           fraction, degrees
     rlnImagePixelSize (optics) / rlnDetectorPixelSize+rlnMagnification   pixel size, Å
 
-one row per image, in stack order.  Refined tables keep every input column, replace the angles and
+one row per image, in stack order — or, without a stack, the images the STAR table's rlnImageName
+column names (`12@a.mrcs`, `3@b.mrcs`: any number of stacks, any order).  Refined tables keep every input column, replace the angles and
 the origin offsets (written in Å as rlnOriginXAngst/YAngst), and never touch the stack.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ import numpy as np
 
 from xpr.em.ali3d.ctf import CTFParameters
 from xpr.errors import InputError
+from xpr.io.checks import check_real
 from xpr.io.atomic import atomic_path
 
 ANGLE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
@@ -49,7 +51,7 @@ def read_stack(path, key: str = "input.stack") -> Stack:
             import mrcfile
 
             with mrcfile.open(path, permissive=True) as mrc:
-                images = np.array(mrc.data, dtype=np.float32)
+                images = np.array(mrc.data)
                 voxel = float(mrc.voxel_size.x)
                 pixel_size = voxel if voxel > 0 else None
         elif suffix in (".h5", ".hdf5"):
@@ -59,15 +61,90 @@ def read_stack(path, key: str = "input.stack") -> Stack:
                 if "images" not in f:
                     raise InputError("the HDF5 stack needs a dataset 'images' of shape (n, ny, nx)",
                                      file=path, key=key)
-                images = np.asarray(f["images"][()], dtype=np.float32)
+                images = np.asarray(f["images"][()])
                 if "pixel_size_A" in f["images"].attrs:
                     pixel_size = float(f["images"].attrs["pixel_size_A"])
         elif suffix == ".npy":
-            images = np.load(path, allow_pickle=False).astype(np.float32)
+            images = np.load(path, allow_pickle=False)
         else:
             raise InputError(f"unknown stack type '{suffix}' (expected .mrcs .mrc .h5 .npy)", file=path, key=key)
     except (OSError, ValueError) as err:
         raise InputError(f"cannot read the stack: {err}", file=path, key=key) from None
+    return _checked_stack(images, pixel_size, path, key)
+
+
+def image_names(path, key: str = "input.parameters") -> list:
+    """The rlnImageName column of a STAR table (InputError if it has none)."""
+    path = Path(str(path)).expanduser()
+    if not path.is_file():
+        raise InputError("parameter file not found", file=path, key=key)
+    try:
+        particles, _ = _read_table(path, key)
+    except (OSError, ValueError, KeyError) as err:
+        raise InputError(f"cannot read the parameter table: {err}", file=path, key=key) from None
+    if "rlnImageName" not in particles.columns:
+        raise InputError("input.stack is null, so the images are those the table's rlnImageName column names, "
+                         "but it has none: give input.stack or a STAR table with rlnImageName", file=path,
+                         key="input.stack")
+    return list(particles["rlnImageName"])
+
+
+def read_named_images(names, table_path, key: str = "input.parameters") -> Stack:
+    """The images a STAR table names, row by row: `rlnImageName` entries `12@a.mrcs` are image 12
+    (1-based, RELION's convention) of the MRC stack a.mrcs; rows may point into any number of
+    stacks in any order. A relative stack path is looked up beside the table first, then in the
+    current folder (RELION writes paths relative to its project folder). Each stack is opened
+    once, memory-mapped; InputError names the row and the entry for a malformed name, a missing
+    file, an index beyond the stack or images of different sizes."""
+    import mrcfile
+
+    table_path = Path(str(table_path)).expanduser()
+    requests: dict[Path, list[tuple[int, int]]] = {}
+    for row, name in enumerate(names):
+        text = str(name).strip()
+        index_text, at, file_text = text.partition("@")
+        if not at or not index_text.strip().isdigit() or int(index_text) < 1 or not file_text.strip():
+            raise InputError(f"row {row + 1}: rlnImageName '{text}' is not 'N@stack.mrcs' (N from 1)",
+                             file=table_path, key=key)
+        stack_path = Path(file_text.strip()).expanduser()
+        if not stack_path.is_absolute():
+            beside = table_path.parent / stack_path
+            stack_path = beside if beside.is_file() else stack_path
+        if not stack_path.is_file():
+            raise InputError(f"row {row + 1}: the stack '{file_text.strip()}' of rlnImageName '{text}' is not "
+                             f"found (looked beside the table and in {Path.cwd()})", file=table_path, key=key)
+        requests.setdefault(stack_path, []).append((row, int(index_text) - 1))
+    images, pixel_size, shape = None, None, None
+    for stack_path, wanted in requests.items():
+        try:
+            with mrcfile.mmap(stack_path, mode="r", permissive=True) as mrc:
+                data = mrc.data
+                if data is None:
+                    raise InputError("not a readable MRC stack", file=stack_path, key=key)
+                data = data[None] if data.ndim == 2 else data
+                voxel = float(mrc.voxel_size.x)
+                if pixel_size is None and voxel > 0:
+                    pixel_size = voxel
+                if shape is None:
+                    shape = data.shape[1:]
+                    images = np.empty((len(names), *shape), np.float32)
+                elif data.shape[1:] != shape:
+                    raise InputError(f"images of {list(data.shape[1:])} pixels where the other stacks hold "
+                                     f"{list(shape)}", file=stack_path, key=key)
+                for row, index in wanted:
+                    if index >= len(data):
+                        raise InputError(f"row {row + 1} asks for image {index + 1} of a stack of {len(data)}",
+                                         file=stack_path, key=key)
+                    images[row] = data[index]
+        except (OSError, ValueError) as err:
+            raise InputError(f"cannot read the stack: {err}", file=stack_path, key=key) from None
+    if images is None:
+        raise InputError("the table names no images", file=table_path, key=key)
+    return _checked_stack(images, pixel_size, table_path, key)
+
+
+def _checked_stack(images, pixel_size, path, key) -> Stack:
+    images = check_real(images, file=path, key=key, what="particle image values").astype(np.float32, copy=False)
     if images.ndim == 2:
         images = images[None]
     if images.ndim != 3:
@@ -131,9 +208,10 @@ def _column(particles, optics, name):
     return None
 
 
-def read_parameters(path, n_images: int, pixel_size_A: float | None, need_ctf: bool,
+def read_parameters(path, n_images: int | None, pixel_size_A: float | None, need_ctf: bool,
                     key: str = "input.parameters") -> ParticleTable:
-    """The parameter table, checked against the stack (one row per image)."""
+    """The parameter table, checked against the stack (one row per image; n_images None: the
+    images are those its rlnImageName column names, see `read_named_images`)."""
     path = Path(str(path)).expanduser()
     if not path.is_file():
         raise InputError("parameter file not found", file=path, key=key)
@@ -144,7 +222,7 @@ def read_parameters(path, n_images: int, pixel_size_A: float | None, need_ctf: b
     missing = [c for c in ANGLE_COLUMNS if c not in particles.columns]
     if missing:
         raise InputError(f"the table lacks the column(s) {missing}", file=path, key=key)
-    if len(particles) != n_images:
+    if n_images is not None and len(particles) != n_images:
         raise InputError(f"the table has {len(particles)} rows but the stack holds {n_images} images "
                          "(one row per image, in stack order)", file=path, key=key)
     table_pixel = _column(particles, optics, "rlnImagePixelSize")

@@ -56,7 +56,7 @@ class Projector:
         """Real n×n image from half-plane Fourier values at the slice points."""
         spectrum = np.zeros((self.box, self.box // 2 + 1), dtype=np.complex64)
         spectrum[self.rows, self.cols] = values
-        return irfft2(backend, spectrum, self.box).astype(np.float32)
+        return backend.asnumpy(irfft2(backend, backend.asarray(spectrum), self.box)).astype(np.float32)
 
     def project(self, matrix, backend, shift_px=(0.0, 0.0), weight=None):
         """Projection image in orientation `matrix`, translated by shift_px (x, y), times `weight` (CTF)."""

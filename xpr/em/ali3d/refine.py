@@ -1,4 +1,5 @@
-"""Local refinement of one image's orientation and shift by Nelder–Mead (Yang & Penczek 2008).
+"""Local refinement of the images' orientations and shifts by Nelder–Mead (Yang & Penczek 2008),
+all images of a task at once.
 
 For image I with parameters p = (rot, tilt, psi, o_x, o_y) the criterion is the masked correlation
 coefficient between the image and the reference projection in the same orientation and shift,
@@ -6,16 +7,20 @@ coefficient between the image and the reference projection in the same orientati
     ccc(p) = Σ_M (P_p − P̄_p)(I − Ī) / √(Σ_M (P_p − P̄_p)² Σ_M (I − Ī)²),
 
 M the disc of radius ou, P_p the central-slice projection (project.py) shifted by o and multiplied
-by the CTF weight.  The downhill simplex (scipy.optimize, Nelder–Mead) starts from the current
-parameters with steps delta (degrees) on the three angles and ts (pixels) on the two shifts, and
-maximises ccc; the best vertex is kept only if it beats the start.
+by the CTF weight.  The downhill simplex (Nelder–Mead with the standard coefficients 1, 2, ½, ½ and
+scipy's stopping rule) starts from the current parameters with steps delta (degrees) on the three
+angles and ts (pixels) on the two shifts, and maximises ccc.  Every image of a task has its own
+simplex, but each step's evaluations of all of them — the central slices gathered with the
+gridding kernel, the phase ramps, the inverse transforms and the masked correlations — are made
+together as array operations (`batched_nelder_mead`, `BatchedCriterion`): the per-evaluation
+Python overhead that dominated one-image-at-a-time searches of small images is paid once per
+simplex step.  The best vertex is kept only if it beats the start.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import minimize
 
 from xpr.em.ali3d import ctf as ctf_model
 from xpr.em.ali3d.euler import rotation_matrices
@@ -39,7 +44,8 @@ class AlignmentTask:
 
 
 def masked_ccc(projection, normalised_image, mask):
-    """ccc of a projection with an image already reduced to zero mean, unit norm inside the mask."""
+    """ccc of a projection with an image already reduced to zero mean, unit norm inside the mask
+    (the real-space form of the criterion, for checks)."""
     p = projection[mask]
     p = p - p.mean()
     norm = np.sqrt(np.dot(p, p))
@@ -52,49 +58,158 @@ def normalise_in_mask(image, mask):
     return values / max(np.sqrt(np.dot(values, values)), 1e-30)
 
 
-def single_threaded_backend():
-    """A CPU backend whose FFTs run on one thread: the criterion transforms one small image at a
-    time, where thread start-up costs more than the transform."""
-    from xpr.backend import Backend
+def disc_mask(box: int, radius: float):
+    axis = np.arange(box) - box // 2
+    return axis[:, None] ** 2 + axis[None, :] ** 2 <= radius ** 2
 
-    return Backend(False, fft_workers=1)
+
+class BatchedCriterion:
+    """−ccc of many (image, parameters) pairs at once (see the module docstring)."""
+
+    def __init__(self, projector: Projector, images, mask, ctf=None, ctf_mode="none", pixel_size_A=1.0,
+                 batch_points=400_000):
+        self.projector = projector
+        self.mask = mask
+        box = projector.box
+        self.target = np.stack([normalise_in_mask(image, mask) for image in images])
+        self.ctf_weight = None
+        if ctf is not None and ctf_mode != "none":
+            self.ctf_weight = np.stack([ctf_model.projection_weight(
+                ctf_model.ctf_values(ctf, i, projector.kx, projector.ky, pixel_size_A, box), ctf_mode)
+                for i in range(len(images))]).astype(np.float32)
+        self.centre = box // 2
+        self.batch = max(1, batch_points // max(1, len(projector.kx)))
+
+    def __call__(self, which, parameters):
+        """−ccc of images `which` (indices into the task) at `parameters` (len(which), 5)."""
+        out = np.empty(len(which))
+        for start in range(0, len(which), self.batch):
+            part = slice(start, start + self.batch)
+            out[part] = self._evaluate(np.asarray(which)[part], np.asarray(parameters)[part])
+        return out
+
+    def projections(self, which, parameters):
+        """The projections (b, n, n), shifted and CTF-weighted, of images `which` at `parameters`."""
+        p = self.projector
+        matrices = rotation_matrices(parameters[:, 0], parameters[:, 1], parameters[:, 2])
+        values = slices(p, matrices)                                                # (b, m)
+        phase = (-2.0 * np.pi / p.box) * (p.kx[None, :] * (parameters[:, 3:4] + self.centre)
+                                          + p.ky[None, :] * (parameters[:, 4:5] + self.centre))
+        values = values * np.exp(1j * phase).astype(np.complex64)
+        if self.ctf_weight is not None:
+            values = values * self.ctf_weight[which]
+        spectrum = np.zeros((len(which), p.box, p.box // 2 + 1), dtype=np.complex64)
+        spectrum[:, p.rows, p.cols] = values
+        return np.fft.irfft2(spectrum, s=(p.box, p.box))
+
+    def _evaluate(self, which, parameters):
+        inside = self.projections(which, parameters)[:, self.mask].astype(np.float64)
+        inside -= inside.mean(axis=1, keepdims=True)
+        norm = np.sqrt(np.einsum("bi,bi->b", inside, inside))
+        return -np.einsum("bi,bi->b", inside, self.target[which]) / np.maximum(norm, 1e-30)
+
+
+def slices(projector: Projector, matrices, keep=None):
+    """V̂ on the central slices of many orientations (b, 3, 3): complex64 (b, m) at the projector's
+    slice points (those selected by `keep`), with the W³ gridding kernel (as Projector.slice)."""
+    frequencies = projector.frequencies if keep is None else projector.frequencies[:, keep]
+    rows = np.asarray(matrices, dtype=np.float64)[:, :2, :] * float(projector.npad)     # (b, 2, 3)
+    coordinates = np.einsum("bji,jm->bim", rows, frequencies) + projector.half          # (b, 3, m)
+    first, weights = projector.kernel.neighbours(coordinates)                            # (b,3,m), (b,3,m,W)
+    side = 2 * projector.half + 1
+    base = (first[:, 2] * side + first[:, 1]) * side + first[:, 0]                       # (b, m)
+    values = projector.cube.take(base[..., None] + projector.offsets)                    # (b, m, W³)
+    b, m, w = base.shape[0], base.shape[1], projector.kernel.width
+    zy = (weights[:, 2][..., :, None] * weights[:, 1][..., None, :]).reshape(b, m, w * w)
+    kernel = (zy[..., :, None] * weights[:, 0][..., None, :]).reshape(b, m, 1, w ** 3)
+    pairs = np.matmul(kernel, values.view(np.float32).reshape(b, m, w ** 3, 2))        # (b, m, 1, 2)
+    return pairs.reshape(b, m, 2).view(np.complex64)[..., 0]
+
+
+def batched_nelder_mead(function, starts, steps, max_evaluations, xatol, fatol=1e-6):
+    """Minimise function(which, points) -> values for many independent problems at once.
+
+    starts (b, d); steps (d,): the initial simplex is the start and the start plus each step.
+    Standard Nelder–Mead (reflection 1, expansion 2, contraction ½, shrink ½; scipy's
+    stopping rule: every vertex within xatol of the best in every coordinate and every value
+    within fatol of the best, or max_evaluations). Returns (best points, best values,
+    evaluations per problem)."""
+    starts = np.asarray(starts, dtype=np.float64)
+    b, d = starts.shape
+    simplex = np.repeat(starts[:, None, :], d + 1, axis=1)
+    simplex[:, 1:, :] += np.diag(np.asarray(steps, dtype=np.float64))[None]
+    all_problems = np.arange(b)
+    values = function(np.repeat(all_problems, d + 1), simplex.reshape(-1, d)).reshape(b, d + 1)
+    evaluations = np.full(b, d + 1)
+    active = np.ones(b, dtype=bool)
+    while True:
+        order = np.argsort(values, axis=1)
+        simplex = np.take_along_axis(simplex, order[..., None], axis=1)
+        values = np.take_along_axis(values, order, axis=1)
+        size = np.abs(simplex[:, 1:] - simplex[:, :1]).max(axis=(1, 2))
+        spread = np.abs(values[:, 1:] - values[:, :1]).max(axis=1)
+        active &= ~(((size <= xatol) & (spread <= fatol)) | (evaluations >= max_evaluations))
+        idx = np.nonzero(active)[0]
+        if len(idx) == 0:
+            break
+        centroid = simplex[idx, :-1].mean(axis=1)
+        worst = simplex[idx, -1]
+        reflected = 2.0 * centroid - worst
+        f_reflected = function(idx, reflected)
+        evaluations[idx] += 1
+        best, second, worst_value = values[idx, 0], values[idx, -2], values[idx, -1]
+        new_point, new_value = reflected.copy(), f_reflected.copy()
+        shrink = np.zeros(len(idx), dtype=bool)
+        expand = f_reflected < best
+        if expand.any():
+            e = np.nonzero(expand)[0]
+            expanded = 3.0 * centroid[e] - 2.0 * worst[e]
+            f_expanded = function(idx[e], expanded)
+            evaluations[idx[e]] += 1
+            better = f_expanded < f_reflected[e]
+            new_point[e[better]], new_value[e[better]] = expanded[better], f_expanded[better]
+        outside = (f_reflected >= second) & (f_reflected < worst_value)
+        if outside.any():
+            o = np.nonzero(outside)[0]
+            contracted = 1.5 * centroid[o] - 0.5 * worst[o]
+            f_contracted = function(idx[o], contracted)
+            evaluations[idx[o]] += 1
+            good = f_contracted <= f_reflected[o]
+            new_point[o[good]], new_value[o[good]] = contracted[good], f_contracted[good]
+            shrink[o[~good]] = True
+        inside = f_reflected >= worst_value
+        if inside.any():
+            i = np.nonzero(inside)[0]
+            contracted = 0.5 * centroid[i] + 0.5 * worst[i]
+            f_contracted = function(idx[i], contracted)
+            evaluations[idx[i]] += 1
+            good = f_contracted < worst_value[i]
+            new_point[i[good]], new_value[i[good]] = contracted[good], f_contracted[good]
+            shrink[i[~good]] = True
+        replace = idx[~shrink]
+        simplex[replace, -1], values[replace, -1] = new_point[~shrink], new_value[~shrink]
+        if shrink.any():
+            s = idx[shrink]
+            simplex[s, 1:] = simplex[s, :1] + 0.5 * (simplex[s, 1:] - simplex[s, :1])
+            values[s, 1:] = function(np.repeat(s, d), simplex[s, 1:].reshape(-1, d)).reshape(len(s), d)
+            evaluations[s] += d
+    return simplex[:, 0].copy(), values[:, 0].copy(), evaluations
 
 
 def refine_images(task: AlignmentTask) -> dict:
     """Refine every image of a task (module-level: a parallel.map task). Returns the new parameters,
     the criterion before and after and the number of criterion evaluations per image."""
-    backend = single_threaded_backend()
     projector = task.projector
-    mask = np.zeros((projector.box, projector.box), dtype=bool)
-    axis = np.arange(projector.box) - projector.box // 2
-    mask[axis[:, None] ** 2 + axis[None, :] ** 2 <= task.mask_radius ** 2] = True
-    steps = np.array([task.delta] * 3 + [task.ts] * 2)
+    mask = disc_mask(projector.box, task.mask_radius)
+    criterion = BatchedCriterion(projector, task.images, mask, task.ctf, task.ctf_mode, task.pixel_size_A)
     n = len(task.images)
-    angles, shifts = np.array(task.angles, float), np.array(task.shifts_px, float)
-    before, after, evaluations = np.zeros(n), np.zeros(n), np.zeros(n, dtype=np.int64)
-    for i in range(n):
-        target = normalise_in_mask(task.images[i], mask)
-        weight = None
-        if task.ctf is not None and task.ctf_mode != "none":
-            weight = ctf_model.projection_weight(
-                ctf_model.ctf_values(task.ctf, i, projector.kx, projector.ky, task.pixel_size_A, projector.box),
-                task.ctf_mode)
-
-        def criterion(p, target=target, weight=weight):
-            matrix = rotation_matrices(p[0], p[1], p[2])
-            projection = projector.project(matrix, backend, shift_px=p[3:], weight=weight)
-            return -masked_ccc(projection, target, mask)
-
-        start = np.concatenate([angles[i], shifts[i]])
-        before[i] = -criterion(start)
-        simplex = np.vstack([start, start + np.diag(steps)])
-        result = minimize(criterion, start, method="Nelder-Mead",
-                          options={"initial_simplex": simplex, "maxfev": task.max_evaluations,
-                                   "xatol": task.tolerance, "fatol": 1e-6})
-        evaluations[i] = result.nfev + 1
-        if -result.fun > before[i]:
-            angles[i], shifts[i], after[i] = result.x[:3], result.x[3:], -result.fun
-        else:
-            after[i] = before[i]
-    return {"angles": angles, "shifts_px": shifts, "ccc_before": before, "ccc_after": after,
-            "evaluations": evaluations}
+    everyone = np.arange(n)
+    start = np.concatenate([np.asarray(task.angles, float), np.asarray(task.shifts_px, float)], axis=1)
+    before = -criterion(everyone, start)
+    steps = np.array([task.delta] * 3 + [task.ts] * 2)
+    best, value, evaluations = batched_nelder_mead(criterion, start, steps, task.max_evaluations, task.tolerance)
+    after = -value
+    improved = after > before
+    result = np.where(improved[:, None], best, start)
+    return {"angles": result[:, :3], "shifts_px": result[:, 3:], "ccc_before": before,
+            "ccc_after": np.where(improved, after, before), "evaluations": evaluations + 1}

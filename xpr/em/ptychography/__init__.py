@@ -1,4 +1,15 @@
-"""Iterative multislice ptychography: forward model, losses, Wirtinger gradients, L-BFGS.
+"""4D-STEM: simulation, iterative multislice ptychography and direct methods.
+
+Workers (one per `xpr em` command):
+    simulate_4dstem.py  specimen -> 4D-STEM data set
+    ptycho.py           iterative multislice ptychography
+    dpc.py, wdd.py, tcbf.py   direct methods: centre of mass, Wigner-distribution deconvolution /
+                        single sideband, tilt-corrected bright field
+
+Library:
+    calibration.py  reading an experiment: data, scan geometry, rotation, probe calibration
+    direct.py       shared pieces of the direct methods
+    multislice.py   slice propagation; potentials.py  projected atomic potentials
 
     forward.py      probe modes × object slices, sub-pixel Fourier shifts, Fresnel propagation,
                     far-field intensities, and the analytic (Wirtinger) gradients of a loss

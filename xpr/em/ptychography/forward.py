@@ -55,7 +55,7 @@ from dataclasses import dataclass
 
 import numpy as np                     # host-side bookkeeping only (positions, groups)
 
-from xpr.em import multislice
+from xpr.em.ptychography import multislice
 from xpr.em.ptychography import losses
 
 
@@ -153,15 +153,10 @@ class Model:
         """target[r_j + r] += windows_j (adjoint of gather), one unbuffered vectorised add
         (overlapping windows accumulate); `indices` from window_indices if already formed."""
         xp = self.backend.xp
-        if not hasattr(xp.add, "at"):                  # an array module without ufunc.at
-            n = self.window
-            for (row, col), window in zip(corners.tolist(), windows):
-                target[row:row + n, col:col + n] += window
-            return
         if indices is None:
             indices = self.window_indices(corners, target.shape[-1])
         flat = target.reshape(-1)                      # a view of a contiguous target
-        xp.add.at(flat, indices.reshape(-1), windows.reshape(-1))
+        self.backend.scatter_add(flat, indices.reshape(-1), windows.reshape(-1))   # numpy add.at / cupyx
         if not xp.may_share_memory(flat, target):
             target[...] = flat.reshape(target.shape)
 

@@ -132,10 +132,10 @@ def noise_floor(counts, name: str, xp, mask=None) -> float:
     """
     import numpy as np
 
-    mean = np.asarray(xp.mean(counts, axis=0, dtype=xp.float64).get()
-                      if hasattr(xp.mean(counts, axis=0), "get")
-                      else xp.mean(counts, axis=0, dtype=xp.float64))
-    weight = 1.0 if mask is None else np.asarray(mask.get() if hasattr(mask, "get") else mask)
+    from xpr.backend import to_host
+
+    mean = to_host(xp.mean(counts, axis=0, dtype=xp.float64))
+    weight = 1.0 if mask is None else to_host(mask)
     level = counts.shape[0] * float(np.sum(expected_loss_per_pixel(name, mean) * weight))
     if name == "ml":
         data = counts if mask is None else counts * mask

@@ -1,0 +1,241 @@
+"""xpr ptycho against py4DSTEM on data from an independent simulator (abTEM), same run.
+
+Needs the `bench` extra in its own environment (abTEM and py4DSTEM are not xpr dependencies):
+
+    python -m venv .venv-bench && .venv-bench/bin/pip install -e '.[bench]'
+    .venv-bench/bin/python benchmarks/bench_em_abtem.py [--case mos2|thick|all] [--iterations 60]
+
+Cases (abTEM multislice, Poisson counts):
+
+* mos2: MoS2 monolayer (2H, orthogonal cell), 200 kV, 25 mrad, C10 = −100 Å, 32² scan at 0.5 Å,
+  64² detector of Δk = 1/(96 · 0.2 Å), 25 000 e⁻/pattern; reconstructed on 96² padded patterns
+  (0.2 Å pixels) — the case of issue 17.
+* thick: SrTiO3 [001], 10 unit cells (39 Å) thick, same optics and scan, 10⁵ e⁻/pattern;
+  single-slice and multislice (4 slices) reconstructions.
+
+abTEM's wave is simulated on a 57.6 Å periodic cell at 0.1 Å (so the far field spans ±3.3 Å⁻¹
+after abTEM's 2/3 anti-aliasing); its 1/57.6 Å⁻¹ pixels are summed 3 × 3 into the 64² detector
+(odd binning keeps zero frequency on a pixel centre). abTEM's arrays are (x, y): they are
+transposed to xpr's (y, x) so the PL rotation is 0 and no axes are swapped. The truth is σ × the
+projected potential abTEM used (its `project()`), on the 0.1 Å grid, with the probe centre of
+every scan point in its pixels; r for both codes is xpr.em.ptychography.ptycho.phase_correlation
+(truth limited to the detected frequencies, affine-aligned on the probe centres each code used,
+planes removed, over the scanned area).
+
+Printed per case and method: r against the truth, wall and CPU time (all threads of the process)
+of the reconstruction call, and the CPU time's ratio to that of one batched complex64 FFT pair
+over all patterns at 96² measured in the same run (on a shared machine wall time depends on the
+others' load; CPU time measures the work).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from xpr import backend
+from xpr.em import optics
+from xpr.em.ptychography import calibration, ptycho
+from xpr.em.ptychography.reconstruct import Options, reconstruct
+
+KV, ALPHA_MRAD, C10 = 200.0, 25.0, -100.0
+SCAN, STEP = 32, 0.5
+DETECTOR, PAD, PIXEL = 64, 16, 0.2                 # 96² padded → 0.2 Å
+BIN = 3
+CELL = (DETECTOR + 2 * PAD) * PIXEL * BIN          # 57.6 Å: Δk_fine = 1/57.6, binned 3×
+FINE_SAMPLING = 0.1
+
+
+# ------------------------------------------------------------------ data (abTEM)
+
+def simulate_abtem(case: str, dose: float, seed: int = 0):
+    import abtem
+    from ase import Atoms
+    from ase.build import mx2
+
+    abtem.config.set({"device": "cpu", "fft": "fftw" if _has_fftw() else "numpy"})
+    if case == "mos2":
+        unit = abtem.orthogonalize_cell(mx2(formula="MoS2", kind="2H", a=3.19, thickness=3.13,
+                                            vacuum=2.0))
+        slice_thickness = 1.0
+    else:
+        from ase.spacegroup import crystal
+        unit = crystal(["Sr", "Ti", "O"], basis=[(0, 0, 0), (0.5, 0.5, 0.5), (0.5, 0.5, 0)],
+                       spacegroup=221, cellpar=[3.905, 3.905, 3.905, 90, 90, 90])
+        unit *= (1, 1, 10)
+        slice_thickness = 1.9525
+    reps = (int(math.ceil(CELL / unit.cell[0, 0])) + 1, int(math.ceil(CELL / unit.cell[1, 1])) + 1, 1)
+    atoms = unit * reps
+    inside = (atoms.positions[:, 0] < CELL) & (atoms.positions[:, 1] < CELL)
+    atoms = Atoms(atoms.get_chemical_symbols(), atoms.positions, cell=atoms.cell, pbc=True)[inside]
+    atoms.set_cell([CELL, CELL, unit.cell[2, 2]])
+    gpts = int(round(CELL / FINE_SAMPLING))
+    potential = abtem.Potential(atoms, gpts=gpts, slice_thickness=slice_thickness,
+                                projection="infinite", parametrization="lobato")
+    probe = abtem.Probe(energy=KV * 1e3, semiangle_cutoff=ALPHA_MRAD, C10=C10)
+    start = (CELL - SCAN * STEP) / 2
+    scan = abtem.GridScan(start=(start, start), end=(start + SCAN * STEP, start + SCAN * STEP),
+                          sampling=STEP, endpoint=False)
+    detector = abtem.PixelatedDetector(max_angle="cutoff")
+    patterns = probe.scan(potential, scan=scan, detectors=detector).compute()
+    array = np.asarray(patterns.array, dtype=np.float64)          # (sx, sy, kx, ky), centred
+    assert array.shape[:2] == (SCAN, SCAN), array.shape
+    n_fine = array.shape[-1]
+    centre = n_fine // 2
+    width = DETECTOR * BIN
+    # bin j covers fine [low + j·BIN, …]: its centre low + j·BIN + (BIN−1)/2 is zero for j = 32
+    low = centre - DETECTOR // 2 * BIN - (BIN - 1) // 2
+    crop = array[..., low:low + width, low:low + width]
+    binned = crop.reshape(SCAN, SCAN, DETECTOR, BIN, DETECTOR, BIN).sum(axis=(3, 5))
+    data = np.transpose(binned, (1, 0, 3, 2))                     # → (y, x, ky, kx)
+    rng = np.random.default_rng(seed)
+    data = rng.poisson(data * dose).astype(np.float32)
+    projected = np.asarray(potential.project().compute().array, dtype=np.float64).T   # (y, x)
+    sigma = optics.interaction_constant(KV)
+    truth = sigma * projected
+    iy, ix = np.meshgrid(np.arange(SCAN), np.arange(SCAN), indexing="ij")
+    centres = np.stack([start + iy.ravel() * STEP, start + ix.ravel() * STEP], axis=1)
+    fine_pixel = CELL / gpts
+    return dict(data=data, truth=truth.astype(np.float32), truth_pixel_A=fine_pixel,
+                truth_centres_px=centres / fine_pixel, rez=1.0 / (CELL / BIN),
+                thickness=float(unit.cell[2, 2]))
+
+
+def _has_fftw():
+    try:
+        import pyfftw  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def load_or_simulate(case, dose, workdir: Path):
+    path = workdir / f"abtem_{case}_{int(dose)}.npz"
+    if path.is_file():
+        return dict(np.load(path)), 0.0
+    start = time.perf_counter()
+    sim = simulate_abtem(case, dose)
+    seconds = time.perf_counter() - start
+    workdir.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **sim)
+    return sim, seconds
+
+
+def correlation(phase_image, centres_px, sim, k_max):
+    """r of a reconstructed phase (y, x) whose scan-point probe centres are centres_px."""
+    return ptycho.phase_correlation(np.exp(1j * phase_image[None]), None, centres_px, 0,
+                                    sim["truth"], None, None,
+        float(sim["truth_pixel_A"]), k_max, true_centres_px=sim["truth_centres_px"])
+
+
+# ------------------------------------------------------------------ xpr
+
+def run_xpr(sim, slices, thickness, epochs, modes=1, patience=5, **options):
+    settings = dict(acc_voltage=KV, conv_semiangle_mrad=ALPHA_MRAD, rez_pixel_size_A=float(sim["rez"]),
+                    scan_step_A=STEP, aberrations=[C10], PLRotation_deg=0.0, data_pad=PAD,
+                    num_slices=slices, total_thickness=thickness)
+    experiment = calibration.Experiment.from_settings(settings, sim["data"])
+    probe = dict(modes=modes, mode_type="hermite", higher_mode_power=0.01, focal_spread_A=0.0)
+    opts = Options(epochs=epochs, probe_from_epoch=2, patience=patience, **options)
+    start = time.perf_counter(), time.process_time()
+    model, counts, mask, params = ptycho.prepare(experiment, opts, probe, backend.cpu())
+    params, history = reconstruct(model, counts, params, opts, mask=mask)
+    seconds = time.perf_counter() - start[0], time.process_time() - start[1]
+    phase = np.sum(np.angle(params["object"]), axis=0)
+    centres = ptycho.probe_centres_px(params["positions"], model.window)
+    r = correlation(phase, centres, sim, ptycho.measured_k_max(experiment))
+    return r, seconds, f"epochs {len(history.loss)}, best {history.best_epoch}"
+
+
+# ------------------------------------------------------------------ py4DSTEM
+
+def run_py4dstem(sim, slices, thickness, iterations):
+    import py4DSTEM
+    from py4DSTEM.process.phase import MultislicePtychography, SingleslicePtychography
+
+    cube = py4DSTEM.DataCube(data=sim["data"])
+    cube.calibration.set_R_pixel_size(STEP)
+    cube.calibration.set_R_pixel_units("A")
+    cube.calibration.set_Q_pixel_size(float(sim["rez"]))
+    cube.calibration.set_Q_pixel_units("A^-1")
+    common = dict(datacube=cube, energy=KV * 1e3, semiangle_cutoff=ALPHA_MRAD,
+                  polar_parameters={"C10": C10}, device="cpu", verbose=False,
+                  object_padding_px=(18, 18))
+    start = time.perf_counter(), time.process_time()
+    if slices == 1:
+        method = SingleslicePtychography(**common)
+    else:
+        method = MultislicePtychography(num_slices=slices, slice_thicknesses=thickness / slices,
+                                        **common)
+    method.preprocess(padded_diffraction_intensities_shape=(DETECTOR + 2 * PAD,) * 2,
+                      plot_center_of_mass=False, plot_rotation=False, plot_probe_overlaps=False,
+                      force_com_rotation=0.0, force_com_transpose=False)
+    method.reconstruct(num_iter=iterations, progress_bar=False, reset=True)
+    seconds = time.perf_counter() - start[0], time.process_time() - start[1]
+    obj = np.asarray(method.object)
+    phase = np.angle(obj) if obj.ndim == 2 else np.sum(np.angle(obj), axis=0)
+    centres = np.asarray(method._positions_px)               # probe centres (x-first axes)
+    k_max = DETECTOR // 2 * float(sim["rez"])
+    r = correlation(phase, centres, sim, k_max)
+    return r, seconds, f"{iterations} iterations, pixel {float(method.sampling[0]):.3f} Å"
+
+
+# ------------------------------------------------------------------ main
+
+def fft_pair_seconds(n_patterns, n, repeats=5):
+    """(fastest wall, smallest CPU time) of one batched complex64 FFT pair."""
+    be = backend.cpu()
+    a = (np.random.default_rng(0).standard_normal((n_patterns, n, n)) + 0j).astype(np.complex64)
+    wall = cpu = np.inf
+    for _ in range(repeats):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        be.ifftn(be.fftn(a, axes=(-2, -1)), axes=(-2, -1))
+        wall = min(wall, time.perf_counter() - start)
+        cpu = min(cpu, time.process_time() - start_cpu)
+    return wall, cpu
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--case", default="mos2", choices=["mos2", "thick", "all"])
+    parser.add_argument("--iterations", type=int, default=60, help="py4DSTEM iterations")
+    parser.add_argument("--epochs", type=int, default=60, help="xpr epochs at most")
+    parser.add_argument("--workdir", default="/tmp/xpr_bench_abtem", help="abTEM data cache")
+    parser.add_argument("--skip-py4dstem", action="store_true")
+    args = parser.parse_args()
+    cases = ["mos2", "thick"] if args.case == "all" else [args.case]
+    t_fft, cpu_fft = fft_pair_seconds(SCAN * SCAN, DETECTOR + 2 * PAD)
+    print(f"one complex64 FFT pair over {SCAN * SCAN} patterns of 96²: {t_fft * 1e3:.1f} ms wall, "
+          f"{cpu_fft * 1e3:.1f} ms CPU")
+    print("| case | method | r | wall s | CPU s (all threads) | CPU / FFT-pair CPU | notes |")
+    print("|---|---|---|---|---|---|---|")
+    for case in cases:
+        dose = 25000.0 if case == "mos2" else 1.0e5
+        sim, sim_seconds = load_or_simulate(case, dose, Path(args.workdir))
+        if sim_seconds:
+            print(f"({case}: abTEM simulation {sim_seconds:.0f} s)")
+        thickness = float(sim["thickness"])
+        runs = [("xpr 1 slice", lambda: run_xpr(sim, 1, thickness, args.epochs)),
+                ("xpr 1 slice, loss ml", lambda: run_xpr(sim, 1, thickness, args.epochs,
+                                                         loss="ml")),
+                ("xpr 1 slice, 3 probe modes", lambda: run_xpr(sim, 1, thickness, args.epochs,
+                                                               modes=3))]
+        if not args.skip_py4dstem:
+            runs.append(("py4DSTEM single-slice", lambda: run_py4dstem(sim, 1, thickness,
+                                                                       args.iterations)))
+        if case == "thick":
+            runs.append(("xpr 4 slices", lambda: run_xpr(sim, 4, thickness, args.epochs)))
+            if not args.skip_py4dstem:
+                runs.append(("py4DSTEM multislice 4", lambda: run_py4dstem(
+                    sim, 4, thickness, args.iterations)))
+        for name, work in runs:
+            r, (seconds, cpu), notes = work()
+            print(f"| {case} | {name} | {r:.3f} | {seconds:.1f} | {cpu:.1f} | {cpu / cpu_fft:.0f} "
+                  f"| {notes} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""Memory: the limit read from cgroups / meminfo / a setting; each command's peak estimate
+against the peak measured with tracemalloc (numpy's arrays are traced) within 0.7x-1.5x; too
+large refused with exit 2 naming the key, the estimate and the limit; batches shrunk to fit."""
+from __future__ import annotations
+
+import tracemalloc
+
+import h5py
+import numpy as np
+import pytest
+
+from xpr import memory
+
+GB = memory.GB
+
+
+def test_limit_is_the_smallest_of_cgroup_meminfo_and_setting(tmp_path, monkeypatch):
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "memory.max").write_text(f"{8 * GB}\n")
+    (v2 / "memory.current").write_text(f"{3 * GB}\n")
+    monkeypatch.setattr(memory, "_own_cgroup_dirs", lambda root="/sys/fs/cgroup": (v2, None))
+    monkeypatch.setattr(memory, "meminfo_available", lambda: 20 * GB)
+    limit = memory.available()
+    assert limit.bytes == 5 * GB and "memory.max" in limit.source
+    assert memory.available(max_memory_GB=2, key="reconstruction.max_memory_GB").bytes == 2 * GB
+    (v2 / "memory.max").write_text("max\n")                      # unlimited cgroup
+    v1 = tmp_path / "v1"
+    v1.mkdir()
+    (v1 / "memory.limit_in_bytes").write_text(f"{4 * GB}\n")
+    (v1 / "memory.usage_in_bytes").write_text(f"{1 * GB}\n")
+    monkeypatch.setattr(memory, "_own_cgroup_dirs", lambda root="/sys/fs/cgroup": (v2, v1))
+    assert memory.available().bytes == 3 * GB
+    monkeypatch.setattr(memory, "meminfo_available", lambda: 1 * GB)
+    assert memory.available().source == "MemAvailable in /proc/meminfo"
+
+
+def test_meminfo_is_read():
+    free = memory.meminfo_available()
+    assert free is None or free > 0
+
+
+def _traced_peak(run_xpr, args):
+    """Peak traced bytes of one in-process CLI run (exit 0 required)."""
+    tracemalloc.start()
+    try:
+        result = run_xpr(args)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert result.exit_code == 0, result.output
+    return peak
+
+
+# estimate / traced peak, from benchmarks/bench_memory.py on this code: simulate 0.92-1.17,
+# phase 0.94-1.23 over 12 cases (the sizes below keep the libraries' own allocations, ~45 MB, small beside
+# the arrays; a tiny run of each command is subtracted as the baseline)
+LOW, HIGH = 0.7, 1.5
+
+
+@pytest.mark.slow
+def test_estimates_match_measured_peaks(home, run_xpr):
+    common = ["-q", "cdi", "simulate", "tutorial"]
+    base = {d: _traced_peak(run_xpr, common + ["-o", f"dimensions={d}", "-o", "shape=16",
+                                               "-o", f"structure_name=s{d}"]) for d in (2, 3)}
+    ratios = {}
+    for d, n in [(2, 1024), (3, 96)]:
+        peak = _traced_peak(run_xpr, common + ["-o", f"dimensions={d}", "-o", f"shape={n}",
+                                               "-o", f"structure_name=m{d}"])
+        ratios[f"simulate {d}-D {n}"] = memory.cdi_simulate((n,) * d).bytes() / (peak - base[d])
+    phase = ["-q", "cdi", "phase3d", "tutorial", "-o", "phasing.iters=4HIO 2ER",
+             "-o", "multi_process.engine=serial"]
+    base3 = _traced_peak(run_xpr, phase + ["-o", "structure_name=s3", "-o", "phasing.repeats=1"])
+    for repeats, batch in [(8, 8), (8, 2)]:
+        peak = _traced_peak(run_xpr, phase + ["-o", "structure_name=m3", "-o", f"phasing.repeats={repeats}",
+                                              "-o", f"multi_process.batch_size={batch}"])
+        estimate = memory.cdi_phase((96,) * 3, repeats, 1).bytes(batch)
+        ratios[f"phase3d 96 {repeats} repeats in batches of {batch}"] = estimate / (peak - base3)
+    assert all(LOW <= r <= HIGH for r in ratios.values()), ratios
+
+
+def test_estimate_scales_as_the_code_allocates():
+    # the per-repeat part is linear in the batch and in the voxels; double precision doubles it
+    one, eight = memory.cdi_phase((64,) * 3, 8), memory.cdi_phase((128,) * 3, 8)
+    assert eight.bytes(8) == 8 * one.bytes(8)
+    assert one.stage_bytes("phasing", 8) - one.stage_bytes("phasing", 4) == 4 * 46 * 64 ** 3
+    assert memory.cdi_phase((64,) * 3, 8, double=True).bytes(8) > 1.9 * one.bytes(8)
+
+
+def _limit(monkeypatch, nbytes):
+    monkeypatch.setattr(memory, "available", lambda *a, **k: memory.Limit(int(nbytes), "test limit"))
+
+
+def test_too_large_simulate_exits_2_naming_key_estimate_and_limit(home, run_xpr, monkeypatch):
+    _limit(monkeypatch, 0.5 * GB)
+    result = run_xpr(["cdi", "simulate", "tutorial", "-o", "dimensions=3", "-o", "shape=256",
+                      "-o", "structure_name=big"])
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    estimate = memory.cdi_simulate((256,) * 3).bytes() / GB
+    assert "key: shape" in text and f"{estimate:.2f} GB" in text and "0.50 GB (test limit)" in text
+    assert not (home / "data" / "cdi" / "simulate" / "big.h5").exists()
+
+
+def test_phase_refuses_or_shrinks_its_batches(home, run_xpr, monkeypatch):
+    assert run_xpr(["-q", "cdi", "simulate", "tutorial", "-o", "shape=64"]).exit_code == 0
+    phase = ["-q", "cdi", "phase2d", "tutorial", "-o", "phasing.iters=30HIO 10ER",
+             "-o", f"input.data_path={home / 'data' / 'cdi' / 'simulate' / 'tutorial.h5'}",
+             "-o", "phasing.repeats=8", "-o", "multi_process.engine=serial"]
+    assert run_xpr(phase + ["-o", "structure_name=free"]).exit_code == 0
+    estimate = memory.cdi_phase((64, 64), 8, 1)
+    # room for batches of 3 but not 4: 8 repeats in 3 batches, the same repeats as in one
+    _limit(monkeypatch, (estimate.bytes(3) + estimate.bytes(4)) / 2 / memory.USABLE_FRACTION)
+    result = run_xpr(phase + ["-o", "structure_name=shrunk"])
+    assert result.exit_code == 0, result.output
+    folder = (home / "data" / "cdi" / "phase2d" / "shrunk.h5").resolve().parent
+    assert "phasing in 3 batches of <= 3 instead" in (folder / "run.log").read_text()
+    with h5py.File(home / "data" / "cdi" / "phase2d" / "free.h5") as a, \
+            h5py.File(home / "data" / "cdi" / "phase2d" / "shrunk.h5") as b:
+        free, shrunk = a["repeats/object"][()], b["repeats/object"][()]
+    assert np.allclose(free, shrunk, atol=1e-4 * np.abs(free).max())
+    # the merge of 8 repeats does not fit, that of one would: refused naming phasing.repeats
+    one = memory.cdi_phase((64, 64), 1, 1).bytes(1)
+    _limit(monkeypatch, (one + estimate.stage_bytes("merging")) / 2 / memory.USABLE_FRACTION)
+    result = run_xpr(phase[1:] + ["-o", "structure_name=refused"])
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert "key: phasing.repeats" in text and memory.size(estimate.bytes(1)) in text
+    assert not (home / "data" / "cdi" / "phase2d" / "refused.h5").exists()

@@ -1,0 +1,347 @@
+"""ptycho: iterative multislice electron ptychography from a calibrated 4D-STEM data set.
+
+1. Calibration (xpr.em.ptychography.calibration, PyPty's append_exp_params): patterns binned, flipped,
+   centred and padded; reciprocal and real pixel sizes; PL rotation; scan positions as corners
+   of the pattern-sized probe windows on the reconstruction grid. Settings left null take the
+   data file's calibration attributes. `experiment.positions_path` replaces the raster by
+   measured positions ((N, 2) [y, x] in Å).
+2. Initial guess: object of ones (num_slices slices of total_thickness / num_slices); probe
+   from the aperture and aberrations (optics.probe_real) scaled to the mean counts per pattern,
+   with extra Hermite or focal-spread modes for partial coherence; or a previous checkpoint.
+3. Reconstruction (xpr.em.ptychography): far-field multislice model, loss lsq_sqrt / ml / lsq
+   on measured detector pixels only (padding masked out), analytic Wirtinger gradients, L-BFGS
+   with a strong-Wolfe line search; staged refinement of object, probe, positions and
+   (optionally) the probe's defocus;
+   regularisers; early stopping on held-out detector pixels (the result is the iterate with
+   the lowest held-out loss), optionally at the noise floor of the counts.
+4. Output `<structure_name>.h5`: object (complex, [y, x, slice]), probe ([y, x, mode]),
+   positions_px, loss, pixel_size_A, the refined extra defocus and the probe's C10, and —
+   when the data file carries a true phase — the
+   correlation of the reconstructed phase with it over the scanned area. loss.csv, checkpoints,
+   and PNGs of phase, amplitude, probe and loss.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from xpr import backend as backends
+from xpr.em.ptychography import calibration, direct
+from xpr.em import optics
+from xpr.em.ptychography import checkpoints
+from xpr.em.ptychography.forward import Model
+from xpr.em.ptychography.reconstruct import History, Options, reconstruct
+from xpr.errors import InputError
+
+
+# -- 1. data ----------------------------------------------------------------------------------
+
+def measured_positions(path, n_scan: int, pixel_size_A: float, key="experiment.positions_path"):
+    """Window corners (px) from a file of (N, 2) [y, x] probe positions in Å."""
+    from xpr.io import read_array
+
+    positions = np.asarray(read_array(path, dataset="positions_A" if str(path).endswith(".h5")
+                                      else None, dtype="float64", key=key), dtype=np.float64)
+    if positions.shape != (n_scan, 2):
+        raise InputError(f"positions must have shape [{n_scan}, 2] ([y, x] in Å for each of the "
+                         f"{n_scan} patterns), got {list(positions.shape)}", file=path, key=key)
+    return (positions - positions.min(axis=0)) / pixel_size_A
+
+
+def detector_mask(n: int, pad: int, xp):
+    """1 on measured pixels, 0 on the zero padding; FFT order (zero frequency at index 0)."""
+    mask = np.zeros((n, n), dtype=np.float32)
+    mask[pad:n - pad, pad:n - pad] = 1.0
+    return xp.asarray(np.fft.ifftshift(mask))
+
+
+CPU_WORK_ARRAY_BYTES = 1.5e6      # one (B, M, n, n) complex64 work array of a CPU batch
+
+
+def batch_size_for(memory_GB: float, n: int, modes: int, slices: int, on_gpu: bool = False) -> int:
+    """Patterns per batch so that the batch's complex64 work arrays fit in memory_GB; on a CPU
+    also small enough for them to stay in the processor cache (≈ 1.5 MB per work array, at
+    least 8 patterns; each of the model's threads holds one batch): the element-wise steps
+    between FFTs then cost little (benchmarks/bench_em_ptycho.py: one 4-slice evaluation took
+    11–13 FFT pairs of CPU time with all 1024 patterns in one batch, ≈ 8.5 with 45)."""
+    arrays_per_pattern = modes * (2 * slices + 4) + 6
+    memory_bound = max(1, int(memory_GB * 1e9 // (arrays_per_pattern * n * n * 8)))
+    if on_gpu:
+        return memory_bound
+    cache_bound = max(8, int(CPU_WORK_ARRAY_BYTES // (modes * n * n * 8)))
+    return min(memory_bound, cache_bound)
+
+
+# -- 2. initial guess -----------------------------------------------------------------------
+
+def initial_probe(experiment, probe_settings, be):
+    """Probe modes (M, n, n) in real space, total intensity = mean counts per pattern."""
+    n = experiment.pattern_shape[-1]
+    if experiment.conv_semiangle_mrad is None:
+        raise InputError("experiment.conv_semiangle_mrad is needed to model the probe",
+                         key="experiment.conv_semiangle_mrad")
+    args = ((n, n), experiment.rez_pixel_size_invA, experiment.wavelength_A,
+            experiment.conv_semiangle_mrad)
+    modes = int(probe_settings["modes"])
+    if probe_settings["mode_type"] == "defocus_spread" and modes > 1:
+        probe = optics.defocus_spread_modes(*args, experiment.probe_aberrations,
+                                            probe_settings["focal_spread_A"], modes, be)
+    else:
+        main = optics.probe_real(*args, experiment.probe_aberrations, be)
+        probe = optics.hermite_modes(main, modes, probe_settings["higher_mode_power"], be.xp)
+    counts = float(np.mean(experiment.patterns.sum(axis=(1, 2))))
+    return (probe * math.sqrt(counts)).astype(be.complex_dtype)
+
+
+def options_from(settings) -> Options:
+    r = settings.reconstruction
+    return Options(
+        epochs=r.epochs, loss=r.loss, refine_object=r.refine.object, refine_probe=r.refine.probe,
+        refine_positions=r.refine.positions, probe_from_epoch=r.refine.probe_from_epoch,
+        positions_from_epoch=r.refine.positions_from_epoch, refine_defocus=r.refine.defocus,
+        defocus_from_epoch=r.refine.defocus_from_epoch, history=r.lbfgs.history,
+        c1=r.lbfgs.c1, c2=r.lbfgs.c2, first_step=r.lbfgs.first_step,
+        max_line_search=r.lbfgs.max_line_search,
+        preconditioner_floor=r.lbfgs.preconditioner_floor,
+        phase_l1=r.regularisation.phase_l1, total_variation=r.regularisation.total_variation,
+        regulariser_epsilon=r.regularisation.epsilon, probe_window=r.regularisation.probe_window,
+        probe_window_radius=r.regularisation.probe_window_radius,
+        stop_at_noise_floor=r.stop_at_noise_floor, noise_floor_factor=r.noise_floor_factor,
+        validation_fraction=r.validation_fraction, patience=r.patience, seed=r.seed)
+
+
+def prepare(experiment, options: Options, probe_settings, be, margin_px: int = 4,
+            positions_px=None, memory_GB: float = 2.0, num_slices=None, total_thickness_A=None):
+    """Model, counts (FFT order), detector mask and initial parameters for an experiment."""
+    xp = be.xp
+    n = experiment.pattern_shape[-1]
+    if experiment.pattern_shape[0] != n:
+        raise InputError(f"patterns must be square after binning/padding, got "
+                         f"{list(experiment.pattern_shape)}", key="experiment.data_path")
+    slices = int(num_slices or experiment.num_slices)
+    thickness = float(total_thickness_A or experiment.total_thickness_A)
+    model = Model(be, n, experiment.pixel_size_A, experiment.wavelength_A, thickness / slices,
+                  slices, complex_dtype=np.dtype(be.complex_dtype).name)
+    corners = np.asarray(experiment.scan_positions_px if positions_px is None else positions_px,
+                         dtype=np.float64) + margin_px
+    shape = (int(math.ceil(corners[:, 0].max())) + n + margin_px + 1,
+             int(math.ceil(corners[:, 1].max())) + n + margin_px + 1)
+    counts = xp.asarray(np.fft.ifftshift(experiment.patterns, axes=(-2, -1)), dtype=be.real_dtype)
+    mask = detector_mask(n, experiment.data_pad, xp) if experiment.data_pad else None
+    probe = initial_probe(experiment, probe_settings, be)
+    options.batch_size = batch_size_for(memory_GB, n, probe.shape[0], slices, be.is_gpu)
+    params = {"object": xp.ones((slices,) + shape, dtype=be.complex_dtype), "probe": probe,
+              "positions": xp.asarray(corners), "defocus": xp.zeros(1, dtype=xp.float64)}
+    return model, counts, mask, params
+
+
+# -- evaluation against a known truth ----------------------------------------------------------
+
+def _remove_plane(image):
+    y, x = np.mgrid[:image.shape[0], :image.shape[1]]
+    design = np.stack([np.ones(image.size), y.ravel(), x.ravel()], axis=1)
+    coefficients, *_ = np.linalg.lstsq(design, image.ravel(), rcond=None)
+    return image - (design @ coefficients).reshape(image.shape)
+
+
+def band_limited(image, pixel_size_A: float, k_max_invA: float):
+    """The image with spatial frequencies above k_max (Å⁻¹) removed (sharp circular cut)."""
+    ky = np.fft.fftfreq(image.shape[0], pixel_size_A)[:, None]
+    kx = np.fft.fftfreq(image.shape[1], pixel_size_A)[None, :]
+    keep = ky ** 2 + kx ** 2 <= k_max_invA ** 2
+    return np.fft.ifft2(np.fft.fft2(image) * keep).real
+
+
+def probe_centres_px(corners_px, window: int):
+    """Probe centres of windows with top-left corners `corners_px`: the probe of an n-pixel
+    window is centred on its pixel (n // 2, n // 2) (xpr.em.optics.probe_real)."""
+    return np.asarray(corners_px, dtype=np.float64) + window // 2
+
+
+def fit_affine(source, target):
+    """Least-squares affine map (3, 2) with [source, 1] @ A ≈ target, for (N, 2) point sets."""
+    design = np.hstack([np.asarray(source, dtype=np.float64), np.ones((len(source), 1))])
+    matrix, *_ = np.linalg.lstsq(design, np.asarray(target, dtype=np.float64), rcond=None)
+    return matrix
+
+
+def phase_correlation(object_slices, corner0_px, scan_corners_px, window, true_phase,
+                      true_corner0_px, pixel_size_A, true_pixel_size_A, k_max_invA=None,
+                      true_centres_px=None):
+    """Pearson r between reconstructed and true phase over the scanned area (planes removed).
+
+    The scanned area runs from the first to the last probe centre. The truth is first limited
+    to the spatial frequencies the detector measured (k ≤ k_max: far-field ptychography cannot
+    recover more), then resampled (cubic) onto the reconstruction grid.
+
+    How the grids are aligned: with `true_centres_px` (the truth-grid probe centre of every scan
+    point, (N, 2)), by the least-squares affine map from the reconstruction's probe centres
+    (window corners + window // 2) to those — right whatever the window size (binning,
+    padding), the positions (measured, refined) or a rotation; without, the reconstruction's
+    first window corner is taken to lie on `true_corner0_px` with the pixel ratio as scale
+    (right only when the windows and positions are the simulation's).
+    """
+    from scipy import ndimage
+
+    if k_max_invA is not None:
+        true_phase = band_limited(np.asarray(true_phase, dtype=np.float64), true_pixel_size_A,
+                                  k_max_invA)
+    phase = np.sum(np.angle(object_slices), axis=0)
+    low = np.floor(np.min(scan_corners_px, axis=0) + window / 2).astype(int)
+    high = np.ceil(np.max(scan_corners_px, axis=0) + window / 2).astype(int) + 1
+    rows, cols = np.mgrid[low[0]:high[0], low[1]:high[1]].astype(np.float64)
+    ours = phase[low[0]:high[0], low[1]:high[1]]
+    if true_centres_px is not None:
+        matrix = fit_affine(probe_centres_px(scan_corners_px, window), true_centres_px)
+        grid = np.stack([rows.ravel(), cols.ravel(), np.ones(rows.size)], axis=1) @ matrix
+        coordinates = [grid[:, 0].reshape(rows.shape), grid[:, 1].reshape(rows.shape)]
+    else:
+        scale = pixel_size_A / true_pixel_size_A
+        coordinates = [(rows - corner0_px[0]) * scale + true_corner0_px[0],
+                       (cols - corner0_px[1]) * scale + true_corner0_px[1]]
+    truth = ndimage.map_coordinates(true_phase.astype(np.float64), coordinates, order=3)
+    a, b = _remove_plane(ours), _remove_plane(truth)
+    return float(np.sum(a * b) / math.sqrt(np.sum(a * a) * np.sum(b * b)))
+
+
+def measured_k_max(experiment) -> float:
+    """Largest spatial frequency on the measured (unpadded) detector along its axes, Å⁻¹."""
+    return experiment.unpadded_patterns.shape[-1] // 2 * experiment.rez_pixel_size_invA
+
+
+class Truth(NamedTuple):
+    phase: np.ndarray            # true phase (y, x), rad
+    corner0_px: np.ndarray       # truth-grid pixel of the first simulated window's corner
+    pixel_size_A: float
+    centres_px: np.ndarray       # truth-grid probe centre of every scan point (N, 2)
+
+
+def read_truth(path):
+    """The ground truth a simulate_4dstem file carries (Truth), or None.
+
+    The probe centres come from the simulated positions (`positions_A`, window corners in Å)
+    and the simulation's window (the detector size): centre_j = corner0 + (r_j − r_0)/pixel +
+    n // 2.
+    """
+    import h5py
+
+    path = Path(path)
+    if path.suffix.lower() not in (".h5", ".hdf5"):
+        return None
+    with h5py.File(path, "r") as handle:
+        if "true_phase" not in handle:
+            return None
+        corner0 = np.asarray(handle["true_phase_corner_px"][()], dtype=np.float64)
+        pixel = float(handle["pixel_size_A"][()])
+        centres = None
+        if "positions_A" in handle and "data" in handle:
+            positions = np.asarray(handle["positions_A"][()], dtype=np.float64)
+            centres = corner0 + (positions - positions[0]) / pixel + handle["data"].shape[-1] // 2
+        return Truth(handle["true_phase"][()], corner0, pixel, centres)
+
+
+# -- the worker --------------------------------------------------------------------------------
+
+def run(settings, archive):
+    """Calibrate, reconstruct, write object / probe / positions / loss and figures."""
+    be = backends.from_settings(settings)
+    xp = be.xp
+    experiment, data_path = calibration.load_experiment(
+        settings.experiment, direct.default_data_path(settings, archive))
+    archive.log.info("%s", experiment.summary())
+    for note in experiment.notes:
+        archive.log.info("%s", note)
+    positions_px = None
+    if settings.experiment.positions_path:
+        positions_px = measured_positions(settings.experiment.positions_path, experiment.n_scan,
+                                          experiment.pixel_size_A)
+    options = options_from(settings)
+    model, counts, mask, params = prepare(
+        experiment, options, settings.probe, be, margin_px=settings.reconstruction.object_margin_px,
+        positions_px=positions_px, memory_GB=settings.reconstruction.max_memory_GB)
+    start_epoch, history = 0, History()
+    if settings.checkpoint.resume_from:
+        params, start_epoch, history = checkpoints.load(settings.checkpoint.resume_from, params, be)
+        archive.log.info("resumed from %s at epoch %d", settings.checkpoint.resume_from, start_epoch)
+
+    csv_path = archive.file("loss.csv")
+    csv_path.write_text("epoch,loss,held_out_loss,evaluations,seconds\n")
+    every = int(settings.checkpoint.every)
+
+    def on_epoch(epoch, current, hist):
+        with open(csv_path, "a") as handle:
+            handle.write(f"{epoch},{hist.loss[-1]:.9g},{hist.validation[-1]:.9g},"
+                         f"{hist.evaluations[-1]},{hist.seconds[-1]:.4f}\n")
+        if every > 0 and (epoch + 1) % every == 0:
+            checkpoints.save(archive.file("checkpoint.h5"), current, epoch + 1, hist, be)
+
+    params, history = reconstruct(model, counts, params, options, mask=mask,
+                                  start_epoch=start_epoch, history=history, on_epoch=on_epoch,
+                                  log=archive.log, progress=archive.progress)
+    object_slices = be.asnumpy(params["object"])
+    defocus_change = float(be.asnumpy(params["defocus"])[0])
+    probe = be.asnumpy(model.ifft2(model.fft2(params["probe"])
+                                   * model.defocus_factor(defocus_change)))   # as the data see it
+    positions = be.asnumpy(params["positions"])
+    c10 = (experiment.probe_aberrations or [0.0])[0] - defocus_change
+    if options.refine_defocus:
+        archive.log.info("defocus refined by %.2f Å: probe C10 = %.2f Å (defocus %.2f Å)",
+                         defocus_change, c10, -c10)
+    result = {
+        "object": np.moveaxis(object_slices, 0, -1), "probe": np.moveaxis(probe, 0, -1),
+        "positions_px": positions, "loss": np.asarray(history.loss),
+        "held_out_loss": np.asarray(history.validation), "best_epoch": int(history.best_epoch),
+        "seconds": np.asarray(history.seconds), "pixel_size_A": experiment.pixel_size_A,
+        "object_corner0_px": positions[0],
+        "defocus_change_A": defocus_change, "C10_A": c10,
+    }
+    truth = read_truth(data_path)
+    if truth is not None and truth.centres_px is not None \
+            and len(truth.centres_px) == len(positions):
+        result["phase_correlation"] = phase_correlation(
+            object_slices, positions[0], positions, model.window, truth.phase, truth.corner0_px,
+            experiment.pixel_size_A, truth.pixel_size_A, measured_k_max(experiment),
+            true_centres_px=truth.centres_px)
+        archive.log.info("phase correlation with the truth: %.4f (truth aligned on the probe "
+                         "centres of the %d scan points)", result["phase_correlation"],
+                         len(positions))
+    name = f"{settings.structure_name}.h5"
+    archive.set_link_name(name)
+    archive.save_h5(name, result, main=True, attrs={
+        "acc_voltage": experiment.acc_voltage_kV, "wavelength_A": experiment.wavelength_A,
+        "rez_pixel_size_A": experiment.rez_pixel_size_invA, "data_path": str(data_path),
+        "num_slices": model.n_slices, "slice_thickness_A": model.slice_thickness_A,
+        "loss_name": options.loss})
+    _figures(archive, object_slices, probe, history)
+    return result
+
+
+def _figures(archive, object_slices, probe, history):
+    from xpr import plot
+
+    fig, axes = plot.figure(1, 2)
+    plot.image(axes[0], np.sum(np.angle(object_slices), axis=0), title="phase (rad)", cmap="gray")
+    plot.image(axes[1], np.prod(np.abs(object_slices), axis=0), title="amplitude", cmap="gray")
+    archive.savefig(fig, "object.png")
+    fig, axes = plot.figure(1, probe.shape[0], squeeze=False)
+    for mode in range(probe.shape[0]):
+        plot.image(axes[0][mode], np.abs(probe[mode]), title=f"|probe| mode {mode}")
+    archive.savefig(fig, "probe.png")
+    fig, ax = plot.figure()
+    epochs = np.asarray(history.epoch) + 1
+    loss = np.asarray(history.loss)
+    positive = bool(np.all(loss > 0))
+    draw = ax.semilogy if positive else ax.plot          # the ml loss may be negative
+    draw(epochs, loss, label="fitted pixels")
+    held = np.asarray(history.validation, dtype=np.float64)
+    if np.isfinite(held).any():
+        scaled = held * (loss[0] / held[0]) if positive else held - held[0] + loss[0]
+        draw(epochs, scaled, label="held-out pixels (scaled to start together)")
+        ax.axvline(history.best_epoch + 1, color="gray", linestyle=":")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.legend()
+    archive.savefig(fig, "loss.png")
