@@ -15,8 +15,9 @@ Steps (host side, once per run):
    non-negative on the masked ones (`fill_iterations` times, starting from the mean of the
    measured ring around each masked region's edge).
 2. A is blurred by a Gaussian of width `sigma` pixels; the photon-noise floor (Poisson noise is
-   white: a delta of weight sum(I) at r = 0) is kept out of the reference level by taking the
-   maximum away from the origin's immediate neighbourhood. Pixels where the blurred A >=
+   white: a delta of weight sum(I) at r = 0) and the ripple the missing centre leaves near the
+   origin are kept out of the reference level by taking the maximum beyond `exclude` pixels
+   (default max(2 sigma, N/64)). Pixels where the blurred A >=
    threshold x that level are kept, the connected part holding the origin, holes filled.
 3. Scale the set about the centre by `scale`, by default n / (n + 1) in n dimensions (2/3 in
    2-D, 3/4 in 3-D): for a convex object K with its centroid at the origin K is contained in
@@ -41,7 +42,7 @@ def autocorrelation(intensity_fft, measured_fft):
     return np.abs(np.fft.fftshift(np.fft.ifftn(values)))
 
 
-def _threshold(a, threshold, sigma):
+def _threshold(a, threshold, sigma, exclude=0.0):
     """Connected, hole-free set (centred) where the blurred |a| >= threshold x its level."""
     shape = a.shape
     if sigma:
@@ -51,7 +52,7 @@ def _threshold(a, threshold, sigma):
                                                                for i in range(len(shape)))]
                          for axis, n in enumerate(shape)))
     # reference level: the maximum outside the noise delta at the origin (blurred over ~sigma)
-    away = radius > max(2.0, 2.0 * float(sigma or 0.0))
+    away = radius > max(2.0, 2.0 * float(sigma or 0.0), float(exclude))
     level = float(a[away].max()) if away.any() else float(a.max())
     kept = a >= float(threshold) * level
     labels, _ = ndimage.label(kept)
@@ -59,7 +60,7 @@ def _threshold(a, threshold, sigma):
     return ndimage.binary_fill_holes(kept)
 
 
-def filled_pattern(intensity_fft, measured_fft, threshold=0.04, sigma=2.0, iterations=5):
+def filled_pattern(intensity_fft, measured_fft, threshold=0.04, sigma=2.0, iterations=5, exclude=0.0):
     """The pattern (FFT order) with masked pixels filled so that its autocorrelation is confined."""
     measured = np.asarray(measured_fft, dtype=bool)
     values = np.where(measured, np.asarray(intensity_fft, dtype=np.float64), 0.0)
@@ -70,21 +71,22 @@ def filled_pattern(intensity_fft, measured_fft, threshold=0.04, sigma=2.0, itera
     values[masked] = values[ring].mean() if ring.any() else 0.0
     for _ in range(int(iterations)):
         a = np.fft.ifftn(values)
-        kept = np.fft.ifftshift(_threshold(np.abs(np.fft.fftshift(a)), threshold, sigma))
+        kept = np.fft.ifftshift(_threshold(np.abs(np.fft.fftshift(a)), threshold, sigma, exclude))
         spectrum = np.fft.fftn(a * kept).real
         values[masked] = np.clip(spectrum[masked], 0.0, None)
     return values
 
 
 def autocorrelation_support(intensity_fft, measured_fft, threshold=0.04, sigma=2.0, scale=None,
-                            fill_iterations=5, bound_radius="quarter"):
+                            fill_iterations=5, bound_radius="quarter", exclude=None):
     """Boolean support from the thresholded, blurred autocorrelation (see module doc).
 
     scale None: n / (n + 1); bound_radius "quarter": min(shape) / 4, None: no bound."""
     shape = np.shape(intensity_fft)
     centre = tuple(n // 2 for n in shape)
-    filled = filled_pattern(intensity_fft, measured_fft, threshold, sigma, fill_iterations)
-    kept = _threshold(np.abs(np.fft.fftshift(np.fft.ifftn(filled))), threshold, sigma)
+    exclude = min(shape) / 64.0 if exclude is None else float(exclude)
+    filled = filled_pattern(intensity_fft, measured_fft, threshold, sigma, fill_iterations, exclude)
+    kept = _threshold(np.abs(np.fft.fftshift(np.fft.ifftn(filled))), threshold, sigma, exclude)
     scale = len(shape) / (len(shape) + 1.0) if scale is None else float(scale)
     if scale != 1.0:
         kept = _scaled(kept, scale)
