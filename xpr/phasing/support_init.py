@@ -13,7 +13,7 @@ Steps (host side, once per run):
    that swamps A. They are filled by alternating two constraints (Gerchberg-Papoulis): A is zero
    outside its thresholded support, and its transform equals I on the measured pixels and is
    non-negative on the masked ones (`fill_iterations` times, starting from the mean of the
-   measured ring around each masked region's edge).
+   measured pixels within 2 px of the mask).
 2. A is blurred by a Gaussian of width `sigma` pixels; the photon-noise floor (Poisson noise is
    white: a delta of weight sum(I) at r = 0) and the ripple the missing centre leaves near the
    origin are kept out of the reference level by taking the maximum beyond `exclude` pixels
@@ -34,12 +34,6 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
-
-
-def autocorrelation(intensity_fft, measured_fft):
-    """|A(r)| centred: the autocorrelation of the measured pattern (FFT-ordered inputs)."""
-    values = np.where(measured_fft, np.asarray(intensity_fft, dtype=np.float64), 0.0)
-    return np.abs(np.fft.fftshift(np.fft.ifftn(values)))
 
 
 def _threshold(a, threshold, sigma, exclude=0.0):
