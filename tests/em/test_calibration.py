@@ -162,3 +162,20 @@ def test_bad_data_files(tmp_path, rotated):
     with pytest.raises(InputError) as err:
         Experiment.from_settings(dict(rotated["settings"], scan_size=[10, 40]), four_d)
     assert err.value.key == "experiment.scan_size"
+
+
+def test_unreliable_rotation_fit_is_reported():
+    """Patterns whose centres of mass are pure noise are no gradient field at any angle: the
+    fit's rms curl/divergence ratio is near 1 and the notes warn that the angle is unreliable,
+    while a well-sampled phase object fits without the warning."""
+    rng = np.random.default_rng(0)
+    noise = rng.poisson(50.0, (16 * 16, 32, 32)).astype(np.float32)
+    settings = dict(acc_voltage=200.0, rez_pixel_size_A=0.05, scan_size=[16, 16], scan_step_A=0.5,
+                    PLRotation_deg="auto")
+    noisy = Experiment.from_settings(settings, noise)
+    assert noisy.pl_rotation_fit.curl_ratio > 0.5
+    assert any("unreliable" in note for note in noisy.notes)
+    data = simulate(scan_size=(16, 16), pl_rotation_deg=10.0)
+    good = Experiment.from_settings(dict(data["settings"], PLRotation_deg="auto"), data["patterns"])
+    assert good.pl_rotation_fit.curl_ratio < 0.5
+    assert not any("unreliable" in note for note in good.notes)

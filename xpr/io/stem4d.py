@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from xpr.errors import InputError
+from xpr.io.checks import check_intensity_frames
 
 KEY = "experiment.data_path"
 HDF5_SUFFIXES = (".h5", ".hdf5", ".nxs", ".cxi", ".emd", ".hdf")
@@ -162,6 +163,8 @@ class Scan4D:
             raise InputError(f"cannot read the patterns ({self.where}): {err}"
                              + _filter_hint(err), file=self.path, key=KEY) from None
         block = block.reshape((-1,) + self.detector_shape)[offset:offset + stop - start]
+        if block.dtype.kind not in "iuf":     # complex or not numbers: refused, never cast
+            check_intensity_frames(block, file=self.path, key=KEY, what="diffraction intensities")
         return block.astype(np.float32, copy=False)
 
     def batches(self, size: int):
