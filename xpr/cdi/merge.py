@@ -58,6 +58,8 @@ def run(settings, archive):
                              key="input.runs")
     repeats = {key: np.concatenate([s["repeats"][key] for s in shares])
                for key in ("object", "support", "e_mod", "e_con", "seed")}
+    if all("free_deviance" in s["repeats"] for s in shares):   # the same free pixels in every run
+        repeats["free_deviance"] = np.concatenate([s["repeats"]["free_deviance"] for s in shares])
     repeats["e_con_iterations"] = reference["repeats"]["e_con_iterations"]
     repeats["failed_seeds"] = np.concatenate([np.asarray(s["repeats"].get("failed_seeds", []), dtype=np.uint64)
                                               for s in shares])

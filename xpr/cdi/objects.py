@@ -7,7 +7,12 @@ oversampling ratio (array size / object diameter; phasing needs more than 2 per 
 * disc      -- a uniform disc (2-D) or ball (3-D);
 * shapes    -- a few overlapping ellipses / ellipsoids of different densities, inside an
                elliptical envelope (not centrosymmetric, so the twin is a distinct object);
-* random_smooth -- Gaussian-correlated random density, positive, inside an elliptical envelope.
+* random_smooth -- Gaussian-correlated random density, positive, inside an elliptical envelope;
+* cluster   -- a cluster of touching particles (discs/balls of a few sizes and densities), grown
+               from the centre by sticking each new particle onto a random earlier one;
+* holes     -- an elliptical body with holes through it and denser inclusions inside;
+* polygon   -- a sharp-edged convex polygon / polyhedron (the intersection of random half-planes
+               or half-spaces) of uniform density with a uniform inner wedge, no blur.
 
 A complex object multiplies the density by exp(i phi) with phi a smooth random field of peak
 |phi| = max_phase (radians).
@@ -77,7 +82,56 @@ def random_smooth(shape, diameter, rng, correlation_length=2.0):
     return density * envelope
 
 
-MODELS = {"disc": disc, "shapes": shapes, "random_smooth": random_smooth}
+def cluster(shape, diameter, rng, count=10):
+    radius = diameter / 2.0
+    sizes = rng.uniform(0.2, 0.34, count) * radius
+    centres = [np.zeros(len(shape))]
+    for i in range(1, count):
+        for _ in range(50):                   # stick onto an earlier particle, inside the envelope
+            j = int(rng.integers(max(0, i - 3), i))     # onto a recent one: an extended chain
+            direction = rng.standard_normal(len(shape))
+            direction /= np.linalg.norm(direction)
+            centre = centres[j] + direction * (sizes[i] + sizes[j]) * 0.95
+            if np.linalg.norm(centre) + sizes[i] <= radius:
+                break
+        centres.append(centre)
+    density = np.zeros(shape)
+    for centre, size in zip(centres, sizes):
+        density = np.maximum(density, rng.uniform(0.5, 1.0) * ellipsoid(shape, [size] * len(shape), centre))
+    return density
+
+
+def holes(shape, diameter, rng, count=4):
+    radius = diameter / 2.0
+    envelope = _envelope(shape, radius, rng)
+    density = 0.6 * envelope.astype(np.float64)
+    for _ in range(count):
+        centre = rng.uniform(-0.45, 0.45, len(shape)) * radius
+        density[ellipsoid(shape, rng.uniform(0.08, 0.18, len(shape)) * radius, centre,
+                          rng.uniform(0, np.pi))] = 0.0
+    for _ in range(count):
+        centre = rng.uniform(-0.45, 0.45, len(shape)) * radius
+        density += 0.5 * ellipsoid(shape, rng.uniform(0.06, 0.14, len(shape)) * radius, centre)
+    return density * envelope
+
+
+def polygon(shape, diameter, rng, faces=None):
+    radius = diameter / 2.0
+    coords = _coordinates(shape)
+    faces = faces or (7 if len(shape) == 2 else 12)
+    inside = ball(shape, radius)
+    for _ in range(faces):
+        normal = rng.standard_normal(len(shape))
+        normal /= np.linalg.norm(normal)
+        distance = rng.uniform(0.6, 1.0) * radius
+        inside &= sum(c * n for c, n in zip(coords, normal)) <= distance
+    normal = rng.standard_normal(len(shape))
+    wedge = inside & (sum(c * n for c, n in zip(coords, normal)) > 0.3 * radius)
+    return inside.astype(np.float64) + 0.6 * wedge
+
+
+MODELS = {"disc": disc, "shapes": shapes, "random_smooth": random_smooth, "cluster": cluster,
+          "holes": holes, "polygon": polygon}
 
 
 def model_object(kind, shape, diameter, seed=0, correlation_length=2.0, max_phase=0.0):

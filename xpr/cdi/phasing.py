@@ -32,7 +32,9 @@ from xpr.io.checks import check_intensities
 from xpr.io.cxi import save_cxi_result
 from xpr.io.readers import read_pattern
 from xpr.phasing import engine, merge, schedule
+from xpr.phasing.likelihood import BandModulusProjection, free_deviance, free_pixels
 from xpr.phasing.projections import ModulusProjection, SupportProjection, centred_radius
+from xpr.phasing.support_init import autocorrelation_support, equivalent_radius
 from xpr.phasing.shrinkwrap import ShrinkWrap
 
 # ---------------------------------------------------------------------------------------------
@@ -104,6 +106,37 @@ def prepare(intensity, masked, inp):
 # 2. initial support
 
 
+def initial_support_for(intensity_fft, measured_fft, inp, log=None):
+    """The first support (centred): a disc/ball of radius `spherical_support` when given, else the
+    thresholded autocorrelation of the pattern (`initial_support: autocorrelation`, default;
+    xpr.phasing.support_init) or a disc/ball of a quarter of the pattern's side (`disc`)."""
+    shape = np.shape(intensity_fft)
+    kind = "disc" if inp.spherical_support else str(inp.initial_support)
+    if kind == "autocorrelation":
+        ac = inp.autocorrelation
+        support = autocorrelation_support(intensity_fft, measured_fft, threshold=float(ac.threshold),
+                                          sigma=float(ac.sigma),
+                                          scale=None if ac.scale is None else float(ac.scale))
+        if log is not None:
+            log.info("initial support: thresholded autocorrelation, %d px (equivalent radius "
+                     "%.1f px)", int(support.sum()), equivalent_radius(support))
+        return support
+    radius = initial_support_radius(shape, inp.spherical_support)
+    if log is not None:
+        log.info("initial support: %s of radius %.1f px", "disc" if len(shape) == 2 else "ball", radius)
+    return np.asarray(centred_radius(shape)) <= radius
+
+
+def noise_band(setting, intensity, masked):
+    """Half-width of the Poisson band in sqrt(counts): the setting, or (null) 0.5 when the measured
+    values are whole numbers (photon counts), else 0 (exact moduli: the data are not counts)."""
+    if setting is not None:
+        return float(setting)
+    values = np.asarray(intensity)[~np.asarray(masked)]
+    counts = values.size > 0 and bool(np.all(np.abs(values - np.rint(values)) < 1e-6))
+    return 0.5 if counts else 0.0
+
+
 def initial_support_radius(shape, spherical_support=None):
     """The given radius, or a quarter of the smallest pattern side: the largest object radius
     that oversampling 2 per axis allows, so a loose disc/ball around any phasable object."""
@@ -129,9 +162,18 @@ def phase_chunk(task, shared=None, progress=None):
     repeats = len(seeds)
     initial = xp.asarray(task["initial_support"])
 
-    P_M = ModulusProjection(backend, xp.asarray(task["intensity_fft"]),
-                            xp.asarray(task["measured_fft"]),
-                            background=options["background"], repeats=repeats)
+    free = task.get("free_fft")                     # optional: free pixels, Poisson band
+    band = float(options.get("noise_band") or 0.0)
+    if band or free is not None:
+        P_M = BandModulusProjection(backend, xp.asarray(task["intensity_fft"]),
+                                    xp.asarray(task["measured_fft"]), band=band,
+                                    free=None if free is None else xp.asarray(free),
+                                    background=options["background"], repeats=repeats,
+                                    metrics_every=options.get("e_mod_every", 1))
+    else:
+        P_M = ModulusProjection(backend, xp.asarray(task["intensity_fft"]),
+                                xp.asarray(task["measured_fft"]),
+                                background=options["background"], repeats=repeats)
     P_S = SupportProjection(positivity=options["positivity"],
                             threshold=options["value_threshold"],
                             imag_limit=options["imag_limit"])
@@ -150,8 +192,12 @@ def phase_chunk(task, shared=None, progress=None):
                                          progress=progress,
                                          metrics_every=options["metrics_every"])
     e_con_its, e_con = history.e_con_array()
-    return {"seeds": list(seeds), "object": backend.asnumpy(x), "support": backend.asnumpy(support),
-            "e_mod": history.e_mod_array(), "e_con": e_con, "e_con_iterations": e_con_its}
+    result = {"seeds": list(seeds), "object": backend.asnumpy(x), "support": backend.asnumpy(support),
+              "e_mod": history.e_mod_array(), "e_con": e_con, "e_con_iterations": e_con_its}
+    if free is not None:
+        result["free_deviance"] = free_deviance(x, xp.asarray(task["intensity_fft"]), free,
+                                                backend).astype(np.float32)
+    return result
 
 
 def compile_steps(settings, source=None):
@@ -193,20 +239,28 @@ def run(settings, archive, dimensions):
     archive.log.info("pattern %s from %s: %d of %d pixels float", "x".join(map(str, shape)),
                      source, int(masked.sum()), masked.size)
     init_model = _init_model(inp, shape)
-    radius = initial_support_radius(shape, inp.spherical_support)
-    initial_support = np.asarray(centred_radius(shape)) <= radius
+    intensity_fft = np.fft.ifftshift(intensity)
+    measured_fft = np.fft.ifftshift(~masked)
+    initial_support = initial_support_for(intensity_fft, measured_fft, inp, archive.log)
     if init_model is not None and not inp.spherical_support:
         initial_support = initial_support | (np.abs(init_model) > 0)
-    archive.log.info("initial support: %s of radius %.1f px",
-                     "disc" if dimensions == 2 else "ball", radius)
+    fraction = float(settings.merge.free_fraction or 0.0)
+    free = free_pixels(measured_fft, fraction, seed=0) if fraction else None
+    if free is not None:
+        archive.log.info("free pixels held out of the fit for scoring: %d (%.1f %% of the measured)",
+                         int(free.sum()), 100.0 * free.sum() / max(int(measured_fft.sum()), 1))
     steps = compile_steps(settings)
     archive.log.info("schedule: %s", schedule.describe(steps))
 
+    options = _options(settings, dimensions)
+    options["noise_band"] = noise_band(settings.phasing_parameters.noise_band, intensity, masked)
+    archive.log.info("modulus constraint: %s", f"Poisson band +-{options['noise_band']:.2f} sqrt(counts)"
+                     if options["noise_band"] else "exact moduli")
     problem = {
-        "intensity_fft": np.fft.ifftshift(intensity).astype(np.float32),
-        "measured_fft": np.fft.ifftshift(~masked),
+        "intensity_fft": intensity_fft.astype(np.float32), "measured_fft": measured_fft,
+        "free_fft": free,
         "initial_support": initial_support, "init_model": init_model, "steps": steps,
-        "options": _options(settings, dimensions),
+        "options": options,
         "backend": BackendSpec.from_settings(settings),
     }
     repeats = phase_repeats(settings, archive, problem)
@@ -225,15 +279,21 @@ def merge_and_write(settings, archive, filename, repeats, data, attrs):
     """
     final = repeats["e_mod"][:, -1]
     archive.log.info("final eMod per repeat: %s", np.array2string(final, precision=4))
+    score, tolerance = final, settings.merge.error_tolerance
+    if settings.merge.select_by == "free_deviance" and "free_deviance" in repeats:
+        score = np.asarray(repeats["free_deviance"], dtype=float)
+        tolerance = settings.merge.deviance_tolerance
+        archive.log.info("free Poisson deviance per repeat: %s", np.array2string(score, precision=4))
     backend = cpu(BackendSpec.from_settings(settings).precision)    # merging runs on the host
-    selected = merge.select(final, keep_fraction=float(settings.merge.keep_fraction),
-                            tolerance=settings.merge.error_tolerance)
+    selected = merge.select(score, keep_fraction=float(settings.merge.keep_fraction),
+                            tolerance=tolerance)
     merged, aligned = merge.merge_repeats(repeats["object"], selected, backend,
                                           allow_twin=bool(settings.merge.remove_twin))
     measured_fft = np.fft.ifftshift(~np.asarray(data["mask"], dtype=bool))
     shells, prtf = merge.prtf(aligned, measured_fft, backend)
-    archive.log.info("merged %d of %d repeats (eMod %.4f .. %.4f)", len(selected), len(final),
-                     final[selected].min(), final[selected].max())
+    archive.log.info("merged %d of %d repeats (eMod %.4f .. %.4f, score %.4f .. %.4f)",
+                     len(selected), len(final), final[selected].min(), final[selected].max(),
+                     score[selected].min(), score[selected].max())
 
     support = repeats["support"][selected[0]]
     archive.save_h5(filename, {
@@ -275,6 +335,7 @@ def _options(settings, dimensions):
         "value_threshold": pp.value_threshold, "imag_limit": pp.imag_limit,
         "support_size": pp.support_size if dimensions == 2 else pp.voxel_number,
         "metrics_every": int(settings.phasing.metrics_every),
+        "e_mod_every": int(settings.phasing.e_mod_every),
         "shrink_wrap": {"threshold": _last(sw.threshold), "sigma": _plain(sw.sigma),
                         "confine_to_initial": bool(sw.confine_to_initial),
                         "max_shrink": sw.max_shrink},
@@ -311,8 +372,10 @@ def phase_repeats(settings, archive, problem):
                                 tasks[failure.index]["seeds"], failure.error)
         results = parallel.require_success(results, spread)
     bar.close()
-    stacked = {key: np.concatenate([r[key] for r in results])
-               for key in ("object", "support", "e_mod", "e_con")}
+    keys = ["object", "support", "e_mod", "e_con"]
+    if all("free_deviance" in r for r in results):
+        keys.append("free_deviance")
+    stacked = {key: np.concatenate([r[key] for r in results]) for key in keys}
     stacked["seed"] = np.asarray([s for r in results for s in r["seeds"]], dtype=np.uint64)
     stacked["e_con_iterations"] = results[0]["e_con_iterations"]
     # the batches that failed after their retries: recorded, their repeats left out of the merge

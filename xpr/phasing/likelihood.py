@@ -1,0 +1,118 @@
+"""Noise-aware pieces for photon-counting data: a Poisson band modulus projection, free pixels and
+the free Poisson deviance that scores repeats on pixels held out of the fit (PyNX's LLKf).
+
+Band modulus projection. For Poisson counts k with mean lambda = |F|^2, sqrt(k) scatters about
+sqrt(lambda) with a standard deviation close to 1/2 whatever lambda (the square root stabilises
+the variance; Anscombe 1948). Forcing |F| to equal sqrt(k) exactly -- the plain P_M -- makes the
+iterate fit that scatter: on a sparse pattern (most pixels counting 0 or 1) it chases zeros and
+ones instead of the object. The band projection instead moves |F| only as far as the band
+
+    max(sqrt(k) - delta, 0) <= |F| <= sqrt(k) + delta          (delta = `band`, in sqrt(counts))
+
+and leaves it unchanged inside: the projection onto a set of amplitudes consistent with the
+counts, still a pointwise projection, so ER/HIO/RAAR/DM use it unchanged. band = 0 is the plain
+P_M. Masked and free pixels have the band [0, inf): they float, with no separate branch.
+
+Free pixels. A random `fraction` of the measured pixels (together with their Friedel mates
+-q, which a real object ties to q) is taken out of the modulus constraint and kept only for
+scoring: the fit never sees them, so how well a repeat predicts them measures the object, not
+how closely it fitted the noise.
+
+Free deviance. Per repeat, the Poisson deviance per free pixel,
+
+    D = (2 / n_free) sum_free [ lambda - k + k log(k / lambda) ],    lambda = |FT[x]|^2,
+
+which averages about 1 for the true object (asymptotically, for k not too small) and grows as the
+model departs from it. Lower is better; repeats are chosen and merged by it (xpr.cdi.phasing).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from xpr.phasing.projections import ModulusProjection
+
+
+def free_pixels(measured_fft, fraction=0.05, seed=0):
+    """Boolean (FFT order): a random `fraction` of the measured pixels and their Friedel mates."""
+    measured = np.asarray(measured_fft, dtype=bool)
+    if not fraction:
+        return np.zeros_like(measured)
+    rng = np.random.default_rng(seed)
+    pick = (rng.random(measured.shape) < float(fraction) / 2.0) & measured
+    mate = np.roll(np.flip(pick), 1, axis=tuple(range(pick.ndim)))   # index -q in FFT order
+    return (pick | mate) & measured
+
+
+def poisson_deviance(model_intensity, counts, pixels, xp=np):
+    """Mean Poisson deviance over `pixels` per repeat: model (repeats, *grid), counts/pixels grid."""
+    repeats = model_intensity.shape[0]
+    flat_pixels = xp.flatnonzero(xp.asarray(pixels).ravel())
+    if flat_pixels.size == 0:
+        return xp.zeros(repeats)
+    lam = model_intensity.reshape(repeats, -1)[:, flat_pixels].astype(np.float64)
+    k = xp.asarray(counts).ravel()[flat_pixels].astype(np.float64)
+    lam = xp.maximum(lam, 1e-12)
+    k_log = xp.where(k > 0, k * xp.log(xp.maximum(k, 1e-300) / lam), 0.0)
+    return 2.0 * xp.mean(lam - k + k_log, axis=1)
+
+
+def free_deviance(objects, counts_fft, free, backend):
+    """Free Poisson deviance of each repeat of a (repeats, *grid) batch of centred objects."""
+    xp = backend.xp
+    axes = tuple(range(1, objects.ndim))
+    x = xp.asarray(objects)
+    # centring only multiplies F by a phase ramp: |F| is the same with or without ifftshift
+    F = backend.fftn(x.astype(backend.complex_dtype), axes=axes)
+    model = (F.real * F.real + F.imag * F.imag)
+    return backend.asnumpy(poisson_deviance(model, xp.asarray(counts_fft), xp.asarray(free), xp))
+
+
+class BandModulusProjection(ModulusProjection):
+    """P_M onto |F| within sqrt(I) +- band on measured pixels; masked and `free` pixels float.
+
+    eMod (the usual sqrt(sum_measured (|F| - sqrt(I))^2 / sum_measured I), over the fitted
+    pixels) costs a pass over the batch; it is computed every `metrics_every` calls and the last
+    value is returned in between.
+    """
+
+    def __init__(self, backend, intensity, measured, band=0.5, free=None, background=False,
+                 repeats=1, metrics_every=1):
+        xp = backend.xp
+        fitted = xp.asarray(measured, dtype=bool)
+        if free is not None:
+            fitted = fitted & ~xp.asarray(free, dtype=bool)
+        super().__init__(backend, intensity, fitted, background=background, repeats=repeats)
+        real = backend.real_dtype
+        band = real(band)
+        self.band = float(band)
+        self.lower = xp.where(fitted, xp.maximum(self.amplitude - band, 0), 0).astype(real)
+        self.upper = xp.where(fitted, self.amplitude + band, xp.inf).astype(real)
+        self.weight = fitted.astype(real)
+        self.metrics_every = max(int(metrics_every or 1), 1)
+        self._calls = 0
+        self._e_mod = None
+
+    def __call__(self, x):
+        backend, xp = self.backend, self.backend.xp
+        repeats = x.shape[0]
+        model, factor = self._buffers(x.shape)
+        F = backend.fftn(x, axes=self.axes)
+        xp.abs(F, out=model)
+        if self.background is not None:
+            xp.sqrt(model * model + self.background * self.background, out=model)
+        model += self.tiny
+        xp.clip(model, self.lower, self.upper, out=factor)           # the nearest allowed amplitude
+        if self._e_mod is None or self._calls % self.metrics_every == 0:
+            self._e_mod = self._modulus_error(model, repeats, xp)
+        self._calls += 1
+        factor /= model
+        F *= factor
+        if self.background is not None:
+            self.background *= factor
+            self.background = self._radial_average(self.background)
+        return backend.ifftn(F, axes=self.axes, overwrite_x=True), self._e_mod
+
+    def _modulus_error(self, model, repeats, xp):
+        residual = (model - self.amplitude) * self.weight
+        flat = residual.reshape(repeats, -1)
+        return xp.sqrt(xp.einsum("ij,ij->i", flat, flat) / max(self.intensity_norm, 1e-30))
