@@ -578,12 +578,32 @@ def child_processes(pid: int | None = None) -> list[int]:
 
 
 def stop_child_processes(grace: float = 3.0) -> list[int]:
-    """End every process this one started (pool workers, the resource tracker, dask nannies and
-    workers): SIGTERM, then SIGKILL after `grace` seconds; reap them. Returns their pids."""
-    import signal
-    import time
+    """End every process this one started (pool workers, dask nannies and workers): SIGTERM, then
+    SIGKILL after `grace` seconds; reap them. Returns their pids.
 
-    children = child_processes()
+    Two exceptions keep a stopped run's stderr to its one line:
+    * multiprocessing's resource tracker is left to end by itself: it exits as soon as this process
+      does (its pipe closes), releasing what the pool leaked; killed first, it would be relaunched
+      by the pool's own clean-up and print KeyError tracebacks for names it never saw;
+    * a process pool whose workers are stopped marks its futures broken from its management thread;
+      on Python 3.11 that raises InvalidStateError for futures already cancelled, which is dropped
+      here instead of printed."""
+    import signal
+    import threading
+    import time
+    from concurrent.futures import InvalidStateError
+
+    previous_hook = threading.excepthook
+
+    def quiet_broken_pool(args):
+        if not isinstance(args.exc_value, InvalidStateError):
+            previous_hook(args)
+
+    threading.excepthook = quiet_broken_pool
+    import multiprocessing.resource_tracker as resource_tracker
+
+    tracker_pid = getattr(getattr(resource_tracker, "_resource_tracker", None), "_pid", None)
+    children = [pid for pid in child_processes() if pid != tracker_pid]
     for pid in children:
         try:
             os.kill(pid, signal.SIGTERM)
