@@ -307,8 +307,11 @@ def real_space_options(settings, grid=None) -> RealSpaceOptions:
 
 def validate(settings):
     """Values checked before a run folder exists: the main_loop schedule (blocks, counts, betas)
-    and the real-space policies compiled into it."""
-    _schedule(settings, real_space_options(settings))
+    and the real-space policies compiled into it. The grid's resolution (what xFrame's False
+    sigma means) is known only once the invariants are read: a stand-in of 1 Å checks the rest."""
+    import dataclasses
+
+    _schedule(settings, dataclasses.replace(real_space_options(settings), resolution=1.0))
 
 
 def _schedule(settings, options):
