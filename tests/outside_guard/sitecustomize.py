@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 
 EVENTS = {"open", "os.listdir", "os.scandir", "glob.glob", "shutil.copyfile", "shutil.copytree",
           "os.chdir", "os.walk"}
@@ -38,7 +39,12 @@ def install(checkout: str, forbid_under: list[str], allow_under: list[str], log:
         return
     sys._xpr_outside_guard = True
     checkout = os.path.abspath(checkout)
-    forbid = [f for f in [os.path.dirname(checkout)] + forbid_under if f != os.sep]
+    # Never the system temp folder or a folder holding it (a checkout cloned straight into /tmp):
+    # pytest's, dask's and tempfile's scratch lives there. .ci/run's copy in a fresh folder with
+    # nothing beside it still catches reads beside the checkout in that case.
+    temp = os.path.abspath(tempfile.gettempdir())
+    forbid = [f for f in [os.path.dirname(checkout)] + forbid_under
+              if f != os.sep and not _inside(temp, f)]
     interpreter = {os.path.abspath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
     allow = [checkout, os.path.abspath(log)] + allow_under + sorted(interpreter)   # a venv beside it
     busy = []
