@@ -239,15 +239,21 @@ def fit_pl_rotation(com_y, com_x, try_transposed=True, dark_field=None) -> Rotat
 def dark_field_signal(patterns, outer_factor=1.2, threshold=BRIGHT_FIELD_THRESHOLD):
     """Counts of each pattern outside outer_factor × the bright-field disk radius (N,), or None
     when the detector holds no dark field."""
-    mean_pattern = patterns.mean(axis=0)
+    outside = dark_field_mask(patterns.mean(axis=0), outer_factor, threshold)
+    if outside is None:
+        return None
+    return patterns[:, outside].sum(axis=1)
+
+
+def dark_field_mask(mean_pattern, outer_factor=1.2, threshold=BRIGHT_FIELD_THRESHOLD):
+    """Detector pixels outside outer_factor × the bright-field disk radius of the mean pattern
+    (+1 px), or None when fewer than 4 are (no dark field on the detector)."""
     n_ky, n_kx = mean_pattern.shape
     radius = bright_field_radius_px(mean_pattern, threshold)
     ky = np.arange(n_ky)[:, None] - n_ky // 2
     kx = np.arange(n_kx)[None, :] - n_kx // 2
     outside = np.hypot(ky, kx) > outer_factor * radius + 1.0
-    if outside.sum() < 4:
-        return None
-    return patterns[:, outside].sum(axis=1)
+    return outside if outside.sum() >= 4 else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -403,12 +409,8 @@ def streamed_statistics(patterns: StreamedPatterns):
 def streamed_dark_field(patterns: StreamedPatterns, mean_pattern, outer_factor=1.2,
                         threshold=BRIGHT_FIELD_THRESHOLD):
     """dark_field_signal batch by batch (the disk radius from the mean pattern), or None."""
-    n_ky, n_kx = mean_pattern.shape
-    radius = bright_field_radius_px(mean_pattern, threshold)
-    ky = np.arange(n_ky)[:, None] - n_ky // 2
-    kx = np.arange(n_kx)[None, :] - n_kx // 2
-    outside = np.hypot(ky, kx) > outer_factor * radius + 1.0
-    if outside.sum() < 4:
+    outside = dark_field_mask(mean_pattern, outer_factor, threshold)
+    if outside is None:
         return None
     signal = np.empty(patterns.shape[0], dtype=np.float64)
     for start, batch in patterns.batches():
