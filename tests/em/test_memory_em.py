@@ -1,0 +1,186 @@
+"""Memory of the em commands: each estimate against the peak measured with tracemalloc (numpy's
+arrays are traced) on an in-process run, less the peak of a tiny run of the same command (the
+libraries' own allocations); too large a run refused with exit 2 naming the key, the estimate and
+the limit, before a run folder exists; what can shrink (a batch, a chunk, the streamed batches)
+shrunk to fit, with the same result."""
+from __future__ import annotations
+
+import tracemalloc
+
+import h5py
+import numpy as np
+import pytest
+
+from xpr import memory
+from xpr.em.ptychography import memory_estimate
+
+GB = memory.GB
+
+# estimate / measured peak must lie in [LOW, HIGH]; measured on this code (tests below, and
+# benchmarks/bench_memory.py): see each test's comment
+LOW, HIGH = 0.7, 1.5
+
+
+def _traced_peak(run_xpr, args):
+    """Peak traced bytes of one in-process CLI run (exit 0 required)."""
+    tracemalloc.start()
+    try:
+        result = run_xpr(args)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert result.exit_code == 0, result.output
+    return peak
+
+
+def _working_peak(run_xpr, tiny, big):
+    """Peak of `big` less that of `tiny` (run twice first: imports and caches settle)."""
+    _traced_peak(run_xpr, tiny)
+    base = _traced_peak(run_xpr, tiny)
+    return _traced_peak(run_xpr, big) - base
+
+
+def _limit(monkeypatch, nbytes):
+    monkeypatch.setattr(memory, "available", lambda *a, **k: memory.Limit(int(nbytes), "test limit"))
+
+
+def write_scan(path, scan, detector, offset_px=3):
+    """A (scan, scan, detector, detector) float32 scan: a bright-field disk of radius
+    detector / 5, off the centre by `offset_px` (calibration rolls it back, as for most
+    detectors), its intensity tilted by a smooth phase gradient (DPC's model)."""
+    y, x = np.mgrid[:scan, :scan] / scan
+    g_y, g_x = np.cos(2 * np.pi * x), np.sin(2 * np.pi * y)
+    k = np.arange(detector, dtype=np.float32) - detector // 2
+    ky, kx = np.meshgrid(k - offset_px, k - offset_px, indexing="ij")
+    disk = (np.hypot(ky, kx) <= detector / 5).astype(np.float32) * 100.0
+    data = disk * (1 + 0.02 * (ky * g_y[..., None, None] + kx * g_x[..., None, None]))
+    np.save(path, data.astype(np.float32))
+    return path
+
+
+def scan_settings(tmp_path, name, scan, detector):
+    """Settings of a direct method on a written scan: 0.05 Å⁻¹ per pixel; the disk's radius
+    (detector / 5 px) is the convergence angle."""
+    data = write_scan(tmp_path / f"{name}.npy", scan, detector)
+    conv_mrad = detector / 5 * 0.05 * 0.02508 * 1e3
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(f"structure_name: {name}\nexperiment:\n  data_path: {data}\n"
+                    "  acc_voltage: 200.0\n  rez_pixel_size_A: 0.05\n  scan_step_A: 0.5\n"
+                    f"  PLRotation_deg: 0.0\n  conv_semiangle_mrad: {conv_mrad}\nGPU:\n  use: false\n")
+    return str(path)
+
+
+def _settings(command, path):
+    from xpr import registry
+    from xpr.runner import prepare
+
+    spec = next(s for s in registry.COMMANDS if s.group == "em" and s.name == command)
+    return prepare(spec, path).resolved.settings
+
+
+# -- estimate / measured peak ------------------------------------------------------------------
+
+# measured: dpc 1.0x (32² x 64², 48² x 64² scans); wdd 1.1-1.2; tcbf 1.0-1.2
+@pytest.mark.parametrize("command,scan,detector", [("dpc", 32, 64), ("wdd", 24, 48), ("tcbf", 24, 48)])
+def test_direct_estimates_match_measured_peaks(home, run_xpr, tmp_path, command, scan, detector):
+    tiny = scan_settings(tmp_path, "tiny", 4, detector)
+    big = scan_settings(tmp_path, "big", scan, detector)
+    peak = _working_peak(run_xpr, ["-q", "em", command, tiny], ["-q", "em", command, big])
+    settings = _settings(command, big)
+    n = scan * scan
+    estimate = memory_estimate.direct_in_memory(command, n, (detector, detector), settings)
+    batch = memory_estimate.wanted_chunk(command, n, settings, detector ** 2)
+    ratio = estimate.bytes(batch) / peak
+    assert LOW <= ratio <= HIGH, (ratio, estimate.describe(batch), peak)
+
+
+def test_simulate_4dstem_estimate_matches_measured_peak(home, run_xpr):
+    # measured 1.0-1.2 over scan 16²-48², detector 64-128, batches 16-128
+    common = ["-q", "em", "simulate_4dstem", "tutorial", "-o", "experiment.detector_size=64"]
+    for scan, batch in [(32, 128), (32, 16)]:
+        big = common + ["-o", f"experiment.scan_size=[{scan},{scan}]", "-o", f"simulation.batch_size={batch}"]
+        peak = _working_peak(run_xpr, common + ["-o", "experiment.scan_size=[2,2]"], big)
+        estimate = memory_estimate.simulate_4dstem(_settings_from(big))
+        assert LOW <= estimate.bytes(batch) / peak <= HIGH, (estimate.describe(batch), peak)
+
+
+def _settings_from(args):
+    from xpr import registry
+    from xpr.runner import prepare
+
+    spec = next(s for s in registry.COMMANDS if s.group == "em" and s.name == args[2])
+    overrides = [args[i + 1] for i, a in enumerate(args) if a == "-o"]
+    return prepare(spec, args[3], overrides).resolved.settings
+
+
+# -- refused before a run folder ----------------------------------------------------------------
+
+@pytest.mark.parametrize("command", ["dpc", "wdd", "tcbf"])
+def test_direct_scan_too_large_even_streamed_is_refused(home, run_xpr, tmp_path, monkeypatch, command):
+    path = scan_settings(tmp_path, "big", 16, 64)
+    _limit(monkeypatch, 20_000)                 # not even one pattern's working copies
+    result = run_xpr(["em", command, path])
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert "key: experiment.data_path" in text and "256 patterns of 64x64 px" in text
+    assert "19.5 KB" in text or "0.0 MB (test limit)" in text
+    assert "Traceback" not in result.output
+    assert not (home / "data" / "em" / command / "archive").exists()
+
+
+def test_simulate_4dstem_too_large_is_refused(home, run_xpr, monkeypatch):
+    _limit(monkeypatch, 50 * 1024 ** 2)
+    args = ["em", "simulate_4dstem", "tutorial", "-o", "experiment.scan_size=[64,64]",
+            "-o", "structure_name=big"]
+    estimate = memory_estimate.simulate_4dstem(_settings_from(["-q"] + args))
+    result = run_xpr(args)
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert "key: experiment.scan_size" in text and memory.size(estimate.bytes(1)) in text
+    assert "50.0 MB (test limit)" in text
+    assert not (home / "data" / "em" / "simulate_4dstem" / "archive").exists()
+
+
+def test_ptycho_too_large_is_refused_before_a_run_folder(home, run_xpr, tmp_path, monkeypatch):
+    path = scan_settings(tmp_path, "big", 16, 64)
+    _limit(monkeypatch, 5 * 1024 ** 2)
+    result = run_xpr(["em", "ptycho", path])
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert "key: reconstruction.max_memory_GB" in text and "256 patterns of 64x64 px" in text
+    assert "5.0 MB (test limit)" in text
+    assert not (home / "data" / "em" / "ptycho" / "archive").exists()
+
+
+# -- shrunk to fit --------------------------------------------------------------------------------
+
+def test_dpc_streams_when_the_scan_read_whole_would_not_fit(home, run_xpr, tmp_path, monkeypatch):
+    """Room for the streamed batches, not for the scan read whole: streamed, same phase, and
+    the measured peak within the limit."""
+    path = scan_settings(tmp_path, "scan", 32, 64)
+    assert run_xpr(["-q", "em", "dpc", path, "-o", "structure_name=whole"]).exit_code == 0
+    settings = _settings("dpc", path)
+    whole = memory_estimate.direct_in_memory("dpc", 1024, (64, 64), settings).bytes()
+    limit = whole / 2 / memory.USABLE_FRACTION
+    _limit(monkeypatch, limit)
+    tiny = scan_settings(tmp_path, "tiny", 4, 64)
+    peak = _working_peak(run_xpr, ["-q", "em", "dpc", tiny], ["-q", "em", "dpc", path, "-o", "structure_name=streamed"])
+    assert peak <= memory.USABLE_FRACTION * limit
+    log = (home / "data" / "em" / "dpc" / "streamed.h5").resolve().parent / "run.log"
+    assert "streamed from the file instead" in log.read_text()
+    with h5py.File(home / "data/em/dpc/whole.h5") as a, h5py.File(home / "data/em/dpc/streamed.h5") as b:
+        np.testing.assert_allclose(b["phase"][()], a["phase"][()], atol=1e-5 * np.abs(a["phase"][()]).max())
+
+
+def test_simulate_4dstem_shrinks_its_batch(home, run_xpr, monkeypatch):
+    common = ["-q", "em", "simulate_4dstem", "tutorial", "-o", "experiment.scan_size=[12,12]",
+              "-o", "experiment.detector_size=32", "-o", "simulation.batch_size=64"]
+    assert run_xpr(common + ["-o", "structure_name=free"]).exit_code == 0
+    estimate = memory_estimate.simulate_4dstem(_settings_from(common))
+    _limit(monkeypatch, (estimate.bytes(8) + estimate.bytes(9)) / 2 / memory.USABLE_FRACTION)
+    assert run_xpr(common + ["-o", "structure_name=shrunk"]).exit_code == 0
+    log = (home / "data/em/simulate_4dstem/shrunk.h5").resolve().parent / "run.log"
+    assert "8 probe positions at a time instead of simulation.batch_size 64" in log.read_text()
+    with h5py.File(home / "data/em/simulate_4dstem/free.h5") as a, \
+            h5py.File(home / "data/em/simulate_4dstem/shrunk.h5") as b:
+        np.testing.assert_array_equal(a["data"][()], b["data"][()])
