@@ -189,3 +189,46 @@ def test_simulate_4dstem_shrinks_its_batch(home, run_xpr, monkeypatch):
     with h5py.File(home / "data/em/simulate_4dstem/free.h5") as a, \
             h5py.File(home / "data/em/simulate_4dstem/shrunk.h5") as b:
         np.testing.assert_array_equal(a["data"][()], b["data"][()])
+
+
+# -- simulate_focal and tie ---------------------------------------------------------------------
+
+@pytest.mark.slow                  # ≈ 90 s here (traced runs)
+def test_focal_series_estimates_match_measured_peaks(home, run_xpr):
+    """simulate_focal then tie on 3 images of 256²: measured 1.0x and 1.0x (256² and 512², 3 and
+    5 images: simulate_focal 1.0-1.1, tie 0.98-1.05)."""
+    from xpr.em.tie import memory_estimate as focal
+
+    sim = ["-q", "em", "simulate_focal", "tutorial"]
+    tiny, big = sim + ["-o", "imaging.image_size=32", "-o", "structure_name=t"], \
+        sim + ["-o", "imaging.image_size=256", "-o", "structure_name=b"]
+    peak = _working_peak(run_xpr, tiny, big)
+    ratio = focal.simulate_focal(_settings_from(big)).bytes() / peak
+    assert LOW <= ratio <= HIGH, ratio
+    tie = ["-q", "em", "tie", "tutorial"]
+    peak = _working_peak(run_xpr, tie + ["-o", "structure_name=t"], tie + ["-o", "structure_name=b"])
+    ratio = focal.tie(3, (256, 256)).bytes() / peak
+    assert LOW <= ratio <= HIGH, ratio
+
+
+def test_focal_series_too_large_is_refused(home, run_xpr, monkeypatch, tmp_path):
+    from xpr.em.tie import memory_estimate as focal
+
+    args = ["em", "simulate_focal", "tutorial", "-o", "imaging.image_size=4096", "-o", "structure_name=big"]
+    estimate = focal.simulate_focal(_settings_from(["-q"] + args)).bytes()
+    _limit(monkeypatch, 1 * GB)
+    result = run_xpr(args)
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert "key: imaging.image_size" in text and memory.size(estimate) in text and "1.00 GB (test limit)" in text
+    assert not (home / "data" / "em" / "simulate_focal" / "archive").exists()
+    # tie: a series of 7 images of 4096² (a dataset never written: the file stays small)
+    with h5py.File(tmp_path / "series.h5", "w") as f:
+        f.create_dataset("images", shape=(7, 4096, 4096), dtype=np.float32)
+        f["defocus_m"] = np.linspace(-3e-6, 3e-6, 7)
+    result = run_xpr(["em", "tie", "tutorial", "-o", f"input.focal_series={tmp_path / 'series.h5'}"])
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert "key: input.focal_series" in text and "7 images of 4096x4096 px" in text
+    assert memory.size(focal.tie(7, (4096, 4096)).bytes()) in text
+    assert not (home / "data" / "em" / "tie" / "archive").exists()
