@@ -232,3 +232,40 @@ def test_focal_series_too_large_is_refused(home, run_xpr, monkeypatch, tmp_path)
     assert "key: input.focal_series" in text and "7 images of 4096x4096 px" in text
     assert memory.size(focal.tie(7, (4096, 4096)).bytes()) in text
     assert not (home / "data" / "em" / "tie" / "archive").exists()
+
+
+# -- local_ali3d ---------------------------------------------------------------------------------
+
+@pytest.mark.slow                  # ≈ 60 s here (traced runs)
+def test_local_ali3d_estimate_matches_measured_peak(home, run_xpr):
+    """One serial pass over 100 images of 32² (the tiny run: 20 images of 16²): measured 1.0x
+    (box 32: 1.03, box 48: 1.01 in benchmarks/bench_memory.py)."""
+    from xpr.em.ali3d import memory_estimate as ali3d
+
+    common = ["-q", "em", "local_ali3d", "tutorial", "-o", "alignment.maxit=1",
+              "-o", "multi_process.engine=serial"]
+    peak = _working_peak(run_xpr, common + ["-o", "input.simulate.n_images=20", "-o", "input.simulate.box=16"],
+                         common + ["-o", "input.simulate.n_images=100", "-o", "input.simulate.box=32"])
+    ratio = ali3d.local_ali3d(100, 32).bytes(1) / peak
+    assert LOW <= ratio <= HIGH, ratio
+
+
+def test_local_ali3d_fewer_processes_or_refused(home, run_xpr, monkeypatch):
+    from xpr.em.ali3d import memory_estimate as ali3d
+
+    args = ["em", "local_ali3d", "tutorial", "-o", "input.simulate.box=128", "-o", "multi_process.n_processes=4",
+            "-o", "structure_name=big"]
+    settings = _settings_from(["-q"] + args)
+    n = int(settings.input.simulate.n_images)
+    estimate = ali3d.local_ali3d(n, 128)
+    # room for 2 workers, not 3: the plan lowers n_processes
+    limit = memory.Limit(int((estimate.bytes(2) + estimate.bytes(3)) / 2 / memory.USABLE_FRACTION), "test limit")
+    assert ali3d.plan(settings, limit=limit)["n_processes"] == 2
+    # room for none: refused before a run folder, naming the box
+    _limit(monkeypatch, estimate.bytes(1) / 2)
+    result = run_xpr(args)
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert "key: input.simulate.box" in text and f"{n} images of 128x128 px" in text
+    assert memory.size(estimate.bytes(1)) in text
+    assert not (home / "data" / "em" / "local_ali3d" / "archive").exists()
