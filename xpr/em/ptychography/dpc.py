@@ -84,7 +84,8 @@ def validate(settings):
 def run(settings, archive):
     """Calibrate, take the CoM, rotate into the scan frame, integrate; save phase and CoM maps."""
     options = settings["dpc"]
-    plan = memory_estimate.plan_direct("dpc", settings, log=archive.log)
+    plan = memory_estimate.plan_direct("dpc", settings, direct.default_data_path(settings, archive),
+                                       log=archive.log)
     backend, experiment, data_path = direct.prepare(settings, archive, plan["memory_GB"])
     result = reconstruct(experiment, backend, high_pass_invA=float(options["high_pass_invA"]),
                          low_pass_invA=float(options["low_pass_invA"]),

@@ -37,15 +37,15 @@ READ_COPIES = 3
 # ---------------------------------------------------------------------------------------------
 # the scan's size from its header
 
-def scan_header(settings):
-    """(number of patterns, detector shape (ky, kx)) of experiment.data_path from its header,
-    or None where the data path is not given (the latest simulate_4dstem result, whose size
-    its own run checked) or the file cannot be opened (the worker then says what is wrong)."""
+def scan_header(settings, path=None):
+    """(number of patterns, detector shape (ky, kx)) of `path` (default experiment.data_path)
+    from its header, or None where no path is given (validate() before a run: the default input
+    is found in the run) or the file cannot be opened (the worker then says what is wrong)."""
     from xpr.em.ptychography.calibration import _settings_dict
     from xpr.io.stem4d import open_scan
 
     experiment = _settings_dict(settings["experiment"])
-    path = experiment.get("data_path")
+    path = path or experiment.get("data_path")
     if not path:
         return None
     try:
@@ -172,7 +172,7 @@ def bright_field_pixels(binned_pixels, experiment, fraction) -> int:
     return int(binned_pixels or 1)
 
 
-def plan_direct(command, settings, header=None, log=None, limit=None) -> dict:
+def plan_direct(command, settings, data_path=None, log=None, limit=None) -> dict:
     """How `dpc`/`wdd`/`tcbf` keep within what they may use (memory.available: the cgroup's grant
     or MemAvailable): read whole when the data are at most `<command>.max_memory_GB` and the
     in-memory estimate fits (wdd/tcbf with their chunk shrunk to fit), else streamed with the
@@ -181,7 +181,7 @@ def plan_direct(command, settings, header=None, log=None, limit=None) -> dict:
     Exit 2 (InputError naming experiment.data_path) when even one pattern at a time does not fit."""
     from xpr.em.ptychography.calibration import WORK_COPIES, _settings_dict
 
-    header = header or scan_header(settings)
+    header = scan_header(settings, data_path)
     options = settings[command]
     setting = float(options["max_memory_GB"])
     if header is None:

@@ -328,7 +328,8 @@ def validate(settings):
 def run(settings, archive):
     """Calibrate, align the BF images, fit aberrations and rotation, shift-and-sum, deconvolve."""
     options = settings["tcbf"]
-    plan = memory_estimate.plan_direct("tcbf", settings, log=archive.log)
+    plan = memory_estimate.plan_direct("tcbf", settings, direct.default_data_path(settings, archive),
+                                       log=archive.log)
     backend, experiment, data_path = direct.prepare(settings, archive, plan["memory_GB"])
     if backend.is_gpu:
         archive.log.info("tcbf: bright-field image alignment on %s; shift-and-sum and the Wiener deconvolution "

@@ -225,7 +225,8 @@ def validate(settings):
 def run(settings, archive):
     """Calibrate, deconvolve the Wigner distribution, save object/phase on the scan grid."""
     options = settings["wdd"]
-    plan = memory_estimate.plan_direct("wdd", settings, log=archive.log)
+    plan = memory_estimate.plan_direct("wdd", settings, direct.default_data_path(settings, archive),
+                                       log=archive.log)
     memory_GB = plan["memory_GB"]
     backend, experiment, data_path = direct.prepare(settings, archive, memory_GB)
     # the scratch file of a streamed scan lives in the run folder (beside the data the user
