@@ -187,8 +187,9 @@ def em_main(quick):
 
     def row(name, est, measured):
         ratios.append(est / measured[0])
+        rss = f"{est / measured[1]:6.2f}" if measured[1] > 0 else "     -"   # RSS rise hidden by freed pages
         print(f"{name:40s} {est / MB:12.0f} {measured[0] / MB:10.0f} {est / measured[0]:6.2f} "
-              f"{measured[1] / MB:8.0f} {est / measured[1]:6.2f}", flush=True)
+              f"{measured[1] / MB:8.0f} {rss}", flush=True)
     print(f"{'case':40s} {'estimate MB':>12s} {'traced MB':>10s} {'ratio':>6s} {'RSS MB':>8s} {'ratio':>6s}")
     em_rows(quick, row)
     print(f"em: estimate / traced peak: {min(ratios):.2f} .. {max(ratios):.2f} over {len(ratios)} cases")
