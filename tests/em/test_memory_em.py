@@ -120,12 +120,14 @@ def _settings_from(args):
 @pytest.mark.parametrize("command", ["dpc", "wdd", "tcbf"])
 def test_direct_scan_too_large_even_streamed_is_refused(home, run_xpr, tmp_path, monkeypatch, command):
     path = scan_settings(tmp_path, "big", 16, 64)
+    settings = _settings(command, path)         # (validated with the real limit)
     _limit(monkeypatch, 20_000)                 # not even one pattern's working copies
     result = run_xpr(["em", command, path])
     assert result.exit_code == 2, result.output
     text = " ".join(result.output.split())
     assert "key: experiment.data_path" in text and "256 patterns of 64x64 px" in text
-    assert "19.5 KB" in text or "0.0 MB (test limit)" in text
+    streamed = memory_estimate.direct_streamed(command, 256, (64, 64), settings)
+    assert f"needs about {memory.size(streamed.bytes(1))}" in text and "0.0 MB (test limit)" in text
     assert "Traceback" not in result.output
     assert not (home / "data" / "em" / command / "archive").exists()
 
