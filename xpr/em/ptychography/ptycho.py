@@ -325,11 +325,15 @@ def read_truth(path):
 
 def validate(settings):
     """Before the run folder exists: exit 2 (key reconstruction.max_memory_GB) when the scan
-    named by experiment.data_path could not be read and held (its size from the file's header;
-    the latest simulate_4dstem result, the default input, is checked in run())."""
+    named by experiment.data_path could not be read and held, or reconstructed (sizes from the
+    file's header and the calibration; the latest simulate_4dstem result, the default input, is
+    checked in run())."""
+    from xpr.em.ptychography import memory_estimate
+
     data_path = settings.experiment.get("data_path")
     if data_path and Path(data_path).expanduser().is_file():
         check_data_fits(settings, data_path)
+        memory_estimate.validate_ptycho(settings, data_path)
 
 
 def run(settings, archive):
