@@ -22,6 +22,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import NamedTuple
@@ -173,27 +174,11 @@ def initial_probe(experiment, probe_settings, be):
     return (probe * math.sqrt(counts)).astype(be.complex_dtype)
 
 
-def options_from(settings) -> Options:
-    r = settings.reconstruction
-    return Options(
-        epochs=r.epochs, loss=r.loss, refine_object=r.refine.object, refine_probe=r.refine.probe,
-        refine_positions=r.refine.positions, probe_from_epoch=r.refine.probe_from_epoch,
-        positions_from_epoch=r.refine.positions_from_epoch, refine_defocus=r.refine.defocus,
-        defocus_from_epoch=r.refine.defocus_from_epoch, history=r.lbfgs.history,
-        c1=r.lbfgs.c1, c2=r.lbfgs.c2, first_step=r.lbfgs.first_step,
-        max_line_search=r.lbfgs.max_line_search,
-        preconditioner_floor=r.lbfgs.preconditioner_floor,
-        phase_l1=r.regularisation.phase_l1, total_variation=r.regularisation.total_variation,
-        regulariser_epsilon=r.regularisation.epsilon, probe_window=r.regularisation.probe_window,
-        probe_window_radius=r.regularisation.probe_window_radius,
-        stop_at_noise_floor=r.stop_at_noise_floor, noise_floor_factor=r.noise_floor_factor,
-        validation_fraction=r.validation_fraction, patience=r.patience, seed=r.seed)
-
-
 def prepare(experiment, options: Options, probe_settings, be, margin_px: int = 4,
             positions_px=None, memory_GB: float = BATCH_WORK_GB, num_slices=None,
             total_thickness_A=None):
-    """Model, counts (FFT order), detector mask and initial parameters for an experiment."""
+    """Model, counts (FFT order), detector mask, initial parameters and the options with the
+    batch size that fits `memory_GB`, for an experiment."""
     xp = be.xp
     n = experiment.pattern_shape[-1]
     if experiment.pattern_shape[0] != n:
@@ -210,10 +195,11 @@ def prepare(experiment, options: Options, probe_settings, be, margin_px: int = 4
     counts = xp.asarray(np.fft.ifftshift(experiment.patterns, axes=(-2, -1)), dtype=be.real_dtype)
     mask = detector_mask(n, experiment.data_pad, xp) if experiment.data_pad else None
     probe = initial_probe(experiment, probe_settings, be)
-    options.batch_size = batch_size_for(memory_GB, n, probe.shape[0], slices, be.is_gpu)
+    options = dataclasses.replace(options, batch_size=batch_size_for(memory_GB, n, probe.shape[0], slices,
+                                                                     be.is_gpu))
     params = {"object": xp.ones((slices,) + shape, dtype=be.complex_dtype), "probe": probe,
               "positions": xp.asarray(corners), "defocus": xp.zeros(1, dtype=xp.float64)}
-    return model, counts, mask, params
+    return model, counts, mask, params, options
 
 
 # -- evaluation against a known truth ----------------------------------------------------------
@@ -337,8 +323,8 @@ def run(settings, archive):
     if settings.experiment.positions_path:
         positions_px = measured_positions(settings.experiment.positions_path, experiment.n_scan,
                                           experiment.pixel_size_A)
-    options = options_from(settings)
-    model, counts, mask, params = prepare(
+    options = Options.from_settings(settings)
+    model, counts, mask, params, options = prepare(
         experiment, options, settings.probe, be, margin_px=settings.reconstruction.object_margin_px,
         positions_px=positions_px,
         memory_GB=batch_work_GB(experiment, settings, limit))
