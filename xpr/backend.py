@@ -87,7 +87,7 @@ class GpuOptions:
     precision: str = setting("GPU.precision")
 
 
-def _gpu_options(settings) -> GpuOptions:
+def gpu_options(settings) -> GpuOptions:
     """The GPU group of a settings mapping; a mapping without one runs on the CPU."""
     gpu = settings.get("GPU") if settings is not None and hasattr(settings, "get") else None
     return GpuOptions(use=False) if gpu is None else GpuOptions.from_block(gpu)
@@ -123,7 +123,7 @@ class BackendSpec:
     def from_settings(cls, settings=None) -> "BackendSpec":
         """From a settings mapping with an optional `GPU: {use: auto|true|false, precision}` group
         (the only place GPU.use and GPU.precision are read)."""
-        gpu = _gpu_options(settings)
+        gpu = gpu_options(settings)
         use, precision = gpu.use, gpu.precision
         emulated = emulated_requested()
         if use in ("auto", None):
@@ -296,7 +296,7 @@ def cpu_only(settings, log, what: str, reason: str) -> Backend:
     `what` runs on the CPU and why, as a warning when the settings asked for the GPU (true)."""
     spec = BackendSpec.from_settings(settings)
     if spec.on_device:
-        asked = _gpu_options(settings).use in (True, "true", "True")
+        asked = gpu_options(settings).use in (True, "true", "True")
         (log.warning if asked else log.info)(
             "%s runs on the CPU by design (%s)%s", what, reason,
             "; GPU.use: true has no effect here" if asked else f"; the {spec.device} device is not used")
