@@ -19,6 +19,7 @@ import numpy as np
 from xpr.errors import InputError
 from xpr.backend import cpu_only
 from . import cross_correlation as ccd_file
+from . import memory_plan
 from .extraction import (extract_from_cc, invariants_from_projection, max_supported_order,
                          pixel_custom_cc_mask, projection_error_estimates, projection_matrices_3d,
                          projection_vectors_2d, q_limit_masks)
@@ -81,6 +82,7 @@ def run(settings, archive):
     """ccd.h5 → proj_data.h5."""
     cpu_only(settings, archive.log, "fxs extract", "per-order eigen-decompositions of small matrices")
     path = input_path(settings, archive)
+    memory_plan.plan_extract(settings, path, log=archive.log)     # from the file's header, before reading it
     data = ccd_file.read_ccd(path)
     archive.log.info("cross-correlation from %s", path)
     if settings.extraction_mode != "cross_correlation":
