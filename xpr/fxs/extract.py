@@ -78,6 +78,14 @@ def extract_dataset(settings, data, log):
     return b, masks, limits, projection
 
 
+def validate(settings):
+    """Before a run folder exists: when input.ccd_file is given, whether extracting from it fits
+    in memory (memory_plan.plan_extract, from the file's header; exit 2). The latest ccd.h5 of
+    the home is checked by the worker, before it is read."""
+    if settings.input.ccd_file:
+        memory_plan.plan_extract(settings, Path(str(settings.input.ccd_file)).expanduser())
+
+
 def run(settings, archive):
     """ccd.h5 → proj_data.h5."""
     cpu_only(settings, archive.log, "fxs extract", "per-order eigen-decompositions of small matrices")

@@ -268,43 +268,49 @@ def grid_points(dimensions, n_radial, n_phi, n_theta=1) -> int:
     return _n(n_phi) * (_n(n_theta) if dimensions == 3 else 1) * _n(n_radial)
 
 
-REPEAT_BYTES = {4: 100, 8: 200}    # per grid point and reconstruction at work (measured), by real itemsize
-RESULT_BYTES = {4: 30, 8: 60}      # per grid point of one finished result (counted, see reconstruct())
+REPEAT_BYTES = {4: 78, 8: 156}    # per grid point and reconstruction at work, by real itemsize (measured)
+RESULT_BYTES = {4: 22, 8: 44}     # per grid point of one finished result (measured)
+FIGURES = 12 * 1024 ** 2           # the figures' matplotlib objects (measured, about constant)
 
 
 def reconstruct(dimensions, n_radial, max_order, n_phi, n_theta, n_reconstructions, workers=1,
-                engine="serial", real_itemsize=4) -> Estimate:
+                engine="serial", real_itemsize=4, vtk=True, on_gpu=False, plots=True) -> Estimate:
     """`fxs reconstruct`, items = reconstructions phased at once in one batch. Stages:
-    phasing -- per worker the transforms (Hankel matrices forward and inverse, (L+1)·N² 3-D /
-    (2L+1)·N² 2-D, and their float64 construction: 4 such arrays), and per reconstruction at
-    work the iterate, its support, the engine's copies, the transforms' harmonic and Hankel
-    intermediates, the tracker's best density and support (REPEAT_BYTES per grid point,
-    measured); finishing -- every result: the best and last densities, amplitudes and supports
-    and the initial density (3 real, 2 complex, 2 boolean arrays: RESULT_BYTES per grid point),
-    its invariants B_l (complex128, (L+1)·N²) and their mismatch, and data.h5's copy of them."""
+    phasing -- in each worker the transforms (forward and inverse Hankel matrices, (L+1)·N² in
+    3-D, (2L+1)·N² in 2-D, and the float64 arrays they are built from: ~40 bytes per element),
+    and per reconstruction at work the iterate, its support, the engine's copies, the harmonic
+    and Hankel intermediates of the projections and the tracker's best density and support
+    (REPEAT_BYTES per grid point, measured; on a GPU these live in device memory, not counted
+    here); in this process the finished results: the best, last and initial densities, the two
+    amplitudes and the two supports (RESULT_BYTES per grid point, measured) and the invariants
+    B_l of each (complex128, (L+1)·N²); finishing -- the results, the figures and the VTK files'
+    float64 copies of three reconstructions (3-D)."""
     g = grid_points(dimensions, n_radial, n_phi, n_theta)
     n, L = _n(n_radial), _n(max_order)
     orders = (L + 1) if dimensions == 3 else (2 * L + 1)
     r = int(real_itemsize)
-    transforms = 2 * r * orders * n * n + 4 * 8 * orders * n * n
     per_result = RESULT_BYTES[r] * g + 16 * (L + 1) * n * n
-    in_process = engine == "serial"
+    results = per_result * int(n_reconstructions)
+    per_worker = 1 if engine == "serial" else int(workers)
     estimate = Estimate()
-    phasing = {"transforms": transforms * (1 if in_process else workers)}
-    estimate.add("phasing", phasing, {"reconstruction at work": REPEAT_BYTES[r] * g * (1 if in_process else workers)})
-    estimate.add("finishing", {"results": 2 * per_result * int(n_reconstructions)})
+    estimate.add("phasing", {"finished results": results,
+                             "transforms": per_worker * (2 * r + 40) * orders * n * n},
+                 {"reconstruction at work": 0 if on_gpu else per_worker * REPEAT_BYTES[r] * g})
+    estimate.add("finishing", {"results": results, "figures": FIGURES if plots else 0,
+                               "VTK copies": 6 * 8 * g if (vtk and dimensions == 3) else 0})
     return estimate
 
 
-def plan_reconstruct(grid, n_reconstructions, batch, settings, real_itemsize=4, log=None, limit=None) -> int:
+def plan_reconstruct(grid, settings, real_itemsize=4, on_gpu=False, log=None, limit=None) -> int:
     """Reconstructions per batch: multi_process.batch_size when it fits, fewer when not
     (logged); exit 2 when even one at a time does not fit (key n_reconstructions when the
-    results of all are what does not fit, multi_process.n_processes, grid.n_radial_grid_points)."""
+    results of all are what does not fit, multi_process.n_processes when fewer processes
+    would fit, else grid.n_radial_grid_points)."""
     from xpr import parallel
 
     limit = limit or memory.available()
-    n = int(n_reconstructions)
-    batch = max(1, min(int(batch), n))
+    n = int(settings.n_reconstructions)
+    batch = max(1, min(int(settings.multi_process.batch_size), n))
     n_tasks = -(-n // batch)
     spread = settings.multi_process
     engine = str(spread.get("engine", "local"))
@@ -313,16 +319,18 @@ def plan_reconstruct(grid, n_reconstructions, batch, settings, real_itemsize=4, 
         engine = "serial"
     thetas = len(grid.thetas) if grid.dimensions == 3 else 1
     args = (grid.dimensions, grid.n_radial, grid.max_order, len(grid.phis), thetas)
-    estimate = reconstruct(*args, n, workers, engine, real_itemsize)
+    options = dict(real_itemsize=real_itemsize, vtk=bool(settings.output.vtk), on_gpu=on_gpu,
+                   plots=bool(settings.output.plots))
+    estimate = reconstruct(*args, n, workers, engine, **options)
     shape = "x".join(map(str, grid.angular_shape + (grid.n_radial,)))
     what = f"phasing {n} reconstructions on a {shape} grid"
     usable = memory.USABLE_FRACTION * limit.bytes
     fitting = memory.largest_batch(estimate, limit, batch)
     if fitting == 0:
         if estimate.stage_bytes("finishing") > usable:
-            key, hint = "n_reconstructions", "fewer reconstructions (average several runs with `fxs average`)"
-        elif engine == "local" and workers > 1 and \
-                reconstruct(*args, n, 1, "serial", real_itemsize).bytes(1) <= usable:
+            key, hint = "n_reconstructions", "fewer reconstructions per run (average several runs with `fxs average`)"
+        elif engine != "serial" and workers > 1 and \
+                reconstruct(*args, n, 1, "serial", **options).bytes(1) <= usable:
             key, hint = "multi_process.n_processes", f"fewer processes than {workers}"
         else:
             key, hint = "grid.n_radial_grid_points", "a smaller grid (n_radial_grid_points, max_order, n_phi, n_theta)"
@@ -330,7 +338,7 @@ def plan_reconstruct(grid, n_reconstructions, batch, settings, real_itemsize=4, 
     if fitting < batch and log is not None:
         log.warning("memory: batches of %d reconstructions (%s) would exceed %.0f%% of %s: batches of "
                     "%d instead", batch, estimate.describe(batch), 100 * memory.USABLE_FRACTION, limit, fitting)
-    memory.log_plan(log, what + f" in batches of {fitting}", estimate, limit, fitting)
+    memory.log_plan(log, f"{what} in batches of {fitting}", estimate, limit, fitting)
     return fitting
 
 
@@ -338,23 +346,24 @@ def plan_reconstruct(grid, n_reconstructions, batch, settings, real_itemsize=4, 
 # average
 
 
-ALIGN_BYTES = 150     # per grid point and selected density (measured), see average()
+ALIGN_BYTES = 100     # per grid point and selected density (measured), see average()
 
 
-def average(file_bytes, dimensions, n_radial, max_order, n_phi, n_theta, n_selected) -> Estimate:
-    """`fxs average`. The data.h5 files are read whole (file_bytes: the sum of their datasets);
-    then per selected reconstruction the density as float64, its normalised and aligned copies,
-    its amplitude (complex128) in the stack and the aligned density's copy in the output tree
-    (ALIGN_BYTES per grid point, measured), beside the transforms (as reconstruct's, float64)
-    and the Wigner-D tables of the 3-D rotation search ((L+1)³ complex128)."""
+def average(file_bytes, dimensions, n_radial, max_order, n_phi, n_theta, n_selected, plots=True) -> Estimate:
+    """`fxs average`, items = reconstructions selected. The data.h5 files are read whole
+    (file_bytes: the sum of their datasets); then per selected reconstruction the density as
+    float64, its normalised, centred and aligned copies, its amplitude (complex128) in the
+    PRTF's stack and the alignment's working arrays (ALIGN_BYTES per grid point, measured),
+    beside the transforms (float64 Hankel matrices and the arrays they are built from, ~48
+    bytes per element of (L+1)·N² in 3-D, (2L+1)·N² in 2-D) and the figures."""
     g = grid_points(dimensions, n_radial, n_phi, n_theta)
     n, L = _n(n_radial), _n(max_order)
     orders = (L + 1) if dimensions == 3 else (2 * L + 1)
     estimate = Estimate()
     estimate.add("aligning and averaging", {"data.h5 files": int(file_bytes),
-                                            "transforms": 6 * 8 * orders * n * n,
-                                            "rotation tables": 16 * (L + 1) ** 3 if dimensions == 3 else 0,
-                                            "selected densities, aligned, amplitudes": ALIGN_BYTES * g * int(n_selected)})
+                                            "transforms": 48 * orders * n * n,
+                                            "figures": FIGURES if plots else 0},
+                 {"selected density": ALIGN_BYTES * g})
     return estimate
 
 
@@ -372,3 +381,48 @@ def h5_bytes(path) -> int:
     with h5py.File(path, "r") as f:
         f.visititems(visit)
     return total
+
+
+def reconstructions_header(paths):
+    """(file bytes, dimensions, N, L, n_phi, n_theta, reconstructions) of reconstruct data.h5
+    files from their headers; None when they cannot tell (the worker's reader then says why)."""
+    import h5py
+
+    try:
+        total = sum(h5_bytes(p) for p in paths)
+        count = 0
+        for p in paths:
+            with h5py.File(p, "r") as f:
+                count += len(f["reconstruction_results"])
+        with h5py.File(paths[0], "r") as f:
+            config = f["configuration"]
+            grid = config["internal_grid"]
+            dims = int(config["dimensions"][()])
+            sizes = (dims, len(grid["real_radii"]), int(config["max_order"][()]), len(grid["phis"]),
+                     len(grid["thetas"]) if dims == 3 else 1)
+    except (OSError, KeyError, TypeError, ValueError, IndexError):
+        return None
+    return (total,) + sizes + (count,)
+
+
+def plan_average(settings, paths, log=None, limit=None):
+    """Stop (exit 2) before reading reconstructions whose alignment would not fit: key
+    selection.n_reconstructions when fewer would fit, else reconstruction_files."""
+    header = reconstructions_header(paths) if paths else None
+    if header is None:
+        return None
+    total, dims, n, L, n_phi, n_theta, count = header
+    selection = settings.selection
+    wanted = len(selection.manual_specifier) if selection.method == "manual" \
+        else min(int(selection.n_reconstructions), count)
+    limit = limit or memory.available()
+    estimate = average(total, dims, n, L, n_phi, n_theta, wanted, bool(settings.output.plots))
+    what = f"aligning {wanted} reconstructions of {len(paths)} file(s) ({memory.size(total)} of data)"
+    if estimate.bytes(wanted) > memory.USABLE_FRACTION * limit.bytes:
+        if selection.method != "manual" and memory.largest_batch(estimate, limit, wanted) >= 1:
+            memory.refuse(estimate.describe(wanted), limit, "selection.n_reconstructions", what,
+                          f"at most {memory.largest_batch(estimate, limit, wanted)} reconstructions")
+        memory.refuse(estimate.describe(wanted), limit, "reconstruction_files", what,
+                      "fewer or smaller reconstruction files")
+    memory.log_plan(log, what, estimate, limit, wanted)
+    return estimate
