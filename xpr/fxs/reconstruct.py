@@ -33,6 +33,7 @@ from xpr import parallel
 from xpr.backend import BackendSpec
 from xpr.errors import InputError
 from xpr.fxs.grids import build_grid
+from xpr.fxs import memory_plan
 from xpr.fxs.iterate import RealSpaceOptions, compile_policies, phase
 from xpr.fxs.particle_number import check_search_space, estimate_number_of_particles
 from xpr.fxs.real_space import density_guess, radial_field
@@ -306,6 +307,13 @@ def validate(settings):
     import dataclasses
 
     _schedule(settings, dataclasses.replace(real_space_options(settings), resolution=1.0))
+    folded, _ = fold_xframe_settings(settings)
+    g = folded.grid
+    if g.n_radial_grid_points:      # the grid's size is known without the data: its memory is checked here
+        grid = build_grid(folded.dimensions, g.n_radial_grid_points, 1.0, g.max_order, g.n_theta, g.n_phi)
+        backend = BackendSpec.from_settings(folded)
+        memory_plan.plan_reconstruct(grid, folded, 8 if backend.precision == "double" else 4,
+                                     on_gpu=backend.on_device)
 
 
 def _schedule(settings, options):
@@ -555,7 +563,9 @@ def run(settings, archive):
     backend = BackendSpec.from_settings(settings)
     n = settings.n_reconstructions
     seeds = parallel.task_seeds(settings.random_seed, n)
-    batch = settings.multi_process.batch_size
+    # reconstructions per batch: multi_process.batch_size, fewer when their memory would not fit
+    batch = memory_plan.plan_reconstruct(grid, settings, 8 if backend.precision == "double" else 4,
+                                         on_gpu=backend.on_device, log=archive.log)
     tasks = [{"settings": settings, "backend": backend, "grid": grid, "constraint": constraint,
               "steps": steps, "loop_names": loop_names, "options": options,
               "target_norm": target_density_norm(constraint, grid), "seeds": seeds[i:i + batch],
