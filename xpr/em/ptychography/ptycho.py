@@ -309,6 +309,15 @@ def read_truth(path):
 
 # -- the worker --------------------------------------------------------------------------------
 
+def validate(settings):
+    """Before the run folder exists: exit 2 (key reconstruction.max_memory_GB) when the scan
+    named by experiment.data_path could not be read and held (its size from the file's header;
+    the latest simulate_4dstem result, the default input, is checked in run())."""
+    data_path = settings.experiment.get("data_path")
+    if data_path and Path(data_path).expanduser().is_file():
+        check_data_fits(settings, data_path)
+
+
 def run(settings, archive):
     """Calibrate, reconstruct, write object / probe / positions / loss and figures."""
     be = backends.from_settings(settings)

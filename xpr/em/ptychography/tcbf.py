@@ -34,6 +34,7 @@ from scipy import optimize
 from xpr import backend as backends
 from xpr.em.ptychography import direct
 from xpr.em import optics
+from xpr.em.ptychography import memory_estimate
 from xpr.em.ptychography.calibration import BRIGHT_FIELD_THRESHOLD, unpadded_batches
 from xpr.em.ptychography.direct import probe_spectrum_at
 
@@ -219,8 +220,12 @@ def shift_and_sum(images, shifts_px, upsample):
     return image.reshape(my, mx), weight.reshape(my, mx)
 
 
+# values (bright-field pixel × grid pixel) of the transfer function's terms summed at once
+VALUES_PER_CHUNK = 4_000_000
+
+
 def transfer_function(shape, pixel_A, k_yx, detector_shifts_A, experiment, aberrations, angle_deg,
-                      values_per_chunk=4_000_000):
+                      values_per_chunk=VALUES_PER_CHUNK):
     """T(q) of the shift-corrected BF sum on a grid (scan frame, pixel_A), weak phase object."""
     my, mx = shape
     chunk = max(1, values_per_chunk // (my * mx))
@@ -257,8 +262,10 @@ def wiener_phase(image, transfer, epsilon):
 
 def reconstruct(experiment, backend, fit_aberrations=3, fit_rotation=True, iterations=6,
                 bright_field_fraction=0.9, upsample=2, wiener_epsilon=0.05, search_radius_px=2.0,
-                log=None):
-    """tcBF of a calibrated experiment: dict of the images, shifts and fitted aberrations."""
+                log=None, pixels_per_pass=None):
+    """tcBF of a calibrated experiment: dict of the images, shifts and fitted aberrations;
+    `pixels_per_pass`: bright-field pixels whose transfer-function terms are summed at once
+    (None: VALUES_PER_CHUNK values)."""
     xp = backend.xp
     images, k_yx = bright_field_images(experiment, bright_field_fraction)
     step = experiment.scan_step_A
@@ -297,8 +304,10 @@ def reconstruct(experiment, backend, fit_aberrations=3, fit_rotation=True, itera
     bright_field, weight = shift_and_sum(images, predicted_px, upsample)
     fine_pixel = step / upsample
     detector_shifts = rotate_yx(predicted_px * step, theta)
+    values = VALUES_PER_CHUNK if pixels_per_pass is None \
+        else int(pixels_per_pass) * bright_field.shape[0] * bright_field.shape[1]
     transfer = transfer_function(bright_field.shape, fine_pixel, k_yx, detector_shifts, experiment,
-                                 aberrations, theta)
+                                 aberrations, theta, values_per_chunk=values)
     phase = wiener_phase(bright_field, transfer, wiener_epsilon)
     names = [optics.krivanek_name(*term) for term in optics.krivanek_terms(fit_aberrations)]
     return {"phase": phase.astype(np.float32), "bright_field": bright_field.astype(np.float32),
@@ -311,11 +320,17 @@ def reconstruct(experiment, backend, fit_aberrations=3, fit_rotation=True, itera
             "pixel_size_A": fine_pixel}
 
 
+def validate(settings):
+    """Exit 2 before the run folder exists when the scan could not fit even streamed."""
+    memory_estimate.validate_direct("tcbf", settings)
+
+
 def run(settings, archive):
     """Calibrate, align the BF images, fit aberrations and rotation, shift-and-sum, deconvolve."""
     options = settings["tcbf"]
-    backend, experiment, data_path = direct.prepare(settings, archive,
-                                                    float(options["max_memory_GB"]))
+    plan = memory_estimate.plan_direct("tcbf", settings, direct.default_data_path(settings, archive),
+                                       log=archive.log)
+    backend, experiment, data_path = direct.prepare(settings, archive, plan["memory_GB"])
     if backend.is_gpu:
         archive.log.info("tcbf: bright-field image alignment on %s; shift-and-sum and the Wiener deconvolution "
                          "on the CPU by design (one image of the scan's size)", backend)
@@ -325,7 +340,8 @@ def run(settings, archive):
                          bright_field_fraction=float(options["bright_field_fraction"]),
                          upsample=int(options["upsample"]),
                          wiener_epsilon=float(options["wiener_epsilon"]),
-                         search_radius_px=float(options["search_radius_px"]), log=archive.log)
+                         search_radius_px=float(options["search_radius_px"]), log=archive.log,
+                         pixels_per_pass=plan["chunk"])
     archive.log.info("tcBF fit: defocus %.2f Å, PL rotation %.2f°, aberrations %s",
                      result["defocus_A"], result["pl_rotation_deg_fitted"],
                      ", ".join(f"{name} = {value:.2f} Å" for name, value in

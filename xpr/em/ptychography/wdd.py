@@ -40,7 +40,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from xpr.em.ptychography import direct
+from xpr.em.ptychography import direct, memory_estimate
 from xpr.em.ptychography.calibration import unpadded_batches
 from xpr.em.ptychography.direct import probe_spectrum_at
 from xpr.errors import InputError
@@ -218,15 +218,22 @@ def _single_side_band(G_rows, probe_here, u_y, u_x, q_y, q_x, spectrum_args, sca
             "amplitude": backend.asnumpy(xp.abs(obj)).astype(np.float32)}
 
 
+def validate(settings):
+    """Exit 2 before the run folder exists when the scan could not fit even streamed."""
+    memory_estimate.validate_direct("wdd", settings)
+
+
 def run(settings, archive):
     """Calibrate, deconvolve the Wigner distribution, save object/phase on the scan grid."""
     options = settings.wdd
-    memory_GB = float(options.max_memory_GB)
+    plan = memory_estimate.plan_direct("wdd", settings, direct.default_data_path(settings, archive),
+                                       log=archive.log)
+    memory_GB = plan["memory_GB"]
     backend, experiment, data_path = direct.prepare(settings, archive, memory_GB)
     # the scratch file of a streamed scan lives in the run folder (beside the data the user
     # chose to write), removed when the reconstruction ends
     result = reconstruct(experiment, backend, wiener_epsilon=float(options.wiener_epsilon),
-                         chunk_frequencies=int(options.chunk_frequencies),
+                         chunk_frequencies=plan["chunk"] or int(options.chunk_frequencies),
                          progress=archive.progress, method=str(options.method),
                          memory_GB=memory_GB, scratch_dir=archive.path)
     archive.log.info("%s phase: range %.3f rad on a %s scan", options.method.upper(),
