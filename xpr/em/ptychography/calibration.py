@@ -474,6 +474,7 @@ class Experiment:
     scan_positions_px: np.ndarray = field(default=None, repr=False)
     pl_rotation_fit: RotationFit | None = None     # the CoM fit (PLRotation_deg: auto)
     parallax_fit: rotation.ParallaxFit | None = None   # the bright-field parallax fit (auto)
+    c10_from_parallax: bool = False      # aberrations were not calibrated: C10 is the parallax's
     center_shift_px: tuple = (0, 0)
     notes: list = field(default_factory=list)
     com_px: tuple | None = None          # (com_y, com_x) of the prepared patterns when streamed
@@ -784,7 +785,8 @@ class Experiment:
             num_slices=int(given.get("num_slices", 1) or 1),
             total_thickness_A=float(given.get("total_thickness", 1.0) or 1.0),
             scan_positions_A=positions_A, scan_positions_px=positions_px,
-            pl_rotation_fit=rotation_fit, parallax_fit=parallax, center_shift_px=center_shift,
+            pl_rotation_fit=rotation_fit, parallax_fit=parallax,
+            c10_from_parallax=fitted_c10 is not None, center_shift_px=center_shift,
             notes=notes,
             com_px=stream_com, mean_pattern=mean_pattern if stream else None)
 
