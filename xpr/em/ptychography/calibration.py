@@ -632,8 +632,8 @@ class Experiment:
             mean_pattern = np.roll(mean_pattern, center_shift, axis=(0, 1))
             stream_com = (com_y0 + center_shift[0], com_x0 + center_shift[1])
             notes.append(f"{scan.n_patterns} patterns streamed from the file in batches of "
-                         f"{prepared.batch_size} ({scan.nbytes_float32 / 1e9:.2f} GB as float32 > "
-                         f"max_memory_GB {memory_GB:g})")
+                         f"{prepared.batch_size} ({scan.nbytes_float32 / 1e9:.3g} GB as float32 > the "
+                         f"budget of {memory_GB:.3g} GB)")
         else:
             prepared = np.asarray(stack, dtype=np.float32)
             if bool(given.get("flip_ky", False)):

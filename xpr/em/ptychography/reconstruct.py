@@ -200,7 +200,12 @@ def reconstruct(model, counts, params: dict, options: Options, mask=None, start_
     if options.refine_defocus and params.get("defocus") is None:
         params["defocus"] = xp.zeros(1, dtype=xp.float64)          # Δf starts at 0
     floor = losses.noise_floor(counts, options.loss, xp, mask) * options.noise_floor_factor
-    holdout = held_out_pixels(counts.shape, options.validation_fraction, options.seed, xp)
+    if hasattr(counts, "blocks") and options.validation_fraction > 0:     # streamed counts
+        from xpr.em.ptychography.streaming import PackedHoldout
+
+        holdout = PackedHoldout(counts.shape, options.validation_fraction, options.seed, xp)
+    else:
+        holdout = held_out_pixels(counts.shape, options.validation_fraction, options.seed, xp)
     if holdout is not None:
         floor *= 1.0 - options.validation_fraction
     measured = losses.Measurements(counts, mask, holdout)
