@@ -274,15 +274,18 @@ def rotation_branch_margin() -> float:
 def _parallax(batches, mean_pattern, rez, wavelength_A, conv_semiangle_mrad, scan_size,
               scan_step_A, allow_transposed, known_c10, dark_field):
     """rotation.parallax_fit on the prepared (unpadded) patterns, or None when the scan or the
-    bright-field disk is too small for it (fewer than 8 × 8 points or 16 BF pixels)."""
+    bright-field disk is too small for it (fewer than 8 × 8 points or 16 BF pixels). The
+    central rotation.MAX_SCAN_SIDE² scan points are used."""
     if min(scan_size) < 8:
         return None
     k_disk = None if conv_semiangle_mrad is None else conv_semiangle_mrad * 1e-3 / wavelength_A
-    images, k_yx = rotation.bright_field_stack(batches, mean_pattern, rez, k_disk,
-                                               scan_size[0] * scan_size[1], scan_size,
-                                               BRIGHT_FIELD_THRESHOLD)
+    images, k_yx = rotation.bright_field_stack(batches, mean_pattern, rez, k_disk, scan_size,
+                                               BRIGHT_FIELD_THRESHOLD,
+                                               max_side=rotation.MAX_SCAN_SIDE)
     if len(k_yx) < 16:
         return None
+    if dark_field is not None:          # on the same central scan points as the images
+        dark_field = dark_field[rotation.central_window(scan_size, rotation.MAX_SCAN_SIDE)]
     return rotation.parallax_fit(images, k_yx, scan_step_A, wavelength_A, rez, backends.cpu(),
                                  "auto" if allow_transposed else False, known_c10,
                                  dark_field, k_disk)

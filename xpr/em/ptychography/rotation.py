@@ -57,7 +57,10 @@ FALLBACK_UNCERTAINTY_DEG = 5.0
 # noise-free 0.48; abTEM MoS2 at 25 000 e⁻/pattern: see docs/em_ptycho.md)
 BRANCH_MARGIN = 0.1
 BRANCH_CROP = 48                # scan points per side used for the branch choice at most
-MAX_BRIGHT_FIELD_VALUES = 32_000_000   # BF pixels × scan points kept (128 MB as float32)
+# BF pixels × scan points kept for the rotation fit (the measurement's FFTs hold ≈ 6 complex128
+# copies: ≈ 0.2 GB at this size), and the central scan points used at most per side
+MAX_BRIGHT_FIELD_VALUES = 2_000_000
+MAX_SCAN_SIDE = 64
 
 
 class ParallaxFit(NamedTuple):
@@ -88,31 +91,50 @@ class ParallaxFit(NamedTuple):
         return self._replace(angle_deg=angle, c10_A=-self.c10_A)
 
 
-def bright_field_stack(batches, mean_pattern, rez_invA, disk_radius_invA, n_scan, scan_size,
-                       threshold, fraction=BRIGHT_FIELD_FRACTION,
-                       max_values=MAX_BRIGHT_FIELD_VALUES):
-    """Normalised BF images (n_bf, ny, nx) = I_k/⟨I_k⟩ − 1 and their k (n_bf, 2) [y, x] in Å⁻¹.
+def central_window(shape, max_side=None):
+    """(rows, cols) slices of the central max_side × max_side part of a 2-D grid (all of it
+    when max_side is None or larger)."""
+    if max_side is None:
+        return tuple(slice(0, n) for n in shape)
+    return tuple(slice((n - min(n, max_side)) // 2, (n - min(n, max_side)) // 2 + min(n, max_side))
+                 for n in shape)
 
-    `batches` yields (start, (B, ky, kx) unpadded patterns); BF pixels: mean pattern above
-    `threshold` × its maximum and |k| ≤ fraction × the disk radius (the disk's
-    equal-area radius when `disk_radius_invA` is None); every few pixels only when the images
-    would hold more than `max_values` values (None: all).
+
+def bright_field_stack(batches, mean_pattern, rez_invA, disk_radius_invA, scan_size,
+                       threshold, fraction=BRIGHT_FIELD_FRACTION,
+                       max_values=MAX_BRIGHT_FIELD_VALUES, max_side=None):
+    """Normalised BF images (n_bf, my, mx) = I_k/⟨I_k⟩ − 1 and their k (n_bf, 2) [y, x] in Å⁻¹.
+
+    `batches` yields (start, (B, ky, kx) unpadded patterns) in raster order over the
+    `scan_size` grid; BF pixels: mean pattern above `threshold` × its maximum and |k| ≤ fraction ×
+    the disk radius (the disk's equal-area radius when `disk_radius_invA` is None); every few
+    pixels only when the images would hold more than `max_values` values (None: all). With
+    `max_side`, only the central max_side × max_side scan points are kept (the rotation fit
+    needs no more; each image's FFT work arrays are then bounded too).
     """
+    ny, nx = scan_size
+    rows, cols = central_window(scan_size, max_side)
+    (y0, y1), (x0, x1) = (rows.start, rows.stop), (cols.start, cols.stop)
+    my, mx = y1 - y0, x1 - x0
     n_ky, n_kx = mean_pattern.shape
     ky, kx = optics.centred_frequencies((n_ky, n_kx), rez_invA)
     disk = mean_pattern > threshold * mean_pattern.max()
     if disk_radius_invA is None:
         disk_radius_invA = math.sqrt(disk.sum() / math.pi) * rez_invA
     chosen = disk & (np.hypot(ky, kx) <= fraction * disk_radius_invA)
-    stride = 1 if max_values is None else int(math.ceil(chosen.sum() * n_scan / max_values))
+    stride = 1 if max_values is None else int(math.ceil(chosen.sum() * my * mx / max_values))
     if stride > 1:                  # a large scan: every stride-th BF pixel is enough for θ
         kept = np.flatnonzero(chosen)[::stride]
         chosen = np.zeros_like(chosen)
         chosen.flat[kept] = True
-    values = np.empty((n_scan, int(chosen.sum())), dtype=np.float32)
+    values = np.empty((my * mx, int(chosen.sum())), dtype=np.float32)
     for start, batch in batches:
-        values[start:start + len(batch)] = batch[:, chosen]
-    images = values.T.reshape((-1,) + tuple(scan_size))
+        index = np.arange(start, start + len(batch))
+        iy, ix = index // nx, index % nx
+        inside = (iy >= y0) & (iy < y1) & (ix >= x0) & (ix < x1)
+        if inside.any():
+            values[(iy[inside] - y0) * mx + ix[inside] - x0] = batch[inside][:, chosen]
+    images = values.T.reshape((-1, my, mx))
     means = images.mean(axis=(1, 2), keepdims=True)
     images = images / np.where(means > 0, means, 1.0) - 1.0
     return images, np.stack([ky[chosen], kx[chosen]], axis=1)
@@ -170,7 +192,7 @@ def parallax_fit(images, k_yx, scan_step_A, wavelength_A, rez_invA, backend, tra
     is not undone). transposed: False (never swapped), or "auto" (swapped when the mirrored
     rotation part is larger). The 180° branch: from the sign of `known_c10_A` (the probe's
     calibrated C10) when given and nonzero; else choose_branch (the tcBF phase of each branch
-    against the `dark_field` counts, (ny, nx)); the branch then says `branch`.
+    against the `dark_field` counts on the images' scan points); `branch_score` says how clear.
     """
     measured, matrix, offset = measure_parallax(images, k_yx, backend, iterations)
     matrix = matrix * scan_step_A                       # Å of shift per Å⁻¹ of k
@@ -215,11 +237,10 @@ def choose_branch(fit, images, k_yx, shifts_px, scan_step_A, wavelength_A, rez_i
     whose phase is positively skewed (sharp positive peaks on atoms). The central ≤ 48² scan
     points suffice. Returns the branch with `branch_score` = the two scores' difference.
     """
-    ny, nx = images.shape[1:]
-    crop = tuple(slice(max(0, (n - BRANCH_CROP) // 2), max(0, (n - BRANCH_CROP) // 2)
-                       + min(n, BRANCH_CROP)) for n in (ny, nx))
+    crop = central_window(images.shape[1:], BRANCH_CROP)
     images = images[(slice(None),) + crop]
-    dark_field = None if dark_field is None else dark_field[crop] - dark_field[crop].mean()
+    if dark_field is not None:          # (the images' grid)
+        dark_field = dark_field[crop] - dark_field[crop].mean()
     image, _ = shift_and_sum(images, shifts_px, 1)
     aperture = aperture_radius_invA or (float(np.hypot(k_yx[:, 0], k_yx[:, 1]).max())
                                         / BRIGHT_FIELD_FRACTION)

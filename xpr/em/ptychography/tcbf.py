@@ -56,7 +56,7 @@ def bright_field_images(experiment, bright_field_fraction=0.9):
         mean_pattern = experiment.unpadded_patterns.mean(axis=0)
     return rotation.bright_field_stack(unpadded_batches(experiment), mean_pattern,
                                        experiment.rez_pixel_size_invA,
-                                       experiment.aperture_radius_invA, experiment.n_scan,
+                                       experiment.aperture_radius_invA,
                                        experiment.scan_size, BRIGHT_FIELD_THRESHOLD,
                                        bright_field_fraction, max_values=None)
 
