@@ -42,7 +42,7 @@ import numpy as np
 
 from xpr.em.ptychography import direct, memory_estimate
 from xpr.em.ptychography.calibration import unpadded_batches
-from xpr.em.ptychography.direct import probe_spectrum_at
+from xpr.em.ptychography.bright_field import probe_spectrum_at
 from xpr.errors import InputError
 
 
