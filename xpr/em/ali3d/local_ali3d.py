@@ -92,7 +92,7 @@ def split(indices, pieces: int):
     return [part for part in np.array_split(np.asarray(indices), max(1, pieces)) if len(part)]
 
 
-def insertion_batches(images, indices, old, new, options, ctf, estimate=None, max_radius=None):
+def insertion_batches(images, indices, old, new, options, ctf, estimate=None, max_radius=None, weights=True):
     """Tasks inserting images `indices` with parameters `new` and taking out those with `old`
     (either may be None); one batch per image subset."""
     angle_sets, shift_sets, signs, stack = [], [], [], []
@@ -111,10 +111,10 @@ def insertion_batches(images, indices, old, new, options, ctf, estimate=None, ma
                           shifts_px=np.concatenate(shift_sets), group=options.group, npad=options.npad,
                           kernel_width=options.kernel_width, signs=np.concatenate(signs), ctf=ctf_subset,
                           ctf_mode=options.ctf_mode, pixel_size_A=options.pixel_size_A, estimate=estimate,
-                          max_radius=max_radius)
+                          max_radius=max_radius, weights=weights)
 
 
-def fourier_sums(images, indices, old, new, options, ctf, estimate=None, max_radius=None):
+def fourier_sums(images, indices, old, new, options, ctf, estimate=None, max_radius=None, weights=True):
     """The change of one half set's Fourier sums D, T, N from (re)inserting images `indices`
     (with `estimate`, a projector of the current volume: the sums of the residuals instead).
 
@@ -123,7 +123,7 @@ def fourier_sums(images, indices, old, new, options, ctf, estimate=None, max_rad
     grid = FourierGrid.empty(images.shape[-1], options.npad, options.kernel_width)
     if len(indices):
         grid.add(insert_batch(insertion_batches(images, np.asarray(indices), old, new, options, ctf, estimate,
-                                                max_radius)))
+                                                max_radius, weights)))
     return grid
 
 
@@ -141,7 +141,9 @@ def reconstruction(grid, indices, params, images, options, ctf, backend, radius=
     limit = None if radius is None else radius + options.kernel_width
     for _ in range(options.gridding_iterations):
         estimate = sample_projector(volume, options.npad, options.kernel_width, backend, limit)
-        residual = fourier_sums(images, indices, None, params, options, ctf, estimate, limit)
+        # the residuals' weights N, T are the grid's own (same images, same parameters): not summed again
+        residual = fourier_sums(images, indices, None, params, options, ctf, estimate, limit, weights=False)
+        residual.count, residual.ctf_weight = grid.count, grid.ctf_weight
         volume = volume + volume_of(residual, options, backend)
     return volume
 
