@@ -331,12 +331,13 @@ def plan_simulate_4dstem(settings, log=None, limit=None) -> int:
 # ptycho: the reconstruction's estimate from the header, before the run folder exists
 
 def ptycho_reconstruction(settings, n_patterns, detector, file_calibration, scan_shape=None,
-                          limit=None):
+                          limit=None, stream_GB=None):
     """ptycho.reconstruction_memory (the data held, object, probe and L-BFGS state, one batch of
     work arrays per thread) from what is known before the scan is read: the settings and the
     file's calibration (settings first, as Experiment.from_settings). The object's extent comes
     from the raster (scan_size, scan_step_A) and the reconstruction pixel 1 / (Δk · n); with
-    `PLRotation_deg: auto` the widest rotation (45°) is assumed. None when a value it needs is
+    `PLRotation_deg: auto` the widest rotation (45°) is assumed; `stream_GB`: the streaming
+    budget of ptycho.data_plan (None: the scan is held in memory). None when a value it needs is
     neither in the settings nor in the file (the run then checks after calibrating)."""
     from xpr.backend import from_settings
     from xpr.em.optics import electron_wavelength_A
@@ -377,10 +378,14 @@ def ptycho_reconstruction(settings, n_patterns, detector, file_calibration, scan
     r = settings.reconstruction
     slices = int(given.get("num_slices", 1) or 1)
     modes = int(settings.probe.modes)
-    _, resident = ptycho.data_memory(int(n_patterns), (n, n), 1, 0, float(r.validation_fraction))
+    fraction = float(r.validation_fraction)
     limit = limit or ptycho.memory_limit(settings)
+    if stream_GB is not None:              # as run(): blocks read from the file, held-out bits
+        resident = ptycho.streamed_resident(int(n_patterns), (n, n), 1, 0, fraction, stream_GB * 1e9)
+    else:
+        _, resident = ptycho.data_memory(int(n_patterns), (n, n), 1, 0, fraction)
     left = memory.USABLE_FRACTION * limit.bytes - sum(resident.values())     # as ptycho.batch_work_GB
-    resident.pop("calibrated patterns")                                      # released once counted
+    resident.pop("calibrated patterns", None)                                # released once counted
     memory_GB = max(1e-6, min(ptycho.BATCH_WORK_GB, left / 1e9 / 8))
     on_gpu = from_settings(settings).is_gpu
     batch = ptycho.batch_size_for(memory_GB, n, modes, slices, on_gpu)
@@ -415,7 +420,8 @@ def validate_ptycho(settings, data_path, limit=None):
             calibration, scan_shape = dict(scan.calibration), scan.scan_shape
     except (OSError, ValueError, InputError):
         return
-    planned = ptycho_reconstruction(settings, n, detector, calibration, scan_shape, limit)
+    _, stream_GB = ptycho.data_plan(settings, data_path)
+    planned = ptycho_reconstruction(settings, n, detector, calibration, scan_shape, limit, stream_GB)
     if planned is None:
         return
     estimate, shape, slices = planned

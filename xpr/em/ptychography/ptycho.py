@@ -408,7 +408,7 @@ def validate(settings):
     data_path = settings.experiment.get("data_path")
     if data_path and Path(data_path).expanduser().is_file():
         check_data_fits(settings, data_path)
-        memory_estimate.validate_ptycho(settings, data_path)
+        memory_estimate.validate_ptycho(settings, data_path)     # the reconstruction's estimate
 
 
 def run(settings, archive):
