@@ -146,7 +146,7 @@ def run_xpr(sim, slices, thickness, epochs, modes=1, patience=5, calibrated=None
         options["refine_defocus"] = True
     probe = dict(modes=modes, mode_type="hermite", higher_mode_power=0.01, focal_spread_A=0.0)
     opts = Options(epochs=epochs, probe_from_epoch=2, patience=patience, **options)
-    model, counts, mask, params = ptycho.prepare(experiment, opts, probe, backend.cpu())
+    model, counts, mask, params, opts = ptycho.prepare(experiment, opts, probe, backend.cpu())
     params, history = reconstruct(model, counts, params, opts, mask=mask)
     seconds = time.perf_counter() - start[0], time.process_time() - start[1]
     phase = np.sum(np.angle(params["object"]), axis=0)

@@ -5,7 +5,7 @@ traced) and reads its peak, and its peak resident set (ru_maxrss); the peaks of 
 on a tiny case (the interpreter, the libraries) are subtracted, so `measured` is the working
 memory the estimate predicts. Prints estimate / measured (traced, and RSS) per case.
 
-    .venv/bin/python benchmarks/bench_memory.py [--quick]
+    .venv/bin/python benchmarks/bench_memory.py [--quick] [--em]   (--em: the em commands)
 """
 from __future__ import annotations
 
@@ -61,7 +61,10 @@ def main():
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--em", action="store_true", help="the em commands (instead of cdi)")
     opts = parser.parse_args()
+    if opts.em:
+        return em_main(opts.quick)
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp) / "home"
         env = dict(os.environ, XPR_HOME=str(home))
@@ -91,6 +94,105 @@ def main():
             row(f"phase{dims}d {shape}, {repeats} repeats in batches of {batch}", est, measured)
         print(f"estimate / traced peak: {min(ratios):.2f} .. {max(ratios):.2f} over {len(ratios)} cases")
         print(f"this machine may use: {memory.available()}")
+
+
+
+# ---------------------------------------------------------------------------------------------
+# em commands (estimates beside their workers: xpr/em/ptychography/memory_estimate.py,
+# xpr/em/tie/memory_estimate.py, xpr/em/ali3d/memory_estimate.py)
+
+def write_em_scan(path, scan, detector, offset_px=3):
+    """A (scan, scan, detector, detector) float32 4D-STEM scan: a bright-field disk of radius
+    detector / 5 off the centre by offset_px (calibration rolls it back), tilted by a smooth
+    phase gradient."""
+    y, x = np.mgrid[:scan, :scan] / scan
+    g_y, g_x = np.cos(2 * np.pi * x), np.sin(2 * np.pi * y)
+    k = np.arange(detector, dtype=np.float32) - detector // 2
+    ky, kx = np.meshgrid(k - offset_px, k - offset_px, indexing="ij")
+    disk = (np.hypot(ky, kx) <= detector / 5).astype(np.float32) * 100.0
+    np.save(path, (disk * (1 + 0.02 * (ky * g_y[..., None, None] + kx * g_x[..., None, None]))).astype(np.float32))
+    conv_mrad = detector / 5 * 0.05 * 0.02508 * 1e3
+    settings = Path(str(path).replace(".npy", ".yaml"))
+    settings.write_text(f"structure_name: s{scan}_{detector}\nexperiment:\n  data_path: {path}\n"
+                        "  acc_voltage: 200.0\n  rez_pixel_size_A: 0.05\n  scan_step_A: 0.5\n"
+                        f"  PLRotation_deg: 0.0\n  conv_semiangle_mrad: {conv_mrad}\nGPU:\n  use: false\n")
+    return str(settings)
+
+
+def em_settings(command, args):
+    """The resolved settings of `xpr em command args` (settings name/path then -o overrides)."""
+    from xpr import registry
+    from xpr.runner import prepare
+
+    spec = next(s for s in registry.COMMANDS if s.group == "em" and s.name == command)
+    overrides = [args[i + 1] for i, a in enumerate(args) if a == "-o"]
+    return prepare(spec, args[0], overrides).resolved.settings
+
+
+def em_rows(quick, row):
+    """Estimate / traced peak of the em commands at a few sizes (each less a tiny run of the same
+    command), printed through row(name, estimate, measured)."""
+    from xpr.em.ali3d import memory_estimate as ali3d
+    from xpr.em.ptychography import memory_estimate as stem
+    from xpr.em.tie import memory_estimate as focal
+
+    with tempfile.TemporaryDirectory() as tmp:
+        home = Path(tmp) / "home"
+        env = dict(os.environ, XPR_HOME=str(home))
+        os.environ["XPR_HOME"] = str(home)
+        subprocess.run([sys.executable, "-m", "xpr", "--setup_home", str(home)], env=env,
+                       check=True, capture_output=True)
+
+        def measured(command, tiny, big):
+            return peak_of(["-q", "em", command] + big, env) - peak_of(["-q", "em", command] + tiny, env)
+
+        sim = ["tutorial", "-o", "experiment.detector_size=64"]
+        cases = [(32, 128), (32, 16), (48, 16)] if not quick else [(32, 16)]
+        for scan, batch in cases:
+            big = sim + ["-o", f"experiment.scan_size=[{scan},{scan}]", "-o", f"simulation.batch_size={batch}"]
+            est = stem.simulate_4dstem(em_settings("simulate_4dstem", big)).bytes(batch)
+            row(f"simulate_4dstem {scan}² x 64², batch {batch}", est,
+                measured("simulate_4dstem", sim + ["-o", "experiment.scan_size=[2,2]"], big))
+        sizes = [(32, 64), (48, 64), (24, 96)] if not quick else [(32, 64)]
+        for command in ("dpc", "wdd", "tcbf"):
+            for scan, detector in sizes:
+                tiny = write_em_scan(Path(tmp) / f"t{detector}.npy", 4, detector)
+                big = write_em_scan(Path(tmp) / f"b{scan}_{detector}.npy", scan, detector)
+                settings = em_settings(command, [big])
+                n = scan * scan
+                batch = stem.wanted_chunk(command, n, settings, detector ** 2)
+                est = stem.direct_in_memory(command, n, (detector, detector), settings).bytes(batch)
+                row(f"{command} {scan}² x {detector}² read whole", est, measured(command, [tiny], [big]))
+        for n, images in ([(256, 3), (512, 3), (256, 5)] if not quick else [(256, 3)]):
+            defocus = "[-5e-6,0,5e-6]" if images == 3 else "[-5e-6,-2e-6,0,2e-6,5e-6]"
+            common = ["tutorial", "-o", f"imaging.defocus_m={defocus}"]
+            big = common + ["-o", f"imaging.image_size={n}", "-o", f"structure_name=f{n}_{images}"]
+            tiny = common + ["-o", "imaging.image_size=32", "-o", f"structure_name=t{images}"]
+            est = focal.simulate_focal(em_settings("simulate_focal", big)).bytes()
+            row(f"simulate_focal {images} x {n}²", est, measured("simulate_focal", tiny, big))
+            row(f"tie {images} x {n}²", focal.tie(images, (n, n)).bytes(),
+                measured("tie", ["tutorial", "-o", f"structure_name=t{images}"],
+                         ["tutorial", "-o", f"structure_name=f{n}_{images}"]))
+        common = ["tutorial", "-o", "alignment.maxit=1", "-o", "multi_process.engine=serial"]
+        tiny = common + ["-o", "input.simulate.n_images=20", "-o", "input.simulate.box=16"]
+        for n, box in ([(100, 32), (100, 48)] if not quick else [(100, 32)]):
+            big = common + ["-o", f"input.simulate.n_images={n}", "-o", f"input.simulate.box={box}"]
+            row(f"local_ali3d {n} x {box}², serial", ali3d.local_ali3d(n, box).bytes(1),
+                measured("local_ali3d", tiny, big))
+
+
+
+def em_main(quick):
+    ratios = []
+
+    def row(name, est, measured):
+        ratios.append(est / measured[0])
+        rss = f"{est / measured[1]:6.2f}" if measured[1] > 0 else "     -"   # RSS rise hidden by freed pages
+        print(f"{name:40s} {est / MB:12.0f} {measured[0] / MB:10.0f} {est / measured[0]:6.2f} "
+              f"{measured[1] / MB:8.0f} {rss}", flush=True)
+    print(f"{'case':40s} {'estimate MB':>12s} {'traced MB':>10s} {'ratio':>6s} {'RSS MB':>8s} {'ratio':>6s}")
+    em_rows(quick, row)
+    print(f"em: estimate / traced peak: {min(ratios):.2f} .. {max(ratios):.2f} over {len(ratios)} cases")
 
 
 if __name__ == "__main__":

@@ -241,7 +241,7 @@ def test_ptycho_with_the_fitted_rotation_matches_the_given_rotation():
         e = Experiment.from_settings(dict(data["settings"], PLRotation_deg=angle),
                                      data["patterns"])
         options = Options(epochs=30, probe_from_epoch=2, patience=5)
-        model, counts, mask, params = ptycho.prepare(e, options, probe, backend.cpu())
+        model, counts, mask, params, options = ptycho.prepare(e, options, probe, backend.cpu())
         params, _ = reconstruct(model, counts, params, options, mask=mask)
         correlations.append(ptycho.phase_correlation(
             params["object"], None, params["positions"], model.window, data["phase"], None,

@@ -52,7 +52,7 @@ def test_position_refinement_halves_the_position_error():
     perturbed = truth + rng.normal(0.0, 0.5 / np.sqrt(2.0), truth.shape)   # 0.5 px rms (2-D)
     options = Options(epochs=25, refine_probe=False, refine_positions=True, positions_from_epoch=3,
                       validation_fraction=0.0)
-    model, counts, mask, params = ptycho.prepare(experiment, options, PROBE, backend.cpu(),
+    model, counts, mask, params, options = ptycho.prepare(experiment, options, PROBE, backend.cpu(),
                                                  margin_px=4, positions_px=perturbed)
 
     def rms_error(corners):            # a common shift of all positions is a gauge freedom
@@ -117,7 +117,7 @@ def test_held_out_pixels_stop_before_the_noise_is_fitted():
     results = {}
     for fraction in (0.0, 0.05):
         options = Options(epochs=40, probe_from_epoch=2, validation_fraction=fraction, patience=5)
-        model, counts, mask, params = ptycho.prepare(experiment, options, PROBE, backend.cpu())
+        model, counts, mask, params, options = ptycho.prepare(experiment, options, PROBE, backend.cpu())
         trace = []
 
         def correlation(p):
@@ -152,7 +152,7 @@ def test_defocus_refinement_recovers_the_simulated_defocus(start_defocus):
     for refine in (False, True):
         options = Options(epochs=20, refine_probe=False, refine_defocus=refine,
                           defocus_from_epoch=3, validation_fraction=0.0)
-        model, counts, mask, params = ptycho.prepare(experiment, options, PROBE, backend.cpu())
+        model, counts, mask, params, options = ptycho.prepare(experiment, options, PROBE, backend.cpu())
         params, _ = reconstruct(model, counts, params, options, mask=mask)
         r = ptycho.phase_correlation(params["object"], params["positions"][0], params["positions"],
                                      model.window, sim["true_phase"], sim["true_phase_corner_px"],

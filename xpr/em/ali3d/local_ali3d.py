@@ -37,7 +37,7 @@ import numpy as np
 
 from xpr import parallel
 from xpr.backend import cpu, cpu_only
-from xpr.em.ali3d import euler, fsc as fsc_tools, particles, phantom, symmetry
+from xpr.em.ali3d import euler, fsc as fsc_tools, memory_estimate, particles, phantom, symmetry
 from xpr.em.ali3d.project import prepare_projector
 from xpr.em.ali3d.reconstruct import FourierGrid, InsertionBatch, grid_to_volume, insert_batch, sample_projector
 from xpr.em.ali3d.refine import AlignmentTask, refine_images
@@ -533,12 +533,19 @@ def write_criterion_log(history, archive):
         tmp.write_text("\n".join(lines) + "\n")
 
 
+def validate(settings):
+    """Exit 2 before the run folder exists when the refinement would not fit in memory even with
+    one worker process (sizes from the settings or the stack's header)."""
+    memory_estimate.plan(settings)
+
+
 def run(settings, archive):
     """Read (or simulate) the data, refine, write every iteration and the final product."""
     backend = cpu_only(settings, archive.log, "local_ali3d",
                        "the per-image simplex searches over small images are CPU work, spread over processes")
     images, angles, shifts_px, ctf, pixel, table, truth, phantom_volume = read_input(settings, archive, backend)
     box = images.shape[-1]
+    spread = memory_estimate.plan(settings, archive.log, shape=(len(images), box))
     options = options_from_settings(settings, box, pixel)
     mask = None if settings.input.mask is None else read_mask(settings.input.mask, box)
     archive.log.info("%d images of %d², point group %s (%d rotations), CTF %s", len(images), box,
@@ -551,7 +558,7 @@ def run(settings, archive):
         write_iteration(state, archive, table, options, ctf)
 
     state = local_ali3d(images, angles, shifts_px, options, ctf=ctf, mask=mask, backend=backend,
-                        multi_process=settings.get("multi_process"), log=archive.log, progress=archive.progress,
+                        multi_process=spread, log=archive.log, progress=archive.progress,
                         truth=truth, on_iteration=on_iteration)
     particles.write_parameters(archive.file("refined_parameters.star"), table, state.angles, state.shifts_px,
                                pixel, ctf)

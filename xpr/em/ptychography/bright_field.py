@@ -115,8 +115,12 @@ def shift_and_sum(images, shifts_px, upsample):
     return image.reshape(my, mx), weight.reshape(my, mx)
 
 
+# values (bright-field pixel × grid pixel) of the transfer function's terms summed at once
+VALUES_PER_CHUNK = 4_000_000
+
+
 def transfer_function(shape, pixel_A, k_yx, detector_shifts_A, experiment, aberrations, angle_deg,
-                      values_per_chunk=4_000_000):
+                      values_per_chunk=VALUES_PER_CHUNK):
     """T(q) of the shift-corrected BF sum on a grid (scan frame, pixel_A), weak phase object."""
     my, mx = shape
     chunk = max(1, values_per_chunk // (my * mx))

@@ -218,27 +218,11 @@ def initial_probe(experiment, probe_settings, be):
     return (probe * math.sqrt(counts)).astype(be.complex_dtype)
 
 
-def options_from(settings) -> Options:
-    r = settings.reconstruction
-    return Options(
-        epochs=r.epochs, loss=r.loss, refine_object=r.refine.object, refine_probe=r.refine.probe,
-        refine_positions=r.refine.positions, probe_from_epoch=r.refine.probe_from_epoch,
-        positions_from_epoch=r.refine.positions_from_epoch, refine_defocus=r.refine.defocus,
-        defocus_from_epoch=r.refine.defocus_from_epoch, history=r.lbfgs.history,
-        c1=r.lbfgs.c1, c2=r.lbfgs.c2, first_step=r.lbfgs.first_step,
-        max_line_search=r.lbfgs.max_line_search,
-        preconditioner_floor=r.lbfgs.preconditioner_floor,
-        phase_l1=r.regularisation.phase_l1, total_variation=r.regularisation.total_variation,
-        regulariser_epsilon=r.regularisation.epsilon, probe_window=r.regularisation.probe_window,
-        probe_window_radius=r.regularisation.probe_window_radius,
-        stop_at_noise_floor=r.stop_at_noise_floor, noise_floor_factor=r.noise_floor_factor,
-        validation_fraction=r.validation_fraction, patience=r.patience, seed=r.seed)
-
-
 def prepare(experiment, options: Options, probe_settings, be, margin_px: int = 4,
             positions_px=None, memory_GB: float = BATCH_WORK_GB, num_slices=None,
             total_thickness_A=None, stream_GB=None):
-    """Model, counts (FFT order), detector mask and initial parameters for an experiment.
+    """Model, counts (FFT order), detector mask, initial parameters and the options with the
+    batch size that fits `memory_GB`, for an experiment.
 
     A streamed experiment (calibration.load_experiment with memory_GB) gets counts read from its
     file block by block (streaming.StreamedCounts) within `stream_GB`."""
@@ -257,7 +241,8 @@ def prepare(experiment, options: Options, probe_settings, be, margin_px: int = 4
              int(math.ceil(corners[:, 1].max())) + n + margin_px + 1)
     mask = detector_mask(n, experiment.data_pad, xp) if experiment.data_pad else None
     probe = initial_probe(experiment, probe_settings, be)
-    options.batch_size = batch_size_for(memory_GB, n, probe.shape[0], slices, be.is_gpu)
+    options = dataclasses.replace(options, batch_size=batch_size_for(memory_GB, n, probe.shape[0], slices,
+                                                                     be.is_gpu))
     if experiment.streamed:
         counts = streamed_counts(experiment, options.batch_size, model.lanes(), be,
                                  stream_GB or memory_GB)
@@ -266,7 +251,7 @@ def prepare(experiment, options: Options, probe_settings, be, margin_px: int = 4
                             dtype=be.real_dtype)
     params = {"object": xp.ones((slices,) + shape, dtype=be.complex_dtype), "probe": probe,
               "positions": xp.asarray(corners), "defocus": xp.zeros(1, dtype=xp.float64)}
-    return model, counts, mask, params
+    return model, counts, mask, params, options
 
 
 def streamed_counts(experiment, batch_size: int, lanes: int, be, budget_GB: float):
@@ -390,6 +375,15 @@ def read_truth(path):
 
 # -- the worker --------------------------------------------------------------------------------
 
+def validate(settings):
+    """Before the run folder exists: exit 2 (key reconstruction.max_memory_GB) when the scan
+    named by experiment.data_path could not fit, even streamed (its size from the file's header;
+    the latest simulate_4dstem result, the default input, is checked in run())."""
+    data_path = settings.experiment.get("data_path")
+    if data_path and Path(data_path).expanduser().is_file():
+        check_data_fits(settings, data_path)
+
+
 def run(settings, archive):
     """Calibrate, reconstruct, write object / probe / positions / loss and figures."""
     be = backends.from_settings(settings)
@@ -405,14 +399,14 @@ def run(settings, archive):
     if settings.experiment.positions_path:
         positions_px = measured_positions(settings.experiment.positions_path, experiment.n_scan,
                                           experiment.pixel_size_A)
-    options = options_from(settings)
+    options = Options.from_settings(settings)
     if experiment.c10_from_parallax and not options.refine_defocus:
         # the parallax's C10 is ≈ 8 % off on abTEM's MoS2 (−108 Å for −100 Å): refining it
         # recovers −98 Å and r 0.940 → 0.953
         options = dataclasses.replace(options, refine_defocus=True)
         archive.log.info("C10 came from the bright-field parallax: the probe's defocus is refined "
                          "from epoch %d (reconstruction.refine.defocus)", options.defocus_from_epoch)
-    model, counts, mask, params = prepare(
+    model, counts, mask, params, options = prepare(
         experiment, options, settings.probe, be, margin_px=settings.reconstruction.object_margin_px,
         positions_px=positions_px,
         memory_GB=batch_work_GB(experiment, settings, limit, stream_GB), stream_GB=stream_GB)

@@ -33,9 +33,10 @@ from scipy import optimize
 
 from xpr.em.ptychography import direct, rotation
 from xpr.em import optics
+from xpr.em.ptychography import memory_estimate
 from xpr.em.ptychography.calibration import BRIGHT_FIELD_THRESHOLD, unpadded_batches
 from xpr.em.ptychography.bright_field import (  # noqa: F401  (tcbf's names, as before)
-    fourier_shift, measure_shifts, rotate_yx, shift_and_sum, taper,
+    VALUES_PER_CHUNK, fourier_shift, measure_shifts, rotate_yx, shift_and_sum, taper,
     transfer_function, wiener_phase)
 
 
@@ -124,8 +125,10 @@ def model_shifts_A(basis, coefficients, offset, angle_deg):
 
 def reconstruct(experiment, backend, fit_aberrations=3, fit_rotation=True, iterations=6,
                 bright_field_fraction=0.9, upsample=2, wiener_epsilon=0.05, search_radius_px=2.0,
-                log=None):
-    """tcBF of a calibrated experiment: dict of the images, shifts and fitted aberrations."""
+                log=None, pixels_per_pass=None):
+    """tcBF of a calibrated experiment: dict of the images, shifts and fitted aberrations;
+    `pixels_per_pass`: bright-field pixels whose transfer-function terms are summed at once
+    (None: VALUES_PER_CHUNK values)."""
     xp = backend.xp
     images, k_yx = bright_field_images(experiment, bright_field_fraction)
     step = experiment.scan_step_A
@@ -164,8 +167,10 @@ def reconstruct(experiment, backend, fit_aberrations=3, fit_rotation=True, itera
     bright_field, weight = shift_and_sum(images, predicted_px, upsample)
     fine_pixel = step / upsample
     detector_shifts = rotate_yx(predicted_px * step, theta)
+    values = VALUES_PER_CHUNK if pixels_per_pass is None \
+        else int(pixels_per_pass) * bright_field.shape[0] * bright_field.shape[1]
     transfer = transfer_function(bright_field.shape, fine_pixel, k_yx, detector_shifts, experiment,
-                                 aberrations, theta)
+                                 aberrations, theta, values_per_chunk=values)
     phase = wiener_phase(bright_field, transfer, wiener_epsilon)
     names = [optics.krivanek_name(*term) for term in optics.krivanek_terms(fit_aberrations)]
     return {"phase": phase.astype(np.float32), "bright_field": bright_field.astype(np.float32),
@@ -178,11 +183,17 @@ def reconstruct(experiment, backend, fit_aberrations=3, fit_rotation=True, itera
             "pixel_size_A": fine_pixel}
 
 
+def validate(settings):
+    """Exit 2 before the run folder exists when the scan could not fit even streamed."""
+    memory_estimate.validate_direct("tcbf", settings)
+
+
 def run(settings, archive):
     """Calibrate, align the BF images, fit aberrations and rotation, shift-and-sum, deconvolve."""
     options = settings["tcbf"]
-    backend, experiment, data_path = direct.prepare(settings, archive,
-                                                    float(options["max_memory_GB"]))
+    plan = memory_estimate.plan_direct("tcbf", settings, direct.default_data_path(settings, archive),
+                                       log=archive.log)
+    backend, experiment, data_path = direct.prepare(settings, archive, plan["memory_GB"])
     if backend.is_gpu:
         archive.log.info("tcbf: bright-field image alignment on %s; shift-and-sum and the Wiener deconvolution "
                          "on the CPU by design (one image of the scan's size)", backend)
@@ -192,7 +203,8 @@ def run(settings, archive):
                          bright_field_fraction=float(options["bright_field_fraction"]),
                          upsample=int(options["upsample"]),
                          wiener_epsilon=float(options["wiener_epsilon"]),
-                         search_radius_px=float(options["search_radius_px"]), log=archive.log)
+                         search_radius_px=float(options["search_radius_px"]), log=archive.log,
+                         pixels_per_pass=plan["chunk"])
     archive.log.info("tcBF fit: defocus %.2f Å, PL rotation %.2f°, aberrations %s",
                      result["defocus_A"], result["pl_rotation_deg_fitted"],
                      ", ".join(f"{name} = {value:.2f} Å" for name, value in
