@@ -23,7 +23,8 @@ every scan point in its pixels; r for both codes is xpr.em.ptychography.ptycho.p
 planes removed, over the scanned area).
 
 Printed per case and method: r against the truth, wall and CPU time (all threads of the process)
-of the reconstruction call, and the CPU time's ratio to that of one batched complex64 FFT pair
+of the calibration and reconstruction calls (with PLRotation_deg / C10 "auto" rows: the fits
+included, their angles in the notes; py4DSTEM's own CoM rotation estimates are printed too), and the CPU time's ratio to that of one batched complex64 FFT pair
 over all patterns at 96² measured in the same run (on a shared machine wall time depends on the
 others' load; CPU time measures the work).
 """
@@ -197,6 +198,29 @@ def run_py4dstem(sim, slices, thickness, iterations):
     return r, seconds, f"{iterations} iterations, pixel {float(method.sampling[0]):.3f} Å"
 
 
+def py4dstem_rotation(sim):
+    """py4DSTEM's own PL-rotation estimates from the CoM field (min curl; max divergence)."""
+    import py4DSTEM
+    from py4DSTEM.process.phase import SingleslicePtychography
+
+    cube = py4DSTEM.DataCube(data=sim["data"])
+    cube.calibration.set_R_pixel_size(STEP)
+    cube.calibration.set_R_pixel_units("A")
+    cube.calibration.set_Q_pixel_size(float(sim["rez"]))
+    cube.calibration.set_Q_pixel_units("A^-1")
+    angles = []
+    for divergence in (False, True):
+        method = SingleslicePtychography(datacube=cube, energy=KV * 1e3, semiangle_cutoff=ALPHA_MRAD,
+                                         polar_parameters={"C10": C10}, device="cpu",
+                                         verbose=False)
+        method.preprocess(padded_diffraction_intensities_shape=(DETECTOR + 2 * PAD,) * 2,
+                          plot_center_of_mass=False, plot_rotation=False,
+                          plot_probe_overlaps=False, maximize_divergence=divergence)
+        angles.append((math.degrees(float(method._rotation_best_rad)),
+                       bool(method._rotation_best_transpose)))
+    return angles
+
+
 # ------------------------------------------------------------------ main
 
 def fft_pair_seconds(n_patterns, n, repeats=5):
@@ -219,6 +243,7 @@ def main():
     parser.add_argument("--epochs", type=int, default=60, help="xpr epochs at most")
     parser.add_argument("--workdir", default="/tmp/xpr_bench_abtem", help="abTEM data cache")
     parser.add_argument("--skip-py4dstem", action="store_true")
+    parser.add_argument("--only", default=None, help="run only the methods whose name has this")
     args = parser.parse_args()
     cases = ["mos2", "thick"] if args.case == "all" else [args.case]
     t_fft, cpu_fft = fft_pair_seconds(SCAN * SCAN, DETECTOR + 2 * PAD)
@@ -232,6 +257,10 @@ def main():
         if sim_seconds:
             print(f"({case}: abTEM simulation {sim_seconds:.0f} s)")
         thickness = float(sim["thickness"])
+        if not args.skip_py4dstem:
+            (curl, t1), (div, t2) = py4dstem_rotation(sim)
+            print(f"({case}: py4DSTEM's CoM rotation estimate {curl:.1f}°{' transposed' if t1 else ''}"
+                  f" (min curl), {div:.1f}°{' transposed' if t2 else ''} (max divergence); true 0°)")
         runs = [("xpr 1 slice", lambda: run_xpr(sim, 1, thickness, args.epochs)),
                 ("xpr 1 slice, loss ml", lambda: run_xpr(sim, 1, thickness, args.epochs,
                                                          loss="ml")),
@@ -251,6 +280,8 @@ def main():
                 runs.append(("py4DSTEM multislice 4", lambda: run_py4dstem(
                     sim, 4, thickness, args.iterations)))
         for name, work in runs:
+            if args.only and args.only not in name:
+                continue
             r, (seconds, cpu), notes = work()
             print(f"| {case} | {name} | {r:.3f} | {seconds:.1f} | {cpu:.1f} | {cpu / cpu_fft:.0f} "
                   f"| {notes} |", flush=True)

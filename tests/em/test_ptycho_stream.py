@@ -44,8 +44,9 @@ def test_streamed_counts_give_the_in_memory_reconstruction(scan):
         experiment, _ = calibration.load_experiment(settings, memory_GB=stream_GB)
         assert experiment.streamed == (stream_GB is not None)
         options = Options(epochs=6, probe_from_epoch=2)
-        model, counts, mask, params, options = ptycho.prepare(experiment, options, PROBE, backend.cpu(),
-                                                     memory_GB=1e-3, stream_GB=stream_GB)
+        model, counts, mask, params, options = ptycho.prepare(experiment, options, PROBE,
+                                                              backend.cpu(), memory_GB=1e-3,
+                                                              stream_GB=stream_GB)
         params, history = reconstruct(model, counts, params, options, mask=mask)
         objects.append(params["object"])
         if stream_GB is not None:

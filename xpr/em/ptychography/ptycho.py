@@ -111,27 +111,6 @@ def reconstruction_memory(resident: dict, object_shape, slices: int, modes: int,
         "batch work arrays": int(lanes) * int(batch_size) * arrays_per_pattern * n * n * 8}))
 
 
-def model_state_bytes(settings, given, scan_shape, detector) -> dict:
-    """Before calibration: the object, probe and L-BFGS state (reconstruction_memory's) of the
-    object the settings' calibration implies (rez_pixel_size_A, scan_step_A, an unrotated
-    raster); {} when the settings do not say (then only the check after calibration counts it)."""
-    rez, step = given.get("rez_pixel_size_A"), given.get("scan_step_A")
-    if not isinstance(rez, (int, float)) or not isinstance(step, (int, float)) or scan_shape is None \
-            or rez <= 0:
-        return {}
-    data_bin = given.get("data_bin", 1) or 1
-    n = int(detector[-1]) // int(data_bin)
-    pad = given.get("data_pad", 0)
-    n += 2 * (int(math.ceil(n / 4)) if pad is None else int(pad))
-    pixel_A = 1.0 / (float(rez) * data_bin * n)
-    margin = int(settings.reconstruction.object_margin_px)
-    shape = [int(math.ceil((int(s) - 1) * float(step) / pixel_A)) + n + 2 * margin + 1 for s in scan_shape[:2]]
-    slices = int(given.get("num_slices", 1) or 1)
-    state = reconstruction_memory({}, shape, slices, int(settings.probe.modes), n, 0, 0,
-                                  int(settings.reconstruction.lbfgs.history))
-    return {"object, probe and L-BFGS state": state.bytes()}
-
-
 def check_data_fits(settings, data_path, log=None):
     """Stop (exit 2, key reconstruction.max_memory_GB) before reading a scan whose data would
     not fit, even streamed from the file: the scan's shape is read from the file without its
@@ -155,21 +134,19 @@ def data_plan(settings, data_path, log=None):
                    given.get("scan_size")) as scan:
         n_patterns, detector = scan.n_patterns, scan.detector_shape
         raw_bytes = scan.nbytes_float32
-        scan_shape = given.get("scan_size") or scan.scan_shape
     fraction = float(settings.reconstruction.validation_fraction)
     reading, resident = data_memory(n_patterns, detector, given.get("data_bin", 1) or 1,
                                     given.get("data_pad", 0), fraction)
-    state = model_state_bytes(settings, given, scan_shape, detector)
-    reading.add("holding the data", dict(resident, **state))
+    reading.add("holding the data", resident)
     limit = memory_limit(settings)
     what = f"ptycho on {n_patterns} patterns of {detector[0]}x{detector[1]} px"
     if reading.bytes() <= memory.USABLE_FRACTION * limit.bytes:
         memory.log_plan(log, what, reading, limit)
         return limit, None
     budget = STREAM_FRACTION * memory.USABLE_FRACTION * limit.bytes
-    streamed = memory.Estimate().add("streaming the scan", dict(streamed_resident(
+    streamed = memory.Estimate().add("streaming the scan", streamed_resident(
         n_patterns, detector, given.get("data_bin", 1) or 1, given.get("data_pad", 0), fraction,
-        budget), **state))
+        budget))
     memory.require(streamed, limit, MEMORY_KEY, what + " (streamed from the file)",
                    _memory_hint())
     memory.log_plan(log, what + f" streamed from the file (it needs {reading.describe()} "
