@@ -348,7 +348,9 @@ def plan_reconstruct(grid, settings, real_itemsize=4, on_gpu=False, log=None, li
 # average
 
 
-ALIGN_BYTES = 100     # per grid point and selected density (measured), see average()
+ALIGN_BYTES = 75      # per grid point and selected density, measured: ~50 in a fresh process, ~100
+#                       in one that ran other commands first (the alignment's cyclic garbage is
+#                       collected later there); see average()
 
 
 def average(file_bytes, dimensions, n_radial, max_order, n_phi, n_theta, n_selected, plots=True) -> Estimate:
