@@ -269,7 +269,7 @@ def grid_points(dimensions, n_radial, n_phi, n_theta=1) -> int:
     return _n(n_phi) * (_n(n_theta) if dimensions == 3 else 1) * _n(n_radial)
 
 
-REPEAT_BYTES = {4: 78, 8: 156}    # per grid point and reconstruction at work, by real itemsize (measured)
+REPEAT_BYTES = {4: 78, 8: 114}    # per grid point and reconstruction at work, by real itemsize (measured)
 RESULT_BYTES = {4: 22, 8: 44}     # per grid point of one finished result (measured)
 FIGURES = 12 * 1024 ** 2           # the figures' matplotlib objects (measured, about constant)
 
