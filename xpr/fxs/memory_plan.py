@@ -269,7 +269,7 @@ def grid_points(dimensions, n_radial, n_phi, n_theta=1) -> int:
     return _n(n_phi) * (_n(n_theta) if dimensions == 3 else 1) * _n(n_radial)
 
 
-REPEAT_BYTES = {4: 78, 8: 156}    # per grid point and reconstruction at work, by real itemsize (measured)
+REPEAT_BYTES = {4: 78, 8: 114}    # per grid point and reconstruction at work, by real itemsize (measured)
 RESULT_BYTES = {4: 22, 8: 44}     # per grid point of one finished result (measured)
 FIGURES = 12 * 1024 ** 2           # the figures' matplotlib objects (measured, about constant)
 
@@ -348,7 +348,9 @@ def plan_reconstruct(grid, settings, real_itemsize=4, on_gpu=False, log=None, li
 # average
 
 
-ALIGN_BYTES = 100     # per grid point and selected density (measured), see average()
+ALIGN_BYTES = 75      # per grid point and selected density, measured: ~50 in a fresh process, ~100
+#                       in one that ran other commands first (the alignment's cyclic garbage is
+#                       collected later there); see average()
 
 
 def average(file_bytes, dimensions, n_radial, max_order, n_phi, n_theta, n_selected, plots=True) -> Estimate:
