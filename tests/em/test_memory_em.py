@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from xpr import memory
-from xpr.em.ptychography import memory_estimate
+from xpr.em.ptychography import memory_estimate, ptycho
 
 GB = memory.GB
 
@@ -294,7 +294,7 @@ def test_ptycho_estimate_from_the_header_is_the_runs_own(home, run_xpr, monkeypa
     settings = _settings_from(args)
     with h5py.File(data) as f:
         calibration = dict(f.attrs)
-    estimate, shape, slices = memory_estimate.ptycho_reconstruction(settings, 36, (32, 32), calibration)
+    estimate, shape, slices = ptycho.ptycho_reconstruction(settings, 36, (32, 32), calibration)
     assert f"ptycho of a {slices}x{shape[0]}x{shape[1]} object needs about {estimate.describe(1)}" in line
     reading = memory_estimate.reading_parts(36, (32, 32), {})
     _limit(monkeypatch, (sum(reading.values()) * 1.2) / memory.USABLE_FRACTION)

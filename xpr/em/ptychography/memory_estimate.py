@@ -26,6 +26,11 @@ import numpy as np
 from xpr import memory
 from xpr.errors import InputError
 
+# wdd: bytes per detector pixel of one spatial frequency alive at once in the deconvolution loop
+# (P̃ at u − Q evaluated in float64/complex128, χ_P, W_P, H, |W_P|², W_O; measured ≈ 90 on a
+# 64² scan, 128² detector): a streamed chunk of frequencies holds max_memory_GB / this
+FREQUENCY_WORK_BYTES = 128
+
 DATA_KEY = "experiment.data_path"
 
 # float32 copies of the scan alive while it is read whole and prepared (xpr.em.ptychography.
@@ -82,7 +87,7 @@ def reading_parts(n_patterns, detector, experiment) -> dict:
 
 def direct_in_memory(command, n_patterns, detector, settings) -> memory.Estimate:
     """The peak of `dpc`/`wdd`/`tcbf` with the scan read whole. Per item: wdd's spatial
-    frequencies deconvolved at once (`wdd.FREQUENCY_WORK_BYTES` per detector pixel each), tcbf's
+    frequencies deconvolved at once (`FREQUENCY_WORK_BYTES` per detector pixel each), tcbf's
     bright-field pixels whose transfer-function terms are summed at once (TCBF_TERM_BYTES per
     pixel of the upsampled grid each); dpc has no items.
 
@@ -106,18 +111,17 @@ def direct_in_memory(command, n_patterns, detector, settings) -> memory.Estimate
     estimate = memory.Estimate()
     estimate.add("reading and preparing the scan", reading_parts(n, detector, experiment))
     if command == "dpc":
-        pad = float(options.get("pad_factor", 2.0))
+        pad = float(options["pad_factor"])
         estimate.add("integrating the phase gradient", {
             "prepared scan": data, "gradient maps and spectra": int(32 * pad * pad * n) + 64 * n})
     elif command == "wdd":
-        from xpr.em.ptychography.wdd import FREQUENCY_WORK_BYTES
         estimate.add("transforming over the scan", {"prepared scan": data,
                                                     "normalised, complex and transformed copies": 5 * data})
         estimate.add("deconvolving", {"prepared scan and G(k, Q)": 3 * data},
                      {"spatial frequency at work": FREQUENCY_WORK_BYTES * binned})
     elif command == "tcbf":
-        n_bf = bright_field_pixels(binned, experiment, float(options.get("bright_field_fraction", 0.9)))
-        upsample = int(options.get("upsample", 2))
+        n_bf = bright_field_pixels(binned, experiment, float(options["bright_field_fraction"]))
+        upsample = int(options["upsample"])
         estimate.add("aligning the bright-field images", {
             "prepared scan": data, "bright-field images and their spectra": TCBF_IMAGE_COPIES * 4 * n_bf * n})
         estimate.add("summing the transfer function", {"prepared scan": data,
@@ -139,12 +143,12 @@ def direct_streamed(command, n_patterns, detector, settings) -> memory.Estimate:
     binned, padded = _prepared_pixels(detector, experiment)
     fixed = {"maps per scan point": 40 * n, "mean pattern": 16 * max(binned, padded)}
     if command == "dpc":
-        pad = float(options.get("pad_factor", 2.0))
+        pad = float(options["pad_factor"])
         fixed["gradient maps and spectra"] = int(32 * pad * pad * n)
     elif command == "wdd":
         fixed["sums over frequencies"] = 64 * n
     elif command == "tcbf":
-        n_bf = bright_field_pixels(binned, experiment, float(options.get("bright_field_fraction", 0.9)))
+        n_bf = bright_field_pixels(binned, experiment, float(options["bright_field_fraction"]))
         fixed["bright-field images and their spectra"] = TCBF_IMAGE_COPIES * 4 * n_bf * n
     return memory.Estimate().add("streaming the scan", fixed, {
         "pattern of a batch": WORK_COPIES * 4 * max(int(np.prod(detector)), padded)})
@@ -179,12 +183,13 @@ def plan_direct(command, settings, data_path=None, log=None, limit=None) -> dict
     batch budget shrunk to what is left. Returns dict(memory_GB for load_experiment, chunk
     (wdd's frequencies, tcbf's bright-field pixels per pass; None: the command's own), streamed).
     Exit 2 (InputError naming experiment.data_path) when even one pattern at a time does not fit."""
-    from xpr.em.ptychography.calibration import WORK_COPIES, _settings_dict
+    from xpr.em.ptychography.calibration import _settings_dict
 
     header = scan_header(settings, data_path)
     options = settings[command]
     setting = float(options["max_memory_GB"])
-    if header is None:
+    if header is None or int(header[0]) == 0 or 0 in tuple(header[1]):
+        # no header, or an empty scan: the worker's reading and junk checks say what is wrong
         return {"memory_GB": setting, "chunk": None, "streamed": None}
     n, detector = header
     limit = limit or memory.available()
@@ -230,14 +235,14 @@ def wanted_chunk(command, n_patterns, settings, detector_pixels=None) -> int:
     """wdd: wdd.chunk_frequencies; tcbf: the bright-field pixels of tcbf.transfer_function's
     default 4e6 values per pass on the upsampled grid; dpc: 1 (no items)."""
     if command == "wdd":
-        return int(settings["wdd"].get("chunk_frequencies", 256))
+        return int(settings["wdd"]["chunk_frequencies"])
     if command == "tcbf":
         from xpr.em.ptychography.calibration import _settings_dict
-        from xpr.em.ptychography.tcbf import VALUES_PER_CHUNK
+        from xpr.em.ptychography.bright_field import VALUES_PER_CHUNK
         options = settings["tcbf"]
-        upsample = int(options.get("upsample", 2))
+        upsample = int(options["upsample"])
         experiment = _settings_dict(settings["experiment"])
-        n_bf = bright_field_pixels(detector_pixels, experiment, float(options.get("bright_field_fraction", 0.9)))
+        n_bf = bright_field_pixels(detector_pixels, experiment, float(options["bright_field_fraction"]))
         return max(1, min(n_bf, VALUES_PER_CHUNK // (int(n_patterns) * upsample ** 2)))
     return 1
 
@@ -325,106 +330,3 @@ def plan_simulate_4dstem(settings, log=None, limit=None) -> int:
         log.warning("memory: %d probe positions at a time instead of simulation.batch_size %d",
                     batch, wanted)
     return batch
-
-
-# ---------------------------------------------------------------------------------------------
-# ptycho: the reconstruction's estimate from the header, before the run folder exists
-
-def ptycho_reconstruction(settings, n_patterns, detector, file_calibration, scan_shape=None,
-                          limit=None, stream_GB=None):
-    """ptycho.reconstruction_memory (the data held, object, probe and L-BFGS state, one batch of
-    work arrays per thread) from what is known before the scan is read: the settings and the
-    file's calibration (settings first, as Experiment.from_settings). The object's extent comes
-    from the raster (scan_size, scan_step_A) and the reconstruction pixel 1 / (Δk · n); with
-    `PLRotation_deg: auto` the widest rotation (45°) is assumed; `stream_GB`: the streaming
-    budget of ptycho.data_plan (None: the scan is held in memory). None when a value it needs is
-    neither in the settings nor in the file (the run then checks after calibrating)."""
-    from xpr.backend import from_settings
-    from xpr.em.optics import electron_wavelength_A
-    from xpr.em.ptychography import ptycho
-    from xpr.em.ptychography.calibration import PROCESSING_KEYS, _settings_dict, raster_positions_A
-
-    experiment = _settings_dict(settings["experiment"])
-    given = {k: v for k, v in (file_calibration or {}).items() if v is not None and k not in PROCESSING_KEYS}
-    given.update({k: v for k, v in experiment.items() if v is not None})
-    data_bin = max(1, int(given.get("data_bin", 1) or 1))
-    ky, kx = (int(d) // data_bin for d in detector)
-    if ky != kx:
-        return None
-    pad = experiment.get("data_pad", 0)
-    pad = int(math.ceil(kx / 4)) if pad is None else int(pad)
-    n = kx + 2 * pad
-    try:
-        if given.get("rez_pixel_size_A") is not None:
-            rez = float(given["rez_pixel_size_A"]) * data_bin
-        elif given.get("rez_pixel_size_mrad") is not None and given.get("acc_voltage"):
-            rez = float(given["rez_pixel_size_mrad"]) * 1e-3 / electron_wavelength_A(float(given["acc_voltage"])) * data_bin
-        else:
-            return None
-        step = float(given["scan_step_A"])
-        scan_size = given.get("scan_size")
-        scan_size = [int(s) for s in np.ravel(scan_shape if scan_size is None else scan_size)]
-        rotation = given.get("PLRotation_deg", "auto")
-        rotation = 45.0 if isinstance(rotation, str) else float(rotation)
-    except (KeyError, TypeError, ValueError):
-        return None
-    if len(scan_size) != 2 or scan_size[0] * scan_size[1] != int(n_patterns) or rez <= 0 or step <= 0:
-        return None
-    pixel = 1.0 / (rez * n)
-    positions = raster_positions_A(scan_size, step, rotation)
-    corners = (positions - positions.min(axis=0)) / pixel
-    margin = int(settings.reconstruction.object_margin_px)
-    shape = tuple(int(math.ceil(c + margin)) + n + margin + 1 for c in corners.max(axis=0))
-    r = settings.reconstruction
-    slices = int(given.get("num_slices", 1) or 1)
-    modes = int(settings.probe.modes)
-    fraction = float(r.validation_fraction)
-    limit = limit or ptycho.memory_limit(settings)
-    if stream_GB is not None:              # as run(): blocks read from the file, held-out bits
-        resident = ptycho.streamed_resident(int(n_patterns), (n, n), 1, 0, fraction, stream_GB * 1e9)
-    else:
-        _, resident = ptycho.data_memory(int(n_patterns), (n, n), 1, 0, fraction)
-    left = memory.USABLE_FRACTION * limit.bytes - sum(resident.values())     # as ptycho.batch_work_GB
-    resident.pop("calibrated patterns", None)                                # released once counted
-    memory_GB = max(1e-6, min(ptycho.BATCH_WORK_GB, left / 1e9 / 8))
-    on_gpu = from_settings(settings).is_gpu
-    batch = ptycho.batch_size_for(memory_GB, n, modes, slices, on_gpu)
-    lanes = 1 if on_gpu else _cpu_lanes()
-    estimate = ptycho.reconstruction_memory(resident, shape, slices, modes, n, batch, lanes,
-                                            int(r.lbfgs.history))
-    return estimate, shape, slices
-
-
-def _cpu_lanes() -> int:
-    """Model.lanes() on a CPU (threads sharing the batches, at most 8)."""
-    import os
-
-    from xpr.backend import default_fft_workers
-
-    workers = default_fft_workers()
-    if workers <= 0:
-        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(int(workers), 8))
-
-
-def validate_ptycho(settings, data_path, limit=None):
-    """Exit 2 (key reconstruction.max_memory_GB) before the run folder exists when the
-    reconstruction's estimate (ptycho_reconstruction, from the file's header) would not fit."""
-    from xpr.em.ptychography import ptycho
-    from xpr.io.stem4d import open_scan
-
-    experiment = settings["experiment"]
-    try:
-        with open_scan(Path(data_path).expanduser(), experiment.get("dataset"), experiment.get("scan_size")) as scan:
-            n, detector = int(scan.n_patterns), tuple(scan.detector_shape)
-            calibration, scan_shape = dict(scan.calibration), scan.scan_shape
-    except (OSError, ValueError, InputError):
-        return
-    _, stream_GB = ptycho.data_plan(settings, data_path)
-    planned = ptycho_reconstruction(settings, n, detector, calibration, scan_shape, limit, stream_GB)
-    if planned is None:
-        return
-    estimate, shape, slices = planned
-    limit = limit or ptycho.memory_limit(settings)
-    memory.require(estimate, limit, ptycho.MEMORY_KEY,
-                   f"ptycho of a {slices}x{shape[0]}x{shape[1]} object", ptycho._memory_hint())
