@@ -283,3 +283,21 @@ def test_correlate_refuses_a_nan_frame_in_the_middle_of_a_file(home, run_xpr, tm
     assert result.exit_code == 0, result.output
     with h5py.File(home / "data" / "fxs" / "ccd" / "3d_junk.h5") as f:
         assert f["number_of_patterns"][()] == 10
+
+
+def test_simulate_patterns_estimate_matches_the_traced_peak_and_refuses(home, run_xpr, monkeypatch):
+    """Serial engine, 3-D tetrahedra on a 256² detector, chunks of 2 (4 made per batch): the
+    estimate against the traced peak; then a limit below one chunk at work refused before a run
+    folder, naming chunk_size."""
+    base = ["-q", "fxs", "simulate_patterns", "tutorial", "-o", "multi_process.engine=serial",
+            "-o", "n_patterns=8", "-o", "chunk_size=2"]
+    big = ["-o", "detector.image_dimensions=[256, 256]", "-o", "detector.detector_origin=[127.5, 127.5]"]
+    warm = base + ["-o", "n_patterns=1", "-o", "structure_name=warm"]
+    peak = traced_peak(run_xpr, base + big + ["-o", "structure_name=big"], warm=warm)
+    estimate = memory_plan.simulate_patterns(256 * 256, 2, 3, 1)
+    assert LOW <= estimate.bytes(4) / peak <= HIGH, estimate.bytes(4) / peak     # measured 1.01
+    limit_to(monkeypatch, 0.5 * estimate.bytes(1) / memory.USABLE_FRACTION)
+    result = run_xpr(base[1:] + big + ["-o", "structure_name=refused"])
+    assert result.exit_code == 2, result.output
+    assert "key: chunk_size" in one_line(result) and "256x256 px in chunks of 2" in one_line(result)
+    assert runs(home, "patterns", "3d_refused") == 0

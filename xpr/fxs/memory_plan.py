@@ -430,3 +430,50 @@ def plan_average(settings, paths, log=None, limit=None):
                       "fewer or smaller reconstruction files")
     memory.log_plan(log, what, estimate, limit, wanted)
     return estimate
+
+
+# ---------------------------------------------------------------------------------------------
+# simulate_patterns
+
+# bytes per detector pixel of one pattern at work (q vectors, solid angles, the summed intensity
+# and the model's amplitude temporaries, the expected counts and their Poisson draw), measured
+# with tracemalloc on tetrahedra (the tutorial's model), 128² and 256² detectors: 506-514 in
+# 2-D, 784-793 in 3-D
+PATTERN_WORK_BYTES = {2: 520, 3: 800}
+
+
+def simulate_patterns(pixels, chunk_size, dimensions=3, workers=1) -> Estimate:
+    """`fxs simulate_patterns`, items = chunks held until written (a batch of chunks is made at
+    once). Each of `workers` tasks holds its chunk (float32) and one pattern at work; the
+    finished chunks of a batch wait to be written."""
+    P, c = _n(pixels), _n(chunk_size)
+    return Estimate().add("simulating", {
+        "patterns at work": _n(workers) * PATTERN_WORK_BYTES[int(dimensions)] * P,
+        "chunks being made": _n(workers) * 4 * c * P}, {"chunk waiting to be written": 4 * c * P})
+
+
+def plan_simulate_patterns(settings, n_tasks, log=None, limit=None) -> int:
+    """Chunks made per batch (4 per worker, fewer when they would not fit, logged); exit 2 when
+    not even one chunk per worker fits, naming multi_process.n_processes, chunk_size or the
+    detector."""
+    from xpr import parallel
+
+    rows, columns = (int(v) for v in settings.detector.image_dimensions)
+    pixels, chunk = rows * columns, int(settings.chunk_size)
+    spread = settings.multi_process
+    serial = parallel.SpreadOptions.from_block(spread).engine == "serial"
+    workers = 1 if serial else parallel.n_workers(spread, n_tasks)
+    estimate = simulate_patterns(pixels, chunk, settings.dimensions, workers)
+    limit = limit or memory.available()
+    wanted = 4 * workers
+    what = f"simulating patterns of {rows}x{columns} px in chunks of {chunk} on {workers} worker(s)"
+    batch = memory.largest_batch(estimate, limit, wanted)
+    if batch == 0:
+        key, hint = ("multi_process.n_processes", "fewer processes") if workers > 1 else \
+            (("chunk_size", "smaller chunks") if chunk > 1 else ("detector.image_dimensions", "a smaller detector"))
+        memory.refuse(estimate.describe(1), limit, key, what, hint)
+    if batch < wanted and log is not None:
+        log.warning("memory: %d chunks at once (%s) would exceed %.0f%% of %s: %d at once instead",
+                    wanted, estimate.describe(wanted), 100 * memory.USABLE_FRACTION, limit, batch)
+    memory.log_plan(log, what, estimate, limit, batch)
+    return batch

@@ -25,6 +25,7 @@ import numpy as np
 from xpr import parallel
 from xpr.io.atomic import atomic_path
 from xpr.backend import cpu_only
+from . import memory_plan
 from .detector import Detector
 from .models import model_from_settings, random_rotation
 
@@ -59,6 +60,16 @@ def write_chunk(path: Path, result: dict) -> Path:
     return path
 
 
+def validate(settings):
+    """Before the run folder exists: exit 2 when not even one chunk per worker fits in memory
+    (a malformed detector is left to the Detector's own check in run)."""
+    try:
+        [int(v) for v in settings.detector.image_dimensions]
+    except (TypeError, ValueError):
+        return
+    memory_plan.plan_simulate_patterns(settings, -(-int(settings.n_patterns) // int(settings.chunk_size)))
+
+
 def run(settings, archive):
     """Model → n_patterns detector images + pattern list."""
     cpu_only(settings, archive.log, "fxs simulate_patterns", "pattern chunks spread over processes")
@@ -77,7 +88,7 @@ def run(settings, archive):
                      n_total, *detector.shape, len(tasks), detector.max_full_ring_q())
     bar = archive.progress(total=n_total, desc="patterns")
     files = []
-    batch = 4 * parallel.n_workers(settings.multi_process, len(tasks))    # bounded memory
+    batch = memory_plan.plan_simulate_patterns(settings, len(tasks), log=archive.log)   # chunks at once
     for start in range(0, len(tasks), batch):
         results = parallel.map(simulate_chunk, tasks[start:start + batch], settings.multi_process,
                                on_result=lambda i, r: bar.update(len(r["data"]) if isinstance(r, dict) else 0))
