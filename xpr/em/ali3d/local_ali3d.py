@@ -385,17 +385,10 @@ def resolve_reference_function(name: str):
     return function
 
 
-def point_group(symbol, key):
-    try:
-        return symmetry.group_matrices(symbol)
-    except ValueError as err:
-        raise InputError(str(err), key=key) from None
-
-
 def simulate_input(settings, archive, backend):
     """The phantom data set of input.simulate, written to simulated/ in the run."""
     sim = settings.input.simulate
-    group = point_group(sim.symmetry, "input.simulate.symmetry")
+    group = symmetry.point_group(sim.symmetry, "input.simulate.symmetry")
     defocus = sim.defocus_range_A
     if defocus is not None and len(defocus) != 2:
         raise InputError("defocus_range_A must be [low, high]", key="input.simulate.defocus_range_A")
@@ -473,7 +466,7 @@ def options_from_settings(settings, box, pixel_size_A) -> Ali3dOptions:
         raise InputError("chunk must be a fraction in (0, 0.5]: each chunk is left out of its references",
                          key="alignment.chunk")
     return Ali3dOptions(ou=ou, delta=ali.delta, ts=ali.ts, maxit=ali.maxit, chunk=ali.chunk, center=ali.center,
-                        ctf_mode=ali.CTF, snr=ali.snr, group=point_group(ali.sym, "alignment.sym"), npad=ali.npad,
+                        ctf_mode=ali.CTF, snr=ali.snr, group=symmetry.point_group(ali.sym, "alignment.sym"), npad=ali.npad,
                         kernel_width=ali.kernel_width, max_evaluations=ali.max_evaluations,
                         tolerance=ali.tolerance, seed=ali.seed, gridding_iterations=ali.gridding_iterations,
                         pixel_size_A=pixel_size_A,
