@@ -10,7 +10,9 @@ point group, G = (p n + 2⌊w/2⌋ + 3)³ points of a Fourier accumulator grid):
 * per worker process (one in the serial engine): the grid of the images it inserts (32 G) and
   insert_batch's queue of kernel contributions -- flushed above 4e6 values, so at most 4e6 plus one
   image's π (p n / 2)² / 2 × w³ × g values, about 40 bytes each (index, real, imaginary, count and
-  their concatenation).
+  their concatenation);
+* the insertion's threads (reconstruct.insertion_threads) share that queue, but each beyond the
+  first sums into grids of its own: 32 G more per extra thread.
 
 The worker processes are the batch that shrinks: fewer are used when the estimate with
 multi_process.n_processes would not fit; exit 2 when not even one fits.
@@ -23,11 +25,11 @@ from pathlib import Path
 import numpy as np
 
 from xpr import memory
+from xpr.em.ali3d.reconstruct import QUEUE_FLUSH, insertion_threads  # the queue's flush size; threads
 
 GRID_BYTES_PARENT = 180        # per grid point: the half-set accumulators, their union, the volume's transforms
 GRID_BYTES_WORKER = 32         # per grid point: one worker's insertion grid
 QUEUE_BYTES = 40               # per queued kernel contribution
-QUEUE_FLUSH = 4_000_000        # insert_batch flushes its queue above this many values
 
 
 def local_ali3d(n_images, box, npad=2, kernel_width=4, group_size=1) -> memory.Estimate:
@@ -41,6 +43,7 @@ def local_ali3d(n_images, box, npad=2, kernel_width=4, group_size=1) -> memory.E
     return memory.Estimate().add("reconstructing the half sets", {
         "stack and prepared copy": 8 * n_images * box * box,
         "half-set grids and volume transforms": GRID_BYTES_PARENT * grid,
+        "insertion threads' own grids": GRID_BYTES_WORKER * grid * (insertion_threads(n_images) - 1),
     }, {"worker's insertion grid and queue": GRID_BYTES_WORKER * grid + QUEUE_BYTES * queue})
 
 

@@ -49,15 +49,9 @@ class Projector:
 
     def gather(self, base):
         """The W³ cube values (…, W³) complex64, z-major, of the neighbourhoods whose first cell has
-        the flat index `base`: W² runs of W consecutive x values, taken as windows of the cube (a
-        quarter of the indices and memory traffic of gathering W³ single values)."""
-        width = self.kernel.width
-        side = 2 * self.half + 1
-        t = np.arange(width)
-        rows = ((t[:, None] * side + t[None, :]) * side).ravel()                 # (W²,) z, y offsets
-        windows = np.lib.stride_tricks.sliding_window_view(self.cube, width)       # (size − W + 1, W) view
-        values = windows.take(np.asarray(base)[..., None] + rows, axis=0)         # (…, W², W)
-        return values.reshape(values.shape[:-2] + (width ** 3,))
+        the flat index `base`.  (Taking W² runs of W values from a sliding-window view was 5× faster
+        on one large batch but 3× slower in a real pass: np.take copies the strided view each call.)"""
+        return self.cube.take(np.asarray(base)[..., None] + self.offsets)
 
     def shift_phase(self, shift_px):
         """exp(−2πi k·(o + c)/n): translate by the origin offset o and put the origin at c = n//2."""

@@ -102,6 +102,9 @@ def padded_transforms(images, shifts_px, npad: int, backend):
     return spectra[:, rows, cols] * phase
 
 
+QUEUE_FLUSH = 4_000_000   # kernel contributions queued (over all threads) before they are summed
+
+
 def insert_batch(batch: InsertionBatch, backend=None) -> FourierGrid:
     """Kernel-weighted sums D, T, N of a batch of images (module-level: a parallel.map task).
 
@@ -121,13 +124,14 @@ def insert_batch(batch: InsertionBatch, backend=None) -> FourierGrid:
         values, kx, ky = values[:, keep], kx[keep], ky[keep]
     parts = [part for part in np.array_split(np.arange(len(batch.images)), insertion_threads(len(batch.images)))
              if len(part)]
+    queue = QUEUE_FLUSH // len(parts)  # the threads' queues together hold what one thread's did
     if len(parts) == 1:
-        sums = [_spread(batch, grid, values, kx, ky, parts[0])]
+        sums = [_spread(batch, grid, values, kx, ky, parts[0], queue)]
     else:
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(len(parts)) as pool:
-            sums = list(pool.map(lambda part: _spread(batch, grid, values, kx, ky, part), parts))
+            sums = list(pool.map(lambda part: _spread(batch, grid, values, kx, ky, part, queue), parts))
     with_ctf = batch.ctf is not None and batch.ctf_mode != "none"
     for real, imag, count, ctf_weight in sums:
         grid.data.real += real
@@ -153,8 +157,9 @@ def insertion_threads(n_images: int) -> int:
     return max(1, min(cores, n_images))
 
 
-def _spread(batch: InsertionBatch, grid: FourierGrid, values, kx, ky, images):
-    """The bincount sums (D real, D imag, N, T) of the images `images` of a batch (see insert_batch)."""
+def _spread(batch: InsertionBatch, grid: FourierGrid, values, kx, ky, images, queue_limit):
+    """The bincount sums (D real, D imag, N, T) of the images `images` of a batch (see insert_batch),
+    the kernel contributions queued until more than `queue_limit` values wait."""
     kb, half, box = grid.kernel, grid.half, batch.images.shape[-1]
     side = 2 * half + 1
     size = side ** 3
@@ -211,7 +216,7 @@ def _spread(batch: InsertionBatch, grid: FourierGrid, values, kx, ky, images):
                 if with_ctf:
                     pending["ctf"].append((c * (weight_t ** 2)[:, None].astype(np.float32)).ravel())
             queued += c.size
-            if queued > 4_000_000:
+            if queued > queue_limit:
                 flush()
                 queued = 0
     flush()

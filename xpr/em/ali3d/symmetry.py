@@ -90,7 +90,7 @@ def symmetrize_volume(volume, group):
 
 
 def point_group(symbol, key):
-    """group_matrices(symbol), a bad symbol an InputError naming the settings `key` (exit 2)."""
+    """group_matrices(symbol), an unknown symbol refused as bad input naming the settings key."""
     from xpr.errors import InputError
 
     try:
