@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import importlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -42,29 +42,53 @@ from xpr.em.ali3d.project import prepare_projector
 from xpr.em.ali3d.reconstruct import FourierGrid, InsertionBatch, grid_to_volume, insert_batch, sample_projector
 from xpr.em.ali3d.refine import AlignmentTask, refine_images
 from xpr.errors import InputError
+from xpr.options import options, setting
 
 
-@dataclass(frozen=True)
+def resolve_reference_function(name: str):
+    if name in ("fsc_weighted", "", None):
+        return None
+    module_name, _, function_name = str(name).partition(":")
+    try:
+        function = getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise InputError(f"cannot import the reference function '{name}' ({err}); expected "
+                         "'fsc_weighted' or 'package.module:function'", key="reference.function") from None
+    if not callable(function):
+        raise InputError(f"'{name}' is not a function", key="reference.function")
+    return function
+
+
+def _point_group(symbol):
+    group = symmetry.point_group(symbol, "alignment.sym")
+    group.setflags(write=False)
+    return group
+
+
+@options("em", "local_ali3d")
 class Ali3dOptions:
-    """The alignment settings in the units the method uses (pixels, degrees)."""
-    ou: float                      # outer mask radius, px
-    delta: float = 2.0             # initial simplex step of the angles, degrees
-    ts: float = 1.0                # initial simplex step of the shifts, px
-    maxit: int = 10
-    chunk: float = 0.2
-    center: str = "none"
-    ctf_mode: str = "none"
-    snr: float = 1.0
-    group: np.ndarray = field(default_factory=lambda: np.eye(3)[None])
-    npad: int = 2
-    kernel_width: int = 4
-    max_evaluations: int = 200
-    tolerance: float = 0.02
-    seed: int = 0
-    gridding_iterations: int = 1   # residual re-insertions that correct the gridding reconstruction
-    pixel_size_A: float = 1.0
-    falloff: float = 0.1
-    reference_function: Callable | None = None   # None: FSC-weighted low-pass and mask
+    """The alignment settings in the units the method uses (pixels, degrees): `alignment.*` and
+    `reference.*` of settings_defaults/em/local_ali3d.yaml (their defaults are read from there),
+    and the two values that come from the images (options_from_settings)."""
+
+    ou: float                      # outer mask radius, px (alignment.ou resolved against the box)
+    delta: float = setting("alignment.delta")                  # initial simplex step of the angles, deg
+    ts: float = setting("alignment.ts")                        # initial simplex step of the shifts, px
+    maxit: int = setting("alignment.maxit")
+    chunk: float = setting("alignment.chunk")
+    center: str = setting("alignment.center")
+    ctf_mode: str = setting("alignment.CTF")
+    snr: float = setting("alignment.snr")
+    group: np.ndarray = setting("alignment.sym", _point_group)  # the point group's rotation matrices
+    npad: int = setting("alignment.npad")
+    kernel_width: int = setting("alignment.kernel_width")
+    max_evaluations: int = setting("alignment.max_evaluations")
+    tolerance: float = setting("alignment.tolerance")
+    seed: int = setting("alignment.seed")
+    gridding_iterations: int = setting("alignment.gridding_iterations")
+    pixel_size_A: float = 1.0      # from the particle table / MRC header (input.pixel_size_A)
+    falloff: float = setting("reference.falloff")
+    reference_function: Callable | None = setting("reference.function", resolve_reference_function)  # None: FSC-weighted
 
 
 @dataclass
@@ -371,20 +395,6 @@ def prepare_images(images, ctf, options, backend):
 
 # --- the command ----------------------------------------------------------------------------
 
-def resolve_reference_function(name: str):
-    if name in ("fsc_weighted", "", None):
-        return None
-    module_name, _, function_name = str(name).partition(":")
-    try:
-        function = getattr(importlib.import_module(module_name), function_name)
-    except (ImportError, AttributeError, ValueError) as err:
-        raise InputError(f"cannot import the reference function '{name}' ({err}); expected "
-                         "'fsc_weighted' or 'package.module:function'", key="reference.function") from None
-    if not callable(function):
-        raise InputError(f"'{name}' is not a function", key="reference.function")
-    return function
-
-
 def simulate_input(settings, archive, backend):
     """The phantom data set of input.simulate, written to simulated/ in the run."""
     sim = settings.input.simulate
@@ -465,13 +475,7 @@ def options_from_settings(settings, box, pixel_size_A) -> Ali3dOptions:
     if not 0 < ali.chunk <= 0.5:
         raise InputError("chunk must be a fraction in (0, 0.5]: each chunk is left out of its references",
                          key="alignment.chunk")
-    return Ali3dOptions(ou=ou, delta=ali.delta, ts=ali.ts, maxit=ali.maxit, chunk=ali.chunk, center=ali.center,
-                        ctf_mode=ali.CTF, snr=ali.snr, group=symmetry.point_group(ali.sym, "alignment.sym"), npad=ali.npad,
-                        kernel_width=ali.kernel_width, max_evaluations=ali.max_evaluations,
-                        tolerance=ali.tolerance, seed=ali.seed, gridding_iterations=ali.gridding_iterations,
-                        pixel_size_A=pixel_size_A,
-                        falloff=settings.reference.falloff,
-                        reference_function=resolve_reference_function(settings.reference.function))
+    return Ali3dOptions.from_settings(settings, ou=ou, pixel_size_A=pixel_size_A)
 
 
 def fsc_table(state, pixel_size_A):
