@@ -106,12 +106,19 @@ def prepare(intensity, masked, inp):
 # 2. initial support
 
 
-def initial_support_for(intensity_fft, measured_fft, inp, log=None):
-    """The first support (centred): a disc/ball of radius `spherical_support` when given, else the
-    thresholded autocorrelation of the pattern (`initial_support: autocorrelation`, default;
-    xpr.phasing.support_init) or a disc/ball of a quarter of the pattern's side (`disc`)."""
+def initial_support_for(intensity_fft, measured_fft, inp, log=None, support_size=None):
+    """The first support (centred): a disc/ball of radius `spherical_support` when given; else
+    with `initial_support: auto` (default) a disc/ball of `support_size_factor` x the given
+    support size (`support_size` / `voxel_number`) when there is one, the thresholded
+    autocorrelation of the pattern otherwise (xpr.phasing.support_init); `autocorrelation` and
+    `disc` (a quarter of the pattern's side) choose one."""
     shape = np.shape(intensity_fft)
     kind = "disc" if inp.spherical_support else str(inp.initial_support)
+    if kind == "auto":
+        kind = "size" if support_size else "autocorrelation"
+    if kind == "size" and not support_size:
+        raise InputError("initial_support: size needs phasing_parameters.support_size (2-D) or "
+                         "voxel_number (3-D)", key="input.initial_support")
     if kind == "autocorrelation":
         ac = inp.autocorrelation
         support = autocorrelation_support(intensity_fft, measured_fft, threshold=float(ac.threshold),
@@ -121,10 +128,25 @@ def initial_support_for(intensity_fft, measured_fft, inp, log=None):
             log.info("initial support: thresholded autocorrelation, %d px (equivalent radius "
                      "%.1f px)", int(support.sum()), equivalent_radius(support))
         return support
+    if kind == "size":
+        radius = min(size_radius(len(shape), float(inp.support_size_factor) * float(support_size)),
+                     initial_support_radius(shape))
+        if log is not None:
+            log.info("initial support: %s of radius %.1f px (%g x the support size %d, at most a "
+                     "quarter of the side)", "disc" if len(shape) == 2 else "ball", radius,
+                     float(inp.support_size_factor), int(support_size))
+        return np.asarray(centred_radius(shape)) <= radius
     radius = initial_support_radius(shape, inp.spherical_support)
     if log is not None:
         log.info("initial support: %s of radius %.1f px", "disc" if len(shape) == 2 else "ball", radius)
     return np.asarray(centred_radius(shape)) <= radius
+
+
+def size_radius(ndim, size):
+    """Radius (px) of the disc (2-D) or ball (3-D) of `size` pixels/voxels."""
+    if ndim == 2:
+        return float(np.sqrt(size / np.pi))
+    return float((3.0 * size / (4.0 * np.pi)) ** (1.0 / 3.0))
 
 
 def noise_band(setting, intensity, masked):
@@ -181,7 +203,7 @@ def phase_chunk(task, shared=None, progress=None):
     shrink_wrap = ShrinkWrap(backend, shape, threshold=sw["threshold"],
                              support_size=options["support_size"], sigma=_last(sw["sigma"]),
                              confine_to=initial if sw["confine_to_initial"] else None,
-                             max_shrink=sw["max_shrink"])
+                             max_shrink=sw["max_shrink"], size_rule=sw.get("size_rule", "floor"))
     support = xp.broadcast_to(initial, (repeats,) + shape).copy()
     if task["init_model"] is not None:
         model = xp.asarray(task["init_model"]).astype(backend.complex_dtype)
@@ -241,7 +263,9 @@ def run(settings, archive, dimensions):
     init_model = _init_model(inp, shape)
     intensity_fft = np.fft.ifftshift(intensity)
     measured_fft = np.fft.ifftshift(~masked)
-    initial_support = initial_support_for(intensity_fft, measured_fft, inp, archive.log)
+    options = _options(settings, dimensions)
+    initial_support = initial_support_for(intensity_fft, measured_fft, inp, archive.log,
+                                          support_size=options["support_size"])
     if init_model is not None and not inp.spherical_support:
         initial_support = initial_support | (np.abs(init_model) > 0)
     fraction = float(settings.merge.free_fraction or 0.0)
@@ -252,7 +276,6 @@ def run(settings, archive, dimensions):
     steps = compile_steps(settings)
     archive.log.info("schedule: %s", schedule.describe(steps))
 
-    options = _options(settings, dimensions)
     options["noise_band"] = noise_band(settings.phasing_parameters.noise_band, intensity, masked)
     archive.log.info("modulus constraint: %s", f"Poisson band +-{options['noise_band']:.2f} sqrt(counts)"
                      if options["noise_band"] else "exact moduli")
@@ -338,7 +361,7 @@ def _options(settings, dimensions):
         "e_mod_every": int(settings.phasing.e_mod_every),
         "shrink_wrap": {"threshold": _last(sw.threshold), "sigma": _plain(sw.sigma),
                         "confine_to_initial": bool(sw.confine_to_initial),
-                        "max_shrink": sw.max_shrink},
+                        "max_shrink": sw.max_shrink, "size_rule": str(sw.size_rule)},
     }
 
 
