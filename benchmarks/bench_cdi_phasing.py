@@ -11,25 +11,16 @@ run as one batch versus 8 run one after another. Ratios only; never pass/fail on
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 import scipy.fft
 
+from timing import best_of, fft_pair_seconds
 from xpr.cdi.objects import far_field_intensity, model_object
 from xpr.backend import cpu
 from xpr.phasing import engine, schedule
 from xpr.phasing.projections import ModulusProjection, SupportProjection, centred_radius
 from xpr.phasing.shrinkwrap import ShrinkWrap
-
-
-def best_time(fn, repeats=3):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def problem(shape, repeats, backend):
@@ -50,15 +41,14 @@ def per_iteration(text, shape, iterations, backend, repeats=1, with_sw=False, ro
     if with_sw:
         steps = schedule.with_periodic_shrink_wrap(steps, 20, 20, stop=iterations, sigma=1.0)
     engine.iterate(schedule.parse_string(f"2{text}"), x, support, P_M, P_S, shrink, np)  # warm-up
-    return best_time(lambda: engine.iterate(steps, x, support, P_M, P_S, shrink, np),
-                     rounds) / iterations
+    return best_of(lambda: engine.iterate(steps, x, support, P_M, P_S, shrink, np), rounds)[0] / iterations
 
 
 def fft_pair(shape):
     rng = np.random.default_rng(0)
     a = (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(np.complex64)
     scipy.fft.ifftn(scipy.fft.fftn(a, workers=-1), workers=-1)
-    return best_time(lambda: scipy.fft.ifftn(scipy.fft.fftn(a, workers=-1), workers=-1), 5)
+    return fft_pair_seconds(a)
 
 
 def main():

@@ -26,6 +26,7 @@ import numpy as np
 from xpr import parallel
 from xpr.backend import Backend, BackendSpec
 from xpr.cdi.objects import far_field_intensity, model_object
+from xpr.cdi.phasing import PhasingOptions
 from xpr.phasing import schedule
 from xpr.phasing.projections import centred_radius
 from xpr.settings import Frozen
@@ -48,10 +49,7 @@ def cdi_problem(size=128):
         "measured_fft": np.ones((size, size), bool),
         "initial_support": np.asarray(centred_radius((size, size))) <= size / 4,
         "init_model": None, "steps": schedule.parse_string("60ER"),
-        "options": {"background": False, "positivity": True, "value_threshold": None, "imag_limit": 0.0,
-                    "support_size": None, "metrics_every": 10,
-                    "shrink_wrap": {"threshold": 0.15, "sigma": [2.0], "confine_to_initial": True,
-                                    "max_shrink": None}},
+        "options": PhasingOptions(positivity=True, imag_limit=0.0, sw_sigma=2.0),
     }
 
 

@@ -133,21 +133,35 @@ def correlation(phase_image, centres_px, sim, k_max):
 
 # ------------------------------------------------------------------ xpr
 
-def run_xpr(sim, slices, thickness, epochs, modes=1, patience=5, **options):
+def run_xpr(sim, slices, thickness, epochs, modes=1, patience=5, calibrated=None, **options):
+    """xpr's reconstruction; `calibrated` overrides the calibration given (e.g. PLRotation_deg
+    "auto", aberrations None: fitted by calibration from the data), the fit time included."""
     settings = dict(acc_voltage=KV, conv_semiangle_mrad=ALPHA_MRAD, rez_pixel_size_A=float(sim["rez"]),
                     scan_step_A=STEP, aberrations=[C10], PLRotation_deg=0.0, data_pad=PAD,
                     num_slices=slices, total_thickness=thickness)
+    settings.update(calibrated or {})
+    start = time.perf_counter(), time.process_time()
     experiment = calibration.Experiment.from_settings(settings, sim["data"])
+    if experiment.c10_from_parallax:                   # as the ptycho command does
+        options["refine_defocus"] = True
     probe = dict(modes=modes, mode_type="hermite", higher_mode_power=0.01, focal_spread_A=0.0)
     opts = Options(epochs=epochs, probe_from_epoch=2, patience=patience, **options)
-    start = time.perf_counter(), time.process_time()
-    model, counts, mask, params = ptycho.prepare(experiment, opts, probe, backend.cpu())
+    model, counts, mask, params, opts = ptycho.prepare(experiment, opts, probe, backend.cpu())
     params, history = reconstruct(model, counts, params, opts, mask=mask)
     seconds = time.perf_counter() - start[0], time.process_time() - start[1]
     phase = np.sum(np.angle(params["object"]), axis=0)
     centres = ptycho.probe_centres_px(params["positions"], model.window)
     r = correlation(phase, centres, sim, ptycho.measured_k_max(experiment))
-    return r, seconds, f"epochs {len(history.loss)}, best {history.best_epoch}"
+    notes = f"epochs {len(history.loss)}, best {history.best_epoch}"
+    if experiment.pl_rotation_fit is not None:
+        fit, parallax = experiment.pl_rotation_fit, experiment.parallax_fit
+        notes += (f"; PL rotation {experiment.pl_rotation_deg:.2f}° (CoM fit "
+                  f"{fit.angle_deg:.2f}°, curl ratio {fit.curl_ratio:.2f}; parallax "
+                  f"{parallax.angle_deg:.2f}° ± {parallax.uncertainty_deg:.2f}°)")
+    if experiment.c10_from_parallax:
+        notes += (f"; C10 {experiment.aberrations[0]:.1f} Å from the parallax, refined to "
+                  f"{experiment.aberrations[0] - float(params['defocus'][0]):.1f} Å")
+    return r, seconds, notes
 
 
 # ------------------------------------------------------------------ py4DSTEM
@@ -222,7 +236,12 @@ def main():
                 ("xpr 1 slice, loss ml", lambda: run_xpr(sim, 1, thickness, args.epochs,
                                                          loss="ml")),
                 ("xpr 1 slice, 3 probe modes", lambda: run_xpr(sim, 1, thickness, args.epochs,
-                                                               modes=3))]
+                                                               modes=3)),
+                ("xpr 1 slice, PL rotation auto", lambda: run_xpr(
+                    sim, 1, thickness, args.epochs, calibrated=dict(PLRotation_deg="auto"))),
+                ("xpr 1 slice, PL rotation and C10 auto", lambda: run_xpr(
+                    sim, 1, thickness, args.epochs,
+                    calibrated=dict(PLRotation_deg="auto", aberrations=None)))]
         if not args.skip_py4dstem:
             runs.append(("py4DSTEM single-slice", lambda: run_py4dstem(sim, 1, thickness,
                                                                        args.iterations)))

@@ -64,7 +64,7 @@ def run_case(sim, be, epochs, data_pad=0, num_slices=1, every=2, patience=5):
     settings = dict(sim["calibration"], num_slices=num_slices, data_pad=data_pad)
     experiment = calibration.Experiment.from_settings(settings, sim["data"])
     options = Options(epochs=epochs, probe_from_epoch=2, patience=patience)
-    model, counts, mask, params = ptycho.prepare(experiment, options, PROBE, be,
+    model, counts, mask, params, options = ptycho.prepare(experiment, options, PROBE, be,
                                                  num_slices=num_slices)
     batches = {size: evaluation_seconds(model, counts, params, mask, size)
                for size in (options.batch_size, counts.shape[0])}

@@ -81,7 +81,7 @@ def main():
         be = cpu()
         options = Options()
         probe = {"modes": 1, "mode_type": "hermite", "higher_mode_power": 0.1, "focal_spread_A": 0.0}
-        model, counts, mask, params = ptycho.prepare(experiment, options, probe, be)
+        model, counts, mask, params, options = ptycho.prepare(experiment, options, probe, be)
         whole = ptycho.reconstruction_memory(resident, params["object"].shape[1:], 1, 1,
                                              model.window, options.batch_size, model.lanes(),
                                              options.history).bytes()

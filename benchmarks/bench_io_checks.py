@@ -10,29 +10,15 @@
 from __future__ import annotations
 
 import tempfile
-import time
 from pathlib import Path
 
 import h5py
 import hdf5plugin
 import numpy as np
-import scipy.fft
 
+from timing import best_of, fft_pair_seconds
 from xpr.io.checks import check_intensities, check_intensity_frames
 from xpr.io.readers import read_pattern
-
-
-def best(fn, repeats=5):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-def fft_pair(a, axes):
-    return lambda: scipy.fft.ifftn(scipy.fft.fftn(a, axes=axes, workers=-1), axes=axes, workers=-1)
 
 
 def main():
@@ -43,11 +29,11 @@ def main():
         mask = np.zeros(shape, bool)
         mask[(slice(0, 4),) * len(shape)] = True
         c = pattern.astype(np.complex64)
-        ratio = best(lambda: check_intensities(pattern, mask)) / best(fft_pair(c, None))
+        ratio = best_of(lambda: check_intensities(pattern, mask), 5)[0] / fft_pair_seconds(c)
         print(f"{'check_intensities ' + 'x'.join(map(str, shape)):44s} {ratio:8.2f}  x one FFT pair")
     stack = rng.poisson(3.0, (32, 32, 64, 64)).astype(np.float32)
     c = stack.reshape(-1, 64, 64).astype(np.complex64)
-    ratio = best(lambda: check_intensity_frames(stack)) / best(fft_pair(c, (-2, -1)))
+    ratio = best_of(lambda: check_intensity_frames(stack), 5)[0] / fft_pair_seconds(c, (-2, -1))
     print(f"{'check_intensity_frames 32x32 scan, 64² det.':44s} {ratio:8.2f}  x one batched FFT pair")
     with tempfile.TemporaryDirectory() as tmp:
         pattern = rng.poisson(0.5, (2048, 2048)).astype(np.uint32)    # sparse counts, as detectors see
@@ -56,8 +42,8 @@ def main():
             f["data"] = pattern
         with h5py.File(packed, "w") as f:
             f.create_dataset("data", data=pattern, chunks=(256, 2048), **hdf5plugin.Bitshuffle(cname="lz4"))
-        t_plain = best(lambda: read_pattern(plain))
-        t_packed = best(lambda: read_pattern(packed))
+        t_plain = best_of(lambda: read_pattern(plain), 5)[0]
+        t_packed = best_of(lambda: read_pattern(packed), 5)[0]
         print(f"{'read bitshuffle-LZ4 / plain, 2048² counts':44s} {t_packed / t_plain:8.2f}  "
               f"(file size {packed.stat().st_size / plain.stat().st_size:.2f} of plain)")
 

@@ -174,21 +174,11 @@ def test_fxs_transform_pair_parity(device):
 
 
 def _ptycho_problem(backend, slices, modes, seed=0):
-    from xpr.em.ptychography.forward import Model
+    """The random problem whose numpy gradients tests/em/test_ptycho_gradients.py checks against
+    finite differences, with its arrays on `backend`."""
+    from em.test_ptycho_gradients import _problem
 
-    rng = np.random.default_rng(seed)
-    n, size, patterns = 16, 36, 6
-    model = Model(backend, n, 0.3, 0.025, 8.0, slices, complex_dtype="complex128")
-    shape = (slices, size, size)
-    params = {
-        "object": np.exp(0.3j * rng.standard_normal(shape)) * (1 + 0.1 * rng.standard_normal(shape)),
-        "probe": rng.standard_normal((modes, n, n)) + 1j * rng.standard_normal((modes, n, n)),
-        "positions": rng.uniform(0.0, size - n - 1.0, (patterns, 2)),
-    }
-    counts = rng.poisson(4.0, (patterns, n, n)).astype(np.float64)
-    mask = np.ones((n, n))
-    mask[:2] = 0.0
-    return model, {k: backend.asarray(v) for k, v in params.items()}, backend.asarray(counts), backend.asarray(mask)
+    return _problem(slices, modes, seed, on=backend)[:4]
 
 
 @pytest.mark.parametrize("slices,modes", [(1, 1), (3, 2)])

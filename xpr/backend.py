@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from xpr.errors import SettingsError
+from xpr.options import options, setting
 
 DEVICES = ("cpu", "cuda", "emulated")
 
@@ -78,8 +79,18 @@ def default_fft_workers() -> int:
     return int(value) if value else -1
 
 
-def _use_setting(gpu) -> object:
-    return gpu.get("use", "auto") if gpu is not None else False
+@options(None)
+class GpuOptions:
+    """The documented `GPU` group every command shares (xpr.settings.COMMON_DEFAULTS)."""
+
+    use: bool | str = setting("GPU.use")
+    precision: str = setting("GPU.precision")
+
+
+def gpu_options(settings) -> GpuOptions:
+    """The GPU group of a settings mapping; a mapping without one runs on the CPU."""
+    gpu = settings.get("GPU") if settings is not None and hasattr(settings, "get") else None
+    return GpuOptions(use=False) if gpu is None else GpuOptions.from_block(gpu)
 
 
 @dataclass(frozen=True)
@@ -112,9 +123,8 @@ class BackendSpec:
     def from_settings(cls, settings=None) -> "BackendSpec":
         """From a settings mapping with an optional `GPU: {use: auto|true|false, precision}` group
         (the only place GPU.use and GPU.precision are read)."""
-        gpu = settings.get("GPU") if settings is not None and hasattr(settings, "get") else None
-        use = _use_setting(gpu)
-        precision = gpu.get("precision", "single") if gpu is not None else "single"
+        gpu = gpu_options(settings)
+        use, precision = gpu.use, gpu.precision
         emulated = emulated_requested()
         if use in ("auto", None):
             device = "emulated" if emulated else ("cuda" if gpu_available() else "cpu")
@@ -286,8 +296,7 @@ def cpu_only(settings, log, what: str, reason: str) -> Backend:
     `what` runs on the CPU and why, as a warning when the settings asked for the GPU (true)."""
     spec = BackendSpec.from_settings(settings)
     if spec.on_device:
-        gpu = settings.get("GPU") if hasattr(settings, "get") else None
-        asked = _use_setting(gpu) in (True, "true", "True")
+        asked = gpu_options(settings).use in (True, "true", "True")
         (log.warning if asked else log.info)(
             "%s runs on the CPU by design (%s)%s", what, reason,
             "; GPU.use: true has no effect here" if asked else f"; the {spec.device} device is not used")

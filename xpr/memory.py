@@ -303,6 +303,7 @@ def validate_cdi_phase(settings, dimensions):
     the file's header, could not be phased in memory even one repeat per batch. Batches that
     merely need shrinking are left to the worker (plan_cdi_phase, logged in the run)."""
     from xpr import parallel
+    from xpr.backend import gpu_options
 
     inp = settings.input
     if inp.data_path is None:
@@ -318,5 +319,5 @@ def validate_cdi_phase(settings, dimensions):
     repeats = int(settings.phasing.repeats)
     spread = settings.get("multi_process")
     workers = parallel.n_workers(spread, repeats)
-    double = (settings.get("GPU") or {}).get("precision", "single") == "double"
+    double = gpu_options(settings).precision == "double"
     plan_cdi_phase(shape, repeats, workers, workers, double=double)

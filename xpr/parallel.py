@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 
 from xpr.errors import SettingsError
+from xpr.options import options, setting
 
 IN_FLIGHT = 4   # default tasks per worker in the streaming window (multi_process.in_flight)
 
@@ -102,14 +103,46 @@ def task_seeds(seed, n: int) -> list[int]:
     return [int(child.generate_state(1, dtype=np.uint64)[0]) for child in children]
 
 
-def _get(settings, key, default):
-    return default if settings is None else settings.get(key, default)
+@options(None)
+class SpreadOptions:
+    """The documented `multi_process` keys every command shares (xpr.settings.COMMON_DEFAULTS):
+    what a partial mapping (a test's, a script's) is completed with."""
+
+    n_processes: int | str = setting("multi_process.n_processes")
+    engine: str = setting("multi_process.engine")
+    retries: int = setting("multi_process.retries", int)
+    min_success: float = setting("multi_process.min_success", float)
+
+
+@options(None)
+class ClusterOptions:
+    """`multi_process.dask.cluster`: the cluster xpr starts when no scheduler is given."""
+
+    type: str = setting("multi_process.dask.cluster.type")
+    jobs: int = setting("multi_process.dask.cluster.jobs", int)
+    cores: int = setting("multi_process.dask.cluster.cores", int)
+    memory: str = setting("multi_process.dask.cluster.memory")
+    walltime: str = setting("multi_process.dask.cluster.walltime")
+    queue: str | None = setting("multi_process.dask.cluster.queue")
+    account: str | None = setting("multi_process.dask.cluster.account")
+    job_extra_directives: tuple = setting("multi_process.dask.cluster.job_extra_directives", tuple)
+
+
+_DOCUMENTED = SpreadOptions()
+
+
+def _get(settings, key, default=None):
+    """multi_process.<key>: from the settings, else the documented default (else `default`, for
+    keys only some commands document)."""
+    if settings is not None and key in settings:
+        return settings[key]
+    return getattr(_DOCUMENTED, key, default)
 
 
 def n_workers(settings, n_tasks: int, gpus=None) -> int:
     """Worker processes for n_tasks: `n_processes`, or auto = one per physical core (one per GPU
     when `gpus` lists the devices the work runs on)."""
-    requested = _get(settings, "n_processes", "auto")
+    requested = _get(settings, "n_processes")
     if requested in ("auto", None):
         workers = len(gpus) if gpus else physical_cores()
     elif isinstance(requested, int) and not isinstance(requested, bool) and requested >= 1:
@@ -146,7 +179,7 @@ class _Window:
 
 
 def _serial(call, tasks, settings, session, window):
-    retries = int(_get(settings, "retries", 1))
+    retries = int(_get(settings, "retries"))
     window.set_workers(1)
     for index, task in enumerate(tasks):
         for attempt in range(retries + 1):
@@ -184,7 +217,7 @@ def _init_worker(threads: int, gpu_queue=None):
 
 
 def _local(call, tasks, settings, session, window):
-    retries = int(_get(settings, "retries", 1))
+    retries = int(_get(settings, "retries"))
     attempts = [0] * len(tasks)
     retry = collections.deque()        # indices to run again (always inside the window)
     fresh = 0                          # the next index never submitted
@@ -234,16 +267,15 @@ def _local(call, tasks, settings, session, window):
 def jobqueue_options(cluster_settings) -> dict:
     """dask-jobqueue cluster options of `multi_process.dask.cluster`: one worker process per job
     with `cores` threads, each task's FFTs and BLAS single-threaded (set in the job script)."""
-    cores = int(cluster_settings.get("cores", 1))
-    environment = worker_environment(cores, cores)
-    options = dict(cores=cores, processes=1, memory=cluster_settings.get("memory", "4GB"),
-                   walltime=cluster_settings.get("walltime", "01:00:00"),
-                   job_extra_directives=list(cluster_settings.get("job_extra_directives", [])),
+    cluster = ClusterOptions.from_block(cluster_settings)
+    environment = worker_environment(cluster.cores, cluster.cores)
+    options = dict(cores=cluster.cores, processes=1, memory=cluster.memory, walltime=cluster.walltime,
+                   job_extra_directives=list(cluster.job_extra_directives),
                    job_script_prologue=[f"export {k}={v}" for k, v in environment.items()])
-    if cluster_settings.get("queue"):
-        options["queue"] = cluster_settings["queue"]
-    if cluster_settings.get("account"):
-        options["account"] = cluster_settings["account"]
+    if cluster.queue:
+        options["queue"] = cluster.queue
+    if cluster.account:
+        options["account"] = cluster.account
     return options
 
 
@@ -256,15 +288,14 @@ def dask_client(settings, gpus=None):
     except ImportError:
         raise SettingsError("engine 'dask' needs dask.distributed: pip install 'xpr[dask]'",
                             key="multi_process.engine") from None
-    dask_settings = _get(settings, "dask", None) or {}
+    dask_settings = _get(settings, "dask") or {}
     if dask_settings.get("scheduler_address"):
         return Client(dask_settings["scheduler_address"])
     if dask_settings.get("scheduler_file"):
         return Client(scheduler_file=str(dask_settings["scheduler_file"]))
     cluster_settings = dask_settings.get("cluster") or {}
-    kind = cluster_settings.get("type", "local")
-    jobs = int(cluster_settings.get("jobs", 2))
-    cores = int(cluster_settings.get("cores", 1))
+    cluster_options = ClusterOptions.from_block(cluster_settings)
+    kind, jobs, cores = cluster_options.type, cluster_options.jobs, cluster_options.cores
     if kind == "local":
         if gpus:
             jobs, cores = len(gpus), 1
@@ -299,15 +330,15 @@ def _dask_slots(client, settings) -> int:
         threads = 0
     planned = 0
     if getattr(client, "xpr_owns_cluster", None) is not None:
-        cluster_settings = (_get(settings, "dask", None) or {}).get("cluster") or {}
-        planned = int(cluster_settings.get("jobs", 2)) * int(cluster_settings.get("cores", 1))
+        cluster = ClusterOptions.from_block((_get(settings, "dask") or {}).get("cluster"))
+        planned = cluster.jobs * cluster.cores
     return max(1, threads, planned)
 
 
 def _dask(call, tasks, settings, session, window):
     from dask.distributed import as_completed
 
-    retries = int(_get(settings, "retries", 1))
+    retries = int(_get(settings, "retries"))
     client = session.dask_client()
     extra = {}
     if isinstance(call, functools.partial) and call.keywords.get("shared") is not None:
@@ -367,7 +398,7 @@ class Session:
     def __init__(self, settings=None, client=None, gpus=None):
         self.settings = settings
         self.gpus = list(gpus) if gpus else None
-        self.engine = _get(settings, "engine", "local")
+        self.engine = _get(settings, "engine")
         if self.engine not in ENGINES:
             raise SettingsError(f"unknown engine '{self.engine}' (known: {', '.join(ENGINES)})",
                                 key="multi_process.engine")
@@ -652,7 +683,7 @@ def _alive(pid: int) -> bool:
 
 def required_successes(n_tasks: int, settings=None) -> int:
     """How many of n_tasks must succeed: `min_success` as a fraction (<= 1) or a number (> 1)."""
-    minimum = float(_get(settings, "min_success", 1.0))
+    minimum = float(_get(settings, "min_success"))
     return int(np.ceil(minimum * n_tasks)) if minimum <= 1 else int(minimum)
 
 
@@ -670,7 +701,7 @@ def require_success(results, settings=None):
         good = [r for r in results if not isinstance(r, TaskFailure)]
         n_tasks, n_good = len(results), len(good)
     if n_good < required_successes(n_tasks, settings):
-        minimum = float(_get(settings, "min_success", 1.0))
+        minimum = float(_get(settings, "min_success"))
         failed = [f"task {r.index}: {r.error}" for r in failures]
         raise RuntimeError(f"only {n_good} of {n_tasks} tasks succeeded (min_success "
                            f"{minimum}); failed: " + "; ".join(failed))

@@ -504,6 +504,9 @@ class Frozen(Mapping):
     def __repr__(self):
         return f"Frozen({self.to_dict()!r})"
 
+    def __reduce__(self):            # pickled as its plain contents (worker processes, dask)
+        return Frozen, (self.to_dict(),)
+
     def get_path(self, dotted: str, default=None):
         node = self
         for key in dotted.split("."):

@@ -52,7 +52,7 @@ def test_position_refinement_halves_the_position_error():
     perturbed = truth + rng.normal(0.0, 0.5 / np.sqrt(2.0), truth.shape)   # 0.5 px rms (2-D)
     options = Options(epochs=25, refine_probe=False, refine_positions=True, positions_from_epoch=3,
                       validation_fraction=0.0)
-    model, counts, mask, params = ptycho.prepare(experiment, options, PROBE, backend.cpu(),
+    model, counts, mask, params, options = ptycho.prepare(experiment, options, PROBE, backend.cpu(),
                                                  margin_px=4, positions_px=perturbed)
 
     def rms_error(corners):            # a common shift of all positions is a gauge freedom
@@ -117,7 +117,7 @@ def test_held_out_pixels_stop_before_the_noise_is_fitted():
     results = {}
     for fraction in (0.0, 0.05):
         options = Options(epochs=40, probe_from_epoch=2, validation_fraction=fraction, patience=5)
-        model, counts, mask, params = ptycho.prepare(experiment, options, PROBE, backend.cpu())
+        model, counts, mask, params, options = ptycho.prepare(experiment, options, PROBE, backend.cpu())
         trace = []
 
         def correlation(p):
@@ -152,7 +152,7 @@ def test_defocus_refinement_recovers_the_simulated_defocus(start_defocus):
     for refine in (False, True):
         options = Options(epochs=20, refine_probe=False, refine_defocus=refine,
                           defocus_from_epoch=3, validation_fraction=0.0)
-        model, counts, mask, params = ptycho.prepare(experiment, options, PROBE, backend.cpu())
+        model, counts, mask, params, options = ptycho.prepare(experiment, options, PROBE, backend.cpu())
         params, _ = reconstruct(model, counts, params, options, mask=mask)
         r = ptycho.phase_correlation(params["object"], params["positions"][0], params["positions"],
                                      model.window, sim["true_phase"], sim["true_phase_corner_px"],
@@ -250,11 +250,13 @@ def test_memory_estimate_bounds_the_measured_allocations(tmp_path):
 
 
 def test_a_scan_that_cannot_fit_stops_before_it_is_read(tmp_path, home, run_xpr):
-    """A 32² scan of 64² patterns (16 MiB as float32: 48 MiB to read and calibrate) with
-    reconstruction.max_memory_GB 0.01: exit 2 naming the key, the estimate and the limit;
-    the file's content is never read (it is not even a diffraction pattern)."""
+    """A 128² scan of 64² patterns (256 MiB as float32: 805 MB to read and calibrate whole,
+    so it would be streamed) with reconstruction.max_memory_GB 0.01: even streamed, its
+    held-out pixel bits (8.0 MiB), the file blocks and the reconstruction state of the
+    object the calibration implies do not fit — exit 2 naming the key, the
+    estimate and the limit, before any pattern is read (the file is sparse: never written)."""
     path = tmp_path / "big.npy"
-    np.save(path, np.full((32, 32, 64, 64), np.nan, dtype=np.float32))
+    np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(128, 128, 64, 64)).flush()
     settings = tmp_path / "mine.yaml"
     settings.write_text(f"structure_name: big\nexperiment:\n  data_path: {path}\n"
                         "  acc_voltage: 200.0\n  rez_pixel_size_A: 0.05\n  scan_step_A: 0.5\n"
@@ -263,7 +265,8 @@ def test_a_scan_that_cannot_fit_stops_before_it_is_read(tmp_path, home, run_xpr)
     assert result.exit_code == 2, result.output
     text = " ".join(result.output.split())
     assert "reconstruction.max_memory_GB" in text
-    assert "1024 patterns of 64x64 px needs about 48.0 MB" in text
+    assert "16384 patterns of 64x64 px (streamed from the file) needs about" in text
+    assert "held-out pixels (bits) 8.0 MB" in text and "object, probe and L-BFGS state" in text
     assert "10.2 MB (setting reconstruction.max_memory_GB)" in text
     assert "Traceback" not in result.output
     assert not (home / "data/em/ptycho/big.h5").exists()

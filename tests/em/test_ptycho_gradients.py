@@ -7,11 +7,13 @@ from xpr.em.ptychography import regularisers
 from xpr.em.ptychography.forward import Model
 
 
-def _problem(slices, modes, seed=0):
+def _problem(slices, modes, seed=0, on=None):
+    """A random multislice problem (model, params, counts, mask, rng), its arrays on the backend
+    `on` (numpy double precision by default; tests/test_devices.py puts it on a device)."""
+    on = on or backend.Backend(False, "double")
     rng = np.random.default_rng(seed)
     n, size, patterns = 16, 36, 6
-    model = Model(backend.Backend(False, "double"), n, 0.3, 0.025, 8.0, slices,
-                  complex_dtype="complex128")
+    model = Model(on, n, 0.3, 0.025, 8.0, slices, complex_dtype="complex128")
     shape = (slices, size, size)
     params = {
         "object": np.exp(0.3j * rng.standard_normal(shape)) * (1 + 0.1 * rng.standard_normal(shape)),
@@ -21,6 +23,9 @@ def _problem(slices, modes, seed=0):
     counts = rng.poisson(4.0, (patterns, n, n)).astype(np.float64)
     mask = np.ones((n, n))
     mask[:2] = 0.0
+    if on.is_gpu:
+        params = {k: on.asarray(v) for k, v in params.items()}
+        counts, mask = on.asarray(counts), on.asarray(mask)
     return model, params, counts, mask, rng
 
 

@@ -138,17 +138,14 @@ def test_shrink_wrap_keeps_brightest_voxels_within_initial_support(backend):
 
 def test_device_batch_matches_cpu(device):
     """The same chunk of repeats on the device (emulated, and cupy where present) and on numpy (ER + shrink-wrap, no chaotic feedback)."""
-    from xpr.cdi.phasing import phase_chunk
+    from xpr.cdi.phasing import PhasingOptions, phase_chunk
     truth, intensity = _pattern((32, 32), 12)
     steps = schedule.with_periodic_shrink_wrap(schedule.parse_string("30ER"), 10, 10, sigma=1.0)
     problem = {
         "intensity_fft": intensity.astype(np.float32), "measured_fft": np.ones((32, 32), bool),
         "initial_support": np.asarray(centred_radius((32, 32))) <= 8, "init_model": None,
         "steps": steps,
-        "options": {"background": True, "positivity": True, "value_threshold": None,
-                    "imag_limit": 0.0, "support_size": None, "metrics_every": 10,
-                    "shrink_wrap": {"threshold": 0.15, "sigma": [2.0, 1.0],
-                                    "confine_to_initial": True, "max_shrink": None}},
+        "options": PhasingOptions(background=True, positivity=True, imag_limit=0.0, sw_sigma=(2.0, 1.0)),
     }
     cpu = phase_chunk({"seeds": [1, 2]}, shared=dict(problem, backend=BackendSpec("cpu")))
     gpu = phase_chunk({"seeds": [1, 2]}, shared=dict(problem, backend=BackendSpec(device)))

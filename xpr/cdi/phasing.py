@@ -31,6 +31,7 @@ from xpr.io import read_array
 from xpr.io.checks import check_intensities
 from xpr.io.cxi import save_cxi_result
 from xpr.io.readers import read_pattern
+from xpr.options import options, setting
 from xpr.phasing import engine, merge, schedule
 from xpr.phasing.likelihood import BandModulusProjection, free_deviance, free_pixels
 from xpr.phasing.projections import ModulusProjection, SupportProjection, centred_radius
@@ -185,25 +186,23 @@ def phase_chunk(task, shared=None, progress=None):
     initial = xp.asarray(task["initial_support"])
 
     free = task.get("free_fft")                     # optional: free pixels, Poisson band
-    band = float(options.get("noise_band") or 0.0)
+    band = float(options.modulus_band or 0.0)
     if band or free is not None:
         P_M = BandModulusProjection(backend, xp.asarray(task["intensity_fft"]),
                                     xp.asarray(task["measured_fft"]), band=band,
                                     free=None if free is None else xp.asarray(free),
-                                    background=options["background"], repeats=repeats,
-                                    metrics_every=options.get("e_mod_every", 1))
+                                    background=options.background, repeats=repeats,
+                                    metrics_every=options.e_mod_every)
     else:
         P_M = ModulusProjection(backend, xp.asarray(task["intensity_fft"]),
                                 xp.asarray(task["measured_fft"]),
-                                background=options["background"], repeats=repeats)
-    P_S = SupportProjection(positivity=options["positivity"],
-                            threshold=options["value_threshold"],
-                            imag_limit=options["imag_limit"])
-    sw = options["shrink_wrap"]
-    shrink_wrap = ShrinkWrap(backend, shape, threshold=sw["threshold"],
-                             support_size=options["support_size"], sigma=_last(sw["sigma"]),
-                             confine_to=initial if sw["confine_to_initial"] else None,
-                             max_shrink=sw["max_shrink"], size_rule=sw.get("size_rule", "floor"))
+                                background=options.background, repeats=repeats)
+    P_S = SupportProjection(positivity=options.positivity, threshold=options.value_threshold,
+                            imag_limit=options.imag_limit)
+    shrink_wrap = ShrinkWrap(backend, shape, threshold=options.sw_threshold,
+                             support_size=options.support_size, sigma=_last(options.sw_sigma),
+                             confine_to=initial if options.sw_confine_to_initial else None,
+                             max_shrink=options.sw_max_shrink, size_rule=options.sw_size_rule)
     support = xp.broadcast_to(initial, (repeats,) + shape).copy()
     if task["init_model"] is not None:
         model = xp.asarray(task["init_model"]).astype(backend.complex_dtype)
@@ -212,7 +211,7 @@ def phase_chunk(task, shared=None, progress=None):
         x = engine.random_starts(backend, P_M.amplitude, support, seeds)
     x, support, history = engine.iterate(task["steps"], x, support, P_M, P_S, shrink_wrap, xp,
                                          progress=progress,
-                                         metrics_every=options["metrics_every"])
+                                         metrics_every=options.metrics_every)
     e_con_its, e_con = history.e_con_array()
     result = {"seeds": list(seeds), "object": backend.asnumpy(x), "support": backend.asnumpy(support),
               "e_mod": history.e_mod_array(), "e_con": e_con, "e_con_iterations": e_con_its}
@@ -263,9 +262,10 @@ def run(settings, archive, dimensions):
     init_model = _init_model(inp, shape)
     intensity_fft = np.fft.ifftshift(intensity)
     measured_fft = np.fft.ifftshift(~masked)
-    options = _options(settings, dimensions)
+    options = phasing_options(settings, dimensions,
+                              modulus_band=noise_band(settings.phasing_parameters.noise_band, intensity, masked))
     initial_support = initial_support_for(intensity_fft, measured_fft, inp, archive.log,
-                                          support_size=options["support_size"])
+                                          support_size=options.support_size)
     if init_model is not None and not inp.spherical_support:
         initial_support = initial_support | (np.abs(init_model) > 0)
     fraction = float(settings.merge.free_fraction or 0.0)
@@ -276,9 +276,8 @@ def run(settings, archive, dimensions):
     steps = compile_steps(settings)
     archive.log.info("schedule: %s", schedule.describe(steps))
 
-    options["noise_band"] = noise_band(settings.phasing_parameters.noise_band, intensity, masked)
-    archive.log.info("modulus constraint: %s", f"Poisson band +-{options['noise_band']:.2f} sqrt(counts)"
-                     if options["noise_band"] else "exact moduli")
+    archive.log.info("modulus constraint: %s", f"Poisson band +-{options.modulus_band:.2f} sqrt(counts)"
+                     if options.modulus_band else "exact moduli")
     problem = {
         "intensity_fft": intensity_fft.astype(np.float32), "measured_fft": measured_fft,
         "free_fft": free,
@@ -351,18 +350,35 @@ def _init_model(inp, shape):
     return model
 
 
-def _options(settings, dimensions):
-    pp, sw = settings.phasing_parameters, settings.phasing_parameters.shrink_wrap
-    return {
-        "background": bool(pp.background), "positivity": bool(pp.positivity),
-        "value_threshold": pp.value_threshold, "imag_limit": pp.imag_limit,
-        "support_size": pp.support_size if dimensions == 2 else pp.voxel_number,
-        "metrics_every": int(settings.phasing.metrics_every),
-        "e_mod_every": int(settings.phasing.e_mod_every),
-        "shrink_wrap": {"threshold": _last(sw.threshold), "sigma": _plain(sw.sigma),
-                        "confine_to_initial": bool(sw.confine_to_initial),
-                        "max_shrink": sw.max_shrink, "size_rule": str(sw.size_rule)},
-    }
+@options("cdi", "phase2d")
+class PhasingOptions:
+    """The constraints one batch of repeats is phased with (phasing_parameters.* and the metric
+    cadence of settings_defaults/cdi/phase2d.yaml, whose defaults these are)."""
+
+    background: bool = setting("phasing_parameters.background")
+    positivity: bool = setting("phasing_parameters.positivity")
+    value_threshold: float | None = setting("phasing_parameters.value_threshold")
+    imag_limit: float | None = setting("phasing_parameters.imag_limit")
+    support_size: int | None = setting("phasing_parameters.support_size")
+    metrics_every: int = setting("phasing.metrics_every")
+    e_mod_every: int = setting("phasing.e_mod_every")
+    sw_threshold: float = setting("phasing_parameters.shrink_wrap.threshold", _last)
+    sw_sigma: float | tuple = setting("phasing_parameters.shrink_wrap.sigma")
+    sw_confine_to_initial: bool = setting("phasing_parameters.shrink_wrap.confine_to_initial")
+    sw_max_shrink: float | None = setting("phasing_parameters.shrink_wrap.max_shrink")
+    sw_size_rule: str = setting("phasing_parameters.shrink_wrap.size_rule")
+    modulus_band: float = 0.0        # sqrt(counts): the Poisson band, from phasing_parameters.noise_band and the pattern
+
+
+@options("cdi", "phase3d")
+class PhasingOptions3D(PhasingOptions):
+    """The 3-D constraints: the support size counts voxels (phasing_parameters.voxel_number)."""
+
+    support_size: int | None = setting("phasing_parameters.voxel_number")
+
+
+def phasing_options(settings, dimensions: int, **given) -> PhasingOptions:
+    return (PhasingOptions if dimensions == 2 else PhasingOptions3D).from_settings(settings, **given)
 
 
 def phase_repeats(settings, archive, problem):

@@ -24,6 +24,7 @@ import numpy as np
 from xpr.archive import read_run_records
 from xpr.backend import Backend
 from xpr.errors import InputError
+from xpr.fxs import memory_plan
 from xpr.fxs.alignment import (WignerD, align, centre, normalise, prtf, relative_error)
 from xpr.fxs.grids import PhasingGrid
 from xpr.fxs.transforms import FourierTransformPair, blas_threads
@@ -205,6 +206,16 @@ def central_slices(density, grid, n_points: int = 201, extent=None):
     return extent, [(label, resample(density, grid, np.stack(xyz, axis=-1))) for label, xyz in planes.items()]
 
 
+def validate(settings):
+    """Before a run folder exists: when every reconstruction file is given by an absolute path
+    (and no shares_dir), whether reading and aligning them fits in memory
+    (memory_plan.plan_average, from the files' headers; exit 2). Otherwise the worker checks,
+    before it reads them."""
+    files = [Path(str(name)).expanduser() for name in settings.reconstruction_files or []]
+    if files and all(f.is_absolute() for f in files) and not settings.input.shares_dir:
+        memory_plan.plan_average(settings, [f for f in files if f.is_file()])
+
+
 def run(settings, archive):
     """Align and average reconstructions; PRTF."""
     with blas_threads(1):
@@ -213,6 +224,8 @@ def run(settings, archive):
 
 def _run(settings, archive):
     paths = reconstruction_paths(settings, archive)
+    # from the files' headers, before they are read whole
+    memory_plan.plan_average(settings, [p for p in paths if p.is_file()], log=archive.log)
     loaded = read_reconstructions(paths, settings.dimensions)
     grid = loaded[0][0]
     backend = Backend.from_settings(settings)

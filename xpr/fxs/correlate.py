@@ -6,7 +6,11 @@
    masked pixels (negative or non-finite values) are masked. With ``solid_angle_correction`` the
    samples are divided by the pixel solid angle ΔΩ(q) (photons per sr).
 2. ``is_good``: a pattern is used if it is finite and (with ``intensity_filter.use``) its mean
-   over the polar samples lies in [min_mean, max_mean].
+   over the polar samples lies in [min_mean, max_mean]. Junk is refused, not skipped: every
+   frame, as it is read, is checked (``xpr.io.checks.check_intensities``: real numbers, some
+   finite pixel, some positive signal; NaN/inf pixels count as masked); the first junk frame in
+   file order stops the run with exit 2 naming the file, the frame index and what is wrong,
+   before ccd.h5 is written.
 3. ``waxs_aver``: Ī(q) = Σ_p Σ_φ m I / Σ_p Σ_φ m.
 4. ``ccf_q1q2``: with F_p(q, n) the FFT over φ of m·I and G_p of the mask m,
 
@@ -15,6 +19,10 @@
 
    the convention of ``invariants`` (C_n = B_n). Orders above ``fc_n_max`` can be dropped.
 Patterns are processed in chunks spread over processes or a dask cluster (``multi_process``).
+Memory (``memory_plan.correlate``): the partial sums are 2·16·N²·(n_φ//2+1) bytes each; before
+the chunks start, the sums held at once (the running total, each worker's, and in_flight per
+worker waiting) are compared with the memory the run may use, and in_flight is lowered (logged)
+or the run refused (exit 2) when even one per worker would not fit.
 Each chunk returns its partial sums (Σ F F*, Σ G G*, Σ m I, Σ m and the pattern counts); the
 client adds them in chunk order as they arrive and drops them (``parallel.reduce``: at most
 ``multi_process.in_flight`` × workers chunks in flight or waiting for an earlier one), so memory
@@ -37,8 +45,9 @@ from xpr import parallel
 from xpr.backend import cpu, cpu_only
 from xpr.errors import InputError
 from xpr.io import load_tree
-from xpr.io.checks import check_stack
+from xpr.io.checks import check_intensities, check_stack
 from . import cross_correlation as ccd_file
+from . import memory_plan
 from .detector import MM_TO_A, UM_TO_A, Detector
 from .grids import reciprocal_radial_points
 
@@ -83,7 +92,9 @@ def pattern_sources(settings, archive):
     return [str(f) for f in files], dataset, detector, n_particles
 
 
-def pattern_counts(files, dataset, detector):
+def pattern_counts(files, dataset, detector, dtypes=None):
+    """Frames in each file (their dtypes appended to `dtypes` when given); the dataset's shape
+    and dtype, and its first and last frame, checked."""
     counts = []
     for f in files:
         try:
@@ -91,8 +102,10 @@ def pattern_counts(files, dataset, detector):
                 if dataset not in h:
                     raise InputError(f"no dataset '{dataset}' in the pattern file", file=f, key="input.dataset")
                 shape = h[dataset].shape
+                if dtypes is not None:
+                    dtypes.append(h[dataset].dtype)
                 check_stack(h[dataset], file=f, key="input.dataset", what="pattern intensities",
-                            nonfinite_masked=True)
+                            nonfinite_masked=True, negative_masked=True)
         except OSError as err:
             raise InputError(f"not a readable HDF5 pattern file ({err})", file=f) from None
         frames = shape if len(shape) == 3 else (1,) + tuple(shape)
@@ -145,6 +158,10 @@ def correlate_chunk(task, shared) -> dict:
         data = h[shared["dataset"]]
         for index in range(task["start"], task["stop"]):
             image = data[index] if data.ndim == 3 else data[()]
+            junk = frame_problem(image, task["file"], index if data.ndim == 3 else None)
+            if junk is not None:           # handed to the client, which refuses the run (exit 2)
+                sums["junk"] = [junk]
+                return sums
             values, mask = sample_polar(image, geometry, order)
             good = np.all(np.isfinite(values[mask]))
             if good and limits is not None and mask.any():
@@ -162,6 +179,31 @@ def correlate_chunk(task, shared) -> dict:
             sums["weight"] += m.sum(axis=-1)
             sums["n_good"] += 1
     return sums
+
+
+def frame_problem(image, file, index) -> dict | None:
+    """None for a usable frame; else {file, frame, problem} of a junk one: not real numbers, no
+    finite pixel, no positive signal (``check_intensities``; NaN/inf and negative pixels are the
+    pixels ``sample_polar`` masks, so neither is junk by itself)."""
+    try:
+        check_intensities(image, file=file, key="input.dataset", what="pattern intensities",
+                          nonfinite_masked=True, negative_masked=True)
+    except InputError as error:
+        return {"file": str(file), "frame": index, "problem": error.message}
+    return None
+
+
+def refuse_junk(part):
+    """The reduction's check of each chunk's result, in chunk order: exit 2 at the first junk
+    frame (its file, index and problem), before anything is written."""
+    junk = part.get("junk") if isinstance(part, dict) else None
+    if junk:
+        first = junk[0]
+        where = "the pattern" if first["frame"] is None else f"frame {first['frame']}"
+        raise InputError(f"{where} of {first['file']} is not a usable pattern: {first['problem']}",
+                         file=first["file"], key="input.dataset" + (
+                             "" if first["frame"] is None else f" (frame {first['frame']})"))
+    return part
 
 
 def accumulate(total, part) -> dict:
@@ -222,12 +264,22 @@ def finish(sums, n_phi: int, fc_n_max=None):
     return cc, average, valid
 
 
+def validate(settings):
+    """Before a run folder exists: refuse (exit 2) a grid whose partial sums would not fit in
+    memory even one per worker (memory_plan.plan_correlate; the frame size counted from
+    `detector` when the patterns come from input.pattern_list). The worker plans again with the
+    frames' real size and lowers multi_process.in_flight where needed."""
+    pixels = int(np.prod(settings.detector.image_dimensions)) if settings.input.pattern_list else 0
+    memory_plan.plan_correlate(settings, pixels, 1 << 20)
+
+
 def run(settings, archive):
     """Patterns → C(q1, q2, Δ) and Ī(q) in ccd.h5."""
     cpu_only(settings, archive.log, "fxs correlate", "pattern chunks are read, resampled to polar grids and "
              "correlated with small FFTs, spread over processes")
     files, dataset, detector, n_particles = pattern_sources(settings, archive)
-    counts = pattern_counts(files, dataset, detector)
+    dtypes = []
+    counts = pattern_counts(files, dataset, detector, dtypes)
     q = reciprocal_radial_points(settings.grid.max_q, settings.grid.n_radial_points)
     if settings.grid.max_q * detector.wavelength / (4 * np.pi) >= 1:
         raise InputError(f"max_q beyond 4π/λ = {4 * np.pi / detector.wavelength:.4g} 1/Å", key="grid.max_q")
@@ -244,6 +296,8 @@ def run(settings, archive):
                             detector.max_full_ring_q())
     tasks = chunk_tasks(files, counts, settings.chunk_size, settings.max_n_patterns)
     taken = sum(t["stop"] - t["start"] for t in tasks)
+    in_flight = memory_plan.plan_correlate(settings, int(np.prod(detector.shape)), len(tasks),
+                                           max(d.itemsize for d in dtypes), log=archive.log)
     filt = settings.intensity_filter
     shared = {"geometry": geometry, "order": settings.interpolation_order, "n_phi": n_phi,
               "dataset": dataset, "intensity_limits": (filt.min_mean, filt.max_mean) if filt.use else None}
@@ -256,8 +310,11 @@ def run(settings, archive):
 
     # partial sums added in chunk order as they arrive, then dropped; failed chunks come back as
     # TaskFailure after their retries and are left out
-    reduction = parallel.reduce(correlate_chunk, tasks, accumulate, settings.multi_process, shared=shared,
-                                on_result=progress, tolerate_failures=True)
+    def combine(total, part):
+        return accumulate(total, refuse_junk(part))
+
+    reduction = parallel.reduce(correlate_chunk, tasks, combine, settings.multi_process, shared=shared,
+                                on_result=progress, tolerate_failures=True, in_flight=in_flight)
     bar.close()
     failed = failed_chunk_records(tasks, reduction.failures)
     for record in failed:

@@ -19,6 +19,7 @@ import numpy as np
 from xpr.errors import InputError
 from xpr.backend import cpu_only
 from . import cross_correlation as ccd_file
+from . import memory_plan
 from .extraction import (extract_from_cc, invariants_from_projection, max_supported_order,
                          pixel_custom_cc_mask, projection_error_estimates, projection_matrices_3d,
                          projection_vectors_2d, q_limit_masks)
@@ -77,10 +78,19 @@ def extract_dataset(settings, data, log):
     return b, masks, limits, projection
 
 
+def validate(settings):
+    """Before a run folder exists: when input.ccd_file is given, whether extracting from it fits
+    in memory (memory_plan.plan_extract, from the file's header; exit 2). The latest ccd.h5 of
+    the home is checked by the worker, before it is read."""
+    if settings.input.ccd_file:
+        memory_plan.plan_extract(settings, Path(str(settings.input.ccd_file)).expanduser())
+
+
 def run(settings, archive):
     """ccd.h5 → proj_data.h5."""
     cpu_only(settings, archive.log, "fxs extract", "per-order eigen-decompositions of small matrices")
     path = input_path(settings, archive)
+    memory_plan.plan_extract(settings, path, log=archive.log)     # from the file's header, before reading it
     data = ccd_file.read_ccd(path)
     archive.log.info("cross-correlation from %s", path)
     if settings.extraction_mode != "cross_correlation":

@@ -5,31 +5,39 @@ reciprocal projection's fit metric switched per algorithm; `compile_policies` co
 HIO beta and shrink-wrap ramps of RealSpaceOptions into the schedule first."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from xpr.fxs.grids import PhasingGrid
 from xpr.fxs.real_space import shrink_wrap
 from xpr.fxs.transforms import FourierTransformPair, integrate
+from xpr.options import options, setting
 
 
-@dataclass
+def _hio_betas(beta):
+    """projections.real.HIO.beta as a ramp specifier, None when not given (the steps' own betas)."""
+    return None if beta in (None, False, ()) else beta
+
+
+@options("fxs", "reconstruct")
 class RealSpaceOptions:
-    """Real-space constraints and their schedules (xFrame's projections.real).
+    """Real-space constraints and their schedules (xFrame's projections.real; the defaults are
+    those of settings_defaults/fxs/reconstruct.yaml).
 
     sw_sigmas, sw_thresholds: ramp specifiers (xpr.phasing.schedule.ramp_values: [first, last]
     linear over the shrink-wraps, or xFrame's segments) for SW steps that set no value of their
     own; hio_betas: a ramp specifier ([first, last] exponential, or xFrame's segments) over the
     HIO iterations of every HIO step without its own beta (None: the steps' own betas).
+    positivity and resolution are derived (xpr.fxs.reconstruct.real_space_options): positivity
+    from `apply` and value_threshold, resolution from the grid.
     """
 
     positivity: bool = True
-    sw_sigmas: tuple = (20.0, 5.0)          # Å
-    sw_thresholds: tuple = (0.1, 0.1)       # fraction of the blurred maximum
-    hio_betas: tuple | None = None
-    enforce_initial_support: bool = True
-    enforce_if_error_bigger_than: float = 0.0
+    sw_sigmas: tuple = setting("projections.real.shrink_wrap.sigmas")                # Å
+    sw_thresholds: tuple = setting("projections.real.shrink_wrap.thresholds")        # of the blurred maximum
+    hio_betas: tuple | None = setting("projections.real.HIO.beta", _hio_betas)
+    enforce_initial_support: bool = setting("projections.real.support.enforce_initial_support.apply", bool)
+    enforce_if_error_bigger_than: float = setting(
+        "projections.real.support.enforce_initial_support.if_error_bigger_than", float)
     resolution: float | None = None         # Å: xFrame's False sigma (the half-period resolution)
 
 

@@ -33,6 +33,7 @@ from xpr import parallel
 from xpr.backend import BackendSpec
 from xpr.errors import InputError
 from xpr.fxs.grids import build_grid
+from xpr.fxs import memory_plan
 from xpr.fxs.iterate import RealSpaceOptions, compile_policies, phase
 from xpr.fxs.particle_number import check_search_space, estimate_number_of_particles
 from xpr.fxs.real_space import density_guess, radial_field
@@ -294,14 +295,8 @@ def real_space_options(settings, grid=None) -> RealSpaceOptions:
     if unknown:
         raise InputError(f"unknown real-space projections {unknown} (known: support, value_threshold, limit_imag)",
                          key="projections.real.apply")
-    enforce = real.support.enforce_initial_support
-    return RealSpaceOptions(
-        positivity=("value_threshold" in apply) and low is not None,
-        sw_sigmas=real.shrink_wrap.sigmas,
-        sw_thresholds=real.shrink_wrap.thresholds,
-        hio_betas=real.HIO.beta if real.HIO.beta not in (None, False, ()) else None,
-        enforce_initial_support=bool(enforce.apply),
-        enforce_if_error_bigger_than=float(enforce.if_error_bigger_than),
+    return RealSpaceOptions.from_settings(
+        settings, positivity=("value_threshold" in apply) and low is not None,
         resolution=None if grid is None else float(np.pi / grid.max_q))
 
 
@@ -312,6 +307,13 @@ def validate(settings):
     import dataclasses
 
     _schedule(settings, dataclasses.replace(real_space_options(settings), resolution=1.0))
+    folded, _ = fold_xframe_settings(settings)
+    g = folded.grid
+    if g.n_radial_grid_points:      # the grid's size is known without the data: its memory is checked here
+        grid = build_grid(folded.dimensions, g.n_radial_grid_points, 1.0, g.max_order, g.n_theta, g.n_phi)
+        backend = BackendSpec.from_settings(folded)
+        memory_plan.plan_reconstruct(grid, folded, 8 if backend.precision == "double" else 4,
+                                     on_gpu=backend.on_device)
 
 
 def _schedule(settings, options):
@@ -341,24 +343,24 @@ def _phase_batch(task: dict) -> list:
     backend = task["backend"].create()
     grid = task["grid"]
     transform = FourierTransformPair(grid, backend)
-    refinement = settings["projections"]["reciprocal"]["modulus_refinement"]
+    refinement = settings.projections.reciprocal.modulus_refinement
     projection = InvariantProjection(transform, task["constraint"],
-                                     PointwiseRefinement(int(refinement["steps"]), float(refinement["step_size"]),
-                                                         float(refinement["max_weight_ratio"])))
+                                     PointwiseRefinement(int(refinement.steps), float(refinement.step_size),
+                                                         float(refinement.max_weight_ratio)))
     xp = backend.xp
     n = len(task["seeds"])
-    guess = settings["density_guess"]
-    radius = guess["radius"] or settings["particle_radius"]
+    guess = settings.density_guess
+    radius = guess.radius or settings.particle_radius
     densities = []
     for seed in task["seeds"]:
         rng = np.random.default_rng(seed)
-        densities.append(backend.asnumpy(density_guess(grid, 1, radius, guess["type"], guess["bump"]["slope"],
-                                                       guess["amplitude_function"], guess["random"]["SNR"],
+        densities.append(backend.asnumpy(density_guess(grid, 1, radius, guess.type, guess.bump.slope,
+                                                       guess.amplitude_function, guess.random.SNR,
                                                        rng, task["target_norm"], np)))
     initial = xp.asarray(np.concatenate(densities, axis=-2), dtype=backend.real_dtype)
-    support_radius = settings["projections"]["real"]["support"]["initial_support"]["max_radius"] \
-        or settings["particle_radius"]
-    apply_support = "support" in settings["projections"]["real"]["apply"]
+    real = settings.projections.real
+    support_radius = real.support.initial_support.max_radius or settings.particle_radius
+    apply_support = "support" in real.apply
     support = radial_field(grid, grid.real_radii <= (support_radius if apply_support else np.inf), n, xp).astype(bool)
 
     from tqdm.auto import tqdm
@@ -369,7 +371,7 @@ def _phase_batch(task: dict) -> list:
         start = time.perf_counter()
         result = phase(transform, projection, task["steps"], initial, support, task["options"],
                        progress=bar, loop_names=task["loop_names"],
-                       fit_metrics=dict(settings["projections"]["reciprocal"]["fit_metric"]))
+                       fit_metrics=dict(settings.projections.reciprocal.fit_metric))
         seconds = time.perf_counter() - start
 
     best = xp.asarray(result["real_density"])
@@ -561,9 +563,10 @@ def run(settings, archive):
     backend = BackendSpec.from_settings(settings)
     n = settings.n_reconstructions
     seeds = parallel.task_seeds(settings.random_seed, n)
-    batch = settings.multi_process.batch_size
-    plain = settings.to_dict()
-    tasks = [{"settings": plain, "backend": backend, "grid": grid, "constraint": constraint,
+    # reconstructions per batch: multi_process.batch_size, fewer when their memory would not fit
+    batch = memory_plan.plan_reconstruct(grid, settings, 8 if backend.precision == "double" else 4,
+                                         on_gpu=backend.on_device, log=archive.log)
+    tasks = [{"settings": settings, "backend": backend, "grid": grid, "constraint": constraint,
               "steps": steps, "loop_names": loop_names, "options": options,
               "target_norm": target_density_norm(constraint, grid), "seeds": seeds[i:i + batch],
               "n_particles": n_particles,

@@ -18,6 +18,7 @@ import numpy as np
 from xpr.errors import InputError
 from xpr.backend import cpu_only
 from . import cross_correlation as ccd_file
+from . import memory_plan
 from .grids import n_phi_for_order, reciprocal_radial_points
 from .invariants import (average_intensity_from_invariants, deg2_invariants_2d, deg2_invariants_3d,
                          invariants_to_cc, model_intensity_coefficients)
@@ -32,6 +33,14 @@ def check_grid(settings):
     if settings.dimensions == 3 and wavelength and grid.max_q * wavelength / (4 * np.pi) >= 1:
         raise InputError(f"max_q = {grid.max_q} 1/Å is beyond the Ewald sphere of λ = {wavelength} Å "
                          f"(q < 4π/λ = {4 * np.pi / wavelength:.4g})", key="grid.max_q")
+
+
+def validate(settings):
+    """Before a run folder exists: the grid's values, and the memory the invariants and the
+    cross-correlation of this grid need (memory_plan.simulate_ccd; exit 2 naming
+    grid.n_radial_points, the estimate and the limit)."""
+    check_grid(settings)
+    memory_plan.plan_simulate_ccd(settings)
 
 
 def model_invariants(settings, model, progress=None):
@@ -57,6 +66,7 @@ def run(settings, archive):
     """Model → B_l → C(q1, q2, Δ); writes ccd.h5 and the model density."""
     cpu_only(settings, archive.log, "fxs simulate_ccd", "one analytic model's invariants, small transforms")
     check_grid(settings)
+    memory_plan.plan_simulate_ccd(settings, log=archive.log)
     rng = np.random.default_rng(settings.random_seed)
     model = model_from_settings(settings.shapes, settings.dimensions, rng)
     archive.log.info("model: %d shapes, extent %.1f Å", len(model.shapes), model.extent)

@@ -56,11 +56,13 @@ def _mask(mask, shape, file, key):
 
 
 def check_intensities(array, mask=None, file=None, key=None, log=None, what="intensities",
-                      nonfinite_masked=False):
+                      nonfinite_masked=False, negative_masked=False):
     """Measured intensities, checked and cleaned: returns (float array, n_clipped).
 
     mask: True / nonzero = masked (not measured); its pixels may hold NaN, inf or anything.
     nonfinite_masked: NaN/inf pixels mark masked pixels (fxs patterns carry no mask otherwise).
+    negative_masked: negative pixels mark masked pixels too (fxs correlate masks them), so they
+    are neither clipped nor logged.
     Refused (InputError, exit 2): complex, non-numeric, empty, NaN or inf outside the mask, all
     zero or no positive value outside the mask. Negative values outside the mask are clipped to
     0, and their count logged (log: a logging.Logger) and returned.
@@ -73,6 +75,11 @@ def check_intensities(array, mask=None, file=None, key=None, log=None, what="int
         if not finite.any():
             fail(f"no finite {what}: all {array.size} pixels are NaN or infinite")
         masked = ~finite if masked is None else (masked | ~finite)
+    if negative_masked:
+        with np.errstate(invalid="ignore"):
+            below = array < 0
+        if below.any():
+            masked = below if masked is None else (masked | below)
     values = array if masked is None else array[~masked]
     if values.size == 0:
         fail(f"every pixel is masked: no measured {what}")

@@ -37,7 +37,7 @@ import numpy as np
 
 from xpr import parallel
 from xpr.backend import cpu, cpu_only
-from xpr.em.ali3d import euler, fsc as fsc_tools, particles, phantom, symmetry
+from xpr.em.ali3d import euler, fsc as fsc_tools, memory_estimate, particles, phantom, symmetry
 from xpr.em.ali3d.project import prepare_projector
 from xpr.em.ali3d.reconstruct import FourierGrid, InsertionBatch, grid_to_volume, insert_batch, sample_projector
 from xpr.em.ali3d.refine import AlignmentTask, refine_images
@@ -92,7 +92,7 @@ def split(indices, pieces: int):
     return [part for part in np.array_split(np.asarray(indices), max(1, pieces)) if len(part)]
 
 
-def insertion_batches(images, indices, old, new, options, ctf, estimate=None, max_radius=None):
+def insertion_batches(images, indices, old, new, options, ctf, estimate=None, max_radius=None, weights=True):
     """Tasks inserting images `indices` with parameters `new` and taking out those with `old`
     (either may be None); one batch per image subset."""
     angle_sets, shift_sets, signs, stack = [], [], [], []
@@ -111,10 +111,10 @@ def insertion_batches(images, indices, old, new, options, ctf, estimate=None, ma
                           shifts_px=np.concatenate(shift_sets), group=options.group, npad=options.npad,
                           kernel_width=options.kernel_width, signs=np.concatenate(signs), ctf=ctf_subset,
                           ctf_mode=options.ctf_mode, pixel_size_A=options.pixel_size_A, estimate=estimate,
-                          max_radius=max_radius)
+                          max_radius=max_radius, weights=weights)
 
 
-def fourier_sums(images, indices, old, new, options, ctf, estimate=None, max_radius=None):
+def fourier_sums(images, indices, old, new, options, ctf, estimate=None, max_radius=None, weights=True):
     """The change of one half set's Fourier sums D, T, N from (re)inserting images `indices`
     (with `estimate`, a projector of the current volume: the sums of the residuals instead).
 
@@ -123,7 +123,7 @@ def fourier_sums(images, indices, old, new, options, ctf, estimate=None, max_rad
     grid = FourierGrid.empty(images.shape[-1], options.npad, options.kernel_width)
     if len(indices):
         grid.add(insert_batch(insertion_batches(images, np.asarray(indices), old, new, options, ctf, estimate,
-                                                max_radius)))
+                                                max_radius, weights)))
     return grid
 
 
@@ -141,7 +141,9 @@ def reconstruction(grid, indices, params, images, options, ctf, backend, radius=
     limit = None if radius is None else radius + options.kernel_width
     for _ in range(options.gridding_iterations):
         estimate = sample_projector(volume, options.npad, options.kernel_width, backend, limit)
-        residual = fourier_sums(images, indices, None, params, options, ctf, estimate, limit)
+        # the residuals' weights N, T are the grid's own (same images, same parameters): not summed again
+        residual = fourier_sums(images, indices, None, params, options, ctf, estimate, limit, weights=False)
+        residual.count, residual.ctf_weight = grid.count, grid.ctf_weight
         volume = volume + volume_of(residual, options, backend)
     return volume
 
@@ -533,12 +535,19 @@ def write_criterion_log(history, archive):
         tmp.write_text("\n".join(lines) + "\n")
 
 
+def validate(settings):
+    """Exit 2 before the run folder exists when the refinement would not fit in memory even with
+    one worker process (sizes from the settings or the stack's header)."""
+    memory_estimate.plan(settings)
+
+
 def run(settings, archive):
     """Read (or simulate) the data, refine, write every iteration and the final product."""
     backend = cpu_only(settings, archive.log, "local_ali3d",
                        "the per-image simplex searches over small images are CPU work, spread over processes")
     images, angles, shifts_px, ctf, pixel, table, truth, phantom_volume = read_input(settings, archive, backend)
     box = images.shape[-1]
+    spread = memory_estimate.plan(settings, archive.log, shape=(len(images), box))
     options = options_from_settings(settings, box, pixel)
     mask = None if settings.input.mask is None else read_mask(settings.input.mask, box)
     archive.log.info("%d images of %d², point group %s (%d rotations), CTF %s", len(images), box,
@@ -551,7 +560,7 @@ def run(settings, archive):
         write_iteration(state, archive, table, options, ctf)
 
     state = local_ali3d(images, angles, shifts_px, options, ctf=ctf, mask=mask, backend=backend,
-                        multi_process=settings.get("multi_process"), log=archive.log, progress=archive.progress,
+                        multi_process=spread, log=archive.log, progress=archive.progress,
                         truth=truth, on_iteration=on_iteration)
     particles.write_parameters(archive.file("refined_parameters.star"), table, state.angles, state.shifts_px,
                                pixel, ctf)

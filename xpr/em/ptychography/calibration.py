@@ -35,6 +35,7 @@ from scipy import optimize
 
 from xpr import backend as backends
 from xpr.em.optics import electron_wavelength_A, with_defocus
+from xpr.em.ptychography import rotation
 from xpr.errors import InputError
 from xpr.io.checks import check_intensity_frames
 
@@ -224,16 +225,25 @@ def fit_pl_rotation(com_y, com_x, try_transposed=True, dark_field=None) -> Rotat
         theta = float(best.x)
         g_y, g_x = rotate_to_scan_frame(com_y, com_x, theta, transposed)
         curl, divergence = _curl_and_divergence(g_y, g_x)
-        if dark_field is not None:
-            flip = float(np.sum(_integrate_periodic(g_y, g_x) * dark_field)) < 0
-        else:
-            flip = float(np.mean((divergence - divergence.mean()) ** 3)) > 0
-        if flip:
+        if branch_is_flipped(com_y, com_x, theta, transposed, dark_field):
             theta += 180.0
         theta = (theta + 180.0) % 360.0 - 180.0
         ratio = float(np.sqrt(np.mean(curl ** 2) / max(np.mean(divergence ** 2), 1e-300)))
         candidates.append(RotationFit(theta, transposed, ratio))
     return min(candidates, key=lambda fit: fit.curl_ratio)
+
+
+def branch_is_flipped(com_y, com_x, theta_deg, transposed, dark_field=None) -> bool:
+    """Whether θ + 180° rather than θ is the PL rotation, from the CoM field (ny, nx maps,
+    detector frame, means removed): the phase integrated from the field rotated by θ must
+    correlate positively with the `dark_field` counts (ny, nx, mean removed) — atoms have a
+    positive phase and scatter outside the bright field; without a dark field, its divergence
+    must be negatively skewed (∇²φ is sharply negative on atoms)."""
+    g_y, g_x = rotate_to_scan_frame(com_y, com_x, theta_deg, transposed)
+    if dark_field is not None:
+        return float(np.sum(_integrate_periodic(g_y, g_x) * dark_field)) < 0
+    _, divergence = _curl_and_divergence(g_y, g_x)
+    return float(np.mean((divergence - divergence.mean()) ** 3)) > 0
 
 
 def dark_field_signal(patterns, outer_factor=1.2, threshold=BRIGHT_FIELD_THRESHOLD):
@@ -254,6 +264,31 @@ def dark_field_mask(mean_pattern, outer_factor=1.2, threshold=BRIGHT_FIELD_THRES
     kx = np.arange(n_kx)[None, :] - n_kx // 2
     outside = np.hypot(ky, kx) > outer_factor * radius + 1.0
     return outside if outside.sum() >= 4 else None
+
+
+def rotation_branch_margin() -> float:
+    """Branch score (rotation.ParallaxFit.branch_score) below which the 180° choice is flagged."""
+    return rotation.BRANCH_MARGIN
+
+
+def _parallax(batches, mean_pattern, rez, wavelength_A, conv_semiangle_mrad, scan_size,
+              scan_step_A, allow_transposed, known_c10, dark_field):
+    """rotation.parallax_fit on the prepared (unpadded) patterns, or None when the scan or the
+    bright-field disk is too small for it (fewer than 8 × 8 points or 16 BF pixels). The
+    central rotation.MAX_SCAN_SIDE² scan points are used."""
+    if min(scan_size) < 8:
+        return None
+    k_disk = None if conv_semiangle_mrad is None else conv_semiangle_mrad * 1e-3 / wavelength_A
+    images, k_yx = rotation.bright_field_stack(batches, mean_pattern, rez, k_disk, scan_size,
+                                               BRIGHT_FIELD_THRESHOLD,
+                                               max_side=rotation.MAX_SCAN_SIDE)
+    if len(k_yx) < 16:
+        return None
+    if dark_field is not None:          # on the same central scan points as the images
+        dark_field = dark_field[rotation.central_window(scan_size, rotation.MAX_SCAN_SIDE)]
+    return rotation.parallax_fit(images, k_yx, scan_step_A, wavelength_A, rez, backends.cpu(),
+                                 "auto" if allow_transposed else False, known_c10,
+                                 dark_field, k_disk)
 
 
 # --------------------------------------------------------------------------------------------
@@ -440,7 +475,9 @@ class Experiment:
     total_thickness_A: float = 1.0
     scan_positions_A: np.ndarray = field(default=None, repr=False)
     scan_positions_px: np.ndarray = field(default=None, repr=False)
-    pl_rotation_fit: RotationFit | None = None
+    pl_rotation_fit: RotationFit | None = None     # the CoM fit (PLRotation_deg: auto)
+    parallax_fit: rotation.ParallaxFit | None = None   # the bright-field parallax fit (auto)
+    c10_from_parallax: bool = False      # aberrations were not calibrated: C10 is the parallax's
     center_shift_px: tuple = (0, 0)
     notes: list = field(default_factory=list)
     com_px: tuple | None = None          # (com_y, com_x) of the prepared patterns when streamed
@@ -598,8 +635,8 @@ class Experiment:
             mean_pattern = np.roll(mean_pattern, center_shift, axis=(0, 1))
             stream_com = (com_y0 + center_shift[0], com_x0 + center_shift[1])
             notes.append(f"{scan.n_patterns} patterns streamed from the file in batches of "
-                         f"{prepared.batch_size} ({scan.nbytes_float32 / 1e9:.2f} GB as float32 > "
-                         f"max_memory_GB {memory_GB:g})")
+                         f"{prepared.batch_size} ({scan.nbytes_float32 / 1e9:.3g} GB as float32 > the "
+                         f"budget of {memory_GB:.3g} GB)")
         else:
             prepared = np.asarray(stack, dtype=np.float32)
             if bool(given.get("flip_ky", False)):
@@ -630,9 +667,15 @@ class Experiment:
             raise InputError(f"reciprocal pixel size must be positive, got {rez}",
                              key="experiment.rez_pixel_size_A")
 
-        # PL rotation (and, when asked, transposition) from the CoM field
+        # PL rotation (and, when asked, transposition): from the bright-field parallax when the
+        # probe is defocused enough, else from the curl-free CoM field
         pl_setting = given.get("PLRotation_deg", "auto")
-        rotation_fit = None
+        rotation_fit = parallax = None
+        known_c10 = None
+        if given.get("aberrations") is not None or given.get("defocus") is not None:
+            known_c10 = with_defocus([float(c) for c in np.ravel(given.get("aberrations") or [])],
+                                     float(given.get("defocus") or 0.0))[0]
+        fitted_c10 = None
         if isinstance(pl_setting, str):
             if pl_setting.lower() != "auto":
                 raise InputError(f"PLRotation_deg must be a number or auto, got {pl_setting!r}",
@@ -640,15 +683,67 @@ class Experiment:
             if stream:
                 com_y, com_x = stream_com
                 dark_field = streamed_dark_field(prepared, mean_pattern)
+                bright_mean, batches = mean_pattern, prepared.batches()
             else:
                 com_y, com_x = center_of_mass(prepared)
                 dark_field = dark_field_signal(prepared)
-            rotation_fit = fit_pl_rotation(
-                com_y.reshape(scan_size), com_x.reshape(scan_size),
-                try_transposed=transposed_setting == "auto",
-                dark_field=None if dark_field is None else dark_field.reshape(scan_size))
-            pl_rotation_deg = rotation_fit.angle_deg
-            if rotation_fit.transposed:
+                bright_mean, batches = prepared.mean(axis=0), [(0, prepared)]
+            com_y, com_x = com_y.reshape(scan_size), com_x.reshape(scan_size)
+            if dark_field is not None:
+                dark_field = dark_field.reshape(scan_size) - dark_field.mean()
+                dark_field = dark_field if np.any(dark_field) else None
+            rotation_fit = fit_pl_rotation(com_y, com_x,
+                                           try_transposed=transposed_setting == "auto",
+                                           dark_field=dark_field)
+            parallax = _parallax(batches, bright_mean, rez, wavelength_A, conv_semiangle,
+                                 scan_size, scan_step_A, transposed_setting == "auto", known_c10,
+                                 dark_field)
+            com_note = (f"centre-of-mass fit {rotation_fit.angle_deg:.2f}°"
+                        f"{' transposed' if rotation_fit.transposed else ''} (rms curl / "
+                        f"divergence {rotation_fit.curl_ratio:.3f})")
+            com_reliable = rotation_fit.curl_ratio <= UNRELIABLE_CURL_RATIO
+            if parallax is not None and (parallax.reliable
+                                         or (parallax.usable and not com_reliable)):
+                if known_c10 is None or abs(known_c10) < 1e-6:
+                    if known_c10 is None:
+                        fitted_c10 = parallax.c10_A
+                    else:
+                        notes.append(f"WARNING: the calibrated C10 is 0 but the bright-field "
+                                     f"parallax says {parallax.c10_A:.1f} Å")
+                pl_rotation_deg, swap = parallax.angle_deg, parallax.transposed
+                notes.append(
+                    f"PL rotation from the bright-field parallax: {pl_rotation_deg:.2f}° "
+                    f"± {parallax.uncertainty_deg:.2f}°{', detector transposed' if swap else ''} "
+                    f"({parallax.n_bright_field} BF images, parallax {parallax.edge_shift_steps:.1f}"
+                    f" scan steps at the disk edge, misfit {parallax.misfit_steps:.2f}; C10 "
+                    f"{parallax.c10_A:.1f} Å; 180° branch from "
+                    f"{'the calibrated C10' if known_c10 else 'the tcBF phase against the dark field' if dark_field is not None else 'the tcBF phase skewness'}); "
+                    f"{com_note}")
+                if not known_c10 and parallax.branch_score < rotation_branch_margin():
+                    notes.append(f"WARNING: the 180° branch of the PL rotation is uncertain "
+                                 f"(the two branches' scores differ by "
+                                 f"{parallax.branch_score:.3f}); give the sign of C10 "
+                                 "(experiment.aberrations or defocus) or PLRotation_deg")
+                if not parallax.reliable:
+                    notes.append("WARNING: the bright-field parallax is noisy and the centre-of-"
+                                 "mass field far from curl-free: the fitted PL rotation is "
+                                 "uncertain; give experiment.PLRotation_deg if it is known")
+            else:
+                pl_rotation_deg, swap = rotation_fit.angle_deg, rotation_fit.transposed
+                why = ("no bright-field disk" if parallax is None else
+                       f"parallax {parallax.edge_shift_steps:.1f} scan steps at the disk edge, "
+                       f"misfit {parallax.misfit_steps:.2f} steps, θ ± {parallax.uncertainty_deg:.1f}°")
+                notes.append(f"PL rotation fitted from the curl-free CoM field: "
+                             f"{pl_rotation_deg:.2f}°{', detector transposed' if swap else ''} "
+                             f"(rms curl / divergence {rotation_fit.curl_ratio:.3f}; the "
+                             f"bright-field parallax is not usable: {why})")
+                if rotation_fit.curl_ratio > UNRELIABLE_CURL_RATIO:
+                    notes.append(f"WARNING: the centre-of-mass field is far from curl-free at "
+                                 f"every angle (ratio {rotation_fit.curl_ratio:.2f} > "
+                                 f"{UNRELIABLE_CURL_RATIO}) and the bright-field parallax "
+                                 "unusable (probe near focus, or noise): the fitted PL rotation "
+                                 "is unreliable; give experiment.PLRotation_deg")
+            if swap:
                 if stream:
                     prepared.transposed = not prepared.transposed
                     stream_com = stream_com[::-1]
@@ -656,15 +751,9 @@ class Experiment:
                 else:
                     prepared = np.ascontiguousarray(np.swapaxes(prepared, 1, 2))
                 transposed = True
-            notes.append(f"PL rotation fitted from the curl-free CoM field: {pl_rotation_deg:.2f}°"
-                         f"{', detector transposed' if rotation_fit.transposed else ''} "
-                         f"(rms curl / divergence {rotation_fit.curl_ratio:.3f})")
-            if rotation_fit.curl_ratio > UNRELIABLE_CURL_RATIO:
-                notes.append(f"WARNING: the centre-of-mass field is far from curl-free at every "
-                             f"angle (ratio {rotation_fit.curl_ratio:.2f} > "
-                             f"{UNRELIABLE_CURL_RATIO}): the fitted PL rotation is unreliable "
-                             "(scan step too coarse for the CoM field, or noise); give "
-                             "experiment.PLRotation_deg")
+            if fitted_c10 is not None:
+                notes.append(f"aberrations not calibrated: C10 = {fitted_c10:.1f} Å (defocus "
+                             f"{-fitted_c10:.1f} Å) taken from the bright-field parallax")
         else:
             pl_rotation_deg = float(pl_setting)
             if transposed_setting == "auto":
@@ -688,6 +777,8 @@ class Experiment:
 
         aberrations = given.get("aberrations") or []
         aberrations = [float(c) for c in np.ravel(aberrations)]
+        if fitted_c10 is not None:
+            aberrations = [fitted_c10]
         return cls(
             patterns=prepared, scan_size=scan_size, scan_step_A=scan_step_A,
             acc_voltage_kV=acc_voltage, wavelength_A=wavelength_A, rez_pixel_size_invA=rez,
@@ -697,7 +788,9 @@ class Experiment:
             num_slices=int(given.get("num_slices", 1) or 1),
             total_thickness_A=float(given.get("total_thickness", 1.0) or 1.0),
             scan_positions_A=positions_A, scan_positions_px=positions_px,
-            pl_rotation_fit=rotation_fit, center_shift_px=center_shift, notes=notes,
+            pl_rotation_fit=rotation_fit, parallax_fit=parallax,
+            c10_from_parallax=fitted_c10 is not None, center_shift_px=center_shift,
+            notes=notes,
             com_px=stream_com, mean_pattern=mean_pattern if stream else None)
 
 

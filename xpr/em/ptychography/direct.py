@@ -7,18 +7,8 @@ import numpy as np
 
 from xpr import backend as backends
 from xpr import plot
-from xpr.em import optics
+from xpr.em.ptychography.bright_field import probe_spectrum_at  # noqa: F401  (wdd, tcbf)
 from xpr.em.ptychography.calibration import load_experiment
-
-
-def probe_spectrum_at(ky, kx, wavelength_A, aperture_radius_invA, edge_width_invA, aberrations,
-                      xp=np):
-    """P̃(k) = A(k) e^{−iχ(k)} at arbitrary (ky, kx) in Å⁻¹, with xpr.em.optics' soft aperture edge
-    (linear over one detector pixel, `edge_width_invA`); not normalised."""
-    k = xp.sqrt(ky ** 2 + kx ** 2)
-    amplitude = xp.clip((aperture_radius_invA - k) / edge_width_invA + 0.5, 0.0, 1.0)
-    chi = optics.aberration_phase(kx, ky, wavelength_A, list(aberrations), xp)
-    return amplitude * xp.exp(-1j * chi)
 
 
 def default_data_path(settings, archive):

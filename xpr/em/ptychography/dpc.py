@@ -23,7 +23,7 @@ import math
 
 import numpy as np
 
-from xpr.em.ptychography import direct
+from xpr.em.ptychography import direct, memory_estimate
 from xpr.em.ptychography.calibration import center_of_mass, rotate_to_scan_frame
 
 
@@ -76,11 +76,17 @@ def reconstruct(experiment, backend, high_pass_invA=0.0, low_pass_invA=0.0, pad_
             "com_x_invA": backend.asnumpy(g_x * to_invA).astype(np.float32)}
 
 
+def validate(settings):
+    """Exit 2 before the run folder exists when the scan could not fit even streamed."""
+    memory_estimate.validate_direct("dpc", settings)
+
+
 def run(settings, archive):
     """Calibrate, take the CoM, rotate into the scan frame, integrate; save phase and CoM maps."""
     options = settings["dpc"]
-    backend, experiment, data_path = direct.prepare(settings, archive,
-                                                    float(options["max_memory_GB"]))
+    plan = memory_estimate.plan_direct("dpc", settings, direct.default_data_path(settings, archive),
+                                       log=archive.log)
+    backend, experiment, data_path = direct.prepare(settings, archive, plan["memory_GB"])
     result = reconstruct(experiment, backend, high_pass_invA=float(options["high_pass_invA"]),
                          low_pass_invA=float(options["low_pass_invA"]),
                          pad_factor=float(options["pad_factor"]))

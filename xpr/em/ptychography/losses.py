@@ -133,10 +133,14 @@ def noise_floor(counts, name: str, xp, mask=None) -> float:
 
     from xpr.backend import to_host
 
-    mean = to_host(xp.mean(counts, axis=0, dtype=xp.float64))
+    # streaming.StreamedCounts: one pass over the file, block by block
+    blocks = counts.blocks() if hasattr(counts, "blocks") else [counts]
+    total, saturated = 0.0, 0.0
+    for block in blocks:
+        total = total + to_host(xp.sum(block, axis=0, dtype=xp.float64))
+        if name == "ml":
+            data = block if mask is None else block * mask
+            saturated += float(xp.sum(data - data * xp.log(data + EPSILON), dtype=xp.float64))
+    mean = total / counts.shape[0]
     weight = 1.0 if mask is None else to_host(mask)
-    level = counts.shape[0] * float(np.sum(expected_loss_per_pixel(name, mean) * weight))
-    if name == "ml":
-        data = counts if mask is None else counts * mask
-        level += float(xp.sum(data - data * xp.log(data + EPSILON), dtype=xp.float64))
-    return level
+    return counts.shape[0] * float(np.sum(expected_loss_per_pixel(name, mean) * weight)) + saturated

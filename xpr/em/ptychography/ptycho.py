@@ -22,6 +22,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import NamedTuple
@@ -110,9 +111,42 @@ def reconstruction_memory(resident: dict, object_shape, slices: int, modes: int,
         "batch work arrays": int(lanes) * int(batch_size) * arrays_per_pattern * n * n * 8}))
 
 
+def model_state_bytes(settings, given, scan_shape, detector) -> dict:
+    """Before calibration: the object, probe and L-BFGS state (reconstruction_memory's) of the
+    object the settings' calibration implies (rez_pixel_size_A, scan_step_A, an unrotated
+    raster); {} when the settings do not say (then only the check after calibration counts it)."""
+    rez, step = given.get("rez_pixel_size_A"), given.get("scan_step_A")
+    if not isinstance(rez, (int, float)) or not isinstance(step, (int, float)) or scan_shape is None \
+            or rez <= 0:
+        return {}
+    data_bin = given.get("data_bin", 1) or 1
+    n = int(detector[-1]) // int(data_bin)
+    pad = given.get("data_pad", 0)
+    n += 2 * (int(math.ceil(n / 4)) if pad is None else int(pad))
+    pixel_A = 1.0 / (float(rez) * data_bin * n)
+    margin = int(settings.reconstruction.object_margin_px)
+    shape = [int(math.ceil((int(s) - 1) * float(step) / pixel_A)) + n + 2 * margin + 1 for s in scan_shape[:2]]
+    slices = int(given.get("num_slices", 1) or 1)
+    state = reconstruction_memory({}, shape, slices, int(settings.probe.modes), n, 0, 0,
+                                  int(settings.reconstruction.lbfgs.history))
+    return {"object, probe and L-BFGS state": state.bytes()}
+
+
 def check_data_fits(settings, data_path, log=None):
     """Stop (exit 2, key reconstruction.max_memory_GB) before reading a scan whose data would
-    not fit: the scan's shape is read from the file without its data."""
+    not fit, even streamed from the file: the scan's shape is read from the file without its
+    data. Returns the memory limit."""
+    return data_plan(settings, data_path, log)[0]
+
+
+STREAM_FRACTION = 0.25     # of the usable limit for a streamed scan's blocks and file reads
+
+
+def data_plan(settings, data_path, log=None):
+    """(memory limit, streaming budget in GB or None): None when the scan read, calibrated and
+    held in memory fits the limit; else the data are streamed from the file
+    (streaming.StreamedCounts) with STREAM_FRACTION of the usable limit for the blocks read at
+    once, and only the held-out set (as bits) resident — exit 2 if even that cannot fit."""
     from xpr.io.stem4d import open_scan
 
     experiment = settings.experiment
@@ -120,22 +154,51 @@ def check_data_fits(settings, data_path, log=None):
     with open_scan(Path(data_path).expanduser(), given.get("dataset"),
                    given.get("scan_size")) as scan:
         n_patterns, detector = scan.n_patterns, scan.detector_shape
+        raw_bytes = scan.nbytes_float32
+        scan_shape = given.get("scan_size") or scan.scan_shape
+    fraction = float(settings.reconstruction.validation_fraction)
     reading, resident = data_memory(n_patterns, detector, given.get("data_bin", 1) or 1,
-                                    given.get("data_pad", 0),
-                                    float(settings.reconstruction.validation_fraction))
-    reading.add("holding the data", resident)
+                                    given.get("data_pad", 0), fraction)
+    state = model_state_bytes(settings, given, scan_shape, detector)
+    reading.add("holding the data", dict(resident, **state))
     limit = memory_limit(settings)
     what = f"ptycho on {n_patterns} patterns of {detector[0]}x{detector[1]} px"
-    memory.require(reading, limit, MEMORY_KEY, what, _memory_hint())
-    memory.log_plan(log, what, reading, limit)
-    return limit
+    if reading.bytes() <= memory.USABLE_FRACTION * limit.bytes:
+        memory.log_plan(log, what, reading, limit)
+        return limit, None
+    budget = STREAM_FRACTION * memory.USABLE_FRACTION * limit.bytes
+    streamed = memory.Estimate().add("streaming the scan", dict(streamed_resident(
+        n_patterns, detector, given.get("data_bin", 1) or 1, given.get("data_pad", 0), fraction,
+        budget), **state))
+    memory.require(streamed, limit, MEMORY_KEY, what + " (streamed from the file)",
+                   _memory_hint())
+    memory.log_plan(log, what + f" streamed from the file (it needs {reading.describe()} "
+                    "in memory)", streamed, limit)
+    # at most half the scan at once, so that the calibration streams too
+    return limit, min(budget, 0.5 * raw_bytes) / 1e9
 
 
-def batch_work_GB(experiment, settings, limit: memory.Limit) -> float:
+def streamed_resident(n_patterns, detector_shape, data_bin, data_pad, validation_fraction,
+                      budget_bytes) -> dict:
+    """The data arrays resident while a streamed scan is reconstructed: the blocks read from
+    the file (the budget) and the held-out pixel set as bits."""
+    ky, kx = (int(d) // max(1, int(data_bin)) for d in detector_shape)
+    pad = int(math.ceil(kx / 4)) if data_pad is None else int(data_pad)
+    resident = {"file blocks and their preparation": int(budget_bytes)}
+    if validation_fraction > 0:
+        resident["held-out pixels (bits)"] = int(n_patterns) * -(-(ky + 2 * pad) * (kx + 2 * pad) // 8)
+    return resident
+
+
+def batch_work_GB(experiment, settings, limit: memory.Limit, stream_GB=None) -> float:
     """Memory for one batch's work arrays: what the resident data leave of the usable limit,
     shared by the threads, at most BATCH_WORK_GB (the batch then has at least one pattern)."""
-    _, resident = data_memory(experiment.n_scan, experiment.pattern_shape, 1, 0,
-                              float(settings.reconstruction.validation_fraction))
+    fraction = float(settings.reconstruction.validation_fraction)
+    if stream_GB is not None:
+        resident = streamed_resident(experiment.n_scan, experiment.pattern_shape, 1, 0, fraction,
+                                     stream_GB * 1e9)
+    else:
+        _, resident = data_memory(experiment.n_scan, experiment.pattern_shape, 1, 0, fraction)
     left = memory.USABLE_FRACTION * limit.bytes - sum(resident.values())
     return max(1e-6, min(BATCH_WORK_GB, left / 1e9 / 8))
 
@@ -148,8 +211,10 @@ def memory_limit(settings) -> memory.Limit:
 
 def _memory_hint() -> str:
     return ("raise reconstruction.max_memory_GB if the machine has the memory, bin the detector "
-            "(experiment.data_bin), pad less (experiment.data_pad), or reconstruct a part of the "
-            "scan; dpc, wdd and tcbf stream scans larger than memory")
+            "(experiment.data_bin), pad less (experiment.data_pad), hold out no pixels "
+            "(reconstruction.validation_fraction: 0), or reconstruct a part of the scan (a scan "
+            "larger than memory is streamed from the file, but its held-out pixels and the "
+            "reconstruction's arrays stay in memory)")
 
 
 # -- 2. initial guess -----------------------------------------------------------------------
@@ -169,31 +234,21 @@ def initial_probe(experiment, probe_settings, be):
     else:
         main = optics.probe_real(*args, experiment.probe_aberrations, be)
         probe = optics.hermite_modes(main, modes, probe_settings["higher_mode_power"], be.xp)
-    counts = float(np.mean(experiment.patterns.sum(axis=(1, 2))))
+    if experiment.streamed:                 # the mean pattern was summed while streaming
+        counts = float(np.sum(experiment.mean_pattern))
+    else:
+        counts = float(np.mean(experiment.patterns.sum(axis=(1, 2))))
     return (probe * math.sqrt(counts)).astype(be.complex_dtype)
-
-
-def options_from(settings) -> Options:
-    r = settings.reconstruction
-    return Options(
-        epochs=r.epochs, loss=r.loss, refine_object=r.refine.object, refine_probe=r.refine.probe,
-        refine_positions=r.refine.positions, probe_from_epoch=r.refine.probe_from_epoch,
-        positions_from_epoch=r.refine.positions_from_epoch, refine_defocus=r.refine.defocus,
-        defocus_from_epoch=r.refine.defocus_from_epoch, history=r.lbfgs.history,
-        c1=r.lbfgs.c1, c2=r.lbfgs.c2, first_step=r.lbfgs.first_step,
-        max_line_search=r.lbfgs.max_line_search,
-        preconditioner_floor=r.lbfgs.preconditioner_floor,
-        phase_l1=r.regularisation.phase_l1, total_variation=r.regularisation.total_variation,
-        regulariser_epsilon=r.regularisation.epsilon, probe_window=r.regularisation.probe_window,
-        probe_window_radius=r.regularisation.probe_window_radius,
-        stop_at_noise_floor=r.stop_at_noise_floor, noise_floor_factor=r.noise_floor_factor,
-        validation_fraction=r.validation_fraction, patience=r.patience, seed=r.seed)
 
 
 def prepare(experiment, options: Options, probe_settings, be, margin_px: int = 4,
             positions_px=None, memory_GB: float = BATCH_WORK_GB, num_slices=None,
-            total_thickness_A=None):
-    """Model, counts (FFT order), detector mask and initial parameters for an experiment."""
+            total_thickness_A=None, stream_GB=None):
+    """Model, counts (FFT order), detector mask, initial parameters and the options with the
+    batch size that fits `memory_GB`, for an experiment.
+
+    A streamed experiment (calibration.load_experiment with memory_GB) gets counts read from its
+    file block by block (streaming.StreamedCounts) within `stream_GB`."""
     xp = be.xp
     n = experiment.pattern_shape[-1]
     if experiment.pattern_shape[0] != n:
@@ -207,13 +262,32 @@ def prepare(experiment, options: Options, probe_settings, be, margin_px: int = 4
                          dtype=np.float64) + margin_px
     shape = (int(math.ceil(corners[:, 0].max())) + n + margin_px + 1,
              int(math.ceil(corners[:, 1].max())) + n + margin_px + 1)
-    counts = xp.asarray(np.fft.ifftshift(experiment.patterns, axes=(-2, -1)), dtype=be.real_dtype)
     mask = detector_mask(n, experiment.data_pad, xp) if experiment.data_pad else None
     probe = initial_probe(experiment, probe_settings, be)
-    options.batch_size = batch_size_for(memory_GB, n, probe.shape[0], slices, be.is_gpu)
+    options = dataclasses.replace(options, batch_size=batch_size_for(memory_GB, n, probe.shape[0], slices,
+                                                                     be.is_gpu))
+    if experiment.streamed:
+        counts = streamed_counts(experiment, options.batch_size, model.lanes(), be,
+                                 stream_GB or memory_GB)
+    else:
+        counts = xp.asarray(np.fft.ifftshift(experiment.patterns, axes=(-2, -1)),
+                            dtype=be.real_dtype)
     params = {"object": xp.ones((slices,) + shape, dtype=be.complex_dtype), "probe": probe,
               "positions": xp.asarray(corners), "defocus": xp.zeros(1, dtype=xp.float64)}
-    return model, counts, mask, params
+    return model, counts, mask, params, options
+
+
+def streamed_counts(experiment, batch_size: int, lanes: int, be, budget_GB: float):
+    """streaming.StreamedCounts of a streamed experiment: blocks of whole batches, one kept per
+    thread of the model plus one, all within budget_GB (as float32 and their preparation)."""
+    from xpr.em.ptychography.streaming import StreamedCounts
+
+    cached = int(lanes) + 1
+    pattern_bytes = 4 * int(np.prod(experiment.pattern_shape))
+    # a block is prepared from its raw patterns with calibration.WORK_COPIES copies alive
+    per_block = budget_GB * 1e9 / (cached + calibration.WORK_COPIES)
+    batches = max(1, int(per_block // (batch_size * pattern_bytes)))
+    return StreamedCounts(experiment.patterns, be, batches * batch_size, cached)
 
 
 # -- evaluation against a known truth ----------------------------------------------------------
@@ -287,7 +361,8 @@ def phase_correlation(object_slices, corner0_px, scan_corners_px, window, true_p
 
 def measured_k_max(experiment) -> float:
     """Largest spatial frequency on the measured (unpadded) detector along its axes, Å⁻¹."""
-    return experiment.unpadded_patterns.shape[-1] // 2 * experiment.rez_pixel_size_invA
+    measured = experiment.pattern_shape[-1] - 2 * experiment.data_pad   # (no read when streamed)
+    return measured // 2 * experiment.rez_pixel_size_invA
 
 
 class Truth(NamedTuple):
@@ -323,13 +398,27 @@ def read_truth(path):
 
 # -- the worker --------------------------------------------------------------------------------
 
+def validate(settings):
+    """Before the run folder exists: exit 2 (key reconstruction.max_memory_GB) when the scan
+    named by experiment.data_path could not be read and held, or reconstructed (sizes from the
+    file's header and the calibration; the latest simulate_4dstem result, the default input, is
+    checked in run())."""
+    from xpr.em.ptychography import memory_estimate
+
+    data_path = settings.experiment.get("data_path")
+    if data_path and Path(data_path).expanduser().is_file():
+        check_data_fits(settings, data_path)
+        memory_estimate.validate_ptycho(settings, data_path)     # the reconstruction's estimate
+
+
 def run(settings, archive):
     """Calibrate, reconstruct, write object / probe / positions / loss and figures."""
     be = backends.from_settings(settings)
     xp = be.xp
     data_path = direct.default_data_path(settings, archive)
-    limit = check_data_fits(settings, data_path, archive.log)
-    experiment, data_path = calibration.load_experiment(settings.experiment, data_path)
+    limit, stream_GB = data_plan(settings, data_path, archive.log)
+    experiment, data_path = calibration.load_experiment(settings.experiment, data_path,
+                                                        memory_GB=stream_GB)
     archive.log.info("%s", experiment.summary())
     for note in experiment.notes:
         archive.log.info("%s", note)
@@ -337,19 +426,31 @@ def run(settings, archive):
     if settings.experiment.positions_path:
         positions_px = measured_positions(settings.experiment.positions_path, experiment.n_scan,
                                           experiment.pixel_size_A)
-    options = options_from(settings)
-    model, counts, mask, params = prepare(
+    options = Options.from_settings(settings)
+    if experiment.c10_from_parallax and not options.refine_defocus:
+        # the parallax's C10 is ≈ 8 % off on abTEM's MoS2 (−108 Å for −100 Å): refining it
+        # recovers −98 Å and r 0.940 → 0.953
+        options = dataclasses.replace(options, refine_defocus=True)
+        archive.log.info("C10 came from the bright-field parallax: the probe's defocus is refined "
+                         "from epoch %d (reconstruction.refine.defocus)", options.defocus_from_epoch)
+    model, counts, mask, params, options = prepare(
         experiment, options, settings.probe, be, margin_px=settings.reconstruction.object_margin_px,
         positions_px=positions_px,
-        memory_GB=batch_work_GB(experiment, settings, limit))
-    # the counts (a copy in FFT order, made by prepare) hold the calibrated patterns now: release
-    # the experiment's copy, keeping its shape (n_scan, pattern_shape and measured_k_max read
-    # only that; nothing after this point reads its values)
-    experiment.patterns = np.broadcast_to(np.zeros((), np.float32), experiment.patterns.shape)
+        memory_GB=batch_work_GB(experiment, settings, limit, stream_GB), stream_GB=stream_GB)
     n = model.window
-    resident = data_memory(experiment.n_scan, experiment.pattern_shape, 1, 0,
-                           options.validation_fraction)[1]
-    resident.pop("calibrated patterns")
+    if experiment.streamed:
+        resident = streamed_resident(experiment.n_scan, experiment.pattern_shape, 1, 0,
+                                     options.validation_fraction, stream_GB * 1e9)
+        archive.log.info("counts read from the file in blocks of %d patterns (%d kept)",
+                         counts.block_patterns, counts.cached_blocks)
+    else:
+        # the counts (a copy in FFT order, made by prepare) hold the calibrated patterns now:
+        # release the experiment's copy, keeping its shape (n_scan, pattern_shape and
+        # measured_k_max read only that; nothing after this point reads its values)
+        experiment.patterns = np.broadcast_to(np.zeros((), np.float32), experiment.patterns.shape)
+        resident = data_memory(experiment.n_scan, experiment.pattern_shape, 1, 0,
+                               options.validation_fraction)[1]
+        resident.pop("calibrated patterns")
     needed = reconstruction_memory(
         resident, params["object"].shape[1:], model.n_slices, params["probe"].shape[0], n,
         options.batch_size, model.lanes(), options.history)

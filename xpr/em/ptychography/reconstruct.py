@@ -35,37 +35,41 @@ import math
 from dataclasses import dataclass, field
 
 from xpr.em.ptychography import lbfgs, losses, regularisers
+from xpr.options import options, setting
 
 
-@dataclass
+@options("em", "ptycho")
 class Options:
-    epochs: int = 50
-    loss: str = "lsq_sqrt"
-    batch_size: int = 256
-    refine_object: bool = True
-    refine_probe: bool = True
-    refine_positions: bool = False
-    refine_defocus: bool = False
-    probe_from_epoch: int = 0
-    positions_from_epoch: int = 0
-    defocus_from_epoch: int = 3
-    history: int = 10
-    c1: float = 1e-4
-    c2: float = 0.9
-    first_step: float = 0.5
-    max_line_search: int = 10
-    preconditioner_floor: float = 0.1
-    phase_l1: float = 0.0
-    total_variation: float = 0.0
-    regulariser_epsilon: float = 1e-3
-    probe_window: float = 0.0
-    probe_window_radius: float = 0.9
-    stop_at_noise_floor: bool = False
-    noise_floor_factor: float = 1.0
-    validation_fraction: float = 0.05
-    patience: int = 5
-    seed: int = 0
-    relative_tolerance: float = 1e-6
+    """What the optimisation does: `reconstruction.*` of settings_defaults/em/ptycho.yaml (the
+    defaults are read from there), plus the constant of the method below."""
+
+    epochs: int = setting("reconstruction.epochs")
+    loss: str = setting("reconstruction.loss")
+    batch_size: int = 256                      # patterns per gradient batch (set from the memory plan)
+    refine_object: bool = setting("reconstruction.refine.object")
+    refine_probe: bool = setting("reconstruction.refine.probe")
+    refine_positions: bool = setting("reconstruction.refine.positions")
+    refine_defocus: bool = setting("reconstruction.refine.defocus")
+    probe_from_epoch: int = setting("reconstruction.refine.probe_from_epoch")
+    positions_from_epoch: int = setting("reconstruction.refine.positions_from_epoch")
+    defocus_from_epoch: int = setting("reconstruction.refine.defocus_from_epoch")
+    history: int = setting("reconstruction.lbfgs.history")
+    c1: float = setting("reconstruction.lbfgs.c1")
+    c2: float = setting("reconstruction.lbfgs.c2")
+    first_step: float = setting("reconstruction.lbfgs.first_step")
+    max_line_search: int = setting("reconstruction.lbfgs.max_line_search")
+    preconditioner_floor: float = setting("reconstruction.lbfgs.preconditioner_floor")
+    phase_l1: float = setting("reconstruction.regularisation.phase_l1")
+    total_variation: float = setting("reconstruction.regularisation.total_variation")
+    regulariser_epsilon: float = setting("reconstruction.regularisation.epsilon")
+    probe_window: float = setting("reconstruction.regularisation.probe_window")
+    probe_window_radius: float = setting("reconstruction.regularisation.probe_window_radius")
+    stop_at_noise_floor: bool = setting("reconstruction.stop_at_noise_floor")
+    noise_floor_factor: float = setting("reconstruction.noise_floor_factor")
+    validation_fraction: float = setting("reconstruction.validation_fraction")
+    patience: int = setting("reconstruction.patience")
+    seed: int = setting("reconstruction.seed")
+    relative_tolerance: float = 1e-6           # stop when the loss changes by less than this fraction
 
 
 @dataclass
@@ -107,6 +111,9 @@ def defocus_curvature(model, params, defocus_gradient):
     return curvature if curvature > 0 else None
 
 
+ILLUMINATION_CHUNK = 256          # scan points whose probe intensities are added at once
+
+
 def preconditioner(model, params, names, options: Options, defocus_gradient=None) -> dict:
     xp = model.backend.xp
     probe = params["probe"]
@@ -116,8 +123,13 @@ def preconditioner(model, params, names, options: Options, defocus_gradient=None
         corners, _ = model.split_positions(params["positions"])
         illumination = xp.zeros(params["object"].shape[-2:], dtype=xp.float32)
         probe_intensity = xp.sum(xp.abs(probe) ** 2, axis=0).astype(xp.float32)
-        model.scatter_add(illumination, xp.broadcast_to(probe_intensity, (len(corners), n, n)),
-                          corners)
+        # in chunks: the index arrays of all windows at once are 2 × the float32 counts (a
+        # streamed scan's 0.27 GB made a 0.7 GB peak); added in the same order, same sums
+        chunk = ILLUMINATION_CHUNK
+        for start in range(0, len(corners), chunk):
+            part = corners[start:start + chunk]
+            model.scatter_add(illumination, xp.broadcast_to(probe_intensity, (len(part), n, n)),
+                              part)
         floor = options.preconditioner_floor * float(illumination.max())
         result["object"] = (1.0 / (illumination + floor))[None].astype(xp.float32)
     if "probe" in names:
@@ -200,7 +212,12 @@ def reconstruct(model, counts, params: dict, options: Options, mask=None, start_
     if options.refine_defocus and params.get("defocus") is None:
         params["defocus"] = xp.zeros(1, dtype=xp.float64)          # Δf starts at 0
     floor = losses.noise_floor(counts, options.loss, xp, mask) * options.noise_floor_factor
-    holdout = held_out_pixels(counts.shape, options.validation_fraction, options.seed, xp)
+    if hasattr(counts, "blocks") and options.validation_fraction > 0:     # streamed counts
+        from xpr.em.ptychography.streaming import PackedHoldout
+
+        holdout = PackedHoldout(counts.shape, options.validation_fraction, options.seed, xp)
+    else:
+        holdout = held_out_pixels(counts.shape, options.validation_fraction, options.seed, xp)
     if holdout is not None:
         floor *= 1.0 - options.validation_fraction
     measured = losses.Measurements(counts, mask, holdout)

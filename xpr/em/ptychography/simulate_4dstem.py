@@ -27,7 +27,7 @@ import numpy as np
 
 from xpr import backend as backends
 from xpr.em import optics
-from xpr.em.ptychography import potentials
+from xpr.em.ptychography import memory_estimate, potentials
 from xpr.em.ptychography.forward import Model
 from xpr.errors import InputError
 
@@ -119,11 +119,17 @@ def simulate(crystal="MoS2", layers=1, phase_scale=1.0, slice_thickness_A=2.0,
     }
 
 
+def validate(settings):
+    """Exit 2 before the run folder exists when not even one probe position at a time fits."""
+    memory_estimate.plan_simulate_4dstem(settings)
+
+
 def run(settings, archive):
     """Simulate, then write the data file, the truth and two figures."""
     from xpr import plot
 
     be = backends.from_settings(settings)
+    batch_size = memory_estimate.plan_simulate_4dstem(settings, archive.log)
     sp, ex = settings.specimen, settings.experiment
     result = simulate(
         crystal=sp.crystal, layers=sp.layers, phase_scale=sp.phase_scale,
@@ -134,7 +140,7 @@ def run(settings, archive):
         pixel_size_A=ex.pixel_size_A, oversampling=settings.simulation.oversampling,
         electrons_per_pattern=ex.electrons_per_pattern, focal_spread_A=ex.focal_spread_A,
         probe_modes=ex.probe_modes, seed=settings.simulation.seed,
-        batch_size=settings.simulation.batch_size, backend=be, progress=archive.progress)
+        batch_size=batch_size, backend=be, progress=archive.progress)
     name = f"{settings.structure_name}.h5"
     archive.set_link_name(name)
     attrs = dict(result["calibration"])

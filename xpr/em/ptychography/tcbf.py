@@ -31,11 +31,13 @@ import math
 import numpy as np
 from scipy import optimize
 
-from xpr import backend as backends
-from xpr.em.ptychography import direct
+from xpr.em.ptychography import direct, rotation
 from xpr.em import optics
+from xpr.em.ptychography import memory_estimate
 from xpr.em.ptychography.calibration import BRIGHT_FIELD_THRESHOLD, unpadded_batches
-from xpr.em.ptychography.direct import probe_spectrum_at
+from xpr.em.ptychography.bright_field import (  # noqa: F401  (tcbf's names, as before)
+    VALUES_PER_CHUNK, fourier_shift, measure_shifts, rotate_yx, shift_and_sum, taper,
+    transfer_function, wiener_phase)
 
 
 # --------------------------------------------------------------------------------------------
@@ -46,84 +48,18 @@ def bright_field_images(experiment, bright_field_fraction=0.9):
     """Normalised BF images (n_bf, ny, nx) = I_k/⟨I_k⟩ − 1, and their k (n_bf, 2) [y, x] in Å⁻¹.
 
     BF pixels: mean pattern above half its maximum and |k| ≤ fraction · k_α (k_α from the
-    convergence angle; without it, the disk's equal-area radius).
+    convergence angle; without it, the disk's equal-area radius). All of them
+    (rotation.bright_field_stack without its cap).
     """
-    if experiment.streamed:                 # the file is read batch by batch below
+    if experiment.streamed:                 # the file is read batch by batch
         mean_pattern = experiment.mean_pattern
     else:
         mean_pattern = experiment.unpadded_patterns.mean(axis=0)
-    n_ky, n_kx = mean_pattern.shape
-    ky, kx = optics.centred_frequencies((n_ky, n_kx), experiment.rez_pixel_size_invA)
-    disk = mean_pattern > BRIGHT_FIELD_THRESHOLD * mean_pattern.max()
-    k_disk = experiment.aperture_radius_invA
-    if k_disk is None:
-        k_disk = math.sqrt(disk.sum() / math.pi) * experiment.rez_pixel_size_invA
-    chosen = disk & (np.hypot(ky, kx) <= bright_field_fraction * k_disk)
-    values = np.empty((experiment.n_scan, int(chosen.sum())), dtype=np.float32)
-    for start, batch in unpadded_batches(experiment):
-        values[start:start + len(batch)] = batch[:, chosen]
-    images = values.T.reshape((-1,) + tuple(experiment.scan_size))
-    means = images.mean(axis=(1, 2), keepdims=True)
-    images = images / np.where(means > 0, means, 1.0) - 1.0
-    return images, np.stack([ky[chosen], kx[chosen]], axis=1)
-
-
-def taper(shape, fraction=0.2):
-    """Separable Tukey window: flat centre, cosine edges over `fraction` of each side."""
-    def one(n):
-        w = np.ones(n)
-        edge = max(int(fraction * n), 1)
-        ramp = 0.5 - 0.5 * np.cos(np.pi * (np.arange(edge) + 0.5) / edge)
-        w[:edge] = ramp
-        w[n - edge:] = ramp[::-1]
-        return w
-    return one(shape[0])[:, None] * one(shape[1])[None, :]
-
-
-def fourier_shift(images, shifts_px, backend):
-    """images(r) → images(r − s) for each image, s (n, 2) [y, x] in pixels, periodic."""
-    xp = backend.xp
-    ny, nx = images.shape[-2:]
-    q_y = xp.asarray(backend.fftfreq(ny))[None, :, None]
-    q_x = xp.asarray(backend.fftfreq(nx))[None, None, :]
-    ramp = xp.exp(-2j * math.pi * (q_y * shifts_px[:, 0, None, None] + q_x * shifts_px[:, 1, None, None]))
-    return backend.ifftn(backend.fftn(images, axes=(-2, -1)) * ramp, axes=(-2, -1)).real
-
-
-def _parabolic_offset(minus, centre, plus):
-    denominator = minus - 2.0 * centre + plus
-    return np.where(np.abs(denominator) > 1e-30, 0.5 * (minus - plus) / denominator, 0.0)
-
-
-def measure_shifts(images, reference, window, backend, predicted_px=None, search_radius_px=None):
-    """Shift s (n, 2) [y, x] px of each image against the reference: image(r) ≈ reference(r − s).
-
-    The cross-correlation peak is searched within `search_radius_px` of the predicted shifts
-    (everywhere when None) — on a crystal the correlation repeats with the lattice, and only the
-    peak near the model's prediction is the right one. Sub-pixel by a parabola through the peak.
-    """
-    xp = backend.xp
-    ny, nx = reference.shape
-    ref_spectrum = xp.conj(backend.fftn(reference * window))
-    correlation = backend.ifftn(backend.fftn(images * window, axes=(-2, -1)) * ref_spectrum,
-                                axes=(-2, -1)).real
-    correlation = backend.asnumpy(correlation)
-    searched = correlation
-    if predicted_px is not None and search_radius_px is not None:
-        lag_y = (np.arange(ny) + ny // 2) % ny - ny // 2
-        lag_x = (np.arange(nx) + nx // 2) % nx - nx // 2
-        dy = lag_y[None, :, None] - predicted_px[:, 0, None, None]
-        dx = lag_x[None, None, :] - predicted_px[:, 1, None, None]
-        searched = np.where(dy ** 2 + dx ** 2 <= search_radius_px ** 2, correlation, -np.inf)
-    flat_peak = searched.reshape(len(correlation), -1).argmax(axis=1)
-    py, px = np.unravel_index(flat_peak, (ny, nx))
-    rows = np.arange(len(correlation))
-    c0 = correlation[rows, py, px]
-    dy = _parabolic_offset(correlation[rows, (py - 1) % ny, px], c0, correlation[rows, (py + 1) % ny, px])
-    dx = _parabolic_offset(correlation[rows, py, (px - 1) % nx], c0, correlation[rows, py, (px + 1) % nx])
-    sy = (py + ny // 2) % ny - ny // 2 + np.clip(dy, -0.5, 0.5)
-    sx = (px + nx // 2) % nx - nx // 2 + np.clip(dx, -0.5, 0.5)
-    return np.stack([sy, sx], axis=1)
+    return rotation.bright_field_stack(unpadded_batches(experiment), mean_pattern,
+                                       experiment.rez_pixel_size_invA,
+                                       experiment.aperture_radius_invA,
+                                       experiment.scan_size, BRIGHT_FIELD_THRESHOLD,
+                                       bright_field_fraction, max_values=None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -142,14 +78,6 @@ def shift_basis(k_yx, wavelength_A, n_coefficients, step_invA=1e-5):
         basis[j, :, 0] = (a(ky + step_invA, kx) - a(ky - step_invA, kx)) / (2 * step_invA)
         basis[j, :, 1] = (a(ky, kx + step_invA) - a(ky, kx - step_invA)) / (2 * step_invA)
     return basis / (2 * math.pi)
-
-
-def rotate_yx(vectors, angle_deg):
-    """R(angle) applied to (n, 2) [y, x] vectors (R(θ) = [[cos, −sin], [sin, cos]] on (x, y))."""
-    theta = math.radians(angle_deg)
-    y, x = vectors[:, 0], vectors[:, 1]
-    return np.stack([math.sin(theta) * x + math.cos(theta) * y,
-                     math.cos(theta) * x - math.sin(theta) * y], axis=1)
 
 
 def fit_coefficients(shifts_A, basis, angle_deg, weights=None):
@@ -192,73 +120,15 @@ def model_shifts_A(basis, coefficients, offset, angle_deg):
 
 
 # --------------------------------------------------------------------------------------------
-# shift-and-sum and the transfer function
-# --------------------------------------------------------------------------------------------
-
-def shift_and_sum(images, shifts_px, upsample):
-    """Upsampled tcBF image: sample I_k(r_p) placed at r_p − s_k on a grid `upsample` × finer."""
-    n_bf, ny, nx = images.shape
-    my, mx = ny * upsample, nx * upsample
-    grid_y, grid_x = np.meshgrid(np.arange(ny), np.arange(nx), indexing="ij")
-    y = ((grid_y[None] - shifts_px[:, 0, None, None]) * upsample).ravel()
-    x = ((grid_x[None] - shifts_px[:, 1, None, None]) * upsample).ravel()
-    values = images.ravel()
-    y0, x0 = np.floor(y).astype(np.int64), np.floor(x).astype(np.int64)
-    fy, fx = y - y0, x - x0
-    total = np.zeros(my * mx)
-    weight = np.zeros(my * mx)
-    for oy, wy in ((0, 1.0 - fy), (1, fy)):
-        for ox, wx in ((0, 1.0 - fx), (1, fx)):
-            yy, xx = y0 + oy, x0 + ox
-            inside = (yy >= 0) & (yy < my) & (xx >= 0) & (xx < mx)
-            index = yy[inside] * mx + xx[inside]
-            w = (wy * wx)[inside]
-            total += np.bincount(index, w * values[inside], minlength=my * mx)
-            weight += np.bincount(index, w, minlength=my * mx)
-    image = np.where(weight > 1e-3 * weight.max(), total / np.maximum(weight, 1e-30), 0.0)
-    return image.reshape(my, mx), weight.reshape(my, mx)
-
-
-def transfer_function(shape, pixel_A, k_yx, detector_shifts_A, experiment, aberrations, angle_deg,
-                      values_per_chunk=4_000_000):
-    """T(q) of the shift-corrected BF sum on a grid (scan frame, pixel_A), weak phase object."""
-    my, mx = shape
-    chunk = max(1, values_per_chunk // (my * mx))
-    q_y, q_x = np.meshgrid(np.fft.fftfreq(my, pixel_A), np.fft.fftfreq(mx, pixel_A), indexing="ij")
-    q_det = rotate_yx(np.stack([q_y.ravel(), q_x.ravel()], axis=1), angle_deg)
-    qy, qx = q_det[:, 0][None], q_det[:, 1][None]
-    args = dict(wavelength_A=experiment.wavelength_A,
-                aperture_radius_invA=experiment.aperture_radius_invA,
-                edge_width_invA=experiment.rez_pixel_size_invA, aberrations=aberrations)
-    total = np.zeros(my * mx, dtype=np.complex128)
-    for start in range(0, len(k_yx), chunk):
-        ky = k_yx[start:start + chunk, 0][:, None]
-        kx = k_yx[start:start + chunk, 1][:, None]
-        d = detector_shifts_A[start:start + chunk]
-        p_k = probe_spectrum_at(ky, kx, **args)
-        term = 1j * (np.conj(p_k) * probe_spectrum_at(ky - qy, kx - qx, **args)
-                     - p_k * np.conj(probe_spectrum_at(ky + qy, kx + qx, **args)))
-        term *= np.exp(2j * math.pi * (qy * d[:, 0, None] + qx * d[:, 1, None]))
-        total += (term / np.maximum(np.abs(p_k) ** 2, 1e-12)).sum(axis=0)
-    return (total / len(k_yx)).reshape(my, mx)
-
-
-def wiener_phase(image, transfer, epsilon):
-    """φ = F⁻¹[F[f] T* / (|T|² + ε max|T|²)] — the phase from the tcBF image (host arrays)."""
-    fft = backends.cpu()
-    power = np.abs(transfer) ** 2
-    spectrum = fft.fftn(image - image.mean()) * np.conj(transfer) / (power + epsilon * power.max())
-    return fft.ifftn(spectrum).real
-
-
-# --------------------------------------------------------------------------------------------
 # the whole reconstruction
 # --------------------------------------------------------------------------------------------
 
 def reconstruct(experiment, backend, fit_aberrations=3, fit_rotation=True, iterations=6,
                 bright_field_fraction=0.9, upsample=2, wiener_epsilon=0.05, search_radius_px=2.0,
-                log=None):
-    """tcBF of a calibrated experiment: dict of the images, shifts and fitted aberrations."""
+                log=None, pixels_per_pass=None):
+    """tcBF of a calibrated experiment: dict of the images, shifts and fitted aberrations;
+    `pixels_per_pass`: bright-field pixels whose transfer-function terms are summed at once
+    (None: VALUES_PER_CHUNK values)."""
     xp = backend.xp
     images, k_yx = bright_field_images(experiment, bright_field_fraction)
     step = experiment.scan_step_A
@@ -297,8 +167,10 @@ def reconstruct(experiment, backend, fit_aberrations=3, fit_rotation=True, itera
     bright_field, weight = shift_and_sum(images, predicted_px, upsample)
     fine_pixel = step / upsample
     detector_shifts = rotate_yx(predicted_px * step, theta)
+    values = VALUES_PER_CHUNK if pixels_per_pass is None \
+        else int(pixels_per_pass) * bright_field.shape[0] * bright_field.shape[1]
     transfer = transfer_function(bright_field.shape, fine_pixel, k_yx, detector_shifts, experiment,
-                                 aberrations, theta)
+                                 aberrations, theta, values_per_chunk=values)
     phase = wiener_phase(bright_field, transfer, wiener_epsilon)
     names = [optics.krivanek_name(*term) for term in optics.krivanek_terms(fit_aberrations)]
     return {"phase": phase.astype(np.float32), "bright_field": bright_field.astype(np.float32),
@@ -311,11 +183,17 @@ def reconstruct(experiment, backend, fit_aberrations=3, fit_rotation=True, itera
             "pixel_size_A": fine_pixel}
 
 
+def validate(settings):
+    """Exit 2 before the run folder exists when the scan could not fit even streamed."""
+    memory_estimate.validate_direct("tcbf", settings)
+
+
 def run(settings, archive):
     """Calibrate, align the BF images, fit aberrations and rotation, shift-and-sum, deconvolve."""
     options = settings["tcbf"]
-    backend, experiment, data_path = direct.prepare(settings, archive,
-                                                    float(options["max_memory_GB"]))
+    plan = memory_estimate.plan_direct("tcbf", settings, direct.default_data_path(settings, archive),
+                                       log=archive.log)
+    backend, experiment, data_path = direct.prepare(settings, archive, plan["memory_GB"])
     if backend.is_gpu:
         archive.log.info("tcbf: bright-field image alignment on %s; shift-and-sum and the Wiener deconvolution "
                          "on the CPU by design (one image of the scan's size)", backend)
@@ -325,7 +203,8 @@ def run(settings, archive):
                          bright_field_fraction=float(options["bright_field_fraction"]),
                          upsample=int(options["upsample"]),
                          wiener_epsilon=float(options["wiener_epsilon"]),
-                         search_radius_px=float(options["search_radius_px"]), log=archive.log)
+                         search_radius_px=float(options["search_radius_px"]), log=archive.log,
+                         pixels_per_pass=plan["chunk"])
     archive.log.info("tcBF fit: defocus %.2f Å, PL rotation %.2f°, aberrations %s",
                      result["defocus_A"], result["pl_rotation_deg_fitted"],
                      ", ".join(f"{name} = {value:.2f} Å" for name, value in

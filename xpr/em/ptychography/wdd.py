@@ -40,9 +40,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from xpr.em.ptychography import direct
+from xpr.em.ptychography import direct, memory_estimate
 from xpr.em.ptychography.calibration import unpadded_batches
-from xpr.em.ptychography.direct import probe_spectrum_at
+from xpr.em.ptychography.bright_field import probe_spectrum_at
 from xpr.errors import InputError
 
 
@@ -135,6 +135,15 @@ def reconstruct(experiment, backend, wiener_epsilon=0.01, chunk_frequencies=256,
                 wiener_epsilon, chunk, progress, method)
 
 
+def frequency_chunks(q_y, q_x, chunk_frequencies, progress=None, desc="frequencies"):
+    """(start, stop, Qy, Qx) over the scan frequencies in chunks; Qy, Qx shaped (stop - start,
+    1, 1) to broadcast against detector arrays (ky, kx)."""
+    starts = range(0, len(q_y), chunk_frequencies)
+    for start in (progress(starts, desc=desc) if progress else starts):
+        stop = min(start + chunk_frequencies, len(q_y))
+        yield start, stop, q_y[start:stop, None, None], q_x[start:stop, None, None]
+
+
 def _deconvolve(experiment, backend, G_rows, detector_shape, wiener_epsilon, chunk_frequencies,
                 progress, method):
     """WDD/SSB from G(k, Q), read as G_rows(start, stop) → (stop − start, ky, kx) complex."""
@@ -160,11 +169,7 @@ def _deconvolve(experiment, backend, G_rows, detector_shape, wiener_epsilon, chu
                                  wiener_epsilon, chunk_frequencies, backend, progress)
 
     object_x_zero = xp.zeros(n_scan, dtype=backend.complex_dtype)
-    starts = range(0, n_scan, chunk_frequencies)
-    for start in (progress(starts, desc="WDD frequencies") if progress else starts):
-        stop = min(start + chunk_frequencies, n_scan)
-        Qy = q_y[start:stop, None, None]
-        Qx = q_x[start:stop, None, None]
+    for start, stop, Qy, Qx in frequency_chunks(q_y, q_x, chunk_frequencies, progress, "WDD frequencies"):
         chi_probe = probe_spectrum_at(u_y[None] - Qy, u_x[None] - Qx, **spectrum_args) \
             * xp.conj(probe_here)[None]
         W_P = backend.fftn(chi_probe.astype(backend.complex_dtype), axes=(-2, -1))
@@ -199,11 +204,7 @@ def _single_side_band(G_rows, probe_here, u_y, u_x, q_y, q_x, spectrum_args, sca
     scale = float(xp.real(G_rows(0, 1).sum())) / float(xp.sum(xp.abs(probe_here) ** 2))   # s N
     numerator = xp.zeros(n_scan, dtype=backend.complex_dtype)
     denominator = xp.zeros(n_scan, dtype=backend.real_dtype)
-    starts = range(0, n_scan, chunk_frequencies)
-    for start in (progress(starts, desc="SSB frequencies") if progress else starts):
-        stop = min(start + chunk_frequencies, n_scan)
-        Qy = q_y[start:stop, None, None]
-        Qx = q_x[start:stop, None, None]
+    for start, stop, Qy, Qx in frequency_chunks(q_y, q_x, chunk_frequencies, progress, "SSB frequencies"):
         gamma = 1j * (xp.conj(probe_here)[None] * probe_spectrum_at(u_y[None] - Qy, u_x[None] - Qx, **spectrum_args)
                       - probe_here[None] * xp.conj(probe_spectrum_at(u_y[None] + Qy, u_x[None] + Qx, **spectrum_args)))
         numerator[start:stop] = (xp.conj(gamma) * G_rows(start, stop)).sum(axis=(-2, -1))
@@ -217,18 +218,25 @@ def _single_side_band(G_rows, probe_here, u_y, u_x, q_y, q_x, spectrum_args, sca
             "amplitude": backend.asnumpy(xp.abs(obj)).astype(np.float32)}
 
 
+def validate(settings):
+    """Exit 2 before the run folder exists when the scan could not fit even streamed."""
+    memory_estimate.validate_direct("wdd", settings)
+
+
 def run(settings, archive):
     """Calibrate, deconvolve the Wigner distribution, save object/phase on the scan grid."""
-    options = settings["wdd"]
-    memory_GB = float(options["max_memory_GB"])
+    options = settings.wdd
+    plan = memory_estimate.plan_direct("wdd", settings, direct.default_data_path(settings, archive),
+                                       log=archive.log)
+    memory_GB = plan["memory_GB"]
     backend, experiment, data_path = direct.prepare(settings, archive, memory_GB)
     # the scratch file of a streamed scan lives in the run folder (beside the data the user
     # chose to write), removed when the reconstruction ends
-    result = reconstruct(experiment, backend, wiener_epsilon=float(options["wiener_epsilon"]),
-                         chunk_frequencies=int(options["chunk_frequencies"]),
-                         progress=archive.progress, method=str(options["method"]),
+    result = reconstruct(experiment, backend, wiener_epsilon=float(options.wiener_epsilon),
+                         chunk_frequencies=plan["chunk"] or int(options.chunk_frequencies),
+                         progress=archive.progress, method=str(options.method),
                          memory_GB=memory_GB, scratch_dir=archive.path)
-    archive.log.info("%s phase: range %.3f rad on a %s scan", options["method"].upper(),
+    archive.log.info("%s phase: range %.3f rad on a %s scan", options.method.upper(),
                      float(np.ptp(result["phase"])), experiment.scan_size)
     direct.save_products(archive, "wdd", experiment, data_path, result,
                          pixel_size_A=experiment.scan_step_A,

@@ -26,7 +26,7 @@ import numpy as np
 
 from xpr import backend as backends
 from xpr import plot
-from xpr.em.tie import focal_series, specimens
+from xpr.em.tie import focal_series, memory_estimate, specimens
 from xpr.em.optics import electron_wavelength_A
 from xpr.errors import InputError, SettingsError
 from xpr.io.readers import read_array
@@ -34,8 +34,14 @@ from xpr.io.readers import read_array
 DEFOCUS_CONVENTION = "T = exp(+i pi lambda defocus |q|^2), q in cycles/m; positive defocus = underfocus"
 
 
+def validate(settings):
+    """Exit 2 before the run folder exists when the series would not fit in memory."""
+    memory_estimate.validate_simulate_focal(settings)
+
+
 def run(settings, archive):
     backend = backends.from_settings(settings)
+    memory_estimate.validate_simulate_focal(settings, archive.log)
     imaging = settings.imaging
     shape = (int(imaging.image_size), int(imaging.image_size))
     pixel_size_m = float(imaging.pixel_size_m)

@@ -42,7 +42,7 @@ from scipy import ndimage
 
 from xpr import backend as backends
 from xpr import plot
-from xpr.em.tie import focal_series, image_files, solvers as tie_solvers
+from xpr.em.tie import focal_series, image_files, memory_estimate, solvers as tie_solvers
 from xpr.em.tie.focal_series import FocalSeries
 from xpr.em.optics import electron_wavelength_A
 from xpr.errors import InputError
@@ -52,9 +52,16 @@ from xpr.io.checks import check_intensities
 INPUT_KEY = "input.focal_series"
 
 
+def validate(settings):
+    """Exit 2 before the run folder exists when the series (size from its header) would not fit."""
+    memory_estimate.validate_tie(settings)
+
+
 def run(settings, archive):
     backend = backends.from_settings(settings)
     series = read_focal_series(settings, archive)
+    memory_estimate.validate_tie(settings, (len(series.images),) + tuple(series.images.shape[1:])
+                                 + (series.images_flipped is not None,), archive.log)
     archive.log.info("%d images %s at defocus %s µm, %.0f kV, pixel %.4g nm", len(series.images),
                      list(series.images.shape[1:]), np.round(series.defocus_m * 1e6, 3).tolist(),
                      series.accelerating_voltage_kV, series.pixel_size_m * 1e9)

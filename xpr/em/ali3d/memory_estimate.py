@@ -1,0 +1,106 @@
+"""Peak-memory estimate of `local_ali3d`, checked before the run folder exists.
+
+Counted from xpr.em.ali3d (box n, padding p = alignment.npad, kernel width w, g rotations of the
+point group, G = (p n + 2⌊w/2⌋ + 3)³ points of a Fourier accumulator grid):
+
+* the stack and its prepared float32 copy: 8 bytes per image pixel;
+* the accumulators of the two half sets (D complex128, T and N float64: 32 bytes per grid point
+  each), their union and the volume's transforms in grid_to_volume (≈ 180 bytes per grid point in
+  all, measured with tracemalloc);
+* per worker process (one in the serial engine): the grid of the images it inserts (32 G) and
+  insert_batch's queue of kernel contributions -- flushed above 4e6 values, so at most 4e6 plus one
+  image's π (p n / 2)² / 2 × w³ × g values, about 40 bytes each (index, real, imaginary, count and
+  their concatenation).
+
+The worker processes are the batch that shrinks: fewer are used when the estimate with
+multi_process.n_processes would not fit; exit 2 when not even one fits.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from xpr import memory
+
+GRID_BYTES_PARENT = 180        # per grid point: the half-set accumulators, their union, the volume's transforms
+GRID_BYTES_WORKER = 32         # per grid point: one worker's insertion grid
+QUEUE_BYTES = 40               # per queued kernel contribution
+QUEUE_FLUSH = 4_000_000        # insert_batch flushes its queue above this many values
+
+
+def local_ali3d(n_images, box, npad=2, kernel_width=4, group_size=1) -> memory.Estimate:
+    """Items = worker processes inserting images at once."""
+    n_images, box, npad, width = int(n_images), int(box), int(npad), int(kernel_width)
+    side = npad * box + 2 * (width // 2) + 3
+    grid = side ** 3
+    radius = npad * box // 2 - 1
+    per_image = int(math.pi * radius * radius / 2) * width ** 3 * int(group_size)
+    queue = min(n_images * per_image, QUEUE_FLUSH + per_image)
+    return memory.Estimate().add("reconstructing the half sets", {
+        "stack and prepared copy": 8 * n_images * box * box,
+        "half-set grids and volume transforms": GRID_BYTES_PARENT * grid,
+    }, {"worker's insertion grid and queue": GRID_BYTES_WORKER * grid + QUEUE_BYTES * queue})
+
+
+def stack_shape(settings):
+    """(images, box) from the settings (a simulated phantom) or the stack file's header; None
+    where only reading tells (images named by a STAR table; the worker then checks)."""
+    inp = settings["input"]
+    if inp.get("stack") is None:
+        if inp.get("parameters") is not None:
+            return None
+        sim = inp["simulate"]
+        return int(sim["n_images"]), int(sim["box"])
+    path = Path(str(inp["stack"])).expanduser()
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".mrcs", ".mrc", ".st"):
+            import mrcfile
+            with mrcfile.open(path, permissive=True, header_only=True) as mrc:
+                header = mrc.header
+                return int(header.nz), int(header.nx)
+        if suffix == ".npy":
+            shape = np.load(path, mmap_mode="r").shape
+        elif suffix in (".h5", ".hdf5"):
+            import h5py
+            with h5py.File(path, "r") as handle:
+                shape = handle["images"].shape
+        else:
+            return None
+    except (OSError, KeyError, ValueError):
+        return None
+    return (int(shape[0]), int(shape[-1])) if len(shape) == 3 else None
+
+
+def plan(settings, log=None, limit=None, shape=None):
+    """The multi_process settings to run with: n_processes lowered to what fits (logged), or
+    exit 2 naming input.simulate.box / input.stack when not even one worker fits."""
+    from xpr import parallel
+    from xpr.em.ali3d.local_ali3d import point_group
+
+    spread = settings.get("multi_process")
+    shape = shape or stack_shape(settings)
+    if shape is None:
+        return spread
+    n_images, box = shape
+    ali = settings["alignment"]
+    group = point_group(ali["sym"], "alignment.sym")
+    estimate = local_ali3d(n_images, box, ali["npad"], ali["kernel_width"], len(group))
+    engine = (spread or {}).get("engine", "local")
+    workers = 1 if engine == "serial" else parallel.n_workers(spread, n_images)
+    limit = limit or memory.available()
+    what = f"local_ali3d on {n_images} images of {box}x{box} px"
+    fitting = memory.largest_batch(estimate, limit, workers)
+    if fitting == 0:
+        key = "input.stack" if settings["input"].get("stack") is not None else "input.simulate.box"
+        memory.refuse(estimate.describe(1), limit, key, what + " with one worker process",
+                      "a smaller box (binned images)", settings=key != "input.stack")
+    memory.log_plan(log, what + f" with {fitting} worker process{'es' if fitting > 1 else ''}",
+                    estimate, limit, fitting)
+    if fitting < workers:
+        if log is not None:
+            log.warning("memory: %d worker processes instead of %d to fit", fitting, workers)
+        return dict(spread or {}, n_processes=fitting)
+    return spread
