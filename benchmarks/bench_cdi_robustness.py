@@ -222,7 +222,7 @@ def speed(n=512, rounds=3):
     case = Case("random_smooth", n, 2, 4, 2e6, 5, 0.0, 1)
     shape = (n, n)
     # the engine alone: the default run's projections (exact moduli, 5 % free pixels, eMod every
-    # 10), its autocorrelation support, shrink-wrap every 20 iterations
+    # 10, positivity), its autocorrelation support, shrink-wrap every 20 iterations
     pattern, masked, _ = make_case(case)
     backend = cpu()
     intensity, measured = np.fft.ifftshift(pattern), np.fft.ifftshift(~masked)
@@ -234,7 +234,7 @@ def speed(n=512, rounds=3):
                                                stop=40, sigma=1.0)
     support = initial[None].copy()
     x = engine.random_starts(backend, P_M.amplitude, support, [0])
-    engine.iterate(block, x, support, P_M, SupportProjection(), shrink, np)      # warm-up
+    engine.iterate(block, x, support, P_M, SupportProjection(positivity=True), shrink, np)      # warm-up
     a = (np.random.default_rng(0).standard_normal(shape) * (1 + 1j)).astype(np.complex64)
 
     def fft_pairs(count):
@@ -247,7 +247,7 @@ def speed(n=512, rounds=3):
     for _ in range(rounds):
         for _ in range(5):      # 40 iterations, then 40 FFT pairs, alternating: the same load
             start = time.perf_counter()
-            engine.iterate(block, x, support, P_M, SupportProjection(), shrink, np)
+            engine.iterate(block, x, support, P_M, SupportProjection(positivity=True), shrink, np)
             iteration = (time.perf_counter() - start) / 40
             alone.append(iteration / fft_pairs(40))
         units, times = [fft_pairs(20)], {}
@@ -268,7 +268,7 @@ def speed(n=512, rounds=3):
     profiler = cProfile.Profile()
     profiler.enable()
     for _ in range(3):
-        engine.iterate(block, x, support, P_M, SupportProjection(), shrink, np)
+        engine.iterate(block, x, support, P_M, SupportProjection(positivity=True), shrink, np)
     profiler.disable()
     stats = pstats.Stats(profiler).stats
     fft_calls = sum(v[1] for k, v in stats.items() if k[2] in ("fftn", "ifftn") and k[0].replace("\\", "/").endswith("xpr/backend.py"))
