@@ -77,6 +77,7 @@ def test_file_input_padded_to_power_of_two(home, run_xpr, pattern_files):
     (["input.init_model={dir}/model_small.npy", "input.padd_to_pow2=true"], "init_model has shape"),
     (["phasing.iters=100RAAR 50XYZ"], "unknown phasing algorithm 'XYZ'"),
     (["phasing.iters=-20HIO 10ER"], "must not be negative"),
+    (["input.initial_support=size"], "initial_support: size needs phasing_parameters.support_size"),
 ])
 def test_bad_input_exits_2(home, run_xpr, pattern_files, overrides, words):
     args = ["cdi", "phase2d", "tutorial", "-o", f"input.data_path={pattern_files / 'pattern.npy'}"]

@@ -8,11 +8,12 @@ Method, top to bottom:
    `outer_mask` (intensities beyond this radius set to zero), `outer_outer_mask` with
    `mask_edges` (pixels between the two radii float), `subtract_percentile` (a background level
    subtracted). Non-finite pixels float; negative ones become 0.
-2. Initial support: a disc/ball of radius `spherical_support`, or by default a quarter of the
-   pattern's side -- the largest object radius that oversampling 2 allows, so a loose support
-   around any object the pattern can phase. (A loose disc works better than the centrosymmetric
-   autocorrelation support, which traps the object together with its twin; the autocorrelation
-   is also unreliable behind a beamstop.) Shrink-wrap then tightens it.
+2. Initial support: a disc/ball of radius `spherical_support`; by default (`initial_support:
+   auto`) a disc/ball of `support_size_factor` x the given support size (`support_size` /
+   `voxel_number`), or without a size the thresholded autocorrelation of the pattern
+   (xpr.phasing.support_init). Behind a beamstop that hides the central speckle the
+   autocorrelation cannot be filled in, so a known size is the better guide (docs/cdi.md).
+   Shrink-wrap then tightens it, with a known size as a floor (size_rule floor).
 3. Iterations: a schedule (spipy string or xFrame blocks; xpr.phasing.schedule) with shrink-wrap
    woven in, run on a batch of independent repeats from random phases (or from init_model), each
    repeat seeded on its own; repeats are split into chunks over processes (xpr.parallel).
