@@ -14,6 +14,7 @@ object's error and the wall time of the run.
     python benchmarks/bench_cdi_robustness.py --quick            # 7 2-D 256^2, one 3-D 64^3, two 512^2 (the issue's)
     python benchmarks/bench_cdi_robustness.py                    # the whole family (hours on 2 cores)
     python benchmarks/bench_cdi_robustness.py --quick --set merge.select_by=e_mod   # compare options
+    python benchmarks/bench_cdi_robustness.py --quick --support-size   # the true size given (the issue's checks)
     python benchmarks/bench_cdi_robustness.py --speed            # whole-run cost per iteration
 
 --speed: two CLI runs of 100 and 600 RAAR iterations at 512^2 (one repeat, defaults otherwise:
@@ -134,13 +135,18 @@ def run_cli(args):
     return result
 
 
-def run_case(case: Case, folder, overrides=()):
+def run_case(case: Case, folder, overrides=(), support_size=False):
+    """One CLI run; support_size: also give the true object's size (support_size / voxel_number,
+    as the issue's checks do)."""
     import h5py
 
     from xpr.backend import cpu
     from xpr.phasing.merge import real_space_error
 
     pattern, masked, truth = make_case(case)
+    if support_size:
+        key = "support_size" if case.dim == 2 else "voxel_number"
+        overrides = list(overrides) + [f"phasing_parameters.{key}={int(np.count_nonzero(truth))}"]
     folder = Path(folder)
     name = f"case{abs(hash(case)) % 10 ** 8}"
     np.save(folder / f"{name}_data.npy", pattern.astype(np.float32))
@@ -164,11 +170,11 @@ def run_case(case: Case, folder, overrides=()):
             "deviance": deviance, "zeros": float(np.mean(pattern[~masked] == 0))}
 
 
-def robustness(cases, overrides, verbose=False):
+def robustness(cases, overrides, verbose=False, support_size=False):
     print(f"{'case':<52} {'zeros':>6} {'good':>6} {'merged':>7} {'wall':>7}  target")
     rows = []
     for case in cases:
-        r = run_case(case, os.environ["XPR_BENCH_TMP"], overrides)
+        r = run_case(case, os.environ["XPR_BENCH_TMP"], overrides, support_size)
         target = case.photons >= 1e6 and case.beamstop <= 8
         ok = "ok" if r["merged"] <= GOOD else ("FAIL" if target else "-")
         good = np.mean(r["errors"] <= GOOD)
@@ -216,7 +222,7 @@ def speed(n=512, rounds=3):
     case = Case("random_smooth", n, 2, 4, 2e6, 5, 0.0, 1)
     shape = (n, n)
     # the engine alone: the default run's projections (exact moduli, 5 % free pixels, eMod every
-    # 10), its autocorrelation support, shrink-wrap every 20 iterations
+    # 10, positivity), its autocorrelation support, shrink-wrap every 20 iterations
     pattern, masked, _ = make_case(case)
     backend = cpu()
     intensity, measured = np.fft.ifftshift(pattern), np.fft.ifftshift(~masked)
@@ -228,7 +234,7 @@ def speed(n=512, rounds=3):
                                                stop=40, sigma=1.0)
     support = initial[None].copy()
     x = engine.random_starts(backend, P_M.amplitude, support, [0])
-    engine.iterate(block, x, support, P_M, SupportProjection(), shrink, np)      # warm-up
+    engine.iterate(block, x, support, P_M, SupportProjection(positivity=True), shrink, np)      # warm-up
     a = (np.random.default_rng(0).standard_normal(shape) * (1 + 1j)).astype(np.complex64)
 
     def fft_pairs(count):
@@ -241,7 +247,7 @@ def speed(n=512, rounds=3):
     for _ in range(rounds):
         for _ in range(5):      # 40 iterations, then 40 FFT pairs, alternating: the same load
             start = time.perf_counter()
-            engine.iterate(block, x, support, P_M, SupportProjection(), shrink, np)
+            engine.iterate(block, x, support, P_M, SupportProjection(positivity=True), shrink, np)
             iteration = (time.perf_counter() - start) / 40
             alone.append(iteration / fft_pairs(40))
         units, times = [fft_pairs(20)], {}
@@ -262,7 +268,7 @@ def speed(n=512, rounds=3):
     profiler = cProfile.Profile()
     profiler.enable()
     for _ in range(3):
-        engine.iterate(block, x, support, P_M, SupportProjection(), shrink, np)
+        engine.iterate(block, x, support, P_M, SupportProjection(positivity=True), shrink, np)
     profiler.disable()
     stats = pstats.Stats(profiler).stats
     fft_calls = sum(v[1] for k, v in stats.items() if k[2] in ("fftn", "ifftn") and k[0].replace("\\", "/").endswith("xpr/backend.py"))
@@ -283,6 +289,8 @@ def main():
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="a settings override KEY=VALUE passed to every run (repeatable)")
     parser.add_argument("--speed", action="store_true", help="whole-run cost per iteration instead")
+    parser.add_argument("--support-size", action="store_true",
+                        help="give every run the true object's size (support_size / voxel_number)")
     parser.add_argument("--verbose", action="store_true", help="print every repeat's error")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -296,7 +304,7 @@ def main():
         cases = quick_family() if args.quick else full_family()
         if args.only:
             cases = [cases[i] for i in args.only]
-        robustness(cases, args.overrides, verbose=args.verbose)
+        robustness(cases, args.overrides, verbose=args.verbose, support_size=args.support_size)
 
 
 if __name__ == "__main__":

@@ -77,6 +77,7 @@ def test_file_input_padded_to_power_of_two(home, run_xpr, pattern_files):
     (["input.init_model={dir}/model_small.npy", "input.padd_to_pow2=true"], "init_model has shape"),
     (["phasing.iters=100RAAR 50XYZ"], "unknown phasing algorithm 'XYZ'"),
     (["phasing.iters=-20HIO 10ER"], "must not be negative"),
+    (["input.initial_support=size"], "initial_support: size needs phasing_parameters.support_size"),
 ])
 def test_bad_input_exits_2(home, run_xpr, pattern_files, overrides, words):
     args = ["cdi", "phase2d", "tutorial", "-o", f"input.data_path={pattern_files / 'pattern.npy'}"]
@@ -143,4 +144,35 @@ def test_defaults_phase_a_noisy_masked_pattern_without_support_size(home, run_xp
         deviance = f["repeats/free_deviance"][()]
         selected = f["repeats/selected"][()]
     assert deviance[selected[0]] == deviance.min()
+    assert merge.real_space_error(merged, truth, cpu()) < 0.15
+
+
+def test_defaults_with_support_size_phase_a_noisy_masked_pattern(home, run_xpr, tmp_path):
+    """Acceptance (issue 20, as it is checked): the data, its mask and the object's size given.
+    The same 128^2 real object, 2e6 photons and beamstop 4 px as above (dead row 89), with
+    `support_size` = the object's 542 px. The defaults (a disc of 2.5 x that size to start,
+    shrink-wrap's threshold with the size as a floor, positivity) give merged error < 0.15
+    (measured 0.081; keeping exactly the 542 brightest pixels, as before, gave 0.183)."""
+    from xpr.cdi.objects import far_field_intensity, model_object
+    from xpr.cdi.simulate import detector_mask, record
+
+    truth = model_object("random_smooth", (128, 128), 32, seed=4)
+    counts = record(far_field_intensity(truth), 2e6, seed=5)
+    masked = detector_mask((128, 128), 4)
+    masked[89] = True
+    counts[masked] = 0
+    np.save(tmp_path / "data.npy", counts.astype(np.float32))
+    np.save(tmp_path / "mask.npy", masked.astype(np.uint8))
+    settings = tmp_path / "with_size.yaml"
+    settings.write_text(f"structure_name: sized\ninput:\n  data_path: {tmp_path / 'data.npy'}\n"
+                        f"  mask_path: {tmp_path / 'mask.npy'}\nphasing_parameters:\n"
+                        f"  support_size: {int(np.count_nonzero(truth))}\n")
+    result = run_xpr(["-q", "cdi", "phase2d", settings])
+    assert result.exit_code == 0, result.output
+    assert np.count_nonzero(truth) == 542
+    with h5py.File(home / "data" / "cdi" / "phase2d" / "sized.h5") as f:
+        merged = f["merged/object"][()]
+        initial = f["data/initial_support"][()].astype(bool)
+    # the first support is the disc of 2.5 x 542 px (radius sqrt(2.5 * 542 / pi) = 20.8 px)
+    assert abs(int(initial.sum()) - 2.5 * 542) < 0.05 * 2.5 * 542
     assert merge.real_space_error(merged, truth, cpu()) < 0.15

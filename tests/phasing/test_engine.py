@@ -151,3 +151,24 @@ def test_device_batch_matches_cpu(device):
     gpu = phase_chunk({"seeds": [1, 2]}, shared=dict(problem, backend=BackendSpec(device)))
     assert np.allclose(gpu["object"], cpu["object"], atol=1e-3 * np.abs(cpu["object"]).max())
     assert np.allclose(gpu["e_mod"], cpu["e_mod"], rtol=1e-3, atol=1e-6)
+
+
+def test_shrink_wrap_size_floor_stops_collapse_and_keeps_the_threshold_contour():
+    """size_rule floor: the relative threshold, lowered only where it keeps fewer than N pixels.
+    A bright 3x3 spot on a dim 20x20 square: threshold 0.5 keeps the spot (9 px); with N = 100
+    the floor keeps at least 100 px (the spot and the square, all of whose pixels tie); with N = 4
+    the threshold's 9 px stay."""
+    from xpr.backend import cpu
+    from xpr.phasing.shrinkwrap import ShrinkWrap
+
+    x = np.zeros((1, 64, 64), dtype=np.complex64)
+    x[0, 22:42, 22:42] = 0.2
+    x[0, 31:34, 31:34] = 1.0
+    support = np.ones((1, 64, 64), dtype=bool)
+    backend = cpu()
+    plain = ShrinkWrap(backend, (64, 64), threshold=0.5, sigma=0)(x, support)
+    assert plain.sum() == 9
+    floor = ShrinkWrap(backend, (64, 64), threshold=0.5, sigma=0, support_size=100, size_rule="floor")
+    assert floor(x, support).sum() >= 100 and floor(x, support)[0, 31:34, 31:34].all()
+    small = ShrinkWrap(backend, (64, 64), threshold=0.5, sigma=0, support_size=4, size_rule="floor")
+    assert small(x, support).sum() == 9

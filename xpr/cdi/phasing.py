@@ -8,11 +8,12 @@ Method, top to bottom:
    `outer_mask` (intensities beyond this radius set to zero), `outer_outer_mask` with
    `mask_edges` (pixels between the two radii float), `subtract_percentile` (a background level
    subtracted). Non-finite pixels float; negative ones become 0.
-2. Initial support: a disc/ball of radius `spherical_support`, or by default a quarter of the
-   pattern's side -- the largest object radius that oversampling 2 allows, so a loose support
-   around any object the pattern can phase. (A loose disc works better than the centrosymmetric
-   autocorrelation support, which traps the object together with its twin; the autocorrelation
-   is also unreliable behind a beamstop.) Shrink-wrap then tightens it.
+2. Initial support: a disc/ball of radius `spherical_support`; by default (`initial_support:
+   auto`) a disc/ball of `support_size_factor` x the given support size (`support_size` /
+   `voxel_number`), or without a size the thresholded autocorrelation of the pattern
+   (xpr.phasing.support_init). Behind a beamstop that hides the central speckle the
+   autocorrelation cannot be filled in, so a known size is the better guide (docs/cdi.md).
+   Shrink-wrap then tightens it, with a known size as a floor (size_rule floor).
 3. Iterations: a schedule (spipy string or xFrame blocks; xpr.phasing.schedule) with shrink-wrap
    woven in, run on a batch of independent repeats from random phases (or from init_model), each
    repeat seeded on its own; repeats are split into chunks over processes (xpr.parallel).
@@ -107,12 +108,19 @@ def prepare(intensity, masked, inp):
 # 2. initial support
 
 
-def initial_support_for(intensity_fft, measured_fft, inp, log=None):
-    """The first support (centred): a disc/ball of radius `spherical_support` when given, else the
-    thresholded autocorrelation of the pattern (`initial_support: autocorrelation`, default;
-    xpr.phasing.support_init) or a disc/ball of a quarter of the pattern's side (`disc`)."""
+def initial_support_for(intensity_fft, measured_fft, inp, log=None, support_size=None):
+    """The first support (centred): a disc/ball of radius `spherical_support` when given; else
+    with `initial_support: auto` (default) a disc/ball of `support_size_factor` x the given
+    support size (`support_size` / `voxel_number`) when there is one, the thresholded
+    autocorrelation of the pattern otherwise (xpr.phasing.support_init); `autocorrelation` and
+    `disc` (a quarter of the pattern's side) choose one."""
     shape = np.shape(intensity_fft)
     kind = "disc" if inp.spherical_support else str(inp.initial_support)
+    if kind == "auto":
+        kind = "size" if support_size else "autocorrelation"
+    if kind == "size" and not support_size:
+        raise InputError("initial_support: size needs phasing_parameters.support_size (2-D) or "
+                         "voxel_number (3-D)", key="input.initial_support")
     if kind == "autocorrelation":
         ac = inp.autocorrelation
         support = autocorrelation_support(intensity_fft, measured_fft, threshold=float(ac.threshold),
@@ -122,10 +130,25 @@ def initial_support_for(intensity_fft, measured_fft, inp, log=None):
             log.info("initial support: thresholded autocorrelation, %d px (equivalent radius "
                      "%.1f px)", int(support.sum()), equivalent_radius(support))
         return support
+    if kind == "size":
+        radius = min(size_radius(len(shape), float(inp.support_size_factor) * float(support_size)),
+                     initial_support_radius(shape))
+        if log is not None:
+            log.info("initial support: %s of radius %.1f px (%g x the support size %d, at most a "
+                     "quarter of the side)", "disc" if len(shape) == 2 else "ball", radius,
+                     float(inp.support_size_factor), int(support_size))
+        return np.asarray(centred_radius(shape)) <= radius
     radius = initial_support_radius(shape, inp.spherical_support)
     if log is not None:
         log.info("initial support: %s of radius %.1f px", "disc" if len(shape) == 2 else "ball", radius)
     return np.asarray(centred_radius(shape)) <= radius
+
+
+def size_radius(ndim, size):
+    """Radius (px) of the disc (2-D) or ball (3-D) of `size` pixels/voxels."""
+    if ndim == 2:
+        return float(np.sqrt(size / np.pi))
+    return float((3.0 * size / (4.0 * np.pi)) ** (1.0 / 3.0))
 
 
 def noise_band(setting, intensity, masked):
@@ -180,7 +203,7 @@ def phase_chunk(task, shared=None, progress=None):
     shrink_wrap = ShrinkWrap(backend, shape, threshold=options.sw_threshold,
                              support_size=options.support_size, sigma=_last(options.sw_sigma),
                              confine_to=initial if options.sw_confine_to_initial else None,
-                             max_shrink=options.sw_max_shrink)
+                             max_shrink=options.sw_max_shrink, size_rule=options.sw_size_rule)
     support = xp.broadcast_to(initial, (repeats,) + shape).copy()
     if task["init_model"] is not None:
         model = xp.asarray(task["init_model"]).astype(backend.complex_dtype)
@@ -240,7 +263,10 @@ def run(settings, archive, dimensions):
     init_model = _init_model(inp, shape)
     intensity_fft = np.fft.ifftshift(intensity)
     measured_fft = np.fft.ifftshift(~masked)
-    initial_support = initial_support_for(intensity_fft, measured_fft, inp, archive.log)
+    options = phasing_options(settings, dimensions,
+                              modulus_band=noise_band(settings.phasing_parameters.noise_band, intensity, masked))
+    initial_support = initial_support_for(intensity_fft, measured_fft, inp, archive.log,
+                                          support_size=options.support_size)
     if init_model is not None and not inp.spherical_support:
         initial_support = initial_support | (np.abs(init_model) > 0)
     fraction = float(settings.merge.free_fraction or 0.0)
@@ -251,8 +277,6 @@ def run(settings, archive, dimensions):
     steps = compile_steps(settings)
     archive.log.info("schedule: %s", schedule.describe(steps))
 
-    options = phasing_options(settings, dimensions,
-                              modulus_band=noise_band(settings.phasing_parameters.noise_band, intensity, masked))
     archive.log.info("modulus constraint: %s", f"Poisson band +-{options.modulus_band:.2f} sqrt(counts)"
                      if options.modulus_band else "exact moduli")
     problem = {
@@ -343,6 +367,7 @@ class PhasingOptions:
     sw_sigma: float | tuple = setting("phasing_parameters.shrink_wrap.sigma")
     sw_confine_to_initial: bool = setting("phasing_parameters.shrink_wrap.confine_to_initial")
     sw_max_shrink: float | None = setting("phasing_parameters.shrink_wrap.max_shrink")
+    sw_size_rule: str = setting("phasing_parameters.shrink_wrap.size_rule")
     modulus_band: float = 0.0        # sqrt(counts): the Poisson band, from phasing_parameters.noise_band and the pattern
 
 

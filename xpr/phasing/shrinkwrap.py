@@ -5,7 +5,11 @@ Two rules, both on the amplitude |x| blurred by a Gaussian of width sigma (pixel
 * relative threshold -- keep pixels where the blurred amplitude is at least `threshold` times its
   maximum (per repeat);
 * brightest voxels (spipy's `support_size` / `voxel_number`) -- keep the N pixels with the
-  largest blurred amplitude (sigma 0 = no blur, as spipy).
+  largest blurred amplitude (sigma 0 = no blur, as spipy); size_rule "exact".
+* both (size_rule "floor", a guard against collapse as PyNX's SupportTooSmall): the relative
+  threshold, lowered where it would keep fewer than N pixels. A known size then only stops the
+  support from collapsing; its shape follows the threshold's contour, not the N brightest
+  pixels (measured: docs/cdi.md).
 
 A support may shrink by at most `max_shrink` (a fraction of its pixels) per update: when the
 rule would remove more, the brightest (1 - max_shrink) x |old support| pixels are kept instead.
@@ -24,7 +28,7 @@ import numpy as np
 
 class ShrinkWrap:
     def __init__(self, backend, shape, threshold=0.1, support_size=None, sigma=2.0,
-                 confine_to=None, max_shrink=None):
+                 confine_to=None, max_shrink=None, size_rule="exact"):
         xp = backend.xp
         self.backend = backend
         self.axes = tuple(range(-len(shape), 0))
@@ -32,6 +36,9 @@ class ShrinkWrap:
         self.support_size = support_size
         self.sigma = sigma
         self.max_shrink = max_shrink
+        if size_rule not in ("exact", "floor"):
+            raise ValueError(f"unknown support size rule {size_rule!r}")
+        self.size_rule = size_rule
         self.confine_to = None if confine_to is None else xp.asarray(confine_to, dtype=bool)
         q2 = 0.0
         for axis, n in enumerate(shape):
@@ -65,6 +72,8 @@ class ShrinkWrap:
         if support_size:
             n = min(int(support_size), flat.shape[1])
             cut = xp.partition(flat, flat.shape[1] - n, axis=1)[:, flat.shape[1] - n]
+            if self.size_rule == "floor":
+                cut = xp.minimum(cut, threshold * xp.max(flat, axis=1))
         else:
             cut = threshold * xp.max(flat, axis=1)
         if self.max_shrink is not None and not support_size:
