@@ -143,3 +143,46 @@ def test_phase3d_on_1024_cubed_refused_from_the_header(home, run_xpr, monkeypatc
     text = " ".join(result.output.split())
     assert "key: input.data_path" in text and "1024x1024x1024" in text and "24.00 GB (test limit)" in text
     assert not (home / "data" / "cdi" / "phase3d" / "archive" / "big").exists()
+
+
+@pytest.mark.slow                  # ≈ 25 s here (two phasing runs of 96³, two traced merges)
+def test_merge_estimate_matches_the_measured_peak_and_refuses_before_a_run_folder(home, run_xpr, monkeypatch):
+    """`cdi merge` of two phase3d runs: the estimate from the files' headers against the traced
+    peak (a merge of two 16³ runs subtracted as the baseline), then refused (exit 2, key
+    input.runs) with no run folder when the limit is below it."""
+    runs = {}
+    for n in (16, 96):
+        assert run_xpr(["-q", "cdi", "simulate", "tutorial", "-o", "dimensions=3", "-o", f"shape={n}",
+                        "-o", f"structure_name=s{n}"]).exit_code == 0
+        data = home / "data" / "cdi" / "simulate" / f"s{n}.h5"
+        for share in (0, 1):
+            assert run_xpr(["-q", "cdi", "phase3d", "tutorial", "-o", f"input.data_path={data}",
+                            "-o", "phasing.iters=2ER", "-o", "phasing.repeats=4", "-o", f"phasing.seed={share}",
+                            "-o", "multi_process.engine=serial", "-o", f"structure_name=p{n}"]).exit_code == 0
+        runs[n] = sorted((home / "data" / "cdi" / "phase3d" / "archive" / f"p{n}").glob("*/run_*/phase3d.h5"))
+        assert len(runs[n]) == 2
+    merge = ["-q", "cdi", "merge", "tutorial"]
+
+    def listed(n):
+        return ["-o", f"input.runs=[{', '.join(map(str, runs[n]))}]", "-o", f"structure_name=m{n}"]
+
+    base = _traced_peak(run_xpr, merge + listed(16))
+    peak = _traced_peak(run_xpr, merge + listed(96))
+    file_bytes = sum(_file_bytes(path) for path in runs[96])
+    estimate = memory.cdi_merge(file_bytes, (96,) * 3, 8)
+    assert LOW <= estimate.bytes() / (peak - base) <= HIGH, estimate.bytes() / (peak - base)
+    _limit(monkeypatch, 0.5 * estimate.bytes() / memory.USABLE_FRACTION)
+    result = run_xpr(["cdi", "merge", "tutorial"] + listed(96)[:2] + ["-o", "structure_name=refused"])
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert "key: input.runs" in text and "merging 8 repeats of 96x96x96 from 2 runs" in text
+    assert not (home / "data" / "cdi" / "merge" / "archive" / "refused").exists()
+
+
+def _file_bytes(path):
+    """Bytes of all datasets of an HDF5 file (what load_tree reads)."""
+    sizes = []
+    with h5py.File(path) as f:
+        f.visititems(lambda name, item: sizes.append(item.size * item.dtype.itemsize)
+                     if isinstance(item, h5py.Dataset) else None)
+    return sum(sizes)

@@ -266,6 +266,47 @@ def plan_cdi_phase(shape, repeats, workers, n_tasks, double=False, log=None, lim
     return max(tasks, n_tasks)
 
 
+def cdi_merge(file_bytes, shape, repeats) -> Estimate:
+    """`cdi merge` of `repeats` repeats of `shape` from runs whose HDF5 trees hold `file_bytes`
+    (all their datasets, read whole by xpr.io.load_tree). Stages: reading the runs; merging --
+    the runs' trees held, the repeats concatenated (object complex64 + support: 9 per voxel
+    and repeat) and merge_and_write's merging stage (cdi_phase's)."""
+    n, repeats = _voxels(shape), int(repeats)
+    merging = cdi_phase(shape, repeats).stages["merging"][0]
+    estimate = Estimate()
+    estimate.add("reading the runs", {"the runs' results": int(file_bytes)})
+    estimate.add("merging", dict(merging, **{"the runs' results": int(file_bytes),
+                                             "repeats concatenated": 9 * n * repeats}))
+    return estimate
+
+
+def plan_cdi_merge(files, log=None, limit=None):
+    """Stop (exit 2, key input.runs) before reading phasing results whose merge would not fit;
+    sizes from the files' headers."""
+    import h5py
+
+    total, shape, repeats = 0, None, 0
+    for path in files:
+        sizes = []
+        try:
+            with h5py.File(path, "r") as f:
+                f.visititems(lambda name, item: sizes.append(item.size * item.dtype.itemsize)
+                             if isinstance(item, h5py.Dataset) else None)
+                if "repeats/object" in f:
+                    shape = tuple(f["repeats/object"].shape[1:])
+                    repeats += int(f["repeats/object"].shape[0])
+        except OSError:
+            return                      # the worker reads the file and says what is wrong with it
+        total += sum(sizes)
+    if shape is None:
+        return
+    limit = limit or available()
+    estimate = cdi_merge(total, shape, repeats)
+    what = f"merging {repeats} repeats of {'x'.join(map(str, shape))} from {len(files)} runs"
+    require(estimate, limit, "input.runs", what, "merge fewer runs at once", settings=False)
+    log_plan(log, what, estimate, limit)
+
+
 def plan_cdi_simulate(shape, complex_object=False, log=None, limit=None):
     """Stop (exit 2, key `shape`) when `cdi simulate` of this shape would not fit."""
     limit = limit or available()

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from xpr import memory
-from xpr.em.ptychography import memory_estimate
+from xpr.em.ptychography import memory_estimate, ptycho
 
 GB = memory.GB
 
@@ -120,12 +120,14 @@ def _settings_from(args):
 @pytest.mark.parametrize("command", ["dpc", "wdd", "tcbf"])
 def test_direct_scan_too_large_even_streamed_is_refused(home, run_xpr, tmp_path, monkeypatch, command):
     path = scan_settings(tmp_path, "big", 16, 64)
+    settings = _settings(command, path)         # (validated with the real limit)
     _limit(monkeypatch, 20_000)                 # not even one pattern's working copies
     result = run_xpr(["em", command, path])
     assert result.exit_code == 2, result.output
     text = " ".join(result.output.split())
     assert "key: experiment.data_path" in text and "256 patterns of 64x64 px" in text
-    assert "19.5 KB" in text or "0.0 MB (test limit)" in text
+    streamed = memory_estimate.direct_streamed(command, 256, (64, 64), settings)
+    assert f"needs about {memory.size(streamed.bytes(1))}" in text and "0.0 MB (test limit)" in text
     assert "Traceback" not in result.output
     assert not (home / "data" / "em" / command / "archive").exists()
 
@@ -272,3 +274,33 @@ def test_local_ali3d_fewer_processes_or_refused(home, run_xpr, monkeypatch):
     assert "key: input.simulate.box" in text and f"{n} images of 128x128 px" in text
     assert memory.size(estimate.bytes(1)) in text
     assert not (home / "data" / "em" / "local_ali3d" / "archive").exists()
+
+
+# -- ptycho: the reconstruction's estimate known before the run folder ---------------------------
+
+@pytest.mark.slow                  # ≈ 35 s on the busy machine (a simulation and a reconstruction)
+def test_ptycho_estimate_from_the_header_is_the_runs_own(home, run_xpr, monkeypatch):
+    """The reconstruction estimate validate() computes from the file's header and calibration is
+    the one run() computes after calibrating (its run.log line); with room for the data but not
+    for the reconstruction, the run is refused before its folder exists."""
+    assert run_xpr(["-q", "em", "simulate_4dstem", "tutorial", "-o", "experiment.scan_size=[6,6]",
+                    "-o", "experiment.detector_size=32"]).exit_code == 0
+    data = (home / "data/em/simulate_4dstem/tutorial.h5").resolve()
+    args = ["-q", "em", "ptycho", "tutorial", "-o", f"experiment.data_path={data}",
+            "-o", "reconstruction.epochs=1", "-o", "GPU.use=false", "-o", "structure_name=fits"]
+    assert run_xpr(args).exit_code == 0
+    log = (home / "data/em/ptycho/fits.h5").resolve().parent / "run.log"
+    line = next(x for x in log.read_text().splitlines() if "memory: ptycho of a" in x)
+    settings = _settings_from(args)
+    with h5py.File(data) as f:
+        calibration = dict(f.attrs)
+    estimate, shape, slices = ptycho.ptycho_reconstruction(settings, 36, (32, 32), calibration)
+    assert f"ptycho of a {slices}x{shape[0]}x{shape[1]} object needs about {estimate.describe(1)}" in line
+    reading = memory_estimate.reading_parts(36, (32, 32), {})
+    _limit(monkeypatch, (sum(reading.values()) * 1.2) / memory.USABLE_FRACTION)
+    assert estimate.bytes() > sum(reading.values()) * 1.2          # the data fit, the rest does not
+    result = run_xpr(args[1:-1] + ["structure_name=refused"])
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert "key: reconstruction.max_memory_GB" in text and f"{slices}x{shape[0]}x{shape[1]} object" in text
+    assert not (home / "data/em/ptycho/archive/refused").exists()

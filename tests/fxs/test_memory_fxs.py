@@ -20,8 +20,9 @@ from xpr import memory
 from xpr.fxs import memory_plan
 
 GB, MB = memory.GB, 1024 ** 2
-# estimate / traced peak measured on this code (2 shared cores): simulate_ccd 1.00, extract 0.99,
-# correlate 1.04 (finishing) and 0.9-1.0 (frames), reconstruct 1.0-1.1, average 1.05-1.1
+# estimate / traced peak measured on this code (benchmarks/bench_memory.py --only-fxs, fresh
+# processes): simulate_ccd 0.88-1.00, extract 0.82-1.05, correlate 0.99-1.02, reconstruct 0.97-1.19,
+# average 1.00-1.16 (in a process that ran other commands first average's peak is higher: ~0.9)
 LOW, HIGH = 0.7, 1.5
 
 SPHERE = {"shapes": {"types": ["sphere"], "centers": [[0, 0, 0]], "sizes": [50], "densities": [1],

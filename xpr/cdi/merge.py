@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from xpr import memory
 from xpr.archive import read_run_records
 from xpr.cdi.phasing import merge_and_write
 from xpr.errors import InputError
@@ -36,14 +37,27 @@ def main_file(entry) -> Path:
     return path
 
 
-def run(settings, archive):
-    cpu_only(settings, archive.log, "cdi merge", "repeats are aligned and averaged on the host, as after phasing")
+def result_files(settings) -> list:
+    """The phasing results to merge: the shares recorded in input.shares_dir, then input.runs."""
     files = []
     if settings.input.shares_dir:
         files += read_run_records(settings.input.shares_dir, "cdi", ("phase2d", "phase3d"))
     files += [main_file(entry) for entry in settings.input.runs]
     if not files:
         raise InputError("nothing to merge: give input.shares_dir or input.runs", key="input.runs")
+    return files
+
+
+def validate(settings):
+    """Before the run folder exists: the results exist, and their merge fits in memory (sizes
+    from the files' headers)."""
+    memory.plan_cdi_merge(result_files(settings))
+
+
+def run(settings, archive):
+    cpu_only(settings, archive.log, "cdi merge", "repeats are aligned and averaged on the host, as after phasing")
+    files = result_files(settings)
+    memory.plan_cdi_merge(files, log=archive.log)
 
     shares = [load_tree(path) for path in files]
     reference = shares[0]

@@ -269,7 +269,12 @@ def validate(settings):
     memory even one per worker (memory_plan.plan_correlate; the frame size counted from
     `detector` when the patterns come from input.pattern_list). The worker plans again with the
     frames' real size and lowers multi_process.in_flight where needed."""
-    pixels = int(np.prod(settings.detector.image_dimensions)) if settings.input.pattern_list else 0
+    pixels = 0
+    if settings.input.pattern_list:
+        try:
+            pixels = int(np.prod([int(n) for n in settings.detector.image_dimensions]))
+        except (TypeError, ValueError):
+            pixels = 0           # Detector.check names the key when the worker reads it
     memory_plan.plan_correlate(settings, pixels, 1 << 20)
 
 

@@ -122,10 +122,11 @@ def correlate(n_radial, n_phi, pixels, workers=1, engine="serial", frame_itemsiz
     worker = {"chunk sums": 32 * s, "one pattern's outer product": 16 * s, "frame and its masks": frame}
     if in_process:
         estimate.add("correlating", dict({"running total": 32 * s}, **worker))
-    else:
+    else:               # local processes share this machine; dask workers run on theirs
+        here = int(workers) if engine == "local" else 0
         estimate.add("correlating", {"running total": 32 * s,
-                                     f"{workers} worker(s): chunk sums, products, frames":
-                                         workers * sum(worker.values())},
+                                     f"{here} worker process(es): chunk sums, products, frames":
+                                         here * sum(worker.values())},
                      {"partial sums held": 32 * s})
     estimate.add("finishing", {"running total": 32 * s, "kept orders": 16 * s,
                                "inverse transforms, quotient, C and mask": 4 * 8 * real + real})
@@ -166,7 +167,7 @@ def plan_correlate(settings, pixels, n_tasks, frame_itemsize=8, log=None, limit=
     per_worker = fitting // workers if engine == "local" else fitting
     if per_worker < 1:
         one = correlate(n, n_phi, pixels, 1, "serial", frame_itemsize)
-        if workers > 1 and one.bytes() <= memory.USABLE_FRACTION * limit.bytes:
+        if engine == "local" and workers > 1 and one.bytes() <= memory.USABLE_FRACTION * limit.bytes:
             memory.refuse(estimate.describe(workers), limit, "multi_process.n_processes", what,
                           f"fewer processes than {workers}")
         memory.refuse(estimate.describe(workers if engine == "local" else 1), limit,
@@ -268,7 +269,7 @@ def grid_points(dimensions, n_radial, n_phi, n_theta=1) -> int:
     return _n(n_phi) * (_n(n_theta) if dimensions == 3 else 1) * _n(n_radial)
 
 
-REPEAT_BYTES = {4: 78, 8: 156}    # per grid point and reconstruction at work, by real itemsize (measured)
+REPEAT_BYTES = {4: 78, 8: 114}    # per grid point and reconstruction at work, by real itemsize (measured)
 RESULT_BYTES = {4: 22, 8: 44}     # per grid point of one finished result (measured)
 FIGURES = 12 * 1024 ** 2           # the figures' matplotlib objects (measured, about constant)
 
@@ -284,14 +285,15 @@ def reconstruct(dimensions, n_radial, max_order, n_phi, n_theta, n_reconstructio
     here); in this process the finished results: the best, last and initial densities, the two
     amplitudes and the two supports (RESULT_BYTES per grid point, measured) and the invariants
     B_l of each (complex128, (L+1)·N²); finishing -- the results, the figures and the VTK files'
-    float64 copies of three reconstructions (3-D)."""
+    float64 copies of three reconstructions (3-D). Workers of the dask engine run on their own
+    machines: only the results are counted here then."""
     g = grid_points(dimensions, n_radial, n_phi, n_theta)
     n, L = _n(n_radial), _n(max_order)
     orders = (L + 1) if dimensions == 3 else (2 * L + 1)
     r = int(real_itemsize)
     per_result = RESULT_BYTES[r] * g + 16 * (L + 1) * n * n
     results = per_result * int(n_reconstructions)
-    per_worker = 1 if engine == "serial" else int(workers)
+    per_worker = {"serial": 1, "local": int(workers)}.get(engine, 0)     # dask workers: their own machines
     estimate = Estimate()
     estimate.add("phasing", {"finished results": results,
                              "transforms": per_worker * (2 * r + 40) * orders * n * n},
@@ -329,7 +331,7 @@ def plan_reconstruct(grid, settings, real_itemsize=4, on_gpu=False, log=None, li
     if fitting == 0:
         if estimate.stage_bytes("finishing") > usable:
             key, hint = "n_reconstructions", "fewer reconstructions per run (average several runs with `fxs average`)"
-        elif engine != "serial" and workers > 1 and \
+        elif engine == "local" and workers > 1 and \
                 reconstruct(*args, n, 1, "serial", **options).bytes(1) <= usable:
             key, hint = "multi_process.n_processes", f"fewer processes than {workers}"
         else:
@@ -346,7 +348,9 @@ def plan_reconstruct(grid, settings, real_itemsize=4, on_gpu=False, log=None, li
 # average
 
 
-ALIGN_BYTES = 100     # per grid point and selected density (measured), see average()
+ALIGN_BYTES = 75      # per grid point and selected density, measured: ~50 in a fresh process, ~100
+#                       in one that ran other commands first (the alignment's cyclic garbage is
+#                       collected later there); see average()
 
 
 def average(file_bytes, dimensions, n_radial, max_order, n_phi, n_theta, n_selected, plots=True) -> Estimate:

@@ -75,6 +75,7 @@ def check_intensities(array, mask=None, file=None, key=None, log=None, what="int
         if not finite.any():
             fail(f"no finite {what}: all {array.size} pixels are NaN or infinite")
         masked = ~finite if masked is None else (masked | ~finite)
+    below = None
     if negative_masked:
         with np.errstate(invalid="ignore"):
             below = array < 0
@@ -82,6 +83,9 @@ def check_intensities(array, mask=None, file=None, key=None, log=None, what="int
             masked = below if masked is None else (masked | below)
     values = array if masked is None else array[~masked]
     if values.size == 0:
+        if below is not None and below.any():
+            fail(f"no positive {what}: every pixel is masked or negative ({int(below.sum())} "
+                 "negative, which count as masked here)")
         fail(f"every pixel is masked: no measured {what}")
     if array.dtype.kind == "f":
         nan = int(np.count_nonzero(np.isnan(values)))

@@ -61,12 +61,13 @@ class KaiserBessel:
 
         The neighbours of u are j0, j0 + 1, …, j0 + W − 1 with j0 = ceil(u − W/2)."""
         u = np.asarray(u, dtype=np.float64)
-        first = np.ceil(u - self.width / 2.0).astype(np.int64)
-        distance = np.abs(u[..., None] - (first[..., None] + np.arange(self.width)))
-        position = np.minimum(distance * (2.0 * self.table_size / self.width), self.table_size)
-        index = position.astype(np.int64)
-        fraction = (position - index).astype(np.float32)
-        return first, self.table[index] * (1.0 - fraction) + self.table[index + 1] * fraction
+        first = np.ceil(u - self.width / 2.0)
+        offset = (u - first).astype(np.float32)            # in [W/2 − 1, W/2): float32 is exact enough
+        distance = np.abs(offset[..., None] - np.arange(self.width, dtype=np.float32))
+        position = np.minimum(distance * np.float32(2.0 * self.table_size / self.width), np.float32(self.table_size))
+        index = position.astype(np.int32)
+        fraction = position - np.floor(position)           # float32, as the weights
+        return first.astype(np.int64), self.table[index] * (1.0 - fraction) + self.table[index + 1] * fraction
 
 
 def correction_3d(kb: KaiserBessel, n: int, padded: int):

@@ -92,7 +92,7 @@ def split(indices, pieces: int):
     return [part for part in np.array_split(np.asarray(indices), max(1, pieces)) if len(part)]
 
 
-def insertion_batches(images, indices, old, new, options, ctf, estimate=None, max_radius=None):
+def insertion_batches(images, indices, old, new, options, ctf, estimate=None, max_radius=None, weights=True):
     """Tasks inserting images `indices` with parameters `new` and taking out those with `old`
     (either may be None); one batch per image subset."""
     angle_sets, shift_sets, signs, stack = [], [], [], []
@@ -111,10 +111,10 @@ def insertion_batches(images, indices, old, new, options, ctf, estimate=None, ma
                           shifts_px=np.concatenate(shift_sets), group=options.group, npad=options.npad,
                           kernel_width=options.kernel_width, signs=np.concatenate(signs), ctf=ctf_subset,
                           ctf_mode=options.ctf_mode, pixel_size_A=options.pixel_size_A, estimate=estimate,
-                          max_radius=max_radius)
+                          max_radius=max_radius, weights=weights)
 
 
-def fourier_sums(images, indices, old, new, options, ctf, estimate=None, max_radius=None):
+def fourier_sums(images, indices, old, new, options, ctf, estimate=None, max_radius=None, weights=True):
     """The change of one half set's Fourier sums D, T, N from (re)inserting images `indices`
     (with `estimate`, a projector of the current volume: the sums of the residuals instead).
 
@@ -123,7 +123,7 @@ def fourier_sums(images, indices, old, new, options, ctf, estimate=None, max_rad
     grid = FourierGrid.empty(images.shape[-1], options.npad, options.kernel_width)
     if len(indices):
         grid.add(insert_batch(insertion_batches(images, np.asarray(indices), old, new, options, ctf, estimate,
-                                                max_radius)))
+                                                max_radius, weights)))
     return grid
 
 
@@ -141,7 +141,9 @@ def reconstruction(grid, indices, params, images, options, ctf, backend, radius=
     limit = None if radius is None else radius + options.kernel_width
     for _ in range(options.gridding_iterations):
         estimate = sample_projector(volume, options.npad, options.kernel_width, backend, limit)
-        residual = fourier_sums(images, indices, None, params, options, ctf, estimate, limit)
+        # the residuals' weights N, T are the grid's own (same images, same parameters): not summed again
+        residual = fourier_sums(images, indices, None, params, options, ctf, estimate, limit, weights=False)
+        residual.count, residual.ctf_weight = grid.count, grid.ctf_weight
         volume = volume + volume_of(residual, options, backend)
     return volume
 
@@ -383,17 +385,10 @@ def resolve_reference_function(name: str):
     return function
 
 
-def point_group(symbol, key):
-    try:
-        return symmetry.group_matrices(symbol)
-    except ValueError as err:
-        raise InputError(str(err), key=key) from None
-
-
 def simulate_input(settings, archive, backend):
     """The phantom data set of input.simulate, written to simulated/ in the run."""
     sim = settings.input.simulate
-    group = point_group(sim.symmetry, "input.simulate.symmetry")
+    group = symmetry.point_group(sim.symmetry, "input.simulate.symmetry")
     defocus = sim.defocus_range_A
     if defocus is not None and len(defocus) != 2:
         raise InputError("defocus_range_A must be [low, high]", key="input.simulate.defocus_range_A")
@@ -471,7 +466,7 @@ def options_from_settings(settings, box, pixel_size_A) -> Ali3dOptions:
         raise InputError("chunk must be a fraction in (0, 0.5]: each chunk is left out of its references",
                          key="alignment.chunk")
     return Ali3dOptions(ou=ou, delta=ali.delta, ts=ali.ts, maxit=ali.maxit, chunk=ali.chunk, center=ali.center,
-                        ctf_mode=ali.CTF, snr=ali.snr, group=point_group(ali.sym, "alignment.sym"), npad=ali.npad,
+                        ctf_mode=ali.CTF, snr=ali.snr, group=symmetry.point_group(ali.sym, "alignment.sym"), npad=ali.npad,
                         kernel_width=ali.kernel_width, max_evaluations=ali.max_evaluations,
                         tolerance=ali.tolerance, seed=ali.seed, gridding_iterations=ali.gridding_iterations,
                         pixel_size_A=pixel_size_A,

@@ -78,7 +78,7 @@ def plan(settings, log=None, limit=None, shape=None):
     """The multi_process settings to run with: n_processes lowered to what fits (logged), or
     exit 2 naming input.simulate.box / input.stack when not even one worker fits."""
     from xpr import parallel
-    from xpr.em.ali3d.local_ali3d import point_group
+    from xpr.em.ali3d.symmetry import point_group
 
     spread = settings.get("multi_process")
     shape = shape or stack_shape(settings)

@@ -40,12 +40,24 @@ class Projector:
         first, weights = self.kernel.neighbours(coordinates)        # (3, m), (3, m, W)
         side = 2 * self.half + 1
         base = (first[2] * side + first[1]) * side + first[0]
-        values = self.cube.take(base[:, None] + self.offsets[None, :])  # (m, W³) complex64, z-major
+        values = self.gather(base)                                  # (m, W³) complex64, z-major
         m, w = len(base), self.kernel.width
         zy = (weights[2][:, :, None] * weights[1][:, None, :]).reshape(m, w * w)
         kernel = (zy[:, :, None] * weights[0][:, None, :]).reshape(m, 1, w ** 3)
         pairs = np.matmul(kernel, values.view(np.float32).reshape(m, w ** 3, 2))
         return pairs.reshape(m, 2).view(np.complex64).ravel()
+
+    def gather(self, base):
+        """The W³ cube values (…, W³) complex64, z-major, of the neighbourhoods whose first cell has
+        the flat index `base`: W² runs of W consecutive x values, taken as windows of the cube (a
+        quarter of the indices and memory traffic of gathering W³ single values)."""
+        width = self.kernel.width
+        side = 2 * self.half + 1
+        t = np.arange(width)
+        rows = ((t[:, None] * side + t[None, :]) * side).ravel()                 # (W²,) z, y offsets
+        windows = np.lib.stride_tricks.sliding_window_view(self.cube, width)       # (size − W + 1, W) view
+        values = windows.take(np.asarray(base)[..., None] + rows, axis=0)         # (…, W², W)
+        return values.reshape(values.shape[:-2] + (width ** 3,))
 
     def shift_phase(self, shift_px):
         """exp(−2πi k·(o + c)/n): translate by the origin offset o and put the origin at c = n//2."""

@@ -73,6 +73,7 @@ class InsertionBatch:
     pixel_size_A: float = 1.0
     estimate: object = None  # project.Projector of the current volume at the padded points: insert residuals
     max_radius: float | None = None  # only frequencies up to this (pixels of the n-box) are inserted
+    weights: bool = True     # also sum N and T (False: D only, for residuals whose N, T the caller has)
 
 
 def padded_points(box: int, npad: int):
@@ -102,24 +103,73 @@ def padded_transforms(images, shifts_px, npad: int, backend):
 
 
 def insert_batch(batch: InsertionBatch, backend=None) -> FourierGrid:
-    """Kernel-weighted sums D, T, N of a batch of images (module-level: a parallel.map task)."""
+    """Kernel-weighted sums D, T, N of a batch of images (module-level: a parallel.map task).
+
+    The images are split between this process's threads (`insertion_threads`), each summing its
+    share into its own grids with np.bincount (which runs without the GIL); the shares are added.
+    With an estimate, each sample's prediction is gathered through the same W³ neighbours and
+    weights the sample is then spread to."""
     if backend is None:
         from xpr.backend import cpu
         backend = cpu()
     box = batch.images.shape[-1]
     grid = FourierGrid.empty(box, batch.npad, batch.kernel_width)
-    kb, half = grid.kernel, grid.half
-    side = 2 * half + 1
     values = padded_transforms(batch.images, batch.shifts_px, batch.npad, backend)
     _, _, kx, ky = padded_points(box, batch.npad)
     if batch.max_radius is not None:
         keep = kx * kx + ky * ky <= (batch.npad * batch.max_radius) ** 2
         values, kx, ky = values[:, keep], kx[keep], ky[keep]
+    parts = [part for part in np.array_split(np.arange(len(batch.images)), insertion_threads(len(batch.images)))
+             if len(part)]
+    if len(parts) == 1:
+        sums = [_spread(batch, grid, values, kx, ky, parts[0])]
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(len(parts)) as pool:
+            sums = list(pool.map(lambda part: _spread(batch, grid, values, kx, ky, part), parts))
+    with_ctf = batch.ctf is not None and batch.ctf_mode != "none"
+    for real, imag, count, ctf_weight in sums:
+        grid.data.real += real
+        grid.data.imag += imag
+        if batch.weights:
+            grid.count += count
+            if with_ctf:
+                grid.ctf_weight += ctf_weight
+    if batch.weights and not with_ctf:
+        grid.ctf_weight = grid.count.copy()
+    return grid
+
+
+def insertion_threads(n_images: int) -> int:
+    """Threads for one insertion: this process's CPU share (XPR_FFT_WORKERS under xpr.parallel, else
+    the available cores), at most one per image."""
+    import os
+
+    from xpr.parallel import available_cpus
+
+    share = os.environ.get("XPR_FFT_WORKERS")
+    cores = int(share) if share and int(share) > 0 else available_cpus()
+    return max(1, min(cores, n_images))
+
+
+def _spread(batch: InsertionBatch, grid: FourierGrid, values, kx, ky, images):
+    """The bincount sums (D real, D imag, N, T) of the images `images` of a batch (see insert_batch)."""
+    kb, half, box = grid.kernel, grid.half, batch.images.shape[-1]
+    side = 2 * half + 1
+    size = side ** 3
     t = np.arange(kb.width)
     offsets = ((t[:, None, None] * side + t[None, :, None]) * side + t[None, None, :]).ravel()
+    estimate = batch.estimate
+    if estimate is not None:  # the estimate's cube is smaller: the same neighbours at its own offsets
+        estimate_side = 2 * estimate.half + 1
+        estimate_offsets = ((t[:, None, None] * estimate_side + t[None, :, None]) * estimate_side
+                            + t[None, None, :]).ravel()
+        shift = estimate.half - half
     signs = np.ones(len(batch.images)) if batch.signs is None else batch.signs
     with_ctf = batch.ctf is not None and batch.ctf_mode != "none"
-    size = side ** 3
+    sums = [np.zeros(size), np.zeros(size), np.zeros(size) if batch.weights else None,
+            np.zeros(size) if batch.weights and with_ctf else None]
     pending = {"index": [], "real": [], "imag": [], "ctf": [], "count": []}
 
     def flush():
@@ -127,47 +177,45 @@ def insert_batch(batch: InsertionBatch, backend=None) -> FourierGrid:
         if not pending["index"]:
             return
         index = np.concatenate(pending["index"])
-        grid.data.real += np.bincount(index, np.concatenate(pending["real"]), size)
-        grid.data.imag += np.bincount(index, np.concatenate(pending["imag"]), size)
-        grid.count += np.bincount(index, np.concatenate(pending["count"]), size)
-        if with_ctf:
-            grid.ctf_weight += np.bincount(index, np.concatenate(pending["ctf"]), size)
-        for values in pending.values():
-            values.clear()
+        for total, name in zip(sums, ("real", "imag", "count", "ctf")):
+            if total is not None:
+                total += np.bincount(index, np.concatenate(pending[name]), size)
+        for entries in pending.values():
+            entries.clear()
 
-    queued = 0
-    for i, matrix in enumerate(batch.matrices):
-        weight_t = np.ones(len(kx))
+    queued, m = 0, len(kx)
+    for i in images:
+        weight_t = None
         if with_ctf:
             weight_t = ctf_model.projection_weight(
                 ctf_model.ctf_values(batch.ctf, i, kx, ky, batch.pixel_size_A, batch.npad * box), batch.ctf_mode)
-        sample = values[i] * weight_t
         for g in batch.group:
-            rows = matrix @ g  # (A g): its first two rows carry (kx, ky) into the volume frame
-            if batch.estimate is not None:  # what the current volume leaves unexplained
-                sample = (values[i] - weight_t * batch.estimate.slice(rows)) * weight_t
-            ux = kx * rows[0, 0] + ky * rows[1, 0] + half
-            uy = kx * rows[0, 1] + ky * rows[1, 1] + half
-            uz = kx * rows[0, 2] + ky * rows[1, 2] + half
-            fx, wx = kb.neighbours(ux)
-            fy, wy = kb.neighbours(uy)
-            fz, wz = kb.neighbours(uz)
+            rows = batch.matrices[i] @ g  # (A g): its first two rows carry (kx, ky) into the volume frame
+            fx, wx = kb.neighbours(kx * rows[0, 0] + ky * rows[1, 0] + half)
+            fy, wy = kb.neighbours(kx * rows[0, 1] + ky * rows[1, 1] + half)
+            fz, wz = kb.neighbours(kx * rows[0, 2] + ky * rows[1, 2] + half)
+            c = (wz[:, :, None, None] * wy[:, None, :, None] * wx[:, None, None, :]).reshape(m, -1)
+            sample = values[i] if weight_t is None else values[i] * weight_t
+            if estimate is not None:  # what the current volume leaves unexplained
+                base = ((fz + shift) * estimate_side + fy + shift) * estimate_side + fx + shift
+                neighbours = estimate.cube.take(base[:, None] + estimate_offsets[None, :])
+                predicted = np.matmul(c[:, None, :], neighbours.view(np.float32).reshape(m, -1, 2))
+                predicted = predicted.reshape(m, 2).view(np.complex64).ravel()
+                sample = values[i] - predicted if weight_t is None else (values[i] - weight_t * predicted) * weight_t
             pending["index"].append((((fz * side + fy) * side + fx)[:, None] + offsets[None, :]).ravel())
-            c = (wz[:, :, None, None] * wy[:, None, :, None] * wx[:, None, None, :]).reshape(len(kx), -1)
             c = c * np.float32(signs[i])
             pending["real"].append((c * sample.real[:, None].astype(np.float32)).ravel())
             pending["imag"].append((c * sample.imag[:, None].astype(np.float32)).ravel())
-            pending["count"].append(c.ravel())
-            if with_ctf:
-                pending["ctf"].append((c * (weight_t ** 2)[:, None].astype(np.float32)).ravel())
+            if batch.weights:
+                pending["count"].append(c.ravel())
+                if with_ctf:
+                    pending["ctf"].append((c * (weight_t ** 2)[:, None].astype(np.float32)).ravel())
             queued += c.size
             if queued > 4_000_000:
                 flush()
                 queued = 0
     flush()
-    if not with_ctf:
-        grid.ctf_weight = grid.count.copy()
-    return grid
+    return sums
 
 
 def grid_to_volume(grid: FourierGrid, backend, snr: float | None = None):

@@ -64,7 +64,10 @@ def disc_mask(box: int, radius: float):
 
 
 class BatchedCriterion:
-    """−ccc of many (image, parameters) pairs at once (see the module docstring)."""
+    """−ccc of many (image, parameters) pairs at once (see the module docstring).
+
+    The shift's phase exp(−2πi k·(o + c)/n) is the product of a kx and a ky factor, each made on
+    the box's integer frequencies and gathered (no complex exponential per slice point)."""
 
     def __init__(self, projector: Projector, images, mask, ctf=None, ctf_mode="none", pixel_size_A=1.0,
                  batch_points=400_000):
@@ -78,6 +81,8 @@ class BatchedCriterion:
                 ctf_model.ctf_values(ctf, i, projector.kx, projector.ky, pixel_size_A, box), ctf_mode)
                 for i in range(len(images))]).astype(np.float32)
         self.centre = box // 2
+        self.kx_index = projector.kx.astype(np.int64)                                   # 0 … n/2
+        self.ky_index = projector.ky.astype(np.int64) % box                              # numpy order
         self.batch = max(1, batch_points // max(1, len(projector.kx)))
 
     def __call__(self, which, parameters):
@@ -88,18 +93,27 @@ class BatchedCriterion:
             out[part] = self._evaluate(np.asarray(which)[part], np.asarray(parameters)[part])
         return out
 
-    def projections(self, which, parameters):
-        """The projections (b, n, n), shifted and CTF-weighted, of images `which` at `parameters`."""
+    def spectra(self, which, parameters):
+        """P̂ of images `which` at `parameters`: (b, m) complex64 at the slice points, shifted and
+        CTF-weighted."""
         p = self.projector
         matrices = rotation_matrices(parameters[:, 0], parameters[:, 1], parameters[:, 2])
         values = slices(p, matrices)                                                # (b, m)
-        phase = (-2.0 * np.pi / p.box) * (p.kx[None, :] * (parameters[:, 3:4] + self.centre)
-                                          + p.ky[None, :] * (parameters[:, 4:5] + self.centre))
-        values = values * np.exp(1j * phase).astype(np.complex64)
+        box = p.box
+        x = np.exp((-2j * np.pi / box) * np.arange(box // 2 + 1)[None, :] * (parameters[:, 3:4] + self.centre))
+        frequencies = np.fft.fftfreq(box, 1.0 / box)[None, :]
+        y = np.exp((-2j * np.pi / box) * frequencies * (parameters[:, 4:5] + self.centre))
+        rows = np.arange(len(which))[:, None]
+        values = values * (x[rows, self.kx_index] * y[rows, self.ky_index]).astype(np.complex64)
         if self.ctf_weight is not None:
             values = values * self.ctf_weight[which]
+        return values
+
+    def projections(self, which, parameters):
+        """The projections (b, n, n), shifted and CTF-weighted, of images `which` at `parameters`."""
+        p = self.projector
         spectrum = np.zeros((len(which), p.box, p.box // 2 + 1), dtype=np.complex64)
-        spectrum[:, p.rows, p.cols] = values
+        spectrum[:, p.rows, p.cols] = self.spectra(which, parameters)
         return np.fft.irfft2(spectrum, s=(p.box, p.box))
 
     def _evaluate(self, which, parameters):
@@ -118,7 +132,7 @@ def slices(projector: Projector, matrices, keep=None):
     first, weights = projector.kernel.neighbours(coordinates)                            # (b,3,m), (b,3,m,W)
     side = 2 * projector.half + 1
     base = (first[:, 2] * side + first[:, 1]) * side + first[:, 0]                       # (b, m)
-    values = projector.cube.take(base[..., None] + projector.offsets)                    # (b, m, W³)
+    values = projector.gather(base)                                                      # (b, m, W³)
     b, m, w = base.shape[0], base.shape[1], projector.kernel.width
     zy = (weights[:, 2][..., :, None] * weights[:, 1][..., None, :]).reshape(b, m, w * w)
     kernel = (zy[..., :, None] * weights[:, 0][..., None, :]).reshape(b, m, 1, w ** 3)

@@ -87,3 +87,13 @@ def symmetrize_volume(volume, group):
         g_zyx = g[::-1, ::-1]
         total += affine_transform(volume, g_zyx, offset=centre - g_zyx @ centre, order=1)
     return (total / len(group)).astype(volume.dtype)
+
+
+def point_group(symbol, key):
+    """group_matrices(symbol), a bad symbol an InputError naming the settings `key` (exit 2)."""
+    from xpr.errors import InputError
+
+    try:
+        return group_matrices(symbol)
+    except ValueError as err:
+        raise InputError(str(err), key=key) from None

@@ -26,6 +26,11 @@ import numpy as np
 from xpr import memory
 from xpr.errors import InputError
 
+# wdd: bytes per detector pixel of one spatial frequency alive at once in the deconvolution loop
+# (P̃ at u − Q evaluated in float64/complex128, χ_P, W_P, H, |W_P|², W_O; measured ≈ 90 on a
+# 64² scan, 128² detector): a streamed chunk of frequencies holds max_memory_GB / this
+FREQUENCY_WORK_BYTES = 128
+
 DATA_KEY = "experiment.data_path"
 
 # float32 copies of the scan alive while it is read whole and prepared (xpr.em.ptychography.
@@ -82,7 +87,7 @@ def reading_parts(n_patterns, detector, experiment) -> dict:
 
 def direct_in_memory(command, n_patterns, detector, settings) -> memory.Estimate:
     """The peak of `dpc`/`wdd`/`tcbf` with the scan read whole. Per item: wdd's spatial
-    frequencies deconvolved at once (`wdd.FREQUENCY_WORK_BYTES` per detector pixel each), tcbf's
+    frequencies deconvolved at once (`FREQUENCY_WORK_BYTES` per detector pixel each), tcbf's
     bright-field pixels whose transfer-function terms are summed at once (TCBF_TERM_BYTES per
     pixel of the upsampled grid each); dpc has no items.
 
@@ -106,18 +111,17 @@ def direct_in_memory(command, n_patterns, detector, settings) -> memory.Estimate
     estimate = memory.Estimate()
     estimate.add("reading and preparing the scan", reading_parts(n, detector, experiment))
     if command == "dpc":
-        pad = float(options.get("pad_factor", 2.0))
+        pad = float(options["pad_factor"])
         estimate.add("integrating the phase gradient", {
             "prepared scan": data, "gradient maps and spectra": int(32 * pad * pad * n) + 64 * n})
     elif command == "wdd":
-        from xpr.em.ptychography.wdd import FREQUENCY_WORK_BYTES
         estimate.add("transforming over the scan", {"prepared scan": data,
                                                     "normalised, complex and transformed copies": 5 * data})
         estimate.add("deconvolving", {"prepared scan and G(k, Q)": 3 * data},
                      {"spatial frequency at work": FREQUENCY_WORK_BYTES * binned})
     elif command == "tcbf":
-        n_bf = bright_field_pixels(binned, experiment, float(options.get("bright_field_fraction", 0.9)))
-        upsample = int(options.get("upsample", 2))
+        n_bf = bright_field_pixels(binned, experiment, float(options["bright_field_fraction"]))
+        upsample = int(options["upsample"])
         estimate.add("aligning the bright-field images", {
             "prepared scan": data, "bright-field images and their spectra": TCBF_IMAGE_COPIES * 4 * n_bf * n})
         estimate.add("summing the transfer function", {"prepared scan": data,
@@ -139,12 +143,12 @@ def direct_streamed(command, n_patterns, detector, settings) -> memory.Estimate:
     binned, padded = _prepared_pixels(detector, experiment)
     fixed = {"maps per scan point": 40 * n, "mean pattern": 16 * max(binned, padded)}
     if command == "dpc":
-        pad = float(options.get("pad_factor", 2.0))
+        pad = float(options["pad_factor"])
         fixed["gradient maps and spectra"] = int(32 * pad * pad * n)
     elif command == "wdd":
         fixed["sums over frequencies"] = 64 * n
     elif command == "tcbf":
-        n_bf = bright_field_pixels(binned, experiment, float(options.get("bright_field_fraction", 0.9)))
+        n_bf = bright_field_pixels(binned, experiment, float(options["bright_field_fraction"]))
         fixed["bright-field images and their spectra"] = TCBF_IMAGE_COPIES * 4 * n_bf * n
     return memory.Estimate().add("streaming the scan", fixed, {
         "pattern of a batch": WORK_COPIES * 4 * max(int(np.prod(detector)), padded)})
@@ -179,12 +183,13 @@ def plan_direct(command, settings, data_path=None, log=None, limit=None) -> dict
     batch budget shrunk to what is left. Returns dict(memory_GB for load_experiment, chunk
     (wdd's frequencies, tcbf's bright-field pixels per pass; None: the command's own), streamed).
     Exit 2 (InputError naming experiment.data_path) when even one pattern at a time does not fit."""
-    from xpr.em.ptychography.calibration import WORK_COPIES, _settings_dict
+    from xpr.em.ptychography.calibration import _settings_dict
 
     header = scan_header(settings, data_path)
     options = settings[command]
     setting = float(options["max_memory_GB"])
-    if header is None:
+    if header is None or int(header[0]) == 0 or 0 in tuple(header[1]):
+        # no header, or an empty scan: the worker's reading and junk checks say what is wrong
         return {"memory_GB": setting, "chunk": None, "streamed": None}
     n, detector = header
     limit = limit or memory.available()
@@ -230,14 +235,14 @@ def wanted_chunk(command, n_patterns, settings, detector_pixels=None) -> int:
     """wdd: wdd.chunk_frequencies; tcbf: the bright-field pixels of tcbf.transfer_function's
     default 4e6 values per pass on the upsampled grid; dpc: 1 (no items)."""
     if command == "wdd":
-        return int(settings["wdd"].get("chunk_frequencies", 256))
+        return int(settings["wdd"]["chunk_frequencies"])
     if command == "tcbf":
         from xpr.em.ptychography.calibration import _settings_dict
-        from xpr.em.ptychography.tcbf import VALUES_PER_CHUNK
+        from xpr.em.ptychography.bright_field import VALUES_PER_CHUNK
         options = settings["tcbf"]
-        upsample = int(options.get("upsample", 2))
+        upsample = int(options["upsample"])
         experiment = _settings_dict(settings["experiment"])
-        n_bf = bright_field_pixels(detector_pixels, experiment, float(options.get("bright_field_fraction", 0.9)))
+        n_bf = bright_field_pixels(detector_pixels, experiment, float(options["bright_field_fraction"]))
         return max(1, min(n_bf, VALUES_PER_CHUNK // (int(n_patterns) * upsample ** 2)))
     return 1
 

@@ -267,6 +267,107 @@ def streamed_counts(experiment, batch_size: int, lanes: int, be, budget_GB: floa
     return StreamedCounts(experiment.patterns, be, batches * batch_size, cached)
 
 
+# ---------------------------------------------------------------------------------------------
+# the reconstruction's estimate from the header, before the run folder exists
+
+def ptycho_reconstruction(settings, n_patterns, detector, file_calibration, scan_shape=None,
+                          limit=None, stream_GB=None):
+    """reconstruction_memory (the data held, object, probe and L-BFGS state, one batch of
+    work arrays per thread) from what is known before the scan is read: the settings and the
+    file's calibration (settings first, as Experiment.from_settings). The object's extent comes
+    from the raster (scan_size, scan_step_A) and the reconstruction pixel 1 / (Δk · n); with
+    `PLRotation_deg: auto` the widest rotation (45°) is assumed; `stream_GB`: the streaming
+    budget of data_plan (None: the scan is held in memory). None when a value it needs is
+    neither in the settings nor in the file (the run then checks after calibrating)."""
+    from xpr.backend import from_settings
+    from xpr.em.optics import electron_wavelength_A
+    from xpr.em.ptychography.calibration import PROCESSING_KEYS, _settings_dict, raster_positions_A
+
+    experiment = _settings_dict(settings["experiment"])
+    given = {k: v for k, v in (file_calibration or {}).items() if v is not None and k not in PROCESSING_KEYS}
+    given.update({k: v for k, v in experiment.items() if v is not None})
+    data_bin = max(1, int(given.get("data_bin", 1) or 1))
+    ky, kx = (int(d) // data_bin for d in detector)
+    if ky != kx:
+        return None
+    pad = experiment.get("data_pad", 0)
+    pad = int(math.ceil(kx / 4)) if pad is None else int(pad)
+    n = kx + 2 * pad
+    try:
+        if given.get("rez_pixel_size_A") is not None:
+            rez = float(given["rez_pixel_size_A"]) * data_bin
+        elif given.get("rez_pixel_size_mrad") is not None and given.get("acc_voltage"):
+            rez = float(given["rez_pixel_size_mrad"]) * 1e-3 / electron_wavelength_A(float(given["acc_voltage"])) * data_bin
+        else:
+            return None
+        step = float(given["scan_step_A"])
+        scan_size = given.get("scan_size")
+        scan_size = [int(s) for s in np.ravel(scan_shape if scan_size is None else scan_size)]
+        rotation = given.get("PLRotation_deg", "auto")
+        rotation = 45.0 if isinstance(rotation, str) else float(rotation)
+    except (KeyError, TypeError, ValueError):
+        return None
+    if len(scan_size) != 2 or scan_size[0] * scan_size[1] != int(n_patterns) or rez <= 0 or step <= 0:
+        return None
+    pixel = 1.0 / (rez * n)
+    positions = raster_positions_A(scan_size, step, rotation)
+    corners = (positions - positions.min(axis=0)) / pixel
+    margin = int(settings.reconstruction.object_margin_px)
+    shape = tuple(int(math.ceil(c + margin)) + n + margin + 1 for c in corners.max(axis=0))
+    r = settings.reconstruction
+    slices = int(given.get("num_slices", 1) or 1)
+    modes = int(settings.probe.modes)
+    fraction = float(r.validation_fraction)
+    limit = limit or memory_limit(settings)
+    if stream_GB is not None:              # as run(): blocks read from the file, held-out bits
+        resident = streamed_resident(int(n_patterns), (n, n), 1, 0, fraction, stream_GB * 1e9)
+    else:
+        _, resident = data_memory(int(n_patterns), (n, n), 1, 0, fraction)
+    left = memory.USABLE_FRACTION * limit.bytes - sum(resident.values())     # as batch_work_GB
+    resident.pop("calibrated patterns", None)                                # released once counted
+    memory_GB = max(1e-6, min(BATCH_WORK_GB, left / 1e9 / 8))
+    on_gpu = from_settings(settings).is_gpu
+    batch = batch_size_for(memory_GB, n, modes, slices, on_gpu)
+    lanes = 1 if on_gpu else _cpu_lanes()
+    estimate = reconstruction_memory(resident, shape, slices, modes, n, batch, lanes,
+                                            int(r.lbfgs.history))
+    return estimate, shape, slices
+
+
+def _cpu_lanes() -> int:
+    """Model.lanes() on a CPU (threads sharing the batches, at most 8)."""
+    import os
+
+    from xpr.backend import default_fft_workers
+
+    workers = default_fft_workers()
+    if workers <= 0:
+        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(int(workers), 8))
+
+
+def validate_reconstruction(settings, data_path, limit=None):
+    """Exit 2 (key reconstruction.max_memory_GB) before the run folder exists when the
+    reconstruction's estimate (ptycho_reconstruction, from the file's header) would not fit."""
+    from xpr.io.stem4d import open_scan
+
+    experiment = settings["experiment"]
+    try:
+        with open_scan(Path(data_path).expanduser(), experiment.get("dataset"), experiment.get("scan_size")) as scan:
+            n, detector = int(scan.n_patterns), tuple(scan.detector_shape)
+            calibration, scan_shape = dict(scan.calibration), scan.scan_shape
+    except (OSError, ValueError, InputError):
+        return
+    _, stream_GB = data_plan(settings, data_path)
+    planned = ptycho_reconstruction(settings, n, detector, calibration, scan_shape, limit, stream_GB)
+    if planned is None:
+        return
+    estimate, shape, slices = planned
+    limit = limit or memory_limit(settings)
+    memory.require(estimate, limit, MEMORY_KEY,
+                   f"ptycho of a {slices}x{shape[0]}x{shape[1]} object", _memory_hint())
+
+
 # -- evaluation against a known truth ----------------------------------------------------------
 
 def _remove_plane(image):
@@ -377,11 +478,13 @@ def read_truth(path):
 
 def validate(settings):
     """Before the run folder exists: exit 2 (key reconstruction.max_memory_GB) when the scan
-    named by experiment.data_path could not fit, even streamed (its size from the file's header;
-    the latest simulate_4dstem result, the default input, is checked in run())."""
+    named by experiment.data_path could not be read and held, or reconstructed (sizes from the
+    file's header and the calibration; the latest simulate_4dstem result, the default input, is
+    checked in run())."""
     data_path = settings.experiment.get("data_path")
     if data_path and Path(data_path).expanduser().is_file():
         check_data_fits(settings, data_path)
+        validate_reconstruction(settings, data_path)     # the reconstruction's estimate
 
 
 def run(settings, archive):

@@ -41,8 +41,9 @@ import h5py
 import numpy as np
 
 from xpr.em.ptychography import direct, memory_estimate
+from xpr.em.ptychography.memory_estimate import FREQUENCY_WORK_BYTES
 from xpr.em.ptychography.calibration import unpadded_batches
-from xpr.em.ptychography.direct import probe_spectrum_at
+from xpr.em.ptychography.bright_field import probe_spectrum_at
 from xpr.errors import InputError
 
 
@@ -56,10 +57,6 @@ def scan_frequencies(scan_size, step_A, pl_rotation_deg, xp=np):
     return det_y.ravel(), det_x.ravel()
 
 
-# bytes per detector pixel of one spatial frequency alive at once in the deconvolution loop
-# (P̃ at u − Q evaluated in float64/complex128, χ_P, W_P, H, |W_P|², W_O; measured ≈ 90 on a
-# 64² scan, 128² detector): a streamed chunk of frequencies holds max_memory_GB / this
-FREQUENCY_WORK_BYTES = 128
 
 
 def _scan_transform_in_memory(experiment, backend):
