@@ -7,10 +7,10 @@ point group, G = (p n + 2⌊w/2⌋ + 3)³ points of a Fourier accumulator grid):
 * the accumulators of the two half sets (D complex128, T and N float64: 32 bytes per grid point
   each), their union and the volume's transforms in grid_to_volume (≈ 180 bytes per grid point in
   all, measured with tracemalloc);
-* per worker process (one in the serial engine): the grid of the images it inserts (32 G) and
-  insert_batch's queue of kernel contributions -- flushed above 4e6 values, so at most 4e6 plus one
-  image's π (p n / 2)² / 2 × w³ × g values, about 40 bytes each (index, real, imaginary, count and
-  their concatenation).
+* per worker process (one in the serial engine): the grid of the images it inserts (32 G) and,
+  for each of its insertion threads, its own sums (32 G) and queue of kernel contributions --
+  flushed above 4e6 values, so at most 4e6 plus one image's π (p n / 2)² / 2 × w³ × g values,
+  about 40 bytes each (index, real, imaginary, count and their concatenation).
 
 The worker processes are the batch that shrinks: fewer are used when the estimate with
 multi_process.n_processes would not fit; exit 2 when not even one fits.
@@ -30,18 +30,24 @@ QUEUE_BYTES = 40               # per queued kernel contribution
 QUEUE_FLUSH = 4_000_000        # insert_batch flushes its queue above this many values
 
 
-def local_ali3d(n_images, box, npad=2, kernel_width=4, group_size=1) -> memory.Estimate:
-    """Items = worker processes inserting images at once."""
+def local_ali3d(n_images, box, npad=2, kernel_width=4, group_size=1, threads=None) -> memory.Estimate:
+    """Items = worker processes inserting images at once; each splits its images between
+    `threads` threads (reconstruct.insertion_threads; default: this process's), each with its
+    own sums (32 bytes per grid point) and queue."""
+    from xpr.em.ali3d.reconstruct import insertion_threads
+
     n_images, box, npad, width = int(n_images), int(box), int(npad), int(kernel_width)
+    threads = int(threads or insertion_threads(n_images))
     side = npad * box + 2 * (width // 2) + 3
     grid = side ** 3
     radius = npad * box // 2 - 1
     per_image = int(math.pi * radius * radius / 2) * width ** 3 * int(group_size)
-    queue = min(n_images * per_image, QUEUE_FLUSH + per_image)
+    queue = min(-(-n_images // threads) * per_image, QUEUE_FLUSH + per_image)
     return memory.Estimate().add("reconstructing the half sets", {
         "stack and prepared copy": 8 * n_images * box * box,
         "half-set grids and volume transforms": GRID_BYTES_PARENT * grid,
-    }, {"worker's insertion grid and queue": GRID_BYTES_WORKER * grid + QUEUE_BYTES * queue})
+    }, {f"worker's insertion grid, {threads} threads' sums and queues":
+        GRID_BYTES_WORKER * grid + threads * (GRID_BYTES_WORKER * grid + QUEUE_BYTES * queue)})
 
 
 def stack_shape(settings):
@@ -87,9 +93,10 @@ def plan(settings, log=None, limit=None, shape=None):
     n_images, box = shape
     ali = settings["alignment"]
     group = point_group(ali["sym"], "alignment.sym")
-    estimate = local_ali3d(n_images, box, ali["npad"], ali["kernel_width"], len(group))
     engine = (spread or {}).get("engine", "local")
     workers = 1 if engine == "serial" else parallel.n_workers(spread, n_images)
+    threads = max(1, parallel.available_cpus() // workers)      # each worker's share of the cores
+    estimate = local_ali3d(n_images, box, ali["npad"], ali["kernel_width"], len(group), threads)
     limit = limit or memory.available()
     what = f"local_ali3d on {n_images} images of {box}x{box} px"
     fitting = memory.largest_batch(estimate, limit, workers)
