@@ -273,8 +273,8 @@ def em_rows(quick, row):
             big = common + ["-o", f"imaging.image_size={n}", "-o", f"structure_name=f{n}_{images}"]
             tiny = common + ["-o", "imaging.image_size=32", "-o", f"structure_name=t{images}"]
             est = focal.simulate_focal(em_settings("simulate_focal", big)).bytes()
-            row(f"simulate_focal {images} x {n}²", est, measured("simulate_focal", tiny, big))
-            row(f"tie {images} x {n}²", focal.tie(images, (n, n)).bytes(),
+            row(f"simulate_focal {images} x {n}² (and flip series)", est, measured("simulate_focal", tiny, big))
+            row(f"tie {images} x {n}² (and its flip series)", focal.tie(images, (n, n), flipped=True).bytes(),
                 measured("tie", ["tutorial", "-o", f"structure_name=t{images}"],
                          ["tutorial", "-o", f"structure_name=f{n}_{images}"]))
         common = ["tutorial", "-o", "alignment.maxit=1", "-o", "multi_process.engine=serial"]

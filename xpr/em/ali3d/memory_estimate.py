@@ -32,18 +32,21 @@ GRID_BYTES_WORKER = 32         # per grid point: one worker's insertion grid
 QUEUE_BYTES = 40               # per queued kernel contribution
 
 
-def local_ali3d(n_images, box, npad=2, kernel_width=4, group_size=1) -> memory.Estimate:
-    """Items = worker processes inserting images at once."""
+def local_ali3d(n_images, box, npad=2, kernel_width=4, group_size=1, threads=None) -> memory.Estimate:
+    """Items = worker processes inserting images at once; each splits its images between
+    `threads` threads (reconstruct.insertion_threads; default: this process's), which share one
+    queue, each beyond the first with sums of its own (32 bytes per grid point)."""
     n_images, box, npad, width = int(n_images), int(box), int(npad), int(kernel_width)
+    threads = int(threads or insertion_threads(n_images))
     side = npad * box + 2 * (width // 2) + 3
     grid = side ** 3
     radius = npad * box // 2 - 1
     per_image = int(math.pi * radius * radius / 2) * width ** 3 * int(group_size)
-    queue = min(n_images * per_image, QUEUE_FLUSH + per_image)
+    queue = min(-(-n_images // threads) * per_image, QUEUE_FLUSH + per_image)
     return memory.Estimate().add("reconstructing the half sets", {
         "stack and prepared copy": 8 * n_images * box * box,
         "half-set grids and volume transforms": GRID_BYTES_PARENT * grid,
-        "insertion threads' own grids": GRID_BYTES_WORKER * grid * (insertion_threads(n_images) - 1),
+        "insertion threads' own grids": GRID_BYTES_WORKER * grid * (threads - 1),
     }, {"worker's insertion grid and queue": GRID_BYTES_WORKER * grid + QUEUE_BYTES * queue})
 
 
@@ -90,9 +93,10 @@ def plan(settings, log=None, limit=None, shape=None):
     n_images, box = shape
     ali = settings["alignment"]
     group = point_group(ali["sym"], "alignment.sym")
-    estimate = local_ali3d(n_images, box, ali["npad"], ali["kernel_width"], len(group))
     engine = (spread or {}).get("engine", "local")
     workers = 1 if engine == "serial" else parallel.n_workers(spread, n_images)
+    threads = max(1, parallel.available_cpus() // workers)      # each worker's share of the cores
+    estimate = local_ali3d(n_images, box, ali["npad"], ali["kernel_width"], len(group), threads)
     limit = limit or memory.available()
     what = f"local_ali3d on {n_images} images of {box}x{box} px"
     fitting = memory.largest_batch(estimate, limit, workers)
