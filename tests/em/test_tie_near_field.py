@@ -90,7 +90,6 @@ def test_near_field_recovers_a_weak_phase_object_from_a_flat_start():
     assert error < 0.16 * tie_solvers.rms_error_in_window(flat, phase, 0.35)
 
 
-@pytest.mark.slow
 def test_near_field_method_beats_tie_on_a_strong_phase_object(home, run_xpr, tmp_path):
     """`tie -o refinement.method=near_field` on a 25 nm sphere (phase 3.6 rad, 128², 1 nm pixels,
     ±5 µm, 1 % shot noise): ≤ 0.06 rad and below half the TIE's error (measured 0.048 vs
