@@ -1,8 +1,9 @@
 """Benchmark of `xpr em tie`'s stages on the issue-7 sphere (300 kV, ±5 µm, 1 % shot noise).
 
 Prints, measured in this run: wall time of the plain TIE solve, of the Gerchberg–Saxton–Misell
-and least-squares (L-BFGS) refinements, their ratios, and the rms errors with the error ratio
-refined / plain. Never pass/fail on time.
+and least-squares (L-BFGS) refinements and of the near-field fit (PyPty's near-field mode: all
+images fitted by L-BFGS, here coherent, from the TIE start and from a flat wave), their ratios,
+and the rms errors with the error ratio refined / plain. Never pass/fail on time.
 
     python benchmarks/bench_em_tie.py [--size 256] [--iterations 50]
 """
@@ -68,17 +69,30 @@ def main():
     t_lsq, (phase_lsq, _, _) = timed(lambda: tie_solvers.refine_least_squares(
         backend, start, log_amplitude, transfers, amplitudes, args.iterations))
 
+    t_near, (phase_near, _, _) = timed(lambda: tie_solvers.refine_least_squares(
+        backend, start, log_amplitude, transfers, amplitudes, 2 * args.iterations,
+        blurs=tie_solvers.coherence_blurs(backend, images.shape[1:], pixel, defocus, 0.0)))
+    flat = np.zeros_like(start)
+    mean_log_amplitude = np.full_like(start, math.log(float(np.mean(amplitudes))))
+    t_flat, (phase_flat, _, _) = timed(lambda: tie_solvers.refine_least_squares(
+        backend, flat, mean_log_amplitude, transfers, amplitudes, 4 * args.iterations))
+
     errors = {name: tie_solvers.rms_error_in_window(phase, exact, 0.35)
               for name, phase in (("tie", phase_tie), ("gs_misell", phase_gsm),
-                                  ("least_squares", phase_lsq))}
+                                  ("least_squares", phase_lsq), ("near_field", phase_near),
+                                  ("near_field_flat", phase_flat))}
     print(f"sphere {args.size}², 300 kV, ±5 µm, 1 % shot noise, {args.iterations} iterations")
     print(f"  plain TIE            {t_tie * 1e3:9.1f} ms   rms {errors['tie']:.4f} rad")
     print(f"  GS–Misell            {t_gsm * 1e3:9.1f} ms   rms {errors['gs_misell']:.4f} rad")
     print(f"  least squares L-BFGS {t_lsq * 1e3:9.1f} ms   rms {errors['least_squares']:.4f} rad")
+    print(f"  near field, TIE start, {2 * args.iterations:3d} it. {t_near * 1e3:9.1f} ms   rms {errors['near_field']:.4f} rad")
+    print(f"  near field, flat start, {4 * args.iterations:3d} it. {t_flat * 1e3:8.1f} ms   rms {errors['near_field_flat']:.4f} rad")
     print(f"  time ratio GS–Misell / TIE          {t_gsm / t_tie:8.1f}")
+    print(f"  time ratio near field / GS–Misell   {t_near / t_gsm:8.2f}")
     print(f"  time ratio least squares / GS–Misell {t_lsq / t_gsm:7.2f}")
     print(f"  error ratio GS–Misell / TIE         {errors['gs_misell'] / errors['tie']:8.3f}")
     print(f"  error ratio least squares / TIE     {errors['least_squares'] / errors['tie']:8.3f}")
+    print(f"  error ratio near field / GS–Misell  {errors['near_field'] / errors['gs_misell']:8.3f}")
 
 
 if __name__ == "__main__":

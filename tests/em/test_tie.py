@@ -194,7 +194,9 @@ def test_registration_in_tie_undoes_a_misaligned_series(home, run_xpr, tmp_path)
     assert run_xpr(["-q", "em", "simulate_focal", simulation]).exit_code == 0
     errors = {}
     for enabled in ("false", "true"):
-        result = run_xpr(["-q", "em", "tie", settings, "-o", f"registration.enabled={enabled}"])
+        # the correlation estimates alone (the misfit refinement is the slow test's subject)
+        result = run_xpr(["-q", "em", "tie", settings, "-o", f"registration.enabled={enabled}",
+                          "-o", "registration.refine=none"])
         assert result.exit_code == 0, result.output
         with h5py.File(home / "data/em/tie/parts.h5") as out:
             errors[enabled] = out["errors/rms_tie_rad"][()]
@@ -229,11 +231,50 @@ def test_registration_of_a_strong_phase_object_matches_the_aligned_series(home, 
             errors[label] = out["errors/rms_refined_rad"][()]
             if enabled == "true":
                 estimated = out["registration/images/shift_px"][()]
-                assert out["registration/images/kept"][()] in (b"registered", b"shifts_only",
+                assert out["registration/images/kept"][()] in (b"refined", b"registered",
+                                                                b"shifts_only", "refined",
                                                                 "registered", "shifts_only")
     with h5py.File(home / "data/em/simulate_focal/moved.h5") as data:
         applied = data["misalignment/images/shift_px"][()]
     np.testing.assert_allclose(estimated, applied, atol=0.25)
+    assert errors["registered"] <= 0.08
+    assert errors["registered"] <= 1.2 * errors["aligned"]
+    assert errors["registered"] < 0.2 * errors["unregistered"]
+
+
+@pytest.mark.slow
+def test_registration_of_misaligned_particles_is_within_20_percent_of_the_aligned_series(home, run_xpr,
+                                                                                     tmp_path):
+    """Issue 19 item 1: 5 particles, 128², 1 nm pixels, ±5 µm + 0, 1 % noise, the defocused images
+    off by up to 3 px, 0.5° and 0.4 %. The correlation estimates of rotation and scale are biased
+    by the lens effect (0.055 rad registered vs 0.034 aligned before); with the joint refinement
+    of shifts and magnifications on the series misfit (`registration.refine: shifts_scale`) within
+    20 % of the aligned series (measured 0.034 vs 0.034)."""
+    imaging = ("imaging: {image_size: 128, pixel_size_m: 1.0e-9, defocus_m: [-5.0e-6, 0.0, 5.0e-6]}\n"
+               "specimen: {kind: particles, radius_m: 1.2e-8, particles: {count: 5}}\nseed: 3\n")
+    write(tmp_path, "aligned", "structure_name: aligned\n" + imaging)
+    write(tmp_path, "moved", "structure_name: moved\n" + imaging
+          + "misalignment: {rotation_deg: 0.5, scale: 0.004, shift_px: 3.0}\n")
+    settings = write(tmp_path, "particles_tie", "structure_name: moved\n")
+    for name in ("aligned", "moved"):
+        assert run_xpr(["-q", "em", "simulate_focal", tmp_path / f"{name}.yaml"]).exit_code == 0
+    errors = {}
+    for label, name, enabled in (("aligned", "aligned", "false"), ("unregistered", "moved", "false"),
+                                 ("registered", "moved", "true")):
+        result = run_xpr(["-q", "em", "tie", settings, "-o", f"structure_name={name}",
+                          "-o", f"registration.enabled={enabled}",
+                          "-o", "registration.refine=shifts_scale"])
+        assert result.exit_code == 0, result.output
+        with h5py.File(home / f"data/em/tie/{name}.h5") as out:
+            errors[label] = out["errors/rms_refined_rad"][()]
+            if enabled == "true":
+                estimated = out["registration/images/shift_px"][()]
+                scale = out["registration/images/scale"][()]
+    with h5py.File(home / "data/em/simulate_focal/moved.h5") as data:
+        applied = data["misalignment/images/shift_px"][()]
+        applied_scale = data["misalignment/images/scale"][()]
+    np.testing.assert_allclose(estimated, applied, atol=0.15)
+    np.testing.assert_allclose(scale, applied_scale, atol=0.002)
     assert errors["registered"] <= 0.08
     assert errors["registered"] <= 1.2 * errors["aligned"]
     assert errors["registered"] < 0.2 * errors["unregistered"]

@@ -171,24 +171,53 @@ def rms_error_in_window(phase, exact_phase, radius_fraction):
 # Refinement with the exact forward model
 # ---------------------------------------------------------------------------------------------
 
-def _amplitude_residual_gradient(backend, wave, transfers, amplitudes):
-    """Loss Σ_j ‖|T_j ψ| − √I_j‖² and its Wirtinger gradient g = ∂L/∂ψ* (up to the factor 2)."""
+def _amplitude_residual_gradient(backend, wave, transfers, amplitudes, blurs=None):
+    """Loss Σ_j ‖√(G_j ∗ |T_j ψ|²) − √I_j‖² and its Wirtinger gradient g = ∂L/∂ψ* (up to the
+    factor 2). `blurs`: the Fourier transforms Ĝ_j of the flux-preserving partial-coherence
+    blur of each image (real, even, Ĝ_j(0) = 1), or None for coherent images (G_j = δ)."""
     xp = backend.xp
     wave_q = backend.fft2(wave)
     loss = 0.0
     gradient_q = xp.zeros_like(wave_q)
-    for transfer, amplitude in zip(transfers, amplitudes):
+    for index, (transfer, amplitude) in enumerate(zip(transfers, amplitudes)):
         exit_plane = backend.ifft2(wave_q * transfer)
-        modulus = xp.abs(exit_plane)
-        loss += float(xp.sum((modulus - amplitude) ** 2))
-        residual = exit_plane - amplitude * exit_plane / xp.maximum(modulus, 1e-12)
+        blur = None if blurs is None else blurs[index]
+        if blur is None:
+            modulus = xp.abs(exit_plane)
+            loss += float(xp.sum((modulus - amplitude) ** 2))
+            residual = exit_plane - amplitude * exit_plane / xp.maximum(modulus, 1e-12)
+        else:
+            # I_b = G ∗ |u|²; ∂L/∂I_b = (√I_b − A)/√I_b; ∂L/∂|u|² = G ∗ that (G even); ∂L/∂u* = · u
+            blurred = backend.ifft2(backend.fft2(xp.abs(exit_plane) ** 2) * blur).real
+            modulus = xp.sqrt(xp.maximum(blurred, 1e-24))
+            loss += float(xp.sum((modulus - amplitude) ** 2))
+            weight = backend.ifft2(backend.fft2((modulus - amplitude) / modulus) * blur).real
+            residual = weight * exit_plane
         gradient_q += xp.conj(transfer) * backend.fft2(residual)
     return loss, backend.ifft2(gradient_q)
 
 
+def coherence_blurs(backend, shape, pixel_size_m, defocus_m, alpha_rad):
+    """Ĝ_j(q) = exp(−(π α Δf_j |q|)²): Koch's flux-preserving model of partial spatial coherence
+    in a focal series, as PyPty's near-field mode applies it (its `alpha_near_field`). An
+    illumination whose directions spread as exp(−θ²/α²) shifts the image at defocus Δf by
+    Δf·θ, so the recorded intensity is the coherent one convolved with a Gaussian of that
+    spread: its total (the flux, Ĝ(0) = 1) is kept, unlike the quasi-coherent damping of the
+    wave's transfer function. None for α = 0."""
+    if alpha_rad <= 0:
+        return None
+    from xpr.em.tie.focal_series import spatial_frequencies_squared
+
+    q2 = spatial_frequencies_squared(backend, shape, pixel_size_m)
+    xp = backend.xp
+    return [xp.exp(-(math.pi * alpha_rad * float(d)) ** 2 * q2).astype(backend.real_dtype)
+            for d in defocus_m]
+
+
 def refine_least_squares(backend, phase, log_amplitude, transfers, amplitudes, iterations,
-                         fit_amplitude=True, on_iteration=None):
+                         fit_amplitude=True, on_iteration=None, blurs=None):
     """Fit ψ = exp(a + iφ) to all images by L-BFGS from (a, φ) = TIE start; returns (φ, a, loss).
+    With `blurs` (coherence_blurs) the model images are G_j ∗ |T_j ψ|² (near-field mode).
 
     The parameters stay on the backend's device (numpy or cupy); `on_iteration(k, loss)` is
     called after each iteration. Loss: mean squared amplitude misfit per pixel and plane.
@@ -200,7 +229,8 @@ def refine_least_squares(backend, phase, log_amplitude, transfers, amplitudes, i
     def loss_and_gradient(parameters):
         a = parameters[1] if fit_amplitude else fixed_log_amplitude
         wave = xp.exp(a + 1j * parameters[0]).astype(backend.complex_dtype)
-        loss, gradient = _amplitude_residual_gradient(backend, wave, transfers, amplitudes)
+        loss, gradient = _amplitude_residual_gradient(backend, wave, transfers, amplitudes,
+                                                      blurs)
         parts = [2 * xp.imag(gradient * xp.conj(wave))]
         if fit_amplitude:
             parts.append(2 * xp.real(xp.conj(gradient) * wave))

@@ -38,7 +38,7 @@ from types import SimpleNamespace
 
 import h5py
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, optimize
 
 from xpr import backend as backends
 from xpr import plot
@@ -253,17 +253,27 @@ def register_series(backend, series, settings, archive):
        image in turn takes the candidate of least series misfit.
     2. With `rotation_scale`, a bounded search of rotation, magnification and shift from that
        shift; an estimate on its bound falls back to the shift alone (logged).
-    3. With the check, the misfits of the registration, of its shifts alone and of the
-       unregistered series are compared; the least wins, and the log says which.
-    The stacks of `series` are replaced by the chosen ones; returns the estimates."""
+    3. With `refine` (and the check), the shifts (and magnifications, rotations: `refine`) of
+       all images together minimise the series misfit after `refine_sweeps` sweeps (L-BFGS-B,
+       bounded).
+    4. With the check, the misfits of the refined registration, of the registration, of its
+       shifts alone and of the unregistered series are compared; the least wins, and the log
+       says which.
+    Images are resampled band-limited (focal_series.undo_similarity: the noise keeps its
+    variance at any sub-pixel position) and pixels whose source lies outside the field take the
+    reference image's value. The stacks of `series` are replaced by the chosen ones; returns
+    the estimates."""
     options, log = settings.registration, archive.log
     check = bool(options.check)
     wavelength_m = electron_wavelength_A(series.accelerating_voltage_kV) * 1e-10
     reference_index = series.reference_index
     reference = series.images[reference_index].copy()
 
-    def misfit(images):
-        return series_misfit(backend, series, images, settings, archive, int(options.check_sweeps))
+    def misfit(images, sweeps=int(options.check_sweeps)):
+        return series_misfit(backend, series, images, settings, archive, sweeps)
+
+    def undo(image, rotation=0.0, scale=1.0, shift=(0.0, 0.0)):
+        return focal_series.undo_similarity(image, rotation, scale, tuple(shift), fill=reference)
 
     estimates = {}
     stacks = [("images", series.images)]
@@ -285,8 +295,7 @@ def register_series(backend, series, settings, archive):
         shifted = stack.copy()
 
         def apply_shift(index, value):
-            shifted[index] = focal_series.inverse_similarity_transform(stack[index], 0.0, 1.0,
-                                                                       tuple(value))
+            shifted[index] = undo(stack[index], shift=value)
 
         for i in moving:
             apply_shift(i, shift[i])
@@ -308,26 +317,6 @@ def register_series(backend, series, settings, archive):
                 log.info("%s[%d] shift candidates %s; kept %s", name, i, ", ".join(
                     f"{m} ({distinct[m][0]:.2f}, {distinct[m][1]:.2f}) px misfit {s:.3e}"
                     for m, s in scores.items()), best)
-        if check and float(options.refine_shifts_px) > 0:
-            # local pattern search of each shift on the series misfit: steps halved to 1/8 px
-            current = misfit(shifted)
-            step = float(options.refine_shifts_px)
-            while step >= 0.125 - 1e-9:
-                moved = True
-                while moved:
-                    moved = False
-                    for i in moving:
-                        for direction in ((1, 0), (-1, 0), (0, 1), (0, -1)):
-                            trial = shift[i] + step * np.asarray(direction, float)
-                            apply_shift(i, trial)
-                            value = misfit(shifted)
-                            if value < current:
-                                current, shift[i], moved = value, trial, True
-                                break
-                        apply_shift(i, shift[i])
-                step /= 2
-            for i in moving:
-                log.info("%s[%d] shift refined on the series misfit: (%.3f, %.3f) px", name, i, *shift[i])
         # 2. rotation and magnification
         rotation, scale, full_shift = np.zeros(n), np.ones(n), shift.copy()
         registered = shifted.copy()
@@ -344,33 +333,123 @@ def register_series(backend, series, settings, archive):
                     continue
                 rotation[i], scale[i] = estimate["rotation_deg"], estimate["scale"]
                 full_shift[i] = estimate["shift_px"]
-                registered[i] = focal_series.inverse_similarity_transform(
-                    stack[i], rotation[i], scale[i], tuple(full_shift[i]))
+                registered[i] = undo(stack[i], rotation[i], scale[i], full_shift[i])
         for i in moving:
             log.info("registered %s[%d] (low-pass σ %.1f px): rotation %.3f°, scale %.4f, "
                      "shift (%.2f, %.2f) px", name, i, sigma[i], rotation[i], scale[i], *full_shift[i])
-        # 3. the check
+        parameters = {"registered": (rotation.copy(), scale.copy(), full_shift.copy()),
+                      "shifts_only": (np.zeros(n), np.ones(n), shift.copy()),
+                      "unregistered": (np.zeros(n), np.ones(n), np.zeros((n, 2)))}
         choices = {"registered": registered, "shifts_only": shifted, "unregistered": stack}
+        # 3. joint refinement on the series misfit
+        free = REFINED_PARAMETERS.get(str(options.refine))
+        if free and not bool(options.rotation_scale):
+            free = REFINED_PARAMETERS["shifts"]
+        if check and free and moving:
+            refined = refine_on_misfit(stack, moving, parameters["registered"], undo,
+                                       lambda images: misfit(images, int(options.refine_sweeps)),
+                                       options, free)
+            parameters["refined"] = refined["parameters"]
+            choices["refined"] = refined["images"]
+            for i in moving:
+                log.info("refined %s[%d] on the series misfit: rotation %.3f°, scale %.4f, shift "
+                         "(%.2f, %.2f) px", name, i, refined["parameters"][0][i],
+                         refined["parameters"][1][i], *refined["parameters"][2][i])
+            for message in refined["fallbacks"]:
+                log.warning("%s %s", name, message)
+            log.info("%s: refinement of %d parameters, %d misfit evaluations, misfit (%d sweeps) "
+                     "%.3e → %.3e", name, refined["count"], refined["evaluations"],
+                     int(options.refine_sweeps), refined["start"], refined["end"])
+        # 4. the check
         if not np.any(rotation != 0) and not np.any(scale != 1):
             choices.pop("shifts_only")
-        chosen, misfits = "registered", {}
+        chosen = "refined" if "refined" in choices else "registered"
+        misfits = {}
         if check:
             misfits = {label: misfit(images) for label, images in choices.items()}
             chosen = min(misfits, key=misfits.get)
             log.info("registration check (%s): forward-model misfit per pixel %s; kept %s", name,
                      ", ".join(f"{k} {v:.3e}" for k, v in misfits.items()), chosen)
-            if chosen != "registered":
+            best_estimate = "refined" if "refined" in choices else "registered"
+            if chosen != best_estimate:
                 log.warning("%s: the registration as estimated makes the series less consistent "
                             "than %s; using the series %s", name, chosen.replace("_", " "),
                             chosen.replace("_", " "))
-        if chosen == "shifts_only":
-            rotation[:], scale[:], full_shift = 0.0, 1.0, shift
-        elif chosen == "unregistered":
-            rotation[:], scale[:], full_shift = 0.0, 1.0, np.zeros((n, 2))
+        rotation, scale, full_shift = parameters[chosen]
         stack[...] = choices[chosen].copy()
         estimates[name] = {"rotation_deg": rotation, "scale": scale, "shift_px": full_shift,
                            "kept": chosen, **{f"misfit_{k}": v for k, v in misfits.items()}}
     return estimates
+
+
+REFINED_PARAMETERS = {"shifts": ("dy", "dx"), "shifts_scale": ("scale", "dy", "dx"),
+                      "all": ("rotation", "scale", "dy", "dx")}
+
+
+def refine_on_misfit(stack, moving, start, undo, misfit, options, free):
+    """The parameters `free` (of rotation, scale, dy, dx) of every moving image together,
+    minimising the series misfit (L-BFGS-B, finite-difference gradient, at most
+    `refine_evaluations` evaluations); the others keep their start values.
+
+    Jointly, because the images' parameters are coupled through the one exit wave (refined one
+    image at a time, each settles to agree with the other's error). Parameters are scaled to
+    a displacement of about a quarter pixel per unit at the field's edge; bounds: |rotation| ≤
+    max_rotation_deg, |scale − 1| ≤ max_scale, shift within shift_window_px of the start. An
+    image whose rotation or scale ends on its bound keeps its start values (a fallback)."""
+    rotation0, scale0, shift0 = (np.array(a, float) for a in start)
+    half_width = 0.5 * max(stack.shape[1:])
+    unit = {"rotation": math.degrees(0.25 / half_width), "scale": 0.25 / half_width,
+            "dy": 0.25, "dx": 0.25}
+    max_rotation, max_scale = float(options.max_rotation_deg), float(options.max_scale)
+    window = float(options.shift_window_px)
+    log_bound = math.log1p(max_scale) if max_scale > 0 else 0.0
+    bounds = []
+    for i in moving:
+        limits = {"rotation": (-max_rotation - rotation0[i], max_rotation - rotation0[i]),
+                  "scale": (-log_bound - math.log(scale0[i]), log_bound - math.log(scale0[i])),
+                  "dy": (-window, window), "dx": (-window, window)}
+        bounds += [(limits[name][0] / unit[name], limits[name][1] / unit[name]) for name in free]
+
+    def unpack(vector):
+        rotation, scale, shift = rotation0.copy(), scale0.copy(), shift0.copy()
+        for k, i in enumerate(moving):
+            values = dict(zip(free, vector[k * len(free):(k + 1) * len(free)]))
+            rotation[i] += values.get("rotation", 0.0) * unit["rotation"]
+            scale[i] *= math.exp(values.get("scale", 0.0) * unit["scale"])
+            shift[i] += (values["dy"] * unit["dy"], values["dx"] * unit["dx"])
+        return rotation, scale, shift
+
+    def images_of(rotation, scale, shift):
+        images = stack.copy()
+        for i in moving:
+            images[i] = undo(stack[i], rotation[i], scale[i], shift[i])
+        return images
+
+    first = misfit(images_of(rotation0, scale0, shift0))
+    count = [0]
+
+    def objective(vector):
+        count[0] += 1
+        return misfit(images_of(*unpack(vector))) / first
+
+    result = optimize.minimize(objective, np.zeros(len(free) * len(moving)), method="L-BFGS-B",
+                               bounds=bounds, options={"eps": 0.02, "ftol": 1e-7, "gtol": 1e-9,
+                                                       "maxfun": int(options.refine_evaluations)})
+    rotation, scale, shift = unpack(result.x)
+    fallbacks = []
+    for i in moving:
+        limits = []
+        if "rotation" in free and max_rotation > 0 and abs(rotation[i]) >= 0.99 * max_rotation:
+            limits.append(f"rotation {rotation[i]:.3f}° at its limit ±{max_rotation:g}°")
+        if "scale" in free and max_scale > 0 and abs(math.log(scale[i])) >= 0.99 * log_bound:
+            limits.append(f"scale {scale[i]:.4f} at its limit 1 ± {max_scale:g}")
+        if limits:
+            fallbacks.append(f"[{i}] refined {'; '.join(limits)}: kept its estimate before the "
+                             "refinement")
+            rotation[i], scale[i], shift[i] = rotation0[i], scale0[i], shift0[i]
+    return {"parameters": (rotation, scale, shift), "images": images_of(rotation, scale, shift),
+            "fallbacks": fallbacks, "evaluations": count[0], "count": len(free) * len(moving),
+            "start": first, "end": first * float(result.fun)}
 
 
 def series_misfit(backend, series, images, settings, archive, sweeps):
@@ -461,6 +540,19 @@ def retrieve_phase(backend, series, images, settings, archive, label="series"):
             bar.set_postfix(loss=f"{loss:.3e}")
 
         start = phase_tie.astype(backend.real_dtype)
+        blurs = None
+        if refinement.method == "near_field":
+            alpha = float(refinement.get("alpha_near_field") or 0.0)
+            blurs = tie_solvers.coherence_blurs(backend, shape, pixel_size_m, series.defocus_m, alpha)
+            if refinement.get("start", "tie") == "flat":
+                # as PyPty's near-field mode starts: a flat wave of the series' mean amplitude
+                start = xp.zeros(shape, dtype=backend.real_dtype)
+                mean_amplitude = float(xp.mean(xp.stack(amplitudes)))
+                log_amplitude = xp.full(shape, math.log(max(mean_amplitude, 1e-12)),
+                                        dtype=backend.real_dtype)
+            log.info("%s: near-field fit of all %d images from the %s start, flux-preserving "
+                     "coherence blur α = %.3g rad", label, len(transfers),
+                     "flat" if refinement.get("start", "tie") == "flat" else "TIE", alpha)
         if refinement.method == "gs_misell":
             phase, log_amp, loss = tie_solvers.refine_gs_misell(
                 backend, start, log_amplitude, transfers, amplitudes, int(refinement.iterations),
@@ -468,7 +560,7 @@ def retrieve_phase(backend, series, images, settings, archive, label="series"):
         else:
             phase, log_amp, loss = tie_solvers.refine_least_squares(
                 backend, start, log_amplitude, transfers, amplitudes, int(refinement.iterations),
-                bool(refinement.fit_amplitude), on_iteration)
+                bool(refinement.fit_amplitude), on_iteration, blurs=blurs)
         bar.close()
         amplitude = xp.exp(log_amp)
         log.info("%s: %s refinement, %d iterations, amplitude misfit per pixel %.3e", label,
