@@ -55,7 +55,7 @@ def test_the_options_classes_are_found():
     # the commands whose numerics take an options object (a new one is found by the same walk)
     names = {name.rsplit(".", 1)[-1] for name in CLASSES}
     assert {"Options", "PhasingOptions", "PhasingOptions3D", "RealSpaceOptions", "SpreadOptions",
-            "ClusterOptions", "GpuOptions", "Ali3dOptions"} <= names
+            "ClusterOptions", "GpuOptions", "Ali3dOptions", "DetectorProcessing"} <= names
 
 
 @pytest.mark.parametrize("name", sorted(CLASSES))
@@ -134,3 +134,12 @@ def test_a_partial_block_is_completed_by_the_documented_defaults():
     cluster = ClusterOptions.from_block({"cores": 16, "memory": "8GB"})
     assert (cluster.cores, cluster.memory, cluster.jobs, cluster.walltime) == (16, "8GB", 2, "01:00:00")
     assert jobqueue_options({"cores": 16})["memory"] == ClusterOptions().memory == "4GB"
+
+
+@pytest.mark.parametrize("command", ["dpc", "wdd", "tcbf"])
+def test_the_shared_experiment_block_is_documented_alike(command):
+    """calibration.DetectorProcessing reads ptycho's defaults; the direct methods document the
+    same values, so a partial experiment mapping is completed the same way for all four."""
+    from xpr.em.ptychography.calibration import DetectorProcessing
+
+    assert DetectorProcessing.from_settings(_resolved_defaults("em", command)) == DetectorProcessing()

@@ -37,6 +37,7 @@ from xpr import backend as backends
 from xpr.em.optics import electron_wavelength_A, with_defocus
 from xpr.em.ptychography import rotation
 from xpr.errors import InputError
+from xpr.options import options, setting
 from xpr.io.checks import check_intensity_frames
 
 # Keys of the `experiment:` group, with PyPty's names. Values missing from the settings (null)
@@ -366,6 +367,18 @@ def raster_positions_A(scan_size, scan_step_A, pl_rotation_deg):
 # the calibrated experiment
 # --------------------------------------------------------------------------------------------
 
+@options("em", "ptycho")
+class DetectorProcessing:
+    """How the patterns are prepared before calibration: experiment.data_pad, data_bin, flip_ky
+    and transposed, documented alike for ptycho, dpc, wdd and tcbf (read from ptycho's file;
+    tests/test_options.py checks the others agree)."""
+
+    data_pad: int | None = setting("experiment.data_pad")      # px per side; null = a quarter of the width
+    data_bin: int = setting("experiment.data_bin")
+    flip_ky: bool = setting("experiment.flip_ky")
+    transposed: bool | str = setting("experiment.transposed")
+
+
 def _settings_dict(experiment_settings) -> dict:
     if experiment_settings is None:
         return {}
@@ -614,11 +627,13 @@ class Experiment:
         conv_semiangle = given.get("conv_semiangle_mrad")
         conv_semiangle = None if conv_semiangle is None else float(conv_semiangle)
 
-        # detector preparation: flip, transpose, bin, centre
-        data_bin = int(given.get("data_bin", 1) or 1)
+        # detector preparation: flip, transpose, bin, centre (documented values for the keys
+        # neither the settings nor the file give: a partial mapping from a script or a test)
+        documented = DetectorProcessing()
+        data_bin = int(given.get("data_bin") or documented.data_bin)
         if data_bin < 1:
             raise InputError(f"data_bin must be ≥ 1, got {data_bin}", key="experiment.data_bin")
-        transposed_setting = given.get("transposed", False)
+        transposed_setting = given.get("transposed", documented.transposed)
         if isinstance(transposed_setting, str) and transposed_setting.lower() != "auto":
             raise InputError(f"transposed must be true, false or auto, got {transposed_setting!r}",
                              key="experiment.transposed")
@@ -626,7 +641,7 @@ class Experiment:
         stream_com = None
         if stream:
             pattern_bytes = 4 * int(np.prod(scan.detector_shape))
-            prepared = StreamedPatterns(scan, bool(given.get("flip_ky", False)), transposed,
+            prepared = StreamedPatterns(scan, bool(given.get("flip_ky", documented.flip_ky)), transposed,
                                         data_bin, memory_GB * 1e9 // (WORK_COPIES * pattern_bytes))
             mean_pattern, com_y0, com_x0 = streamed_statistics(prepared)
             centre_y, centre_x = center_of_mass(mean_pattern)
@@ -639,7 +654,7 @@ class Experiment:
                          f"budget of {memory_GB:.3g} GB)")
         else:
             prepared = np.asarray(stack, dtype=np.float32)
-            if bool(given.get("flip_ky", False)):
+            if bool(given.get("flip_ky", documented.flip_ky)):
                 prepared = prepared[:, ::-1, :]
             if transposed:
                 prepared = np.swapaxes(prepared, 1, 2)
@@ -761,7 +776,7 @@ class Experiment:
                              "(PLRotation_deg is a number); the detector is taken as not transposed")
 
         # padding and the real-space grid
-        pad = settings.get("data_pad", 0)
+        pad = settings.get("data_pad", documented.data_pad)
         pad = int(math.ceil(prepared.shape[-1] / 4)) if pad is None else int(pad)
         if pad < 0:
             raise InputError(f"data_pad must be ≥ 0, got {pad}", key="experiment.data_pad")
