@@ -138,7 +138,7 @@ def correlate_workers(settings, n_tasks) -> tuple[int, str]:
     from xpr import parallel
 
     spread = settings.multi_process
-    engine = str(spread.get("engine", "local"))
+    engine = str(parallel.SpreadOptions.from_block(spread).engine)
     workers = parallel.n_workers(spread, n_tasks) if engine != "serial" else 1
     if engine == "local" and (workers == 1 or n_tasks <= 1):
         engine = "serial"
@@ -315,7 +315,7 @@ def plan_reconstruct(grid, settings, real_itemsize=4, on_gpu=False, log=None, li
     batch = max(1, min(int(settings.multi_process.batch_size), n))
     n_tasks = -(-n // batch)
     spread = settings.multi_process
-    engine = str(spread.get("engine", "local"))
+    engine = str(parallel.SpreadOptions.from_block(spread).engine)
     workers = parallel.n_workers(spread, n_tasks) if engine != "serial" else 1
     if engine == "local" and (workers == 1 or n_tasks <= 1):
         engine = "serial"

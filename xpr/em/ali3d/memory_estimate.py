@@ -93,7 +93,7 @@ def plan(settings, log=None, limit=None, shape=None):
     n_images, box = shape
     ali = settings["alignment"]
     group = point_group(ali["sym"], "alignment.sym")
-    engine = (spread or {}).get("engine", "local")
+    engine = parallel.SpreadOptions.from_block(spread).engine
     workers = 1 if engine == "serial" else parallel.n_workers(spread, n_images)
     threads = max(1, parallel.available_cpus() // workers)      # each worker's share of the cores
     estimate = local_ali3d(n_images, box, ali["npad"], ali["kernel_width"], len(group), threads)

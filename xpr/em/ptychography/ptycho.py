@@ -135,8 +135,8 @@ def data_plan(settings, data_path, log=None):
         n_patterns, detector = scan.n_patterns, scan.detector_shape
         raw_bytes = scan.nbytes_float32
     fraction = float(settings.reconstruction.validation_fraction)
-    reading, resident = data_memory(n_patterns, detector, given.get("data_bin", 1) or 1,
-                                    given.get("data_pad", 0), fraction)
+    reading, resident = data_memory(n_patterns, detector, given.get("data_bin") or calibration.DetectorProcessing().data_bin,
+                                    given.get("data_pad", calibration.DetectorProcessing().data_pad), fraction)
     reading.add("holding the data", resident)
     limit = memory_limit(settings)
     what = f"ptycho on {n_patterns} patterns of {detector[0]}x{detector[1]} px"
@@ -145,7 +145,7 @@ def data_plan(settings, data_path, log=None):
         return limit, None
     budget = STREAM_FRACTION * memory.USABLE_FRACTION * limit.bytes
     streamed = memory.Estimate().add("streaming the scan", streamed_resident(
-        n_patterns, detector, given.get("data_bin", 1) or 1, given.get("data_pad", 0), fraction,
+        n_patterns, detector, given.get("data_bin") or calibration.DetectorProcessing().data_bin, given.get("data_pad", calibration.DetectorProcessing().data_pad), fraction,
         budget))
     memory.require(streamed, limit, MEMORY_KEY, what + " (streamed from the file)",
                    _memory_hint())
@@ -286,11 +286,11 @@ def ptycho_reconstruction(settings, n_patterns, detector, file_calibration, scan
     experiment = _settings_dict(settings["experiment"])
     given = {k: v for k, v in (file_calibration or {}).items() if v is not None and k not in PROCESSING_KEYS}
     given.update({k: v for k, v in experiment.items() if v is not None})
-    data_bin = max(1, int(given.get("data_bin", 1) or 1))
+    data_bin = max(1, int(given.get("data_bin") or calibration.DetectorProcessing().data_bin))
     ky, kx = (int(d) // data_bin for d in detector)
     if ky != kx:
         return None
-    pad = experiment.get("data_pad", 0)
+    pad = experiment.get("data_pad", calibration.DetectorProcessing().data_pad)
     pad = int(math.ceil(kx / 4)) if pad is None else int(pad)
     n = kx + 2 * pad
     try:

@@ -544,7 +544,7 @@ def retrieve_phase(backend, series, images, settings, archive, label="series"):
         if refinement.method == "near_field":
             alpha = float(refinement.get("alpha_near_field") or 0.0)
             blurs = tie_solvers.coherence_blurs(backend, shape, pixel_size_m, series.defocus_m, alpha)
-            if refinement.get("start", "tie") == "flat":
+            if refinement.start == "flat":
                 # as PyPty's near-field mode starts: a flat wave of the series' mean amplitude
                 start = xp.zeros(shape, dtype=backend.real_dtype)
                 mean_amplitude = float(xp.mean(xp.stack(amplitudes)))
@@ -552,7 +552,7 @@ def retrieve_phase(backend, series, images, settings, archive, label="series"):
                                         dtype=backend.real_dtype)
             log.info("%s: near-field fit of all %d images from the %s start, flux-preserving "
                      "coherence blur α = %.3g rad", label, len(transfers),
-                     "flat" if refinement.get("start", "tie") == "flat" else "TIE", alpha)
+                     "flat" if refinement.start == "flat" else "TIE", alpha)
         if refinement.method == "gs_misell":
             phase, log_amp, loss = tie_solvers.refine_gs_misell(
                 backend, start, log_amplitude, transfers, amplitudes, int(refinement.iterations),
