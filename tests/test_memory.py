@@ -3,12 +3,12 @@ against the peak measured with tracemalloc (numpy's arrays are traced) within 0.
 large refused with exit 2 naming the key, the estimate and the limit; batches shrunk to fit."""
 from __future__ import annotations
 
-import tracemalloc
 
 import h5py
 import numpy as np
 import pytest
 
+from memory_helpers import limit_memory as _limit, traced_peak as _traced_peak
 from xpr import memory
 
 GB = memory.GB
@@ -38,18 +38,6 @@ def test_limit_is_the_smallest_of_cgroup_meminfo_and_setting(tmp_path, monkeypat
 def test_meminfo_is_read():
     free = memory.meminfo_available()
     assert free is None or free > 0
-
-
-def _traced_peak(run_xpr, args):
-    """Peak traced bytes of one in-process CLI run (exit 0 required)."""
-    tracemalloc.start()
-    try:
-        result = run_xpr(args)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert result.exit_code == 0, result.output
-    return peak
 
 
 # estimate / traced peak, from benchmarks/bench_memory.py on this code: simulate 0.92-1.17,
@@ -85,10 +73,6 @@ def test_estimate_scales_as_the_code_allocates():
     assert eight.bytes(8) == 8 * one.bytes(8)
     assert one.stage_bytes("phasing", 8) - one.stage_bytes("phasing", 4) == 4 * 46 * 64 ** 3
     assert memory.cdi_phase((64,) * 3, 8, double=True).bytes(8) > 1.9 * one.bytes(8)
-
-
-def _limit(monkeypatch, nbytes):
-    monkeypatch.setattr(memory, "available", lambda *a, **k: memory.Limit(int(nbytes), "test limit"))
 
 
 def test_too_large_simulate_exits_2_naming_key_estimate_and_limit(home, run_xpr, monkeypatch):

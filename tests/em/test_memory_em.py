@@ -5,12 +5,12 @@ the limit, before a run folder exists; what can shrink (a batch, a chunk, the st
 shrunk to fit, with the same result."""
 from __future__ import annotations
 
-import tracemalloc
 
 import h5py
 import numpy as np
 import pytest
 
+from memory_helpers import limit_memory as _limit, working_peak as _working_peak
 from xpr import memory
 from xpr.em.ptychography import memory_estimate, ptycho
 
@@ -19,29 +19,6 @@ GB = memory.GB
 # estimate / measured peak must lie in [LOW, HIGH]; measured on this code (tests below, and
 # benchmarks/bench_memory.py): see each test's comment
 LOW, HIGH = 0.7, 1.5
-
-
-def _traced_peak(run_xpr, args):
-    """Peak traced bytes of one in-process CLI run (exit 0 required)."""
-    tracemalloc.start()
-    try:
-        result = run_xpr(args)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert result.exit_code == 0, result.output
-    return peak
-
-
-def _working_peak(run_xpr, tiny, big):
-    """Peak of `big` less that of `tiny` (run twice first: imports and caches settle)."""
-    _traced_peak(run_xpr, tiny)
-    base = _traced_peak(run_xpr, tiny)
-    return _traced_peak(run_xpr, big) - base
-
-
-def _limit(monkeypatch, nbytes):
-    monkeypatch.setattr(memory, "available", lambda *a, **k: memory.Limit(int(nbytes), "test limit"))
 
 
 def write_scan(path, scan, detector, offset_px=3):

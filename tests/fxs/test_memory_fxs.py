@@ -9,13 +9,13 @@ average, the figures' ~12 MB); the sizes below make those arrays most of the tra
 run of the same command first imports what it imports, so the traced run measures its work."""
 from __future__ import annotations
 
-import tracemalloc
 
 import h5py
 import numpy as np
 import pytest
 import yaml
 
+from memory_helpers import limit_memory as limit_to, traced_peak
 from xpr import memory
 from xpr.fxs import memory_plan
 
@@ -37,25 +37,6 @@ def write(tmp_path, name, tree):
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(tree))
     return path
-
-
-def traced_peak(run_xpr, args, warm=None):
-    """Peak traced bytes of one in-process CLI run (exit 0 required), after an untraced `warm`
-    run of the same command (its imports)."""
-    if warm is not None:
-        assert run_xpr(warm).exit_code == 0
-    tracemalloc.start()
-    try:
-        result = run_xpr(args)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert result.exit_code == 0, result.output
-    return peak
-
-
-def limit_to(monkeypatch, nbytes):
-    monkeypatch.setattr(memory, "available", lambda *a, **k: memory.Limit(int(nbytes), "test limit"))
 
 
 def one_line(result):

@@ -1,0 +1,35 @@
+"""Measuring a command's memory in the tests (tests/test_memory.py, tests/em/test_memory_em.py,
+tests/fxs/test_memory_fxs.py): the peak numpy and Python allocations of one in-process CLI run
+(tracemalloc traces numpy's arrays), and a fixed memory limit in place of the machine's."""
+from __future__ import annotations
+
+import tracemalloc
+
+from xpr import memory
+
+
+def traced_peak(run_xpr, args, warm=None):
+    """Peak traced bytes of one in-process CLI run (exit 0 required), after an untraced `warm`
+    run of the same command when given (its imports and caches)."""
+    if warm is not None:
+        assert run_xpr(warm).exit_code == 0
+    tracemalloc.start()
+    try:
+        result = run_xpr(args)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert result.exit_code == 0, result.output
+    return peak
+
+
+def working_peak(run_xpr, tiny, big):
+    """Peak of `big` less that of `tiny` (run twice first: imports and caches settle)."""
+    traced_peak(run_xpr, tiny)
+    base = traced_peak(run_xpr, tiny)
+    return traced_peak(run_xpr, big) - base
+
+
+def limit_memory(monkeypatch, nbytes):
+    """memory.available() says `nbytes` ("test limit") for the rest of the test."""
+    monkeypatch.setattr(memory, "available", lambda *a, **k: memory.Limit(int(nbytes), "test limit"))
