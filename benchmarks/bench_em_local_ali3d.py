@@ -27,7 +27,7 @@ import numpy as np
 from xpr import parallel
 from xpr.backend import cpu
 from xpr.em.ali3d import local_ali3d as ali
-from xpr.em.ali3d import euler, phantom
+from xpr.em.ali3d import phantom
 from xpr.em.ali3d.project import prepare_projector
 from xpr.em.ali3d.refine import BatchedCriterion, disc_mask
 

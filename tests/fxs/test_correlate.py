@@ -1,7 +1,6 @@
 """simulate_patterns → correlate agrees with simulate_ccd within the Monte-Carlo error, and the
 extraction from it recovers B_2 … B_10; Poisson noise; bad input; the same C to the last bit on
 every engine; an unreadable chunk recorded and left out."""
-from pathlib import Path
 
 import h5py
 import numpy as np

@@ -7,7 +7,6 @@ import numpy as np
 
 from xpr import backend as backends
 from xpr import plot
-from xpr.em.ptychography.bright_field import probe_spectrum_at  # noqa: F401  (wdd, tcbf)
 from xpr.em.ptychography.calibration import load_experiment
 
 

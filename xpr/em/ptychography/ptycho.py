@@ -490,7 +490,6 @@ def validate(settings):
 def run(settings, archive):
     """Calibrate, reconstruct, write object / probe / positions / loss and figures."""
     be = backends.from_settings(settings)
-    xp = be.xp
     data_path = direct.default_data_path(settings, archive)
     limit, stream_GB = data_plan(settings, data_path, archive.log)
     experiment, data_path = calibration.load_experiment(settings.experiment, data_path,
