@@ -183,10 +183,16 @@ class Run:
         logger.propagate = True
         return logger
 
+    @property
+    def shows_bars(self) -> bool:
+        """Progress bars are drawn: not quiet, and a terminal or Jupyter (worker processes that
+        draw their own bars ask this of the run that started them)."""
+        return not self.quiet and (_is_terminal(sys.stderr) or "ipykernel" in sys.modules)
+
     def progress(self, iterable=None, total=None, desc: str = "", **kwargs):
         """A tqdm bar on a terminal (a widget under Jupyter, through tqdm.auto); otherwise
         (batch jobs, pipes) a log line every 10 % (run.log always; the console unless -q)."""
-        if not self.quiet and (_is_terminal(sys.stderr) or "ipykernel" in sys.modules):
+        if self.shows_bars:
             from tqdm.auto import tqdm
 
             return tqdm(iterable, total=total, desc=desc, file=sys.stderr, dynamic_ncols=True,

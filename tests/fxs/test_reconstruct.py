@@ -214,3 +214,14 @@ def test_lost_batches_are_recorded_and_left_out(home, run_xpr, tmp_path, monkeyp
         np.testing.assert_array_equal(r["real_density"], undisturbed[int(r["seed"])])
     run = (home / "data" / "fxs" / "reconstructions" / "2d_lost.h5").resolve().parent
     assert "worker lost" in (run / "run.log").read_text()
+
+
+def test_piped_reconstruct_draws_no_bars(home, run_xpr):
+    """Output to a pipe or a file (CliRunner's stderr is no terminal): the reconstructions' own
+    progress bars stay off, so a batch job's log holds no carriage-return lines (issue 15)."""
+    result = run_xpr(["fxs", "simulate_ccd", "tutorial_2d", "extract", "tutorial_2d",
+                      "reconstruct", "tutorial_2d", "-o", "multi_process.engine=serial",
+                      "-o", "n_reconstructions=2", "-o", "multi_process.batch_size=2"])
+    assert result.exit_code == 0, result.output
+    text = result.output + (result.stderr if result.stderr_bytes is not None else "")
+    assert "\r" not in text and "reconstructions 0-1" not in text

@@ -367,7 +367,7 @@ def _phase_batch(task: dict) -> list:
 
     total = sum(s.iterations for s in task["steps"] if s.method != "SW")
     with tqdm(total=total, desc=f"reconstructions {task['first']}-{task['first'] + n - 1}",
-              position=task["position"], disable=task["quiet"], leave=False, dynamic_ncols=True) as bar:
+              position=task["position"], disable=not task["bars"], leave=False, dynamic_ncols=True) as bar:
         start = time.perf_counter()
         result = phase(transform, projection, task["steps"], initial, support, task["options"],
                        progress=bar, loop_names=task["loop_names"],
@@ -570,7 +570,7 @@ def run(settings, archive):
               "steps": steps, "loop_names": loop_names, "options": options,
               "target_norm": target_density_norm(constraint, grid), "seeds": seeds[i:i + batch],
               "n_particles": n_particles,
-              "first": i, "position": k, "quiet": archive.quiet}
+              "first": i, "position": k, "bars": archive.shows_bars}
              for k, i in enumerate(range(0, n, batch))]
     # a batch whose process is lost (or raises) is retried; one that still fails is logged,
     # recorded in data.h5 (failed_seeds) and left out, as long as min_success of them succeeded
