@@ -227,7 +227,7 @@ def em_settings(command, args):
     from xpr import registry
     from xpr.runner import prepare
 
-    spec = next(s for s in registry.COMMANDS if s.group == "em" and s.name == command)
+    spec = registry.find("em", command)
     overrides = [args[i + 1] for i, a in enumerate(args) if a == "-o"]
     return prepare(spec, args[0], overrides).resolved.settings
 

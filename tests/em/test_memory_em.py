@@ -48,11 +48,7 @@ def scan_settings(tmp_path, name, scan, detector):
 
 
 def _settings(command, path):
-    from xpr import registry
-    from xpr.runner import prepare
-
-    spec = next(s for s in registry.COMMANDS if s.group == "em" and s.name == command)
-    return prepare(spec, path).resolved.settings
+    return _settings_from(["-q", "em", command, path])
 
 
 # -- estimate / measured peak ------------------------------------------------------------------
@@ -87,7 +83,7 @@ def _settings_from(args):
     from xpr import registry
     from xpr.runner import prepare
 
-    spec = next(s for s in registry.COMMANDS if s.group == "em" and s.name == args[2])
+    spec = registry.find("em", args[2])
     overrides = [args[i + 1] for i, a in enumerate(args) if a == "-o"]
     return prepare(spec, args[3], overrides).resolved.settings
 
