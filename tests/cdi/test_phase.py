@@ -118,22 +118,29 @@ def test_local_processes_give_the_serial_result(home, run_xpr, pattern_files):
     assert np.allclose(serial, spread, atol=1e-4 * np.abs(serial).max())
 
 
-def test_defaults_phase_a_noisy_masked_pattern_without_support_size(home, run_xpr, tmp_path):
-    """Acceptance (issue 20): only the data and its mask given -- no support size, no initial
-    support, no positivity: a 128^2 real object oversampled 4x, 2e6 photons (Poisson; ~40 % of
-    the measured pixels count 0), a beamstop of radius 4 px and a dead row, masked. The defaults
-    (autocorrelation support, repeats chosen by the free Poisson deviance) give merged error
-    < 0.15 (measured 0.088; ~5 s of CPU)."""
+def _noisy_masked_pattern(tmp_path, dead_row):
+    """A 128^2 real object oversampled 4x recorded with 2e6 photons (Poisson), a beamstop of
+    radius 4 px and a dead row masked: data.npy and mask.npy in tmp_path; returns the object."""
     from xpr.cdi.objects import far_field_intensity, model_object
     from xpr.cdi.simulate import detector_mask, record
 
     truth = model_object("random_smooth", (128, 128), 32, seed=4)
     counts = record(far_field_intensity(truth), 2e6, seed=5)
     masked = detector_mask((128, 128), 4)
-    masked[90] = True
+    masked[dead_row] = True
     counts[masked] = 0
     np.save(tmp_path / "data.npy", counts.astype(np.float32))
     np.save(tmp_path / "mask.npy", masked.astype(np.uint8))
+    return truth
+
+
+def test_defaults_phase_a_noisy_masked_pattern_without_support_size(home, run_xpr, tmp_path):
+    """Acceptance (issue 20): only the data and its mask given -- no support size, no initial
+    support, no positivity: a 128^2 real object oversampled 4x, 2e6 photons (Poisson; ~40 % of
+    the measured pixels count 0), a beamstop of radius 4 px and a dead row, masked. The defaults
+    (autocorrelation support, repeats chosen by the free Poisson deviance) give merged error
+    < 0.15 (measured 0.088; ~5 s of CPU)."""
+    truth = _noisy_masked_pattern(tmp_path, dead_row=90)
     settings = tmp_path / "only_data.yaml"
     settings.write_text(f"structure_name: noisy\ninput:\n  data_path: {tmp_path / 'data.npy'}\n"
                         f"  mask_path: {tmp_path / 'mask.npy'}\n")
@@ -153,16 +160,7 @@ def test_defaults_with_support_size_phase_a_noisy_masked_pattern(home, run_xpr, 
     `support_size` = the object's 542 px. The defaults (a disc of 2.5 x that size to start,
     shrink-wrap's threshold with the size as a floor, positivity) give merged error < 0.15
     (measured 0.081; keeping exactly the 542 brightest pixels, as before, gave 0.183)."""
-    from xpr.cdi.objects import far_field_intensity, model_object
-    from xpr.cdi.simulate import detector_mask, record
-
-    truth = model_object("random_smooth", (128, 128), 32, seed=4)
-    counts = record(far_field_intensity(truth), 2e6, seed=5)
-    masked = detector_mask((128, 128), 4)
-    masked[89] = True
-    counts[masked] = 0
-    np.save(tmp_path / "data.npy", counts.astype(np.float32))
-    np.save(tmp_path / "mask.npy", masked.astype(np.uint8))
+    truth = _noisy_masked_pattern(tmp_path, dead_row=89)
     settings = tmp_path / "with_size.yaml"
     settings.write_text(f"structure_name: sized\ninput:\n  data_path: {tmp_path / 'data.npy'}\n"
                         f"  mask_path: {tmp_path / 'mask.npy'}\nphasing_parameters:\n"
