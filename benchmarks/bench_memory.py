@@ -72,6 +72,7 @@ def fxs_cases(home, env, quick, row):
     import h5py
     import yaml
 
+    from xpr import memory
     from xpr.fxs import memory_plan
 
     folder = home.parent
@@ -130,7 +131,7 @@ def fxs_cases(home, env, quick, row):
         measured = warm_peak_of(average + ["selection.n_reconstructions=1"],
                                 average + [f"selection.n_reconstructions={n}"], env)
         row(f"fxs average {n} of 50x25x64",
-            memory_plan.average(memory_plan.h5_bytes(data), 3, 64, 16, 50, 25, n).bytes(n), measured)
+            memory_plan.average(memory.h5_bytes(data), 3, 64, 16, 50, 25, n).bytes(n), measured)
 
 
 def simulate_case(home, env, dims, shape, max_phase=0.0):

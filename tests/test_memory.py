@@ -152,7 +152,7 @@ def test_merge_estimate_matches_the_measured_peak_and_refuses_before_a_run_folde
 
     base = _traced_peak(run_xpr, merge + listed(16))
     peak = _traced_peak(run_xpr, merge + listed(96))
-    file_bytes = sum(_file_bytes(path) for path in runs[96])
+    file_bytes = sum(memory.h5_bytes(path) for path in runs[96])
     estimate = memory.cdi_merge(file_bytes, (96,) * 3, 8)
     assert LOW <= estimate.bytes() / (peak - base) <= HIGH, estimate.bytes() / (peak - base)
     _limit(monkeypatch, 0.5 * estimate.bytes() / memory.USABLE_FRACTION)
@@ -161,12 +161,3 @@ def test_merge_estimate_matches_the_measured_peak_and_refuses_before_a_run_folde
     text = " ".join(result.output.split())
     assert "key: input.runs" in text and "merging 8 repeats of 96x96x96 from 2 runs" in text
     assert not (home / "data" / "cdi" / "merge" / "archive" / "refused").exists()
-
-
-def _file_bytes(path):
-    """Bytes of all datasets of an HDF5 file (what load_tree reads)."""
-    sizes = []
-    with h5py.File(path) as f:
-        f.visititems(lambda name, item: sizes.append(item.size * item.dtype.itemsize)
-                     if isinstance(item, h5py.Dataset) else None)
-    return sum(sizes)

@@ -266,6 +266,22 @@ def plan_cdi_phase(shape, repeats, workers, n_tasks, double=False, log=None, lim
     return max(tasks, n_tasks)
 
 
+def h5_bytes(path) -> int:
+    """The bytes of every dataset in an HDF5 file (what reading it whole allocates)."""
+    import h5py
+
+    total = 0
+
+    def visit(_, item):
+        nonlocal total
+        if isinstance(item, h5py.Dataset):
+            total += int(item.size) * item.dtype.itemsize
+
+    with h5py.File(path, "r") as f:
+        f.visititems(visit)
+    return total
+
+
 def cdi_merge(file_bytes, shape, repeats) -> Estimate:
     """`cdi merge` of `repeats` repeats of `shape` from runs whose HDF5 trees hold `file_bytes`
     (all their datasets, read whole by xpr.io.load_tree). Stages: reading the runs; merging --
@@ -287,17 +303,14 @@ def plan_cdi_merge(files, log=None, limit=None):
 
     total, shape, repeats = 0, None, 0
     for path in files:
-        sizes = []
         try:
+            total += h5_bytes(path)
             with h5py.File(path, "r") as f:
-                f.visititems(lambda name, item: sizes.append(item.size * item.dtype.itemsize)
-                             if isinstance(item, h5py.Dataset) else None)
                 if "repeats/object" in f:
                     shape = tuple(f["repeats/object"].shape[1:])
                     repeats += int(f["repeats/object"].shape[0])
         except OSError:
             return                      # the worker reads the file and says what is wrong with it
-        total += sum(sizes)
     if shape is None:
         return
     limit = limit or available()

@@ -129,7 +129,7 @@ def test_reconstruct_and_average_estimates_match_traced_peaks(home, run_xpr, tmp
         peak = traced_peak(run_xpr, ["-q", "fxs", "average", "tutorial", "-o", "structure_name=m",
                                      "-o", f"selection.n_reconstructions={n}"])
         files = list((home / "data" / "fxs" / "reconstructions").glob("3d_m.h5"))
-        estimate = memory_plan.average(memory_plan.h5_bytes(files[0]), 3, 64, 16, 50, 25, n)
+        estimate = memory_plan.average(memory.h5_bytes(files[0]), 3, 64, 16, 50, 25, n)
         ratios[f"average {n} of 50x25x64"] = estimate.bytes(n) / peak
     assert all(LOW <= r <= HIGH for r in ratios.values()), ratios
 
@@ -169,7 +169,7 @@ def test_extract_and_average_refuse_what_would_not_fit(home, run_xpr, tmp_path, 
     assert runs(home, "invariants", "3d_m") == 1                    # the first extract's, no other
     # average: 4 selected reconstructions do not fit, 2 would
     data = next((home / "data" / "fxs" / "reconstructions").glob("3d_m.h5"))
-    estimate = memory_plan.average(memory_plan.h5_bytes(data), 3, 32, 16, 50, 25, 4)
+    estimate = memory_plan.average(memory.h5_bytes(data), 3, 32, 16, 50, 25, 4)
     limit_to(monkeypatch, (estimate.bytes(2) + estimate.bytes(3)) / 2 / memory.USABLE_FRACTION)
     for where in ([], ["-o", f"reconstruction_files=['{data.resolve()}']"]):     # the latest; a given file
         result = run_xpr(["fxs", "average", "tutorial", "-o", "structure_name=m",

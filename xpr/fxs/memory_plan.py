@@ -371,29 +371,13 @@ def average(file_bytes, dimensions, n_radial, max_order, n_phi, n_theta, n_selec
     return estimate
 
 
-def h5_bytes(path) -> int:
-    """The bytes of every dataset in an HDF5 file (what reading it whole allocates)."""
-    import h5py
-
-    total = 0
-
-    def visit(_, item):
-        nonlocal total
-        if isinstance(item, h5py.Dataset):
-            total += int(item.size) * item.dtype.itemsize
-
-    with h5py.File(path, "r") as f:
-        f.visititems(visit)
-    return total
-
-
 def reconstructions_header(paths):
     """(file bytes, dimensions, N, L, n_phi, n_theta, reconstructions) of reconstruct data.h5
     files from their headers; None when they cannot tell (the worker's reader then says why)."""
     import h5py
 
     try:
-        total = sum(h5_bytes(p) for p in paths)
+        total = sum(memory.h5_bytes(p) for p in paths)
         count = 0
         for p in paths:
             with h5py.File(p, "r") as f:
