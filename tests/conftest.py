@@ -23,7 +23,7 @@ CHECKOUT = HERE.parent
 
 
 def pytest_configure(config):
-    """Watch for files read outside the checkout beside it (../shared, sibling clones): they fail
+    """Watch for files read outside the checkout beside it (a data folder, a sibling clone): they fail
     the session (tests/outside_guard/sitecustomize.py), here and in every process tests start."""
     import getpass
     import importlib.util

@@ -1,5 +1,5 @@
 """Test-session guard: records every file the tests (and the processes they start) open, list or
-copy outside the checkout but beside it -- `../shared`, sibling clones -- so the session fails.
+copy outside the checkout but beside it -- a data folder, a sibling clone -- so the session fails.
 
 Installed by tests/conftest.py in the pytest process; in child processes (the CLI run as a
 subprocess, spawn workers of process pools) this file is imported as `sitecustomize` because
