@@ -78,6 +78,31 @@ def test_worker_input_error_exits_2(test_group, home, run_xpr):
     assert result.exit_code == 2
     assert "mask.npy" in result.output and "input.mask_path" in result.output
     assert "Traceback" not in result.output
+    # the worker found the error before computing: neither its run folder nor the empty
+    # archive/<name>/<date>/ folders claimed for it are left behind
+    product = home / "data/test/bad_input"
+    assert not product.exists() or not list(product.rglob("*")), list(product.rglob("*"))
+
+
+def test_claim_survives_a_discard_removing_the_parent(tmp_path, monkeypatch):
+    """Another job's discard may remove the empty date folder between our mkdir of it and the
+    claim of run_N: the claim makes the folder again instead of failing."""
+    from pathlib import Path
+
+    from xpr import archive
+
+    parent = tmp_path / "archive" / "tut" / "03_12_2026"
+    real_mkdir, calls = Path.mkdir, []
+
+    def racing_mkdir(self, *args, **kwargs):
+        if self.name == "run_0" and not calls:
+            calls.append(self)
+            archive.remove_empty_parents(parent / "run_x", tmp_path)   # the other job's discard
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", racing_mkdir)
+    folder = archive.claim_run_folder(parent)
+    assert calls and folder == parent / "run_0" and folder.is_dir()
 
 
 def test_help_lists_settings_with_defaults(run_xpr, test_group):

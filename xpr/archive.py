@@ -36,6 +36,20 @@ def claim_run_folder(parent: Path, prefix: str = "run") -> Path:
             return folder
         except FileExistsError:
             number += 1
+        except FileNotFoundError:      # a discarded run of another job removed the empty parent
+            parent.mkdir(parents=True, exist_ok=True)
+
+
+def remove_empty_parents(folder: Path, stop: Path) -> None:
+    """Remove folder's ancestors below `stop` while they are empty (never `stop` itself)."""
+    stop = stop.resolve()
+    for parent in folder.resolve().parents:
+        if parent == stop or stop not in parent.parents:
+            return
+        try:
+            parent.rmdir()
+        except OSError:                # not empty (another run, or another job's claim): keep it
+            return
 
 
 def read_run_records(folder, group: str, commands, key: str = "input.shares_dir") -> list[Path]:
@@ -270,6 +284,7 @@ class Run:
             for name in ("settings.yaml", "run.log"):
                 (self.path / name).unlink(missing_ok=True)
             self.path.rmdir()
+            remove_empty_parents(self.path, self.product_dir)   # no empty archive/<name>/<date>/ left
 
     def close(self):
         if self.log is None:
