@@ -3,6 +3,8 @@ lazily, with the calibration they carry; a py4DSTEM file and a compressed NeXus 
 `em dpc` with only the optics the file lacks."""
 import datetime
 import re
+import shutil
+from pathlib import Path
 
 import h5py
 import hdf5plugin
@@ -211,6 +213,35 @@ def test_dpc_reads_the_calibration_from_the_file(tmp_path, home, run_xpr, kind):
     assert re.search(r"acc_voltage = 200\.0 from settings", log)
     assert re.search(r"scan_step_A = [0-9.]+ from data file", log)
     assert correlation(phase, truth_on_scan_grid(data, scan)) >= 0.9
+
+
+PY4DSTEM_FILE = Path(__file__).resolve().parents[1] / "data" / "py4dstem" / "dpc_scan_16x16.h5"
+
+
+def test_dpc_on_a_file_py4dstem_wrote(tmp_path, home, run_xpr):
+    """A file written by py4DSTEM 0.14.16 itself (tests/data/py4dstem, see its README), not by
+    xpr's idea of the layout: `em dpc` with only the voltage (py4DSTEM's calibration has no key
+    for it) takes the scan step, detector pixel, convergence angle and rotation from the file's
+    calibration, and the phase correlates with the truth of the simulation the file holds."""
+    path = shutil.copy(PY4DSTEM_FILE, tmp_path / "from_py4dstem.h5")
+    data = simulate(scan_size=(16, 16))
+    with open_scan(path) as scan:
+        assert scan.shape == (16, 16, 32, 32)
+        stored = scan.read(0, 256).astype(np.float64)
+    # the file holds the simulated patterns as counts, scaled to a maximum of 60000
+    expected = data["patterns"] / data["patterns"].max() * 60000
+    np.testing.assert_allclose(stored, expected, atol=0.5)
+    settings = _write_dpc_settings(tmp_path / "mine.yaml", path, acc_voltage=200.0)
+    result = run_xpr(["em", "dpc", str(settings)])
+    assert result.exit_code == 0, result.output
+    with h5py.File(home / "data/em/dpc/test.h5", "r") as f:
+        assert f["calibration/scan_step_A"][()] == pytest.approx(data["settings"]["scan_step_A"])
+        assert f["calibration/rez_pixel_size_A"][()] == pytest.approx(data["rez"], rel=1e-6)
+        phase = f["phase"][()]
+    log = (home / "data/em/dpc/test.h5").resolve().parent.joinpath("run.log").read_text()
+    for key in ("scan_step_A", "rez_pixel_size_A", "conv_semiangle_mrad", "PLRotation_deg"):
+        assert re.search(rf"{key} = \S+ from data file", log), key
+    assert correlation(phase, truth_on_scan_grid(data, (16, 16))) >= 0.9
 
 
 def test_streamed_dpc_equals_the_in_memory_one(tmp_path, home, run_xpr):
