@@ -184,6 +184,31 @@ def test_object_band_limit_setting_is_checked():
             ptycho.band_limit_invA(wrong, experiment)
 
 
+def test_band_limited_object_stays_in_its_band():
+    """With object_band_limit k: every L-BFGS step (projected gradient, projected preconditioner)
+    keeps the object's spectrum beyond k at float32 rounding (≤ 1e-5 of the spectrum's largest
+    non-zero-frequency value), while without the limit the same run puts 2 % or more of it
+    there."""
+    sim = _simulated(scan_size=(6, 6))
+    experiment = calibration.Experiment.from_settings(
+        dict(sim["calibration"], num_slices=1, data_pad=8), sim["data"])
+    k_max = ptycho.measured_k_max(experiment)
+    outside = {}
+    for limit in (k_max, None):
+        options = Options(epochs=4, probe_from_epoch=2, object_band_limit=limit)
+        model, counts, mask, params, options = ptycho.prepare(experiment, options, PROBE,
+                                                              backend.cpu())
+        params, _ = reconstruct(model, counts, params, options, mask=mask)
+        spectrum = np.abs(np.fft.fft2(params["object"][0]))
+        spectrum[0, 0] = 0.0
+        ky = np.fft.fftfreq(spectrum.shape[0], experiment.pixel_size_A)[:, None]
+        kx = np.fft.fftfreq(spectrum.shape[1], experiment.pixel_size_A)[None, :]
+        beyond = ky ** 2 + kx ** 2 > k_max ** 2
+        outside[limit] = float(spectrum[beyond].max() / spectrum.max())
+    assert outside[k_max] <= 1e-5, outside
+    assert outside[None] >= 0.02, outside
+
+
 @pytest.mark.parametrize("start_defocus", [90.0, 30.0])
 def test_defocus_refinement_recovers_the_simulated_defocus(start_defocus):
     """Data simulated at 60 Å defocus, the probe started 30 Å off (either side), probe shape

@@ -8,7 +8,7 @@
 2. Initial guess: object of ones (num_slices slices of total_thickness / num_slices); probe
    from the aperture and aberrations (optics.probe_real) scaled to the mean counts per pattern,
    with extra Hermite or focal-spread modes for partial coherence; or a previous checkpoint.
-3. Reconstruction (xpr.em.ptychography): far-field multislice model, loss lsq_sqrt / ml / lsq
+3. Reconstruction (xpr.em.ptychography): far-field multislice model, loss ml (default) / lsq_sqrt / lsq
    on measured detector pixels only (padding masked out), analytic Wirtinger gradients, L-BFGS
    with a strong-Wolfe line search; staged refinement of object, probe, positions and
    (optionally) the probe's defocus;
