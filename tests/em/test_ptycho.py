@@ -209,6 +209,30 @@ def test_band_limited_object_stays_in_its_band():
     assert outside[None] >= 0.02, outside
 
 
+def test_probe_modes_help_under_a_focal_spread():
+    """Partially coherent data (60 Å rms focal spread, simulated with 7 modes; 12² scan,
+    2.5·10⁴ e⁻): with the defaults three Hermite probe modes recover the object better than
+    one (r 0.933 against 0.914 measured) — extra modes must never make it worse."""
+    sim = _simulated(scan_size=(12, 12), electrons_per_pattern=2.5e4, focal_spread_A=60.0,
+                     probe_modes=7, seed=0, defocus=100.0, scan_step_A=0.5)
+    experiment = calibration.Experiment.from_settings(
+        dict(sim["calibration"], num_slices=1, data_pad=8), sim["data"])
+    k_max = ptycho.measured_k_max(experiment)
+    r = {}
+    for modes in (1, 3):
+        probe = dict(PROBE, modes=modes, higher_mode_power=0.01)
+        options = Options(epochs=40, probe_from_epoch=2)
+        model, counts, mask, params, options = ptycho.prepare(experiment, options, probe,
+                                                              backend.cpu())
+        params, _ = reconstruct(model, counts, params, options, mask=mask)
+        r[modes] = ptycho.phase_correlation(
+            params["object"], params["positions"][0], params["positions"], model.window,
+            sim["true_phase"], sim["true_phase_corner_px"], experiment.pixel_size_A,
+            sim["pixel_size_A"], k_max)
+    assert r[1] >= 0.89, r
+    assert r[3] >= r[1] + 0.01, r
+
+
 @pytest.mark.parametrize("start_defocus", [90.0, 30.0])
 def test_defocus_refinement_recovers_the_simulated_defocus(start_defocus):
     """Data simulated at 60 Å defocus, the probe started 30 Å off (either side), probe shape
