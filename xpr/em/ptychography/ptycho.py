@@ -530,6 +530,10 @@ def run(settings, archive):
         experiment, options, settings.probe, be, margin_px=settings.reconstruction.object_margin_px,
         positions_px=positions_px,
         memory_GB=batch_work_GB(experiment, settings, limit, stream_GB), stream_GB=stream_GB)
+    if options.object_band_limit is not None:
+        archive.log.info("object spectra kept to |k| ≤ %.4g Å⁻¹ (object_band_limit; the object "
+                         "grid's Nyquist frequency is %.4g Å⁻¹)", options.object_band_limit,
+                         0.5 / experiment.pixel_size_A)
     n = model.window
     if experiment.streamed:
         resident = streamed_resident(experiment.n_scan, experiment.pattern_shape, 1, 0,
