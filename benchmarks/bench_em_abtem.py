@@ -10,8 +10,13 @@ Cases (abTEM multislice, Poisson counts):
 * mos2: MoS2 monolayer (2H, orthogonal cell), 200 kV, 25 mrad, C10 = −100 Å, 32² scan at 0.5 Å,
   64² detector of Δk = 1/(96 · 0.2 Å), 25 000 e⁻/pattern; reconstructed on 96² padded patterns
   (0.2 Å pixels) — the case of issue 17.
-* thick: SrTiO3 [001], 10 unit cells (39 Å) thick, same optics and scan, 10⁵ e⁻/pattern;
-  single-slice and multislice (4 slices) reconstructions.
+* thick: SrTiO3 [001], 6 unit cells (23.4 Å) thick, same optics, 16² scan at 0.5 Å, abTEM
+  sampling 0.16 Å (THICK; ≈ 40 s of abTEM on 2 cores, where 10 cells, a 32² scan and 0.1 Å
+  took over an hour), 10⁵ e⁻/pattern; single-slice and multislice (4 slices) reconstructions by
+  both codes. Cached as abtem_thick_6cells_16scan_100000.npz.
+* spread: the MoS2 case with a Gaussian focal spread of 60 Å rms (7 defocus samples, their
+  intensities averaged by abTEM), 16² scan, abTEM sampling 0.16 Å (≈ 5 min): one probe mode
+  against three.
 
 abTEM's wave is simulated on a 57.6 Å periodic cell at 0.1 Å (so the far field spans ±3.3 Å⁻¹
 after abTEM's 2/3 anti-aliasing); its 1/57.6 Å⁻¹ pixels are summed 3 × 3 into the 64² detector
@@ -48,17 +53,25 @@ DETECTOR, PAD, PIXEL = 64, 16, 0.2                 # 96² padded → 0.2 Å
 BIN = 3
 CELL = (DETECTOR + 2 * PAD) * PIXEL * BIN          # 57.6 Å: Δk_fine = 1/57.6, binned 3×
 FINE_SAMPLING = 0.1
+# the thick case, sized to finish in minutes on a 2-core machine: 16² scan, 6 unit cells, abTEM
+# sampling 0.16 Å (its 2/3 band limit, 2.08 Å⁻¹, still beyond the detector's 1.67 Å⁻¹)
+THICK = dict(scan=16, cells=6, sampling=0.16, dose=1.0e5)
+# partial coherence: the MoS2 case with a Gaussian focal spread (rms 60 Å, 7 defocus samples
+# whose intensities abTEM averages), 16² scan, abTEM sampling 0.16 Å
+SPREAD = dict(scan=16, spread=60.0, samples=7, sampling=0.16, dose=25000.0)
 
 
 # ------------------------------------------------------------------ data (abTEM)
 
-def simulate_abtem(case: str, dose: float, seed: int = 0):
+def simulate_abtem(case: str, dose: float, seed: int = 0, scan_size: int = SCAN,
+                   sampling: float = FINE_SAMPLING, cells: int = THICK["cells"],
+                   focal_spread_A: float = 0.0, spread_samples: int = 1):
     import abtem
     from ase import Atoms
     from ase.build import mx2
 
     abtem.config.set({"device": "cpu", "fft": "fftw" if _has_fftw() else "numpy"})
-    if case == "mos2":
+    if case in ("mos2", "spread"):
         unit = abtem.orthogonalize_cell(mx2(formula="MoS2", kind="2H", a=3.19, thickness=3.13,
                                             vacuum=2.0))
         slice_thickness = 1.0
@@ -66,43 +79,50 @@ def simulate_abtem(case: str, dose: float, seed: int = 0):
         from ase.spacegroup import crystal
         unit = crystal(["Sr", "Ti", "O"], basis=[(0, 0, 0), (0.5, 0.5, 0.5), (0.5, 0.5, 0)],
                        spacegroup=221, cellpar=[3.905, 3.905, 3.905, 90, 90, 90])
-        unit *= (1, 1, 10)
+        unit *= (1, 1, cells)
         slice_thickness = 1.9525
     reps = (int(math.ceil(CELL / unit.cell[0, 0])) + 1, int(math.ceil(CELL / unit.cell[1, 1])) + 1, 1)
     atoms = unit * reps
     inside = (atoms.positions[:, 0] < CELL) & (atoms.positions[:, 1] < CELL)
     atoms = Atoms(atoms.get_chemical_symbols(), atoms.positions, cell=atoms.cell, pbc=True)[inside]
     atoms.set_cell([CELL, CELL, unit.cell[2, 2]])
-    gpts = int(round(CELL / FINE_SAMPLING))
+    gpts = int(round(CELL / sampling))
     potential = abtem.Potential(atoms, gpts=gpts, slice_thickness=slice_thickness,
                                 projection="infinite", parametrization="lobato")
-    probe = abtem.Probe(energy=KV * 1e3, semiangle_cutoff=ALPHA_MRAD, C10=C10)
-    start = (CELL - SCAN * STEP) / 2
-    scan = abtem.GridScan(start=(start, start), end=(start + SCAN * STEP, start + SCAN * STEP),
+    c10 = C10
+    if focal_spread_A > 0:
+        c10 = abtem.distributions.gaussian(standard_deviation=focal_spread_A,
+                                           num_samples=spread_samples, center=C10,
+                                           ensemble_mean=True)
+    probe = abtem.Probe(energy=KV * 1e3, semiangle_cutoff=ALPHA_MRAD, C10=c10)
+    start = (CELL - scan_size * STEP) / 2
+    scan = abtem.GridScan(start=(start, start),
+                          end=(start + scan_size * STEP, start + scan_size * STEP),
                           sampling=STEP, endpoint=False)
     detector = abtem.PixelatedDetector(max_angle="cutoff")
     patterns = probe.scan(potential, scan=scan, detectors=detector).compute()
     array = np.asarray(patterns.array, dtype=np.float64)          # (sx, sy, kx, ky), centred
-    assert array.shape[:2] == (SCAN, SCAN), array.shape
+    assert array.shape[:2] == (scan_size, scan_size), array.shape
     n_fine = array.shape[-1]
     centre = n_fine // 2
     width = DETECTOR * BIN
     # bin j covers fine [low + j·BIN, …]: its centre low + j·BIN + (BIN−1)/2 is zero for j = 32
     low = centre - DETECTOR // 2 * BIN - (BIN - 1) // 2
     crop = array[..., low:low + width, low:low + width]
-    binned = crop.reshape(SCAN, SCAN, DETECTOR, BIN, DETECTOR, BIN).sum(axis=(3, 5))
+    binned = crop.reshape(scan_size, scan_size, DETECTOR, BIN, DETECTOR, BIN).sum(axis=(3, 5))
     data = np.transpose(binned, (1, 0, 3, 2))                     # → (y, x, ky, kx)
     rng = np.random.default_rng(seed)
     data = rng.poisson(data * dose).astype(np.float32)
     projected = np.asarray(potential.project().compute().array, dtype=np.float64).T   # (y, x)
+    scan_size = np.int64(scan_size)
     sigma = optics.interaction_constant(KV)
     truth = sigma * projected
-    iy, ix = np.meshgrid(np.arange(SCAN), np.arange(SCAN), indexing="ij")
+    iy, ix = np.meshgrid(np.arange(scan_size), np.arange(scan_size), indexing="ij")
     centres = np.stack([start + iy.ravel() * STEP, start + ix.ravel() * STEP], axis=1)
     fine_pixel = CELL / gpts
     return dict(data=data, truth=truth.astype(np.float32), truth_pixel_A=fine_pixel,
                 truth_centres_px=centres / fine_pixel, rez=1.0 / (CELL / BIN),
-                thickness=float(unit.cell[2, 2]))
+                thickness=float(unit.cell[2, 2]), scan_size=scan_size)
 
 
 def _has_fftw():
@@ -114,11 +134,21 @@ def _has_fftw():
 
 
 def load_or_simulate(case, dose, workdir: Path):
-    path = workdir / f"abtem_{case}_{int(dose)}.npz"
+    """The case's abTEM data, simulated once and cached in workdir (an .npz named after it)."""
+    if case == "thick":
+        size = dict(scan_size=THICK["scan"], sampling=THICK["sampling"], cells=THICK["cells"])
+        name = f"abtem_thick_{THICK['cells']}cells_{THICK['scan']}scan_{int(dose)}.npz"
+    elif case == "spread":
+        size = dict(scan_size=SPREAD["scan"], sampling=SPREAD["sampling"],
+                    focal_spread_A=SPREAD["spread"], spread_samples=SPREAD["samples"])
+        name = f"abtem_spread_{int(SPREAD['spread'])}A_{SPREAD['scan']}scan_{int(dose)}.npz"
+    else:
+        size, name = {}, f"abtem_{case}_{int(dose)}.npz"
+    path = workdir / name
     if path.is_file():
         return dict(np.load(path)), 0.0
     start = time.perf_counter()
-    sim = simulate_abtem(case, dose)
+    sim = simulate_abtem(case, dose, **size)
     seconds = time.perf_counter() - start
     workdir.mkdir(parents=True, exist_ok=True)
     np.savez(path, **sim)
@@ -238,34 +268,40 @@ def fft_pair_seconds(n_patterns, n, repeats=5):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--case", default="mos2", choices=["mos2", "thick", "all"])
+    parser.add_argument("--case", default="mos2", choices=["mos2", "thick", "spread", "all"])
     parser.add_argument("--iterations", type=int, default=60, help="py4DSTEM iterations")
     parser.add_argument("--epochs", type=int, default=60, help="xpr epochs at most")
     parser.add_argument("--workdir", default="/tmp/xpr_bench_abtem", help="abTEM data cache")
     parser.add_argument("--skip-py4dstem", action="store_true")
     parser.add_argument("--only", default=None, help="run only the methods whose name has this")
     args = parser.parse_args()
-    cases = ["mos2", "thick"] if args.case == "all" else [args.case]
-    t_fft, cpu_fft = fft_pair_seconds(SCAN * SCAN, DETECTOR + 2 * PAD)
-    print(f"one complex64 FFT pair over {SCAN * SCAN} patterns of 96²: {t_fft * 1e3:.1f} ms wall, "
-          f"{cpu_fft * 1e3:.1f} ms CPU")
-    print("| case | method | r | wall s | CPU s (all threads) | CPU / FFT-pair CPU | notes |")
-    print("|---|---|---|---|---|---|---|")
+    cases = ["mos2", "thick", "spread"] if args.case == "all" else [args.case]
     for case in cases:
-        dose = 25000.0 if case == "mos2" else 1.0e5
+        dose = dict(mos2=25000.0, thick=THICK["dose"], spread=SPREAD["dose"])[case]
         sim, sim_seconds = load_or_simulate(case, dose, Path(args.workdir))
         if sim_seconds:
             print(f"({case}: abTEM simulation {sim_seconds:.0f} s)")
+        n_patterns = int(np.prod(sim["data"].shape[:2]))
+        t_fft, cpu_fft = fft_pair_seconds(n_patterns, DETECTOR + 2 * PAD)
+        print(f"\n{case}: one complex64 FFT pair over {n_patterns} patterns of 96²: "
+              f"{t_fft * 1e3:.1f} ms wall, {cpu_fft * 1e3:.1f} ms CPU")
+        print("| case | method | r | wall s | CPU s (all threads) | CPU / FFT-pair CPU | notes |")
+        print("|---|---|---|---|---|---|---|")
         thickness = float(sim["thickness"])
         if not args.skip_py4dstem:
             (curl, t1), (div, t2) = py4dstem_rotation(sim)
             print(f"({case}: py4DSTEM's CoM rotation estimate {curl:.1f}°{' transposed' if t1 else ''}"
                   f" (min curl), {div:.1f}°{' transposed' if t2 else ''} (max divergence); true 0°)")
         runs = [("xpr 1 slice", lambda: run_xpr(sim, 1, thickness, args.epochs)),
-                ("xpr 1 slice, loss ml", lambda: run_xpr(sim, 1, thickness, args.epochs,
-                                                         loss="ml")),
+                ("xpr 1 slice, 0.3 Å (data_pad 0)", lambda: run_xpr(
+                    sim, 1, thickness, args.epochs, calibrated=dict(data_pad=0))),
+                ("xpr 1 slice, former defaults (lsq_sqrt, no band limit)", lambda: run_xpr(
+                    sim, 1, thickness, args.epochs, loss="lsq_sqrt", object_band_limit=None)),
                 ("xpr 1 slice, 3 probe modes", lambda: run_xpr(sim, 1, thickness, args.epochs,
                                                                modes=3)),
+                ("xpr 1 slice, 3 probe modes, former defaults", lambda: run_xpr(
+                    sim, 1, thickness, args.epochs, modes=3, loss="lsq_sqrt",
+                    object_band_limit=None)),
                 ("xpr 1 slice, PL rotation auto", lambda: run_xpr(
                     sim, 1, thickness, args.epochs, calibrated=dict(PLRotation_deg="auto"))),
                 ("xpr 1 slice, PL rotation and C10 auto", lambda: run_xpr(

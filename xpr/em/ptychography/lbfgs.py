@@ -34,7 +34,8 @@ class LBFGS:
     evaluate: object
     x: dict
     xp: object
-    preconditioner: dict            # key -> array or scalar, multiplies the gradient
+    preconditioner: dict            # key -> array or scalar (multiplies the gradient), or a
+                                    # symmetric positive (semi-)definite linear map g -> D g
     history: int = 10
     c1: float = 1e-4
     c2: float = 0.9
@@ -62,7 +63,12 @@ class LBFGS:
         self.y_list.clear()
 
     def _apply_preconditioner(self, q):
-        return {key: (self.preconditioner[key] * q[key]).astype(q[key].dtype) for key in q}
+        result = {}
+        for key in q:
+            scaling = self.preconditioner[key]
+            result[key] = (scaling(q[key]) if callable(scaling) else scaling * q[key]).astype(
+                q[key].dtype)
+        return result
 
     def direction(self):
         q = dict(self.g)

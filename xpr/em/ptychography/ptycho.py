@@ -8,7 +8,7 @@
 2. Initial guess: object of ones (num_slices slices of total_thickness / num_slices); probe
    from the aperture and aberrations (optics.probe_real) scaled to the mean counts per pattern,
    with extra Hermite or focal-spread modes for partial coherence; or a previous checkpoint.
-3. Reconstruction (xpr.em.ptychography): far-field multislice model, loss lsq_sqrt / ml / lsq
+3. Reconstruction (xpr.em.ptychography): far-field multislice model, loss ml (default) / lsq_sqrt / lsq
    on measured detector pixels only (padding masked out), analytic Wirtinger gradients, L-BFGS
    with a strong-Wolfe line search; staged refinement of object, probe, positions and
    (optionally) the probe's defocus;
@@ -36,7 +36,7 @@ from xpr.em import optics
 from xpr.em.ptychography import checkpoints
 from xpr.em.ptychography.forward import Model
 from xpr.em.ptychography.reconstruct import History, Options, reconstruct
-from xpr.errors import InputError
+from xpr.errors import InputError, SettingsError
 
 
 # -- 1. data ----------------------------------------------------------------------------------
@@ -243,6 +243,8 @@ def prepare(experiment, options: Options, probe_settings, be, margin_px: int = 4
     probe = initial_probe(experiment, probe_settings, be)
     options = dataclasses.replace(options, batch_size=batch_size_for(memory_GB, n, probe.shape[0], slices,
                                                                      be.is_gpu))
+    options = dataclasses.replace(options, object_band_limit=band_limit_invA(
+        options.object_band_limit, experiment))
     if experiment.streamed:
         counts = streamed_counts(experiment, options.batch_size, model.lanes(), be,
                                  stream_GB or memory_GB)
@@ -252,6 +254,22 @@ def prepare(experiment, options: Options, probe_settings, be, margin_px: int = 4
     params = {"object": xp.ones((slices,) + shape, dtype=be.complex_dtype), "probe": probe,
               "positions": xp.asarray(corners), "defocus": xp.zeros(1, dtype=xp.float64)}
     return model, counts, mask, params, options
+
+
+def band_limit_invA(value, experiment):
+    """reconstruction.regularisation.object_band_limit in Å⁻¹: "auto" is the measured detector's
+    edge (measured_k_max), a number is taken as given, null stays None (no limit)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value.strip().lower() == "auto":
+            return measured_k_max(experiment)
+        raise SettingsError(f"object_band_limit must be auto, a frequency in Å⁻¹ or null, got "
+                            f"{value!r}", key="reconstruction.regularisation.object_band_limit")
+    if not float(value) > 0:
+        raise SettingsError(f"object_band_limit must be > 0 Å⁻¹, got {value}",
+                            key="reconstruction.regularisation.object_band_limit")
+    return float(value)
 
 
 def streamed_counts(experiment, batch_size: int, lanes: int, be, budget_GB: float):
@@ -512,6 +530,10 @@ def run(settings, archive):
         experiment, options, settings.probe, be, margin_px=settings.reconstruction.object_margin_px,
         positions_px=positions_px,
         memory_GB=batch_work_GB(experiment, settings, limit, stream_GB), stream_GB=stream_GB)
+    if options.object_band_limit is not None:
+        archive.log.info("object spectra kept to |k| ≤ %.4g Å⁻¹ (object_band_limit; the object "
+                         "grid's Nyquist frequency is %.4g Å⁻¹)", options.object_band_limit,
+                         0.5 / experiment.pixel_size_A)
     n = model.window
     if experiment.streamed:
         resident = streamed_resident(experiment.n_scan, experiment.pattern_shape, 1, 0,

@@ -64,6 +64,9 @@ class Options:
     regulariser_epsilon: float = setting("reconstruction.regularisation.epsilon")
     probe_window: float = setting("reconstruction.regularisation.probe_window")
     probe_window_radius: float = setting("reconstruction.regularisation.probe_window_radius")
+    # "auto" (the measured detector's edge, resolved by ptycho.prepare), a frequency in Å⁻¹, or
+    # None (no limit)
+    object_band_limit: object = setting("reconstruction.regularisation.object_band_limit")
     stop_at_noise_floor: bool = setting("reconstruction.stop_at_noise_floor")
     noise_floor_factor: float = setting("reconstruction.noise_floor_factor")
     validation_fraction: float = setting("reconstruction.validation_fraction")
@@ -114,7 +117,30 @@ def defocus_curvature(model, params, defocus_gradient):
 ILLUMINATION_CHUNK = 256          # scan points whose probe intensities are added at once
 
 
-def preconditioner(model, params, names, options: Options, defocus_gradient=None) -> dict:
+def object_band(model, object_shape, k_max_invA):
+    """P(a): the object slices' spectra cut to |k| ≤ k_max (Å⁻¹), a projection (self-adjoint,
+    idempotent); None when the cut lies beyond the grid's every frequency (nothing to cut)."""
+    if k_max_invA is None:
+        return None
+    xp = model.backend.xp
+    ky = xp.fft.fftfreq(object_shape[-2], model.pixel_size_A)[:, None]
+    kx = xp.fft.fftfreq(object_shape[-1], model.pixel_size_A)[None, :]
+    keep = (ky ** 2 + kx ** 2) <= float(k_max_invA) ** 2
+    if bool(xp.all(keep)):
+        return None
+    keep = keep.astype(model.real_dtype)
+
+    def project(a):
+        return model.backend.ifftn(model.backend.fftn(a, axes=(-2, -1)) * keep,
+                                   axes=(-2, -1)).astype(a.dtype)
+
+    return project
+
+
+def preconditioner(model, params, names, options: Options, defocus_gradient=None,
+                   band=None) -> dict:
+    """Diagonal scalings per unknown (arrays or scalars); with a band limit the object's is the
+    operator g ↦ P(D_O · g) (P: object_band), so every step stays band-limited."""
     xp = model.backend.xp
     probe = params["probe"]
     n = model.window
@@ -132,6 +158,9 @@ def preconditioner(model, params, names, options: Options, defocus_gradient=None
                               part)
         floor = options.preconditioner_floor * float(illumination.max())
         result["object"] = (1.0 / (illumination + floor))[None].astype(xp.float32)
+        if band is not None:
+            diagonal = result["object"]
+            result["object"] = lambda g: band(diagonal * g)
     if "probe" in names:
         result["probe"] = 1.0 / params["positions"].shape[0]
     if "positions" in names:
@@ -154,8 +183,9 @@ def preconditioner(model, params, names, options: Options, defocus_gradient=None
     return result
 
 
-def objective(model, counts, fixed: dict, names: tuple, options: Options, mask=None):
-    """evaluate(x) -> (loss, gradients) for the refined arrays x, the rest held at `fixed`."""
+def objective(model, counts, fixed: dict, names: tuple, options: Options, mask=None, band=None):
+    """evaluate(x) -> (loss, gradients) for the refined arrays x, the rest held at `fixed`;
+    `band` (object_band) projects the object gradient onto the band-limited objects."""
     xp = model.backend.xp
 
     def evaluate(x):
@@ -176,6 +206,8 @@ def objective(model, counts, fixed: dict, names: tuple, options: Options, mask=N
             v, g = regularisers.probe_window(params["probe"], options.probe_window,
                                              options.probe_window_radius, xp)
             value, gradients["probe"] = value + v, gradients["probe"] + g
+        if "object" in names and band is not None:
+            gradients["object"] = band(gradients["object"])
         return value, gradients, validation
 
     return evaluate
@@ -211,7 +243,8 @@ def reconstruct(model, counts, params: dict, options: Options, mask=None, start_
     params = dict(params)
     if options.refine_defocus and params.get("defocus") is None:
         params["defocus"] = xp.zeros(1, dtype=xp.float64)          # Δf starts at 0
-    floor = losses.noise_floor(counts, options.loss, xp, mask) * options.noise_floor_factor
+    mean = losses.mean_pattern(counts, xp)
+    floor = losses.noise_floor(counts, options.loss, xp, mask, mean) * options.noise_floor_factor
     if hasattr(counts, "blocks") and options.validation_fraction > 0:     # streamed counts
         from xpr.em.ptychography.streaming import PackedHoldout
 
@@ -220,7 +253,11 @@ def reconstruct(model, counts, params: dict, options: Options, mask=None, start_
         holdout = held_out_pixels(counts.shape, options.validation_fraction, options.seed, xp)
     if holdout is not None:
         floor *= 1.0 - options.validation_fraction
-    measured = losses.Measurements(counts, mask, holdout)
+    measured = losses.Measurements(counts, mask, holdout, losses.ml_epsilon(mean, mask))
+    band = object_band(model, params["object"].shape, options.object_band_limit) \
+        if options.refine_object and not isinstance(options.object_band_limit, str) else None
+    if band is not None:                      # e.g. a checkpoint's object: start inside the band
+        params["object"] = band(params["object"])
     final_names = refined_names(options, max(options.epochs - 1, 0))
     optimiser, names = None, None
     best = (math.inf, None)
@@ -235,9 +272,10 @@ def reconstruct(model, counts, params: dict, options: Options, mask=None, start_
             names = wanted
             fixed = {key: value for key, value in params.items() if key not in names}
             optimiser = lbfgs.LBFGS(
-                objective(model, measured, fixed, names, options), {k: params[k] for k in names},
+                objective(model, measured, fixed, names, options, band=band),
+                {k: params[k] for k in names},
                 xp, preconditioner(model, params, names, options,
-                                   lambda p: defocus_slope(model, measured, p, options)),
+                                   lambda p: defocus_slope(model, measured, p, options), band),
                 history=options.history,
                 c1=options.c1, c2=options.c2, first_step=options.first_step,
                 max_evaluations=options.max_line_search)
