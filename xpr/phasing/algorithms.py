@@ -28,9 +28,23 @@ def error_reduction(x, support, beta, P_M, P_S, xp):
     return e_mod
 
 
+def _outside_weight(kept, scale, x, xp):
+    """scale where a pixel is not kept, 0 where it is, as a real array of x's precision."""
+    weight = xp.logical_not(kept).astype(x.real.dtype)
+    weight *= x.real.dtype.type(scale)
+    return weight
+
+
 def hybrid_input_output(x, support, beta, P_M, P_S, xp):
     pm, e_mod = P_M(x)
     kept = P_S.feasible(pm, support, xp)
+    if P_S.imag_limit is None:
+        # x' = pm + [not kept] (x - (1 + beta) pm): pm where kept, x - beta pm elsewhere; plain
+        # arithmetic passes instead of a masked copy (a masked copy costs ~0.17 FFT pair at 512^2)
+        x -= (1 + beta) * pm
+        x *= _outside_weight(kept, 1.0, x, xp)
+        x += pm
+        return e_mod
     x -= beta * pm
     xp.copyto(x, P_S.inside(pm, xp), where=kept)
     return e_mod
@@ -39,6 +53,13 @@ def hybrid_input_output(x, support, beta, P_M, P_S, xp):
 def relaxed_averaged_alternating_reflections(x, support, beta, P_M, P_S, xp):
     pm, e_mod = P_M(x)
     kept = P_S.feasible(pm, support, xp)
+    if P_S.imag_limit is None:
+        # x' = pm + beta [not kept] (x - 2 pm): pm where kept, beta x + (1 - 2 beta) pm elsewhere
+        x -= pm
+        x -= pm
+        x *= _outside_weight(kept, beta, x, xp)
+        x += pm
+        return e_mod
     x *= beta
     x += (1 - 2 * beta) * pm
     xp.copyto(x, P_S.inside(pm, xp), where=kept)

@@ -101,7 +101,8 @@ class BandModulusProjection(ModulusProjection):
         if self.background is not None:
             xp.sqrt(model * model + self.background * self.background, out=model)
         model += self.tiny
-        xp.clip(model, self.lower, self.upper, out=factor)           # the nearest allowed amplitude
+        xp.maximum(model, self.lower, out=factor)                    # the nearest allowed amplitude
+        xp.minimum(factor, self.upper, out=factor)                   # (two passes: faster than clip)
         if self._e_mod is None or self._calls % self.metrics_every == 0:
             self._e_mod = self._modulus_error(model, repeats, xp)
         self._calls += 1
