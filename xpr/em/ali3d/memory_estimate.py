@@ -9,8 +9,8 @@ point group, G = (p n + 2⌊w/2⌋ + 3)³ points of a Fourier accumulator grid):
   all, measured with tracemalloc);
 * per worker process (one in the serial engine): the grid of the images it inserts (32 G) and
   insert_batch's queue of kernel contributions -- flushed above 4e6 values, so at most 4e6 plus one
-  image's π (p n / 2)² / 2 × w³ × g values, about 40 bytes each (index, real, imaginary, count and
-  their concatenation);
+  image's π (p n / 2)² / 2 × w³ × g values, at most 40 bytes each (an int64 index and up to four
+  float64 weights: real, imaginary, count, CTF², in buffers allocated once);
 * the insertion's threads (reconstruct.insertion_threads) share that queue, but each beyond the
   first sums into grids of its own: 32 G more per extra thread.
 
