@@ -187,10 +187,22 @@ def prepare_references(grids, inside, params, images, mask, options, ctf, backen
         else:
             reference = np.asarray(options.reference_function(half, frequencies, fsc, mask, backend), np.float32)
         references.append(reference)
+    return halves, frequencies, fsc, references, slice_radius(frequencies, fsc, halves[0].shape[0], options)
+
+
+def slice_radius(frequencies, fsc, box, options):
+    """The projections' radius (px): the FSC-0.143 frequency widened by the reference's fall-off."""
     cutoff = fsc_tools.resolution_frequency(frequencies, fsc, 0.143)
-    box = halves[0].shape[0]
-    radius = min(box // 2 - 1, math.ceil(box * cutoff * (1 + 2 * options.falloff)) + 1)
-    return halves, frequencies, fsc, references, max(radius, 3)
+    return max(min(box // 2 - 1, math.ceil(box * cutoff * (1 + 2 * options.falloff)) + 1), 3)
+
+
+def first_slice_radius(grids, mask, options, backend):
+    """The slice radius from the FSC of the uncorrected half volumes (the kernel-weighted averages):
+    the first chunk's references are then corrected only up to it, as every later chunk's are up
+    to the last radius, instead of at all frequencies (a full residual insertion of both halves)."""
+    halves = [volume_of(grid, options, backend) for grid in grids]
+    frequencies, fsc = fsc_tools.fourier_shell_correlation(halves[0] * mask, halves[1] * mask, backend)
+    return slice_radius(frequencies, fsc, halves[0].shape[0], options)
 
 
 # --- centring ---------------------------------------------------------------------------------
@@ -282,7 +294,8 @@ def refinement_passes(images, angles, shifts_px, options: Ali3dOptions, *, sessi
     labels = half_set_labels(n, options.seed)
     members = [np.nonzero(labels == h)[0] for h in (0, 1)]
     grids = [fourier_sums(images, members[h], None, (angles, shifts_px), options, ctf) for h in (0, 1)]
-    history, state, radius = [], None, None
+    history, state = [], None
+    radius = first_slice_radius(grids, mask, options, backend)
     chunk_size = max(1, min(int(math.ceil(options.chunk * n)), n // 2))
     rng = np.random.default_rng(options.seed + 1)
     for iteration in range(1, options.maxit + 1):
