@@ -240,18 +240,24 @@ def _spread(batch: InsertionBatch, grid: FourierGrid, values, kx, ky, images, qu
 def grid_to_volume(grid: FourierGrid, backend, snr: float | None = None):
     """V = IFT[D / (T + 1/snr)] / C with CTF (snr given), IFT[D / N] / C without; cropped to n³."""
     shape = (2 * grid.half + 1,) * 3
-    data = grid.data.reshape(shape)
-    ctf_weight = grid.ctf_weight.reshape(shape)
-    count = grid.count.reshape(shape)
-    data = data + np.conj(data[::-1, ::-1, ::-1])
-    ctf_weight = ctf_weight + ctf_weight[::-1, ::-1, ::-1]
-    count = count + count[::-1, ::-1, ::-1]
-    denominator = ctf_weight + (1.0 / snr if snr else 0.0)
-    sampled = count > 1e-3
-    spectrum = np.where(sampled, data / np.where(sampled, np.maximum(denominator, 1e-6), 1.0), 0.0)
     padded_box = grid.npad * grid.box
     lo = grid.half - padded_box // 2
-    spectrum = spectrum[lo:lo + padded_box, lo:lo + padded_box, lo:lo + padded_box].astype(np.complex64)
+    crop = (slice(lo, lo + padded_box),) * 3        # only the padded box's frequencies are transformed
+
+    def hermitian(values):                          # a(j) + a(−j) on the cropped cube
+        values = values.reshape(shape)
+        return values[crop], values[::-1, ::-1, ::-1][crop]
+
+    data, mirrored = hermitian(grid.data)
+    data = data + np.conj(mirrored)
+    count = np.add(*hermitian(grid.count))
+    denominator = np.add(*hermitian(grid.ctf_weight))
+    if snr:
+        denominator += 1.0 / snr
+    sampled = count > 1e-3
+    np.divide(data, np.maximum(denominator, 1e-6), out=data, where=sampled)
+    data[~sampled] = 0.0
+    spectrum = data.astype(np.complex64)
     padded = backend.asnumpy(backend.fftshift(backend.ifftn(backend.ifftshift(backend.asarray(spectrum)))).real)
     start = padded_box // 2 - grid.box // 2
     volume = padded[start:start + grid.box, start:start + grid.box, start:start + grid.box]
