@@ -134,9 +134,11 @@ def slices(projector: Projector, matrices, keep=None):
     base = (first[:, 2] * side + first[:, 1]) * side + first[:, 0]                       # (b, m)
     values = projector.gather(base)                                                      # (b, m, W³)
     b, m, w = base.shape[0], base.shape[1], projector.kernel.width
-    zy = (weights[:, 2][..., :, None] * weights[:, 1][..., None, :]).reshape(b, m, w * w)
-    kernel = (zy[..., :, None] * weights[:, 0][..., None, :]).reshape(b, m, 1, w ** 3)
-    pairs = np.matmul(kernel, values.view(np.float32).reshape(b, m, w ** 3, 2))        # (b, m, 1, 2)
+    # the kernel is separable: sum over (z, y) with the W² weights wz wy, then over x with wx
+    # (the same sum as with the W³ products, in ~40 % fewer operations; equal to float32 rounding)
+    zy = (weights[:, 2][..., :, None] * weights[:, 1][..., None, :]).reshape(b, m, 1, w * w)
+    rows_x = np.matmul(zy, values.view(np.float32).reshape(b, m, w * w, 2 * w))          # (b, m, 1, 2W)
+    pairs = np.matmul(weights[:, 0][:, :, None, :], rows_x.reshape(b, m, w, 2))          # (b, m, 1, 2)
     return pairs.reshape(b, m, 2).view(np.complex64)[..., 0]
 
 
