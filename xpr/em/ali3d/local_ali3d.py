@@ -155,12 +155,13 @@ def volume_of(grid, options, backend):
     return grid_to_volume(grid, backend, snr=options.snr if options.ctf_mode != "none" else None)
 
 
-def reconstruction(grid, indices, params, images, options, ctf, backend, radius=None):
+def reconstruction(grid, indices, params, images, options, ctf, backend, radius=None, residuals=None):
     """The volume of the images `indices` (those summed in `grid`): the kernel-weighted average,
     then `gridding_iterations` corrections — the residuals between the images and the volume's
     central slices, inserted the same way, are added (one pass cuts the error of the plain average
     of 150 exact 48² projections from 9 % to 0.7 %, and its alignment bias from 1.7° to 0.15°).
-    radius (px): correct only the frequencies the projections will use (plus the kernel's reach)."""
+    radius (px): correct only the frequencies the projections will use (plus the kernel's reach).
+    residuals: a list that receives each correction's residual grid (see combined_reconstruction)."""
     volume = volume_of(grid, options, backend)
     limit = None if radius is None else radius + options.kernel_width
     for _ in range(options.gridding_iterations):
@@ -169,16 +170,39 @@ def reconstruction(grid, indices, params, images, options, ctf, backend, radius=
         residual = fourier_sums(images, indices, None, params, options, ctf, estimate, limit, weights=False)
         residual.count, residual.ctf_weight = grid.count, grid.ctf_weight
         volume = volume + volume_of(residual, options, backend)
+        if residuals is not None:
+            residuals.append(residual)
+    return volume
+
+
+def combined_reconstruction(grids, residuals, options, backend):
+    """The volume of both half sets from their sums and their corrections' residual grids
+    (`reconstruction(..., residuals=)` of each half): the kernel-weighted average of all images plus,
+    per correction, the summed residuals over the summed weights.  Each half's residuals are taken
+    against its own volume rather than the union's; as V0 = (N₀V0₀ + N₁V0₁)/N, the two differences
+    cancel to first order where both halves sample alike, and the union's own residual insertion of
+    every image is saved.  Measured (48³, 300 images, true parameters): exact projections 0.11 % apart
+    (errors against the phantom 0.40 % vs 0.38 %); at SNR 1 the noise-dominated volumes differ by
+    10 %, this one the closer to the phantom (relative error 0.742 vs 0.757)."""
+    union = grids[0].combined(grids[1])
+    volume = volume_of(union, options, backend)
+    for first, second in zip(*residuals):
+        residual = FourierGrid(union.box, union.npad, union.kernel, union.half, first.data + second.data,
+                               union.ctf_weight, union.count)
+        volume = volume + volume_of(residual, options, backend)
     return volume
 
 
 # --- references -------------------------------------------------------------------------------
 
-def prepare_references(grids, inside, params, images, mask, options, ctf, backend, radius=None):
+def prepare_references(grids, inside, params, images, mask, options, ctf, backend, radius=None, residuals=None):
     """Half volumes, their FSC, the two references and the slice radius (px) for the projectors.
     inside: the image indices summed in each half's grid; params: (angles, shifts_px); radius: the
-    last slice radius (the corrections are limited to it; None: all frequencies)."""
-    halves = [reconstruction(g, i, params, images, options, ctf, backend, radius) for g, i in zip(grids, inside)]
+    last slice radius (the corrections are limited to it; None: all frequencies); residuals: two
+    lists receiving each half's residual grids."""
+    residuals = residuals or [None, None]
+    halves = [reconstruction(g, i, params, images, options, ctf, backend, radius, r)
+              for g, i, r in zip(grids, inside, residuals)]
     frequencies, fsc = fsc_tools.fourier_shell_correlation(halves[0] * mask, halves[1] * mask, backend)
     references = []
     for half in halves:
@@ -187,10 +211,22 @@ def prepare_references(grids, inside, params, images, mask, options, ctf, backen
         else:
             reference = np.asarray(options.reference_function(half, frequencies, fsc, mask, backend), np.float32)
         references.append(reference)
+    return halves, frequencies, fsc, references, slice_radius(frequencies, fsc, halves[0].shape[0], options)
+
+
+def slice_radius(frequencies, fsc, box, options):
+    """The projections' radius (px): the FSC-0.143 frequency widened by the reference's fall-off."""
     cutoff = fsc_tools.resolution_frequency(frequencies, fsc, 0.143)
-    box = halves[0].shape[0]
-    radius = min(box // 2 - 1, math.ceil(box * cutoff * (1 + 2 * options.falloff)) + 1)
-    return halves, frequencies, fsc, references, max(radius, 3)
+    return max(min(box // 2 - 1, math.ceil(box * cutoff * (1 + 2 * options.falloff)) + 1), 3)
+
+
+def first_slice_radius(grids, mask, options, backend):
+    """The slice radius from the FSC of the uncorrected half volumes (the kernel-weighted averages):
+    the first chunk's references are then corrected only up to it, as every later chunk's are up
+    to the last radius, instead of at all frequencies (a full residual insertion of both halves)."""
+    halves = [volume_of(grid, options, backend) for grid in grids]
+    frequencies, fsc = fsc_tools.fourier_shell_correlation(halves[0] * mask, halves[1] * mask, backend)
+    return slice_radius(frequencies, fsc, halves[0].shape[0], options)
 
 
 # --- centring ---------------------------------------------------------------------------------
@@ -282,7 +318,8 @@ def refinement_passes(images, angles, shifts_px, options: Ali3dOptions, *, sessi
     labels = half_set_labels(n, options.seed)
     members = [np.nonzero(labels == h)[0] for h in (0, 1)]
     grids = [fourier_sums(images, members[h], None, (angles, shifts_px), options, ctf) for h in (0, 1)]
-    history, state, radius = [], None, None
+    history, state = [], None
+    radius = first_slice_radius(grids, mask, options, backend)
     chunk_size = max(1, min(int(math.ceil(options.chunk * n)), n // 2))
     rng = np.random.default_rng(options.seed + 1)
     for iteration in range(1, options.maxit + 1):
@@ -353,10 +390,11 @@ def refinement_passes(images, angles, shifts_px, options: Ali3dOptions, *, sessi
             bar.close()
         # the products of the pass: corrected at all frequencies after the last one
         limit = None if iteration == options.maxit else radius
+        residuals = [[], []]
         halves, frequencies, fsc, references, _ = prepare_references(
-            grids, members, (angles, shifts_px), images, mask, options, ctf, backend, limit)
-        volume = reconstruction(grids[0].combined(grids[1]), np.arange(n), (angles, shifts_px), images, options, ctf,
-                                backend, limit)
+            grids, members, (angles, shifts_px), images, mask, options, ctf, backend, limit, residuals)
+        volume = combined_reconstruction(grids, residuals, options, backend)
+        del residuals
         reference = fsc_tools.apply_shell_filter(volume, fsc_tools.fsc_weights(frequencies, fsc, options.falloff),
                                                  backend) * mask
         state = Ali3dState(iteration, angles.copy(), shifts_px.copy(), volume, reference, halves, frequencies,

@@ -9,8 +9,8 @@ point group, G = (p n + 2⌊w/2⌋ + 3)³ points of a Fourier accumulator grid):
   all, measured with tracemalloc);
 * per worker process (one in the serial engine): the grid of the images it inserts (32 G) and
   insert_batch's queue of kernel contributions -- flushed above 4e6 values, so at most 4e6 plus one
-  image's π (p n / 2)² / 2 × w³ × g values, about 40 bytes each (index, real, imaginary, count and
-  their concatenation);
+  image's π (p n / 2)² / 2 × w³ × g values, 32 bytes each (an int64 index and float64 real,
+  imaginary and count weights, in buffers allocated once), 40 with CTF (its CTF² weight);
 * the insertion's threads (reconstruct.insertion_threads) share that queue, but each beyond the
   first sums into grids of its own: 32 G more per extra thread.
 
@@ -29,11 +29,13 @@ from xpr.em.ali3d.reconstruct import QUEUE_FLUSH, insertion_threads  # the queue
 
 GRID_BYTES_PARENT = 180        # per grid point: the half-set accumulators, their union, the volume's transforms
 GRID_BYTES_WORKER = 32         # per grid point: one worker's insertion grid
-QUEUE_BYTES = 40               # per queued kernel contribution
+QUEUE_BYTES = 32               # per queued kernel contribution: int64 index, float64 real, imaginary, count
+QUEUE_BYTES_CTF = 8            # and its float64 CTF² weight when CTF correction is on
 
 
-def local_ali3d(n_images, box, npad=2, kernel_width=4, group_size=1, threads=None) -> memory.Estimate:
-    """Items = worker processes inserting images at once; each splits its images between
+def local_ali3d(n_images, box, npad=2, kernel_width=3, group_size=1, threads=None, ctf=False) -> memory.Estimate:
+    """(npad, kernel_width: the settings' defaults.)
+    Items = worker processes inserting images at once; each splits its images between
     `threads` threads (reconstruct.insertion_threads; default: this process's), which share one
     queue, each beyond the first with sums of its own (32 bytes per grid point)."""
     n_images, box, npad, width = int(n_images), int(box), int(npad), int(kernel_width)
@@ -47,7 +49,7 @@ def local_ali3d(n_images, box, npad=2, kernel_width=4, group_size=1, threads=Non
         "stack and prepared copy": 8 * n_images * box * box,
         "half-set grids and volume transforms": GRID_BYTES_PARENT * grid,
         "insertion threads' own grids": GRID_BYTES_WORKER * grid * (threads - 1),
-    }, {"worker's insertion grid and queue": GRID_BYTES_WORKER * grid + QUEUE_BYTES * queue})
+    }, {"worker's insertion grid and queue": GRID_BYTES_WORKER * grid + (QUEUE_BYTES + QUEUE_BYTES_CTF * bool(ctf)) * queue})
 
 
 def stack_shape(settings):
@@ -96,7 +98,8 @@ def plan(settings, log=None, limit=None, shape=None):
     engine = parallel.SpreadOptions.from_block(spread).engine
     workers = 1 if engine == "serial" else parallel.n_workers(spread, n_images)
     threads = max(1, parallel.available_cpus() // workers)      # each worker's share of the cores
-    estimate = local_ali3d(n_images, box, ali["npad"], ali["kernel_width"], len(group), threads)
+    estimate = local_ali3d(n_images, box, ali["npad"], ali["kernel_width"], len(group), threads,
+                           str(ali.get("CTF", "none")) != "none")
     limit = limit or memory.available()
     what = f"local_ali3d on {n_images} images of {box}x{box} px"
     fitting = memory.largest_batch(estimate, limit, workers)

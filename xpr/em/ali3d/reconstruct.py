@@ -159,7 +159,13 @@ def insertion_threads(n_images: int) -> int:
 
 def _spread(batch: InsertionBatch, grid: FourierGrid, values, kx, ky, images, queue_limit):
     """The bincount sums (D real, D imag, N, T) of the images `images` of a batch (see insert_batch),
-    the kernel contributions queued until more than `queue_limit` values wait."""
+    the kernel contributions queued until more than `queue_limit` values wait.
+
+    The queue is a set of buffers allocated once (flat indices int64, weights float64 as bincount
+    takes them) that every piece is written into in place: collecting per-image arrays and joining
+    them cost as much as the sums themselves (fresh pages to fault in, then copies and float32 →
+    float64 conversions inside bincount).  Each flush sums only over the range of grid points the
+    queued indices span."""
     kb, half, box = grid.kernel, grid.half, batch.images.shape[-1]
     side = 2 * half + 1
     size = side ** 3
@@ -173,22 +179,27 @@ def _spread(batch: InsertionBatch, grid: FourierGrid, values, kx, ky, images, qu
         shift = estimate.half - half
     signs = np.ones(len(batch.images)) if batch.signs is None else batch.signs
     with_ctf = batch.ctf is not None and batch.ctf_mode != "none"
-    sums = [np.zeros(size), np.zeros(size), np.zeros(size) if batch.weights else None,
-            np.zeros(size) if batch.weights and with_ctf else None]
-    pending = {"index": [], "real": [], "imag": [], "ctf": [], "count": []}
+    names = ["real", "imag"] + (["count"] + (["ctf"] if with_ctf else []) if batch.weights else [])
+    sums = {name: np.zeros(size) for name in names}
+    m, w3 = len(kx), kb.width ** 3
+    piece = m * w3                                   # one (image, rotation) insertion
+    capacity = min(len(images) * len(batch.group) * piece, queue_limit + piece)
+    index_queue = np.empty(capacity, dtype=np.int64)
+    queues = {name: np.empty(capacity) for name in names}
+    queued = 0
 
-    def flush():
-        # one bincount per quantity for many images: the full-grid additions are the expensive part
-        if not pending["index"]:
+    def flush(queued):
+        # one bincount per quantity for many images, over the span of grid points they reach
+        if not queued:
             return
-        index = np.concatenate(pending["index"])
-        for total, name in zip(sums, ("real", "imag", "count", "ctf")):
-            if total is not None:
-                total += np.bincount(index, np.concatenate(pending[name]), size)
-        for entries in pending.values():
-            entries.clear()
+        index = index_queue[:queued]
+        low = int(index.min())
+        span = int(index.max()) - low + 1
+        if low:
+            index -= low
+        for name in names:
+            sums[name][low:low + span] += np.bincount(index, queues[name][:queued], span)
 
-    queued, m = 0, len(kx)
     for i in images:
         weight_t = None
         if with_ctf:
@@ -207,37 +218,46 @@ def _spread(batch: InsertionBatch, grid: FourierGrid, values, kx, ky, images, qu
                 predicted = np.matmul(c[:, None, :], neighbours.view(np.float32).reshape(m, -1, 2))
                 predicted = predicted.reshape(m, 2).view(np.complex64).ravel()
                 sample = values[i] - predicted if weight_t is None else (values[i] - weight_t * predicted) * weight_t
-            pending["index"].append((((fz * side + fy) * side + fx)[:, None] + offsets[None, :]).ravel())
+            end = queued + piece
+            np.add(((fz * side + fy) * side + fx)[:, None], offsets[None, :], out=index_queue[queued:end].reshape(m, w3))
             c = c * np.float32(signs[i])
-            pending["real"].append((c * sample.real[:, None].astype(np.float32)).ravel())
-            pending["imag"].append((c * sample.imag[:, None].astype(np.float32)).ravel())
+            # float32 products stored as float64 (the values bincount would have converted them to)
+            np.multiply(c, sample.real[:, None].astype(np.float32), out=queues["real"][queued:end].reshape(m, w3))
+            np.multiply(c, sample.imag[:, None].astype(np.float32), out=queues["imag"][queued:end].reshape(m, w3))
             if batch.weights:
-                pending["count"].append(c.ravel())
+                queues["count"][queued:end] = c.ravel()
                 if with_ctf:
-                    pending["ctf"].append((c * (weight_t ** 2)[:, None].astype(np.float32)).ravel())
-            queued += c.size
+                    np.multiply(c, (weight_t ** 2)[:, None].astype(np.float32),
+                                out=queues["ctf"][queued:end].reshape(m, w3))
+            queued = end
             if queued > queue_limit:
-                flush()
+                flush(queued)
                 queued = 0
-    flush()
-    return sums
+    flush(queued)
+    return [sums.get(name) for name in ("real", "imag", "count", "ctf")]
 
 
 def grid_to_volume(grid: FourierGrid, backend, snr: float | None = None):
     """V = IFT[D / (T + 1/snr)] / C with CTF (snr given), IFT[D / N] / C without; cropped to n³."""
     shape = (2 * grid.half + 1,) * 3
-    data = grid.data.reshape(shape)
-    ctf_weight = grid.ctf_weight.reshape(shape)
-    count = grid.count.reshape(shape)
-    data = data + np.conj(data[::-1, ::-1, ::-1])
-    ctf_weight = ctf_weight + ctf_weight[::-1, ::-1, ::-1]
-    count = count + count[::-1, ::-1, ::-1]
-    denominator = ctf_weight + (1.0 / snr if snr else 0.0)
-    sampled = count > 1e-3
-    spectrum = np.where(sampled, data / np.where(sampled, np.maximum(denominator, 1e-6), 1.0), 0.0)
     padded_box = grid.npad * grid.box
     lo = grid.half - padded_box // 2
-    spectrum = spectrum[lo:lo + padded_box, lo:lo + padded_box, lo:lo + padded_box].astype(np.complex64)
+    crop = (slice(lo, lo + padded_box),) * 3        # only the padded box's frequencies are transformed
+
+    def hermitian(values):                          # a(j) + a(−j) on the cropped cube
+        values = values.reshape(shape)
+        return values[crop], values[::-1, ::-1, ::-1][crop]
+
+    data, mirrored = hermitian(grid.data)
+    data = data + np.conj(mirrored)
+    count = np.add(*hermitian(grid.count))
+    denominator = np.add(*hermitian(grid.ctf_weight))
+    if snr:
+        denominator += 1.0 / snr
+    sampled = count > 1e-3
+    np.divide(data, np.maximum(denominator, 1e-6), out=data, where=sampled)
+    data[~sampled] = 0.0
+    spectrum = data.astype(np.complex64)
     padded = backend.asnumpy(backend.fftshift(backend.ifftn(backend.ifftshift(backend.asarray(spectrum)))).real)
     start = padded_box // 2 - grid.box // 2
     volume = padded[start:start + grid.box, start:start + grid.box, start:start + grid.box]

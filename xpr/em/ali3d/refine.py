@@ -84,6 +84,7 @@ class BatchedCriterion:
         self.kx_index = projector.kx.astype(np.int64)                                   # 0 … n/2
         self.ky_index = projector.ky.astype(np.int64) % box                              # numpy order
         self.batch = max(1, batch_points // max(1, len(projector.kx)))
+        self.columns = int(projector.cols.max()) + 1 if len(projector.cols) else 1
 
     def __call__(self, which, parameters):
         """−ccc of images `which` (indices into the task) at `parameters` (len(which), 5)."""
@@ -112,9 +113,11 @@ class BatchedCriterion:
     def projections(self, which, parameters):
         """The projections (b, n, n), shifted and CTF-weighted, of images `which` at `parameters`."""
         p = self.projector
-        spectrum = np.zeros((len(which), p.box, p.box // 2 + 1), dtype=np.complex64)
+        # only the columns kx ≤ radius hold values: the ky transforms of the others are skipped
+        # (irfft pads the missing columns with zeros: the same result as irfft2 of the full array)
+        spectrum = np.zeros((len(which), p.box, self.columns), dtype=np.complex64)
         spectrum[:, p.rows, p.cols] = self.spectra(which, parameters)
-        return np.fft.irfft2(spectrum, s=(p.box, p.box))
+        return np.fft.irfft(np.fft.ifft(spectrum, axis=-2), n=p.box, axis=-1)
 
     def _evaluate(self, which, parameters):
         inside = self.projections(which, parameters)[:, self.mask].astype(np.float64)
@@ -134,9 +137,11 @@ def slices(projector: Projector, matrices, keep=None):
     base = (first[:, 2] * side + first[:, 1]) * side + first[:, 0]                       # (b, m)
     values = projector.gather(base)                                                      # (b, m, W³)
     b, m, w = base.shape[0], base.shape[1], projector.kernel.width
-    zy = (weights[:, 2][..., :, None] * weights[:, 1][..., None, :]).reshape(b, m, w * w)
-    kernel = (zy[..., :, None] * weights[:, 0][..., None, :]).reshape(b, m, 1, w ** 3)
-    pairs = np.matmul(kernel, values.view(np.float32).reshape(b, m, w ** 3, 2))        # (b, m, 1, 2)
+    # the kernel is separable: sum over (z, y) with the W² weights wz wy, then over x with wx
+    # (the same sum as with the W³ products, in ~40 % fewer operations; equal to float32 rounding)
+    zy = (weights[:, 2][..., :, None] * weights[:, 1][..., None, :]).reshape(b, m, 1, w * w)
+    rows_x = np.matmul(zy, values.view(np.float32).reshape(b, m, w * w, 2 * w))          # (b, m, 1, 2W)
+    pairs = np.matmul(weights[:, 0][:, :, None, :], rows_x.reshape(b, m, w, 2))          # (b, m, 1, 2)
     return pairs.reshape(b, m, 2).view(np.complex64)[..., 0]
 
 
