@@ -33,6 +33,7 @@ Method.
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -67,12 +68,20 @@ def run(settings, archive):
                      series.accelerating_voltage_kV, series.pixel_size_m * 1e9)
 
     # 2. registration
-    registration = {}
+    registration, seconds = {}, {}
     if settings.registration.enabled:
+        start = time.perf_counter()
         registration = register_series(backend, series, settings, archive)
+        seconds["registration"] = time.perf_counter() - start
 
     # 3–5. TIE and refinement of the series (and of the flipped one)
+    start = time.perf_counter()
     result = retrieve_phase(backend, series, series.images, settings, archive)
+    seconds["retrieval"] = time.perf_counter() - start
+    if registration:
+        archive.log.info("registration %.2f s = %.1f × the retrieval of the series (%.2f s)",
+                         seconds["registration"], seconds["registration"] / seconds["retrieval"],
+                         seconds["retrieval"])
     if settings.checks.defocus_sign:
         check_defocus_sign(result["phase_tie"], result["in_focus_intensity"], series, archive.log)
     outputs = {"phase": result["phase"], "phase_tie": result["phase_tie"],
@@ -109,7 +118,8 @@ def run(settings, archive):
              "tie_method": settings.tie.method, "refinement": settings.refinement.method,
              "accelerating_voltage_kV": series.accelerating_voltage_kV,
              "pixel_size_m": series.pixel_size_m, "window_radius_fraction": radius,
-             "input_file": series.path}
+             "input_file": series.path,
+             **{f"{stage}_seconds": value for stage, value in seconds.items()}}
     archive.save_h5("tie.h5", _as_float32(outputs), main=True, attrs=attrs)
     archive.savefig(phase_figure(outputs, series.truth), "phase.png")
     return outputs
