@@ -161,7 +161,7 @@ def test_signal_marks_failed_stops_workers_keeps_latest(home, slow_command, tmp_
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
     assert process.returncode == code, stderr
-    assert "Traceback" not in stderr and signal.Signals(signum).name in stderr
+    assert "Traceback" not in stderr and signal.Signals(signum).name in stderr, stderr
     time.sleep(0.2)
     assert not [pid for pid in workers if _alive(pid)], "worker processes left running"
     assert _process_group(process.pid) == [], "processes of the run left running"
