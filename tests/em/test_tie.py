@@ -208,6 +208,27 @@ def test_registration_in_tie_undoes_a_misaligned_series(home, run_xpr, tmp_path)
     assert errors["true"] < 0.15 * errors["false"]
 
 
+def _tie_aligned_unregistered_registered(home, run_xpr, settings, aligned, moved, options=()):
+    """`em tie` on the aligned series, and on the moved one without and with registration (more
+    `-o` options for all three in `options`). Returns the rms phase errors by label, the
+    registered shifts, the applied shifts and which candidate the registration kept."""
+    errors = {}
+    for label, name, enabled in (("aligned", aligned, "false"), ("unregistered", moved, "false"),
+                                 ("registered", moved, "true")):
+        extra = [item for option in options for item in ("-o", option)]
+        result = run_xpr(["-q", "em", "tie", settings, "-o", f"structure_name={name}",
+                          "-o", f"registration.enabled={enabled}", *extra])
+        assert result.exit_code == 0, result.output
+        with h5py.File(home / f"data/em/tie/{name}.h5") as out:
+            errors[label] = out["errors/rms_refined_rad"][()]
+            if enabled == "true":
+                estimated = out["registration/images/shift_px"][()]
+                kept = out["registration/images/kept"][()]
+    with h5py.File(home / f"data/em/simulate_focal/{moved}.h5") as data:
+        applied = data["misalignment/images/shift_px"][()]
+    return errors, estimated, applied, kept.decode() if isinstance(kept, bytes) else str(kept)
+
+
 @pytest.mark.slow
 def test_registration_of_a_strong_phase_object_matches_the_aligned_series(home, run_xpr, tmp_path):
     """Issue 19: ±5 µm series of a 40 nm sphere (phase 4 rad: its defocused images are lensed and
@@ -221,21 +242,9 @@ def test_registration_of_a_strong_phase_object_matches_the_aligned_series(home, 
     settings = write(tmp_path, "sphere_tie", "structure_name: moved\n")
     for name in ("sphere_aligned", "sphere_moved"):
         assert run_xpr(["-q", "em", "simulate_focal", tmp_path / f"{name}.yaml"]).exit_code == 0
-    errors = {}
-    for label, name, enabled in (("aligned", "aligned", "false"), ("unregistered", "moved", "false"),
-                                 ("registered", "moved", "true")):
-        result = run_xpr(["-q", "em", "tie", settings, "-o", f"structure_name={name}",
-                          "-o", f"registration.enabled={enabled}"])
-        assert result.exit_code == 0, result.output
-        with h5py.File(home / f"data/em/tie/{name}.h5") as out:
-            errors[label] = out["errors/rms_refined_rad"][()]
-            if enabled == "true":
-                estimated = out["registration/images/shift_px"][()]
-                assert out["registration/images/kept"][()] in (b"refined", b"registered",
-                                                                b"shifts_only", "refined",
-                                                                "registered", "shifts_only")
-    with h5py.File(home / "data/em/simulate_focal/moved.h5") as data:
-        applied = data["misalignment/images/shift_px"][()]
+    errors, estimated, applied, kept = _tie_aligned_unregistered_registered(home, run_xpr, settings,
+                                                                            "aligned", "moved")
+    assert kept in ("refined", "registered", "shifts_only")
     np.testing.assert_allclose(estimated, applied, atol=0.25)
     assert errors["registered"] <= 0.08
     assert errors["registered"] <= 1.2 * errors["aligned"]
@@ -258,23 +267,14 @@ def test_registration_of_misaligned_particles_is_within_20_percent_of_the_aligne
     settings = write(tmp_path, "particles_tie", "structure_name: moved\n")
     for name in ("aligned", "moved"):
         assert run_xpr(["-q", "em", "simulate_focal", tmp_path / f"{name}.yaml"]).exit_code == 0
-    errors = {}
-    for label, name, enabled in (("aligned", "aligned", "false"), ("unregistered", "moved", "false"),
-                                 ("registered", "moved", "true")):
-        # the refinement as it was measured: from each candidate's TIE, 150 evaluations
-        result = run_xpr(["-q", "em", "tie", settings, "-o", f"structure_name={name}",
-                          "-o", f"registration.enabled={enabled}",
-                          "-o", "registration.refine=shifts_scale",
-                          "-o", "registration.refine_start=tie", "-o", "registration.coarse_search_px=0",
-                          "-o", "registration.refine_evaluations=150"])
-        assert result.exit_code == 0, result.output
-        with h5py.File(home / f"data/em/tie/{name}.h5") as out:
-            errors[label] = out["errors/rms_refined_rad"][()]
-            if enabled == "true":
-                estimated = out["registration/images/shift_px"][()]
-                scale = out["registration/images/scale"][()]
+    # the refinement as it was measured: from each candidate's TIE, 150 evaluations
+    errors, estimated, applied, _ = _tie_aligned_unregistered_registered(
+        home, run_xpr, settings, "aligned", "moved",
+        options=("registration.refine=shifts_scale", "registration.refine_start=tie",
+                 "registration.coarse_search_px=0", "registration.refine_evaluations=150"))
+    with h5py.File(home / "data/em/tie/moved.h5") as out:
+        scale = out["registration/images/scale"][()]
     with h5py.File(home / "data/em/simulate_focal/moved.h5") as data:
-        applied = data["misalignment/images/shift_px"][()]
         applied_scale = data["misalignment/images/scale"][()]
     np.testing.assert_allclose(estimated, applied, atol=0.15)
     np.testing.assert_allclose(scale, applied_scale, atol=0.002)
@@ -307,18 +307,8 @@ def test_default_registration_is_within_20_percent_of_the_aligned_series(home, r
     settings = write(tmp_path, "tie", "structure_name: moved\n")
     for name in ("aligned", "moved"):
         assert run_xpr(["-q", "em", "simulate_focal", tmp_path / f"{name}.yaml"]).exit_code == 0
-    errors = {}
-    for label, name, enabled in (("aligned", "aligned", "false"), ("unregistered", "moved", "false"),
-                                 ("registered", "moved", "true")):
-        result = run_xpr(["-q", "em", "tie", settings, "-o", f"structure_name={name}",
-                          "-o", f"registration.enabled={enabled}"])
-        assert result.exit_code == 0, result.output
-        with h5py.File(home / f"data/em/tie/{name}.h5") as out:
-            errors[label] = out["errors/rms_refined_rad"][()]
-            if enabled == "true":
-                estimated = out["registration/images/shift_px"][()]
-    with h5py.File(home / "data/em/simulate_focal/moved.h5") as data:
-        applied = data["misalignment/images/shift_px"][()]
+    errors, estimated, applied, _ = _tie_aligned_unregistered_registered(home, run_xpr, settings,
+                                                                         "aligned", "moved")
     np.testing.assert_allclose(estimated, applied, atol=0.3)
     assert errors["registered"] <= 0.08
     assert errors["registered"] <= 1.2 * errors["aligned"]
