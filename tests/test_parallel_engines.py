@@ -96,6 +96,16 @@ def test_session_keeps_workers_across_maps():
     assert len(seen) == 2 and later <= seen and os.getpid() not in seen
 
 
+def test_local_workers_share_the_cores_in_their_blas_too():
+    """Two workers on the machine's cores: each one's BLAS (loaded with numpy before the worker's
+    initializer ran) uses its share of the cores, not all of them (oversubscription)."""
+    pytest.importorskip("threadpoolctl")
+    with parallel.Session(Frozen({"engine": "local", "n_processes": 2})) as session:
+        counts = session.map(fake.blas_threads, range(4))
+    share = max(1, parallel.available_cpus() // 2)
+    assert all(count == [share] for count in counts if count), counts
+
+
 def _fold_in_order(consumed):
     def combine(total, value):
         consumed.append(value)

@@ -214,6 +214,11 @@ def _init_worker(threads: int, gpu_queue=None):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     gpu = gpu_queue.get() if gpu_queue is not None else None
     os.environ.update(worker_environment(threads, 1, gpu))
+    # BLAS/OpenMP libraries read their variables when loaded, and unpickling this initializer
+    # has already imported numpy (and its BLAS): set the loaded ones' pools as well
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=threads)
 
 
 def _local(call, tasks, settings, session, window):

@@ -46,3 +46,10 @@ def worker_setup(_):
     time.sleep(0.3)           # long enough for every worker to take a task
     return (os.getpid(), os.environ.get("CUDA_VISIBLE_DEVICES"), os.environ.get("XPR_FFT_WORKERS"),
             os.environ.get("OMP_NUM_THREADS"), Backend(False)._fft_kwargs["workers"])
+
+
+def blas_threads(_):
+    """The thread counts of the BLAS/OpenMP libraries loaded in this worker (threadpoolctl)."""
+    from threadpoolctl import threadpool_info
+
+    return sorted({entry["num_threads"] for entry in threadpool_info() if entry["user_api"] == "blas"})
