@@ -48,8 +48,9 @@ def fourier_shift(images, shifts_px, backend):
 
 
 def _parabolic_offset(minus, centre, plus):
-    denominator = minus - 2.0 * centre + plus
-    return np.where(np.abs(denominator) > 1e-30, 0.5 * (minus - plus) / denominator, 0.0)
+    denominator = np.asarray(minus - 2.0 * centre + plus)
+    flat = np.abs(denominator) <= 1e-30       # a flat (or empty) correlation peak: no offset
+    return np.divide(0.5 * (minus - plus), denominator, out=np.zeros_like(denominator), where=~flat)
 
 
 def measure_shifts(images, reference, window, backend, predicted_px=None, search_radius_px=None):
