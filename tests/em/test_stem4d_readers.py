@@ -228,9 +228,11 @@ def test_dpc_on_a_file_py4dstem_wrote(tmp_path, home, run_xpr):
     with open_scan(path) as scan:
         assert scan.shape == (16, 16, 32, 32)
         stored = scan.read(0, 256).astype(np.float64)
-    # the file holds the simulated patterns as counts, scaled to a maximum of 60000
+    # the file holds the simulated patterns as counts, scaled to a maximum of 60000 and rounded;
+    # 1 count, not 0.5: another numpy's float32 rounding of the simulation moves values that sat
+    # on a .5 boundary to the other integer (0.516 with the lowest declared versions)
     expected = data["patterns"] / data["patterns"].max() * 60000
-    np.testing.assert_allclose(stored, expected, atol=0.5)
+    np.testing.assert_allclose(stored, expected, atol=1.0)
     settings = _write_dpc_settings(tmp_path / "mine.yaml", path, acc_voltage=200.0)
     result = run_xpr(["em", "dpc", str(settings)])
     assert result.exit_code == 0, result.output
