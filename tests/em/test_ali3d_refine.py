@@ -11,16 +11,25 @@ from xpr.em.ali3d.refine import AlignmentTask, refine_images
 SERIAL = {"engine": "serial"}
 
 
-def test_simplex_recovers_the_parameters_of_an_exact_projection():
-    rng = np.random.default_rng(0)
-    data = phantom.simulate(rng, 4, 32, snr=0.0, angle_error_deg=3.0, shift_error_px=1.5)
-    projector = prepare_projector(data.volume, cpu())
+def align_against_true_volume(data, mask_radius, max_evaluations, tolerance, radius=None):
+    """The simplex search of every image against the true volume (no references, no CTF).
+    Returns the (angle °, shift px) errors before and after, and the search's result."""
+    projector = prepare_projector(data.volume, cpu(), radius=radius)
     task = AlignmentTask(projector, data.images, data.start_angles, data.start_shifts, None, "none", 1.0,
-                         mask_radius=14, delta=2.0, ts=1.0, max_evaluations=400, tolerance=0.002)
+                         mask_radius=mask_radius, delta=2.0, ts=1.0, max_evaluations=max_evaluations,
+                         tolerance=tolerance)
     result = refine_images(task)
     truth = (data.true_angles, data.true_shifts)
     before = ali.parameter_errors(data.start_angles, data.start_shifts, truth, np.eye(3)[None])
     after = ali.parameter_errors(result["angles"], result["shifts_px"], truth, np.eye(3)[None])
+    return before, after, result
+
+
+def test_simplex_recovers_the_parameters_of_an_exact_projection():
+    rng = np.random.default_rng(0)
+    data = phantom.simulate(rng, 4, 32, snr=0.0, angle_error_deg=3.0, shift_error_px=1.5)
+    before, after, result = align_against_true_volume(data, mask_radius=14, max_evaluations=400,
+                                                      tolerance=0.002)
     assert before[0] > 3.0 and before[1] > 1.0
     assert after[0] < 0.1 and after[1] < 0.02
     assert np.all(result["ccc_after"] > 0.999)
@@ -119,13 +128,8 @@ def test_simplex_reaches_the_noise_floor_of_snr_one_images():
     of the criterion itself, searched from the true parameters, is 2.34°: the noise sets the floor)."""
     data = phantom.simulate(np.random.default_rng(0), 100, 48, snr=1.0, angle_error_deg=3.0, shift_error_px=1.5,
                             backend=cpu())
-    projector = prepare_projector(data.volume, cpu(), radius=12)
-    task = AlignmentTask(projector, data.images, data.start_angles, data.start_shifts, None, "none", 1.0,
-                         mask_radius=22, delta=2.0, ts=1.0, max_evaluations=200, tolerance=0.02)
-    result = refine_images(task)
-    truth = (data.true_angles, data.true_shifts)
-    before = ali.parameter_errors(data.start_angles, data.start_shifts, truth, np.eye(3)[None])
-    after = ali.parameter_errors(result["angles"], result["shifts_px"], truth, np.eye(3)[None])
+    before, after, _ = align_against_true_volume(data, mask_radius=22, max_evaluations=200,
+                                                 tolerance=0.02, radius=12)
     assert before[0] > 4.5 and before[1] > 1.5
     assert after[0] < 2.5
     assert after[1] < 0.2
