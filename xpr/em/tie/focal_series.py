@@ -370,3 +370,12 @@ class FocalSeries:
     @property
     def has_in_focus_image(self) -> bool:
         return bool(np.any(self.defocus_m == 0.0))
+
+    def transfer_functions(self, backend, shape) -> list:
+        """The objective's transfer function at every image's defocus, on a grid of `shape`."""
+        from xpr.em.optics import electron_wavelength_A
+
+        wavelength_m = electron_wavelength_A(self.accelerating_voltage_kV) * 1e-10
+        return [transfer_function(backend, shape, self.pixel_size_m, wavelength_m, d,
+                                  spherical_aberration_m=self.spherical_aberration_m)
+                for d in self.defocus_m]

@@ -496,10 +496,7 @@ def refine_on_misfit(stack, moving, start, undo, misfit, options, free, evaluati
         return rotation, scale, shift
 
     def images_of(rotation, scale, shift):
-        images = stack.copy()
-        for i in moving:
-            images[i] = undo(stack[i], rotation[i], scale[i], shift[i])
-        return images
+        return refine_images(stack, stack, moving, (rotation, scale, shift), undo)
 
     first = misfit(images_of(rotation0, scale0, shift0))
     count = [0]
@@ -538,14 +535,9 @@ def warm_started_misfit(backend, series, images, settings, warm_sweeps, sweeps):
     after 20 it was higher; from the registered series' converged wave 5 sweeps rank them as 20
     do, at a quarter of the cost and without a TIE per evaluation."""
     xp = backend.xp
-    quick = SimpleNamespace(tie=settings.tie, refinement=SimpleNamespace(
-        method="gs_misell", iterations=max(1, warm_sweeps), fit_amplitude=True))
-    start = retrieve_phase(backend, series, images, quick, _NullArchive())
-    wavelength_m = electron_wavelength_A(series.accelerating_voltage_kV) * 1e-10
-    transfers = [focal_series.transfer_function(backend, images.shape[1:], series.pixel_size_m,
-                                                wavelength_m, d,
-                                                spherical_aberration_m=series.spherical_aberration_m)
-                 for d in series.defocus_m]
+    start = retrieve_phase(backend, series, images, _gs_misell_settings(settings, warm_sweeps),
+                           _NullArchive())
+    transfers = series.transfer_functions(backend, images.shape[1:])
     phase = xp.asarray(start["phase"], dtype=backend.real_dtype)
     log_amplitude = xp.log(xp.maximum(xp.asarray(start["amplitude"], dtype=backend.real_dtype),
                                       1e-12))
@@ -561,9 +553,14 @@ def warm_started_misfit(backend, series, images, settings, warm_sweeps, sweeps):
 
 def series_misfit(backend, series, images, settings, archive, sweeps):
     """Amplitude misfit per pixel of the series after the TIE and `sweeps` GS–Misell sweeps."""
-    quick = SimpleNamespace(tie=settings.tie, refinement=SimpleNamespace(
+    return retrieve_phase(backend, series, images, _gs_misell_settings(settings, sweeps),
+                          _QuietArchive(archive))["misfit"]
+
+
+def _gs_misell_settings(settings, sweeps):
+    """The run's TIE settings with a refinement of `sweeps` GS–Misell sweeps (≥ 1)."""
+    return SimpleNamespace(tie=settings.tie, refinement=SimpleNamespace(
         method="gs_misell", iterations=max(1, sweeps), fit_amplitude=True))
-    return retrieve_phase(backend, series, images, quick, _QuietArchive(archive))["misfit"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -631,9 +628,7 @@ def retrieve_phase(backend, series, images, settings, archive, label="series"):
 
     # 5. refinement with the exact forward model on the original (periodic) grid
     refinement = settings.refinement
-    transfers = [focal_series.transfer_function(backend, shape, pixel_size_m, wavelength_m, d,
-                                                spherical_aberration_m=series.spherical_aberration_m)
-                 for d in series.defocus_m]
+    transfers = series.transfer_functions(backend, shape)
     amplitudes = [xp.sqrt(xp.maximum(image, 0.0)) for image in stack]
     log_amplitude = 0.5 * xp.log(xp.maximum(in_focus_intensity,
                                             1e-3 * float(in_focus_intensity.mean())))
@@ -682,11 +677,8 @@ def corrected_in_focus_intensity(backend, series, shape, fitted, phase, order=No
     """Fit at Δf = 0 minus its bias: the same fit applied to the forward model of
     ψ = √I_fit exp(iφ_TIE), less |ψ|². One step; it removes the Δf² term of the average."""
     xp = backend.xp
-    wavelength_m = electron_wavelength_A(series.accelerating_voltage_kV) * 1e-10
     wave = (xp.sqrt(fitted) * xp.exp(1j * phase)).astype(backend.complex_dtype)
-    transfers = [focal_series.transfer_function(backend, shape, series.pixel_size_m, wavelength_m, d,
-                                                spherical_aberration_m=series.spherical_aberration_m)
-                 for d in series.defocus_m]
+    transfers = series.transfer_functions(backend, shape)
     modelled = focal_series.focal_series_images(backend, wave, transfers)
     _, modelled_fit = tie_solvers.intensity_derivative(xp, modelled, series.defocus_m,
                                                        order)
