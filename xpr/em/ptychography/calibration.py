@@ -379,6 +379,21 @@ class DetectorProcessing:
     transposed: bool | str = setting("experiment.transposed")
 
 
+def detector_processing(values) -> tuple:
+    """(data_bin ≥ 1, data_pad) of experiment settings `values` (a mapping), each at its
+    documented default where missing; a null data_bin too, while a null data_pad stays null
+    (pad_px: a quarter of the width). For estimates before the calibration checks the values."""
+    documented = DetectorProcessing()
+    return (max(1, int(values.get("data_bin") or documented.data_bin)),
+            values.get("data_pad", documented.data_pad))
+
+
+def pad_px(data_pad, width: int) -> int:
+    """experiment.data_pad in pixels per side of patterns `width` pixels wide: null = a quarter
+    of the width, rounded up."""
+    return int(math.ceil(width / 4)) if data_pad is None else int(data_pad)
+
+
 def _settings_dict(experiment_settings) -> dict:
     if experiment_settings is None:
         return {}
@@ -776,8 +791,7 @@ class Experiment:
                              "(PLRotation_deg is a number); the detector is taken as not transposed")
 
         # padding and the real-space grid
-        pad = settings.get("data_pad", documented.data_pad)
-        pad = int(math.ceil(prepared.shape[-1] / 4)) if pad is None else int(pad)
+        pad = pad_px(settings.get("data_pad", documented.data_pad), prepared.shape[-1])
         if pad < 0:
             raise InputError(f"data_pad must be ≥ 0, got {pad}", key="experiment.data_pad")
         if stream:

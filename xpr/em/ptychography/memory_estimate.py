@@ -63,12 +63,11 @@ def scan_header(settings, path=None):
 
 def _prepared_pixels(detector, experiment) -> tuple[int, int]:
     """(pixels of a binned pattern, pixels of a binned and padded one)."""
-    from xpr.em.ptychography.calibration import DetectorProcessing
+    from xpr.em.ptychography.calibration import detector_processing, pad_px
 
-    data_bin = max(1, int(experiment.get("data_bin") or DetectorProcessing().data_bin))
+    data_bin, data_pad = detector_processing(experiment)
     ky, kx = (int(d) // data_bin for d in detector)
-    pad = experiment.get("data_pad", DetectorProcessing().data_pad)
-    pad = int(math.ceil(kx / 4)) if pad is None else max(0, int(pad))
+    pad = max(0, pad_px(data_pad, kx))
     return ky * kx, (ky + 2 * pad) * (kx + 2 * pad)
 
 

@@ -88,7 +88,7 @@ def data_memory(n_patterns: int, detector_shape, data_bin=1, data_pad=0,
     copies alive at once (calibration: clip → roll → pad); resident: the calibrated patterns,
     their copy in FFT order (the counts) and the held-out pixel set as booleans."""
     ky, kx = (int(d) // max(1, int(data_bin)) for d in detector_shape)
-    pad = int(math.ceil(kx / 4)) if data_pad is None else int(data_pad)
+    pad = calibration.pad_px(data_pad, kx)
     prepared = 4 * int(n_patterns) * (ky + 2 * pad) * (kx + 2 * pad)
     raw = 4 * int(n_patterns) * int(np.prod(detector_shape))
     reading = memory.Estimate().add("reading and calibrating the scan", {
@@ -135,8 +135,8 @@ def data_plan(settings, data_path, log=None):
         n_patterns, detector = scan.n_patterns, scan.detector_shape
         raw_bytes = scan.nbytes_float32
     fraction = float(settings.reconstruction.validation_fraction)
-    reading, resident = data_memory(n_patterns, detector, given.get("data_bin") or calibration.DetectorProcessing().data_bin,
-                                    given.get("data_pad", calibration.DetectorProcessing().data_pad), fraction)
+    data_bin, data_pad = calibration.detector_processing(given)
+    reading, resident = data_memory(n_patterns, detector, data_bin, data_pad, fraction)
     reading.add("holding the data", resident)
     limit = memory_limit(settings)
     what = f"ptycho on {n_patterns} patterns of {detector[0]}x{detector[1]} px"
@@ -145,8 +145,7 @@ def data_plan(settings, data_path, log=None):
         return limit, None
     budget = STREAM_FRACTION * memory.USABLE_FRACTION * limit.bytes
     streamed = memory.Estimate().add("streaming the scan", streamed_resident(
-        n_patterns, detector, given.get("data_bin") or calibration.DetectorProcessing().data_bin, given.get("data_pad", calibration.DetectorProcessing().data_pad), fraction,
-        budget))
+        n_patterns, detector, data_bin, data_pad, fraction, budget))
     memory.require(streamed, limit, MEMORY_KEY, what + " (streamed from the file)",
                    _memory_hint())
     memory.log_plan(log, what + f" streamed from the file (it needs {reading.describe()} "
@@ -160,7 +159,7 @@ def streamed_resident(n_patterns, detector_shape, data_bin, data_pad, validation
     """The data arrays resident while a streamed scan is reconstructed: the blocks read from
     the file (the budget) and the held-out pixel set as bits."""
     ky, kx = (int(d) // max(1, int(data_bin)) for d in detector_shape)
-    pad = int(math.ceil(kx / 4)) if data_pad is None else int(data_pad)
+    pad = calibration.pad_px(data_pad, kx)
     resident = {"file blocks and their preparation": int(budget_bytes)}
     if validation_fraction > 0:
         resident["held-out pixels (bits)"] = int(n_patterns) * -(-(ky + 2 * pad) * (kx + 2 * pad) // 8)
@@ -304,12 +303,11 @@ def ptycho_reconstruction(settings, n_patterns, detector, file_calibration, scan
     experiment = _settings_dict(settings["experiment"])
     given = {k: v for k, v in (file_calibration or {}).items() if v is not None and k not in PROCESSING_KEYS}
     given.update({k: v for k, v in experiment.items() if v is not None})
-    data_bin = max(1, int(given.get("data_bin") or calibration.DetectorProcessing().data_bin))
+    data_bin, data_pad = calibration.detector_processing(experiment)
     ky, kx = (int(d) // data_bin for d in detector)
     if ky != kx:
         return None
-    pad = experiment.get("data_pad", calibration.DetectorProcessing().data_pad)
-    pad = int(math.ceil(kx / 4)) if pad is None else int(pad)
+    pad = calibration.pad_px(data_pad, kx)
     n = kx + 2 * pad
     try:
         if given.get("rez_pixel_size_A") is not None:
