@@ -69,9 +69,15 @@ def settings_file(path: Path, data_path: Path, sim, pad: int, rotation_given: bo
     return path
 
 
+def child_env(home: Path) -> dict:
+    """The home for xpr, and HOME beside it so that --setup_home records it there, not in the
+    user's ~/.xpr/config.yaml."""
+    return dict(os.environ, XPR_HOME=str(home), HOME=str(home.parent))
+
+
 def run_command(home: Path, settings: Path):
     """`xpr em ptycho SETTINGS` in the home: (wall s, CPU s of the child, result file)."""
-    env = dict(os.environ, XPR_HOME=str(home))
+    env = child_env(home)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "xpr", "-q", "em", "ptycho", str(settings)],
@@ -116,7 +122,7 @@ def main():
         for n, (label, path, pad, rotation_given) in enumerate(runs):
             home = tmp / f"home_{n}"
             subprocess.run([sys.executable, "-m", "xpr", "--setup_home", str(home)],
-                           check=True, capture_output=True)
+                           check=True, capture_output=True, env=child_env(home))
             assert not (home / "data/em/simulate_4dstem").exists()
             settings = settings_file(tmp / f"abtem_{n}.yaml", path, sim, pad, rotation_given)
             wall, cpu, result = run_command(home, settings)
