@@ -15,6 +15,7 @@ gradient evaluation (same process, same data).
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -48,7 +49,7 @@ def main():
         write_scan(data, args.scan, args.detector, make_phase(args.scan))
         home = workdir / "home"
         subprocess.run([sys.executable, "-m", "xpr", "--setup_home", str(home)], check=True,
-                       capture_output=True)
+                       capture_output=True, env=dict(os.environ, HOME=str(workdir)))   # not the user's ~/.xpr
         settings = workdir / "ptycho.yaml"
         settings.write_text("structure_name: memory\nexperiment:\n"
                             f"  data_path: {data}\n  acc_voltage: 200.0\n  rez_pixel_size_A: 0.05\n"

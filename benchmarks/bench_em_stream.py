@@ -17,6 +17,7 @@ gradient, I(k) = D(k) (1 + c k·∇φ(r_p)), so the centre of mass follows ∇φ
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -166,7 +167,8 @@ def main():
         for cap in (args.cap, 2 * size_GB + 1):
             home = workdir / f"home_{cap:g}"
             subprocess.run([sys.executable, "-m", "xpr", "--setup_home", str(home)],
-                           check=True, capture_output=True)
+                           check=True, capture_output=True,
+                           env=dict(os.environ, HOME=str(workdir)))   # not the user's ~/.xpr
             peak, seconds, recovered, streamed = run_command(args.command, data, home, cap, rez)
             mode = "streamed" if streamed else "in memory"
             phases[mode] = recovered

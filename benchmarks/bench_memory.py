@@ -164,7 +164,8 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp) / "home"
         env = dict(os.environ, XPR_HOME=str(home))
-        subprocess.run([sys.executable, "-m", "xpr", "--setup_home", str(home)], env=env,
+        subprocess.run([sys.executable, "-m", "xpr", "--setup_home", str(home)],
+                       env=dict(env, HOME=tmp),                       # not the user's ~/.xpr
                        check=True, capture_output=True)
         def row(name, est, measured):
             ratios.append(est / measured[0])
