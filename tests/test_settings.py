@@ -11,6 +11,7 @@ DEFAULTS = """\
 structure_name: demo        # name of the structure
 n: 4                        # how many | range: [1, 1000]
 ratio: 0.5                  # a ratio | range: [0, 1]
+radius: 2.0                 # a radius | unit: Å | range: (0, null]
 mode: fast                  # how | choices: [fast, exact]
 path: null                  # a file | type: path|null
 weights: null               # optional weights | type: list|null
@@ -43,6 +44,8 @@ def test_schema_reads_comments_as_documentation():
     schema = Schema(DEFAULTS, "d.yaml")
     beta = schema.spec(("phasing", "beta"))
     assert beta.default == 0.8 and beta.description == "feedback" and beta.range == (0, 1)
+    assert beta.range_open == (False, False) and schema.spec(("radius",)).range_open == (True, False)
+    assert "radius = 2.0  a radius; unit: Å; range: > 0" in schema.help_text()
     assert schema.spec(("phasing", "sub", "sigma")).unit == "px"
     assert schema.spec(("phasing", "schedule")).default == "100RAAR 50ER"
     assert schema.spec(("phasing", "schedule")).description.startswith("the schedule")
@@ -94,6 +97,8 @@ def test_import_statement_refused(schema_dir):
     ("phasing:\n  bta: 0.5\n", "phasing.bta", ["did you mean 'beta'"]),
     ("n: four\n", "n", ["expected int", "'four'"]),
     ("ratio: 1.5\n", "ratio", ["out of range [0, 1]"]),
+    ("radius: 0\n", "radius", ["out of range (0, null]"]),
+    ("radius: -1.0\n", "radius", ["out of range (0, null]"]),
     ("mode: fats\n", "mode", ["not one of fast, exact", "did you mean 'fast'"]),
     ("phasing: 3\n", "phasing", ["expected a mapping"]),
     ("n: {command: '1/0'}\n", "n", ["ZeroDivisionError"]),

@@ -93,6 +93,7 @@ class KeySpec:
     description: str = ""
     unit: str | None = None
     range: tuple | None = None
+    range_open: tuple = (False, False)       # (min excluded, max excluded)
     choices: tuple | None = None
     types: tuple = ("any",)
     explicit_types: bool = False
@@ -113,8 +114,9 @@ class KeySpec:
             bits.append(f"unit: {self.unit}")
         if self.range:
             low, high = self.range
-            bits.append(f"range: >= {low}" if high is None else f"range: <= {high}" if low is None
-                        else f"range: [{low}, {high}]")
+            lo_op, hi_op = (">" if self.range_open[0] else ">="), ("<" if self.range_open[1] else "<=")
+            bits.append(f"range: {lo_op} {low}" if high is None else f"range: {hi_op} {high}"
+                        if low is None else f"range: {_range_text(low, high, self.range_open)}")
         if self.choices:
             bits.append("choices: " + ", ".join(map(str, self.choices)))
         return "; ".join(bits)
@@ -157,6 +159,24 @@ def _comment_after(lines: list[str], line: int, column: int) -> str:
     return ""
 
 
+def _parse_range(text: str, file, dotted: str) -> tuple[tuple, tuple]:
+    """'[min, max]' with '(' or ')' for a bound the value may not reach, null for none:
+    ((min, max), (min excluded, max excluded))."""
+    text = text.strip()
+    opens = (text[:1] == "(", text[-1:] == ")")
+    lo_hi = load("[" + text[1:-1] + "]") if text[:1] in "[(" and text[-1:] in "])" else None
+    if not (isinstance(lo_hi, list) and len(lo_hi) == 2
+            and all(b is None or isinstance(b, (int, float)) for b in lo_hi)):
+        raise SettingsError(f"range must be [min, max] (a round bracket excludes its bound), got "
+                            f"{text}", file=file, key=dotted)
+    return tuple(lo_hi), opens
+
+
+def _range_text(low, high, opens=(False, False)) -> str:
+    low, high = ("null" if b is None else b for b in (low, high))
+    return f"{'(' if opens[0] else '['}{low}, {high}{')' if opens[1] else ']'}"
+
+
 def _parse_doc(comment: str, file, dotted: str) -> dict:
     parts = [p.strip() for p in comment.split(" | ")]
     doc = {"description": parts[0]}
@@ -170,10 +190,7 @@ def _parse_doc(comment: str, file, dotted: str) -> dict:
         if name == "unit":
             doc["unit"] = value
         elif name == "range":
-            lo_hi = load(value)
-            if not (isinstance(lo_hi, list) and len(lo_hi) == 2):
-                raise SettingsError(f"range must be [min, max], got {value}", file=file, key=dotted)
-            doc["range"] = tuple(lo_hi)
+            doc["range"], doc["range_open"] = _parse_range(value, file, dotted)
         elif name == "choices":
             doc["choices"] = tuple(load(value))
         elif name == "type":
@@ -231,7 +248,8 @@ def _merge_specs(common: dict, own: dict) -> dict:
             continue
         spec.description = spec.description or base.description
         spec.unit = spec.unit or base.unit
-        spec.range = spec.range if spec.range is not None else base.range
+        if spec.range is None:
+            spec.range, spec.range_open = base.range, base.range_open
         spec.choices = spec.choices if spec.choices is not None else base.choices
         if not spec.explicit_types and base.explicit_types:
             spec.types, spec.explicit_types = base.types, True
@@ -463,9 +481,11 @@ def check_values(tree: dict, schema: Schema, origin, specs=None):
                                 **where)
         if spec.range is not None and isinstance(value, (int, float, np.integer, np.floating)) \
                 and not isinstance(value, bool):
-            low, high = spec.range
-            if (low is not None and value < low) or (high is not None and value > high):
-                raise SettingsError(f"value {value} is out of range [{low}, {high}]", **where)
+            (low, high), (low_open, high_open) = spec.range, spec.range_open
+            if (low is not None and (value <= low if low_open else value < low)) or \
+                    (high is not None and (value >= high if high_open else value > high)):
+                raise SettingsError(f"value {value} is out of range "
+                                    f"{_range_text(low, high, spec.range_open)}", **where)
         if spec.choices is not None and value not in spec.choices:
             raise SettingsError(f"value {value!r} is not one of {', '.join(map(str, spec.choices))}"
                                 f"{_did_you_mean(str(value), map(str, spec.choices))}", **where)
