@@ -15,6 +15,8 @@ radius: 2.0                 # a radius | unit: Å | range: (0, null]
 mode: fast                  # how | choices: [fast, exact]
 path: null                  # a file | type: path|null
 weights: null               # optional weights | type: list|null
+size: [4, 4]                # rows, columns | type: list | length: 2
+ramp: 0.5                   # a number or [first, last] | type: float|list | length: [1, 2]
 phasing:                    # the phasing group
   beta: 0.8                 # feedback | range: [0, 1]
   schedule: "100RAAR 50ER"  # the schedule, with a # inside quotes
@@ -98,6 +100,9 @@ def test_import_statement_refused(schema_dir):
     ("n: four\n", "n", ["expected int", "'four'"]),
     ("ratio: 1.5\n", "ratio", ["out of range [0, 1]"]),
     ("radius: 0\n", "radius", ["out of range (0, null]"]),
+    ("size: []\n", "size", ["list of 2 items, got 0"]),
+    ("size: [1, 2, 3]\n", "size", ["list of 2 items, got 3"]),
+    ("ramp: [0.1, 0.2, 0.3]\n", "ramp", ["list of 1 to 2 items, got 3"]),
     ("radius: -1.0\n", "radius", ["out of range (0, null]"]),
     ("mode: fats\n", "mode", ["not one of fast, exact", "did you mean 'fast'"]),
     ("phasing: 3\n", "phasing", ["expected a mapping"]),

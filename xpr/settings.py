@@ -94,6 +94,7 @@ class KeySpec:
     unit: str | None = None
     range: tuple | None = None
     range_open: tuple = (False, False)       # (min excluded, max excluded)
+    length: tuple | None = None              # (min, max) items of a list value; max None: any
     choices: tuple | None = None
     types: tuple = ("any",)
     explicit_types: bool = False
@@ -119,6 +120,8 @@ class KeySpec:
                         if low is None else f"range: {_range_text(low, high, self.range_open)}")
         if self.choices:
             bits.append("choices: " + ", ".join(map(str, self.choices)))
+        if self.length:
+            bits.append(f"length: {_length_text(self.length)}")
         return "; ".join(bits)
 
 
@@ -183,9 +186,9 @@ def _parse_doc(comment: str, file, dotted: str) -> dict:
     for part in parts[1:]:
         name, sep, value = part.partition(":")
         name = name.strip()
-        if not sep or name not in ("unit", "range", "choices", "type", "keys"):
-            raise SettingsError(f"defaults comment field '{part}' is not one of unit/range/choices/type/keys",
-                                file=file, key=dotted)
+        if not sep or name not in ("unit", "range", "choices", "type", "keys", "length"):
+            raise SettingsError(f"defaults comment field '{part}' is not one of "
+                                f"unit/range/choices/type/keys/length", file=file, key=dotted)
         value = value.strip()
         if name == "unit":
             doc["unit"] = value
@@ -202,7 +205,24 @@ def _parse_doc(comment: str, file, dotted: str) -> dict:
             doc["types"] = types
         elif name == "keys":
             doc["keys_any"] = value == "any"
+        elif name == "length":
+            doc["length"] = _parse_length(value, file, dotted)
     return doc
+
+
+def _parse_length(text: str, file, dotted: str) -> tuple:
+    """'N' or '[min, max]' (max null: no upper bound): how many items a list value holds."""
+    value = load(text)
+    bounds = (value, value) if isinstance(value, int) else value
+    if not (isinstance(bounds, (list, tuple)) and len(bounds) == 2 and isinstance(bounds[0], int)
+            and (bounds[1] is None or isinstance(bounds[1], int))):
+        raise SettingsError(f"length must be N or [min, max], got {text}", file=file, key=dotted)
+    return tuple(bounds)
+
+
+def _length_text(length: tuple) -> str:
+    low, high = length
+    return str(low) if low == high else f"{low} or more" if high is None else f"{low} to {high}"
 
 
 def _specs_from_node(node, lines, file, prefix=()) -> dict:
@@ -251,6 +271,7 @@ def _merge_specs(common: dict, own: dict) -> dict:
         if spec.range is None:
             spec.range, spec.range_open = base.range, base.range_open
         spec.choices = spec.choices if spec.choices is not None else base.choices
+        spec.length = spec.length if spec.length is not None else base.length
         if not spec.explicit_types and base.explicit_types:
             spec.types, spec.explicit_types = base.types, True
         spec.keys_any = spec.keys_any or base.keys_any
@@ -486,6 +507,11 @@ def check_values(tree: dict, schema: Schema, origin, specs=None):
                     (high is not None and (value >= high if high_open else value > high)):
                 raise SettingsError(f"value {value} is out of range "
                                     f"{_range_text(low, high, spec.range_open)}", **where)
+        if spec.length is not None and isinstance(value, (list, tuple)):
+            low, high = spec.length
+            if len(value) < low or (high is not None and len(value) > high):
+                raise SettingsError(f"expected a list of {_length_text(spec.length)} items, got "
+                                    f"{len(value)}: {value!r}", **where)
         if spec.choices is not None and value not in spec.choices:
             raise SettingsError(f"value {value!r} is not one of {', '.join(map(str, spec.choices))}"
                                 f"{_did_you_mean(str(value), map(str, spec.choices))}", **where)
