@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pytest
 import yaml
 
 from xpr import __version__
@@ -130,3 +131,25 @@ def test_save_symlink_false_keeps_old_link(test_group, home, run_xpr):
 def test_quiet_prints_nothing_on_success(test_group, home, run_xpr):
     result = run_xpr(["-q", "test", "square", "tutorial"])
     assert result.exit_code == 0 and result.output.strip() == ""
+
+
+@pytest.mark.parametrize("group, command, override, words", [
+    # each of these passed the settings check and ended in a traceback or a failed run
+    ("em", "simulate_4dstem", "experiment.scan_size=[]", ["list of 2 items, got 0"]),
+    ("fxs", "simulate_patterns", "detector.image_dimensions=[]", ["list of 2 items, got 0"]),
+    ("cdi", "phase2d", "phasing_parameters.shrink_wrap.threshold=[]", ["1 to 2 items, got 0"]),
+    ("fxs", "reconstruct", "random_seed=-1", ["out of range [0, null]"]),
+    ("fxs", "reconstruct", "particle_radius=0", ["out of range (0.0, null]"]),
+])
+def test_bad_values_of_real_commands_exit_2_naming_the_key(home, run_xpr, group, command,
+                                                           override, words):
+    """Values a user can type that the commands cannot use stop before any work, with exit 2
+    and the key (they were found by trying boundary values on every key)."""
+    result = run_xpr([group, command, "tutorial", "-o", override])
+    assert result.exit_code == 2, result.output
+    key = override.split("=")[0]
+    assert f"key:     {key}" in result.output
+    for word in words:
+        assert word in result.output
+    assert "Traceback" not in result.output
+    assert not any((home / "data").rglob("run_*"))          # no run was claimed
