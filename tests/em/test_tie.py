@@ -116,6 +116,33 @@ def test_registration_recovers_a_known_misalignment_across_defocus():
             < 0.25 * np.abs(moved - images[1])[interior].mean())
 
 
+@pytest.mark.parametrize("n", [64, 63])
+def test_band_limited_magnification_is_exact_for_a_band_limited_image(n):
+    """undo_similarity's magnification (the closed-form Dirichlet interpolation matrix) samples a
+    periodic band-limited image at scaled positions exactly: a sum of the field's own Fourier
+    modes, up to the highest one of odd n (even n: up to n/2 − 1, whose partner −(n/2 − 1) is
+    also resolved), equals its analytic values at A (p − c) + c; whole-pixel positions give
+    the identity."""
+    rng = np.random.default_rng(1)
+    centre = (n - 1) / 2.0
+    top = (n - 1) // 2 if n % 2 else n // 2 - 1
+    modes = [(int(rng.integers(-top, top + 1)), int(rng.integers(-top, top + 1)),
+              rng.normal(), rng.uniform(0, 2 * np.pi)) for _ in range(6)] + [(top, -top, 1.0, 0.3)]
+
+    def field(y, x):
+        return 2.0 + sum(a * np.cos(2 * np.pi * (ky * y + kx * x) / n + p) for ky, kx, a, p in modes)
+
+    y, x = np.mgrid[:n, :n].astype(float)
+    image = field(y, x)
+    scale = 1.0037
+    out = focal_series.undo_similarity(image, 0.0, scale, (0.0, 0.0), margin_px=0)
+    expected = field(scale * (y - centre) + centre, scale * (x - centre) + centre)
+    inside = focal_series.valid_after_undo(image.shape, 0.0, scale, (0.0, 0.0), 0)
+    np.testing.assert_allclose(out[inside], expected[inside], atol=1e-9)
+    identity = focal_series._fourier_resample_matrix(n, np.arange(n, dtype=float))
+    np.testing.assert_allclose(identity, np.eye(n), atol=1e-12)
+
+
 # ---------------------------------------------------------------------------------------------
 # The command
 # ---------------------------------------------------------------------------------------------
