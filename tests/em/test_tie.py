@@ -311,13 +311,16 @@ def test_registration_of_misaligned_particles_is_within_20_percent_of_the_aligne
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["absorbing_seed3", "particles_seed4"])
+@pytest.mark.parametrize("case", ["absorbing_seed3", "particles_seed4", "absorbing_seed7",
+                                  "particles_seed7"])
 def test_default_registration_is_within_20_percent_of_the_aligned_series(home, run_xpr, tmp_path, case):
     """Issue 19 item 1 with `tie`'s default registration (registration.enabled: true, all else
     default): 5 absorbing particles (V_i = 3 V, ±2 µm + 0, off by up to 3 px, 2°, 1 %), which the
     correlation estimates alone left at 0.147 rad (aligned 0.077), and 5 particles at ±5 µm
     (seed 4) whose correlation shifts were a pixel off (0.127 rad, aligned 0.043; the misfit
-    refinement from them alone 0.087–0.095). Measured with the defaults: 0.077 and 0.045."""
+    refinement from them alone 0.087–0.095). Measured with the defaults: 0.077 and 0.045. Seed 7
+    of each class was drawn after the defaults were chosen: 0.071 (aligned 0.077, correlation
+    only 0.063) and 0.030 (aligned 0.029, correlation only 0.053)."""
     kind, seed = case.split("_seed")
     if kind == "absorbing":
         imaging = ("imaging: {image_size: 128, pixel_size_m: 1.0e-9, defocus_m: [-2.0e-6, 0.0, 2.0e-6]}\n"
@@ -339,7 +342,8 @@ def test_default_registration_is_within_20_percent_of_the_aligned_series(home, r
     np.testing.assert_allclose(estimated, applied, atol=0.3)
     assert errors["registered"] <= 0.08
     assert errors["registered"] <= 1.2 * errors["aligned"]
-    # unregistered: 2.48 and 0.217 rad (seed 4's misalignment is mild: registered 0.045)
+    # unregistered: 2.48 and 0.217 rad (seed 4's misalignment is mild: registered 0.045); seed 7
+    # 1.48 and 0.204
     assert errors["registered"] < 0.25 * errors["unregistered"]
 
 
