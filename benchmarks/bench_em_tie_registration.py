@@ -9,9 +9,14 @@ estimates refined jointly on the series misfit). Printed, measured in this run: 
 errors (rad), the ratio registered / aligned, and the time of the registration over the time of
 the retrieval that follows it in the same run (`registration_seconds / retrieval_seconds` of
 tie.h5; the retrieval is the TIE and 50 GS–Misell sweeps), for both registrations. `--seeds` draws other specimens (particles), noise and misalignments of the same class.
+`--resampling` times instead the band-limited resampling of one image (shift, magnification and
+rotation, `focal_series.undo_similarity`) over one FFT pair of its size, with the interpolation
+matrix in closed form (as `tie` does) and as the explicit product of the two DFT matrices it
+replaced, and prints their largest difference.
 Runs in a temporary xpr home; never pass/fail on time.
 
     python benchmarks/bench_em_tie_registration.py [--quick] [--seeds 3 4 5] [--cases sphere ...]
+    python benchmarks/bench_em_tie_registration.py --resampling
 """
 from __future__ import annotations
 
@@ -23,6 +28,10 @@ import tempfile
 from pathlib import Path
 
 import h5py
+import numpy as np
+
+from timing import best_of, fft_pair_seconds
+from xpr.em.tie import focal_series
 
 CASES = {   # name: (simulate_focal settings, misalignment bounds, seed of the issue-19 figures)
     "sphere": ("imaging: {image_size: 256, pixel_size_m: 5.0e-10, defocus_m: [-5.0e-6, 0.0, 5.0e-6]}\n"
@@ -42,13 +51,46 @@ def xpr(home, *arguments):
                    capture_output=True)
 
 
+def dft_product_matrix(n, positions):
+    """The interpolation matrix as the product of the two DFT matrices (the former form)."""
+    frequencies = np.fft.fftfreq(n)
+    matrix = np.exp(2j * np.pi * np.outer(positions, frequencies)) @ np.exp(
+        -2j * np.pi * np.outer(frequencies, np.arange(n)))
+    return matrix.real / n
+
+
+def resampling_ratios():
+    print(f"{'size':>6s} {'undo / FFT pair (closed form)':>30s} {'(DFT product)':>14s} "
+          f"{'matrix only: closed / product':>30s} {'max |difference|':>17s}")
+    for n in (128, 256, 512):
+        image = np.random.default_rng(0).random((n, n))
+        centre = (n - 1) / 2.0
+        positions = 0.997 * (np.arange(n) - centre) + centre
+        fft = fft_pair_seconds(image.astype(np.complex128), repeats=20)
+        closed = best_of(lambda: focal_series.undo_similarity(image, 0.3, 0.997, (1.2, 0.4), fill=image),
+                         20)[0]
+        matrix_closed = best_of(lambda: focal_series._fourier_resample_matrix(n, positions), 20)[0]
+        matrix_product = best_of(lambda: dft_product_matrix(n, positions), 20)[0]
+        difference = np.abs(focal_series._fourier_resample_matrix(n, positions)
+                            - dft_product_matrix(n, positions)).max()
+        # the former undo: the same with two product matrices in place of two closed-form ones
+        product = closed + 2 * (matrix_product - matrix_closed)
+        print(f"{n:6d} {closed / fft:30.1f} {product / fft:14.1f} "
+              f"{matrix_closed / matrix_product:30.3f} {difference:17.2e}", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the two 128² cases only")
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
     parser.add_argument("--seeds", nargs="+", type=int, default=None,
                         help="seeds of the specimen, noise and misalignment (default: each case's own)")
+    parser.add_argument("--resampling", action="store_true",
+                        help="time the band-limited resampling of one image instead")
     args = parser.parse_args()
+    if args.resampling:
+        resampling_ratios()
+        return
     with tempfile.TemporaryDirectory() as folder:
         home = Path(folder) / "home"
         subprocess.run([sys.executable, "-m", "xpr", "--setup_home", str(home)], check=True,

@@ -305,16 +305,20 @@ def refine_gs_misell(backend, phase, log_amplitude, transfers, amplitudes, itera
     xp = backend.xp
     phi = xp.asarray(phase, dtype=backend.real_dtype)
     wave = xp.exp(log_amplitude + 1j * phi).astype(backend.complex_dtype)
+    # the wave stays in Fourier space between the planes (F[ψ] ← F[plane] T*, then the next
+    # plane is F⁻¹[F[ψ] T]): 2 FFTs per plane and one per sweep back to ψ, not 4 per plane
+    wave_q = backend.fft2(wave)
     loss = float("nan")
     for iteration in range(int(iterations)):
         previous = wave
         loss = 0.0
         for transfer, amplitude in zip(transfers, amplitudes):
-            plane = backend.ifft2(backend.fft2(wave) * transfer)
+            plane = backend.ifft2(wave_q * transfer)
             modulus = xp.abs(plane)
             loss += float(xp.sum((modulus - amplitude) ** 2))
             plane = amplitude * plane / xp.maximum(modulus, 1e-12)
-            wave = backend.ifft2(backend.fft2(plane) * xp.conj(transfer))
+            wave_q = backend.fft2(plane) * xp.conj(transfer)
+        wave = backend.ifft2(wave_q)
         phi = phi + xp.angle(wave * xp.conj(previous))
         loss /= float(np.prod(phase.shape)) * len(transfers)
         if on_iteration is not None:

@@ -495,8 +495,19 @@ def refine_on_misfit(stack, moving, start, undo, misfit, options, free, evaluati
             shift[i] += (values["dy"] * unit["dy"], values["dx"] * unit["dx"])
         return rotation, scale, shift
 
+    resampled = {i: {} for i in moving}   # per image: its last few resamplings
+
     def images_of(rotation, scale, shift):
-        return refine_images(stack, stack, moving, (rotation, scale, shift), undo)
+        # a finite-difference step changes one image's parameters: the others are reused
+        images = stack.copy()
+        for i in moving:
+            key = (float(rotation[i]), float(scale[i]), float(shift[i][0]), float(shift[i][1]))
+            if key not in resampled[i]:
+                if len(resampled[i]) >= 4:
+                    resampled[i].pop(next(iter(resampled[i])))
+                resampled[i][key] = undo(stack[i], key[0], key[1], key[2:])
+            images[i] = resampled[i][key]
+        return images
 
     first = misfit(images_of(rotation0, scale0, shift0))
     count = [0]
