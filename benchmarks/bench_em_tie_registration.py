@@ -94,7 +94,8 @@ def main():
     with tempfile.TemporaryDirectory() as folder:
         home = Path(folder) / "home"
         subprocess.run([sys.executable, "-m", "xpr", "--setup_home", str(home)], check=True,
-                       capture_output=True, env=dict(os.environ, XPR_HOME=str(home)))
+                       capture_output=True,                 # HOME: not the user's ~/.xpr
+                       env=dict(os.environ, XPR_HOME=str(home), HOME=folder))
         print(f"{'case':10s} {'seed':>4s} {'aligned':>8s} {'unreg.':>8s} {'corr. only':>10s} "
               f"{'default':>8s} {'def/aligned':>11s} {'time corr./retr.':>16s} {'default/retr.':>13s}  kept")
         for name in args.cases:
