@@ -45,7 +45,8 @@ import numpy as np
 from xpr import backend
 from xpr.em import optics
 from xpr.em.ptychography import calibration, ptycho
-from xpr.em.ptychography.reconstruct import Options, reconstruct
+from xpr.em.ptychography.reconstruct import (Options, aberration_names, reconstruct,
+                                             refines_defocus)
 
 KV, ALPHA_MRAD, C10 = 200.0, 25.0, -100.0
 SCAN, STEP = 32, 0.5
@@ -59,13 +60,26 @@ THICK = dict(scan=16, cells=6, sampling=0.16, dose=1.0e5)
 # partial coherence: the MoS2 case with a Gaussian focal spread (rms 60 Å, 7 defocus samples
 # whose intensities abTEM averages), 16² scan, abTEM sampling 0.16 Å
 SPREAD = dict(scan=16, spread=60.0, samples=7, sampling=0.16, dose=25000.0)
+# residual aberrations the user does not give (only C10 is given): the MoS2 case with 30 Å of
+# two-fold astigmatism, 500 Å of axial coma and 5 µm of spherical aberration (abTEM's polar
+# coefficients; at 25 mrad their phases reach 2.3, 0.65 and 1.2 rad), 24² scan, sampling 0.16 Å
+ABERRATED = dict(scan=24, sampling=0.16, dose=25000.0,
+                 probe=dict(C12=30.0, phi12=math.radians(30.0), C21=500.0,
+                            phi21=math.radians(-60.0), C30=5.0e4))
+# a global scan distortion: the probe really visits A · (raster − centre) + centre, A = 2 %
+# scale difference and 2 % shear; the reconstruction is told the raster. 24² scan, 0.16 Å
+AFFINE = dict(scan=24, sampling=0.16, dose=25000.0, matrix=[[1.02, 0.02], [0.0, 0.98]])
 
 
 # ------------------------------------------------------------------ data (abTEM)
 
 def simulate_abtem(case: str, dose: float, seed: int = 0, scan_size: int = SCAN,
                    sampling: float = FINE_SAMPLING, cells: int = THICK["cells"],
-                   focal_spread_A: float = 0.0, spread_samples: int = 1):
+                   focal_spread_A: float = 0.0, spread_samples: int = 1,
+                   probe_aberrations: dict | None = None, scan_affine=None):
+    """abTEM data of a case; probe_aberrations: extra abTEM polar coefficients (e.g. C12, phi12
+    in Å and rad); scan_affine: 2 × 2 matrix (y, x) applied to the raster about its centre (the
+    probe really goes there; the truth's centres follow, the reconstruction is told the raster)."""
     import abtem
     from ase import Atoms
     from ase.build import mx2
@@ -94,14 +108,26 @@ def simulate_abtem(case: str, dose: float, seed: int = 0, scan_size: int = SCAN,
         c10 = abtem.distributions.gaussian(standard_deviation=focal_spread_A,
                                            num_samples=spread_samples, center=C10,
                                            ensemble_mean=True)
-    probe = abtem.Probe(energy=KV * 1e3, semiangle_cutoff=ALPHA_MRAD, C10=c10)
+    probe = abtem.Probe(energy=KV * 1e3, semiangle_cutoff=ALPHA_MRAD, C10=c10,
+                        **(probe_aberrations or {}))
     start = (CELL - scan_size * STEP) / 2
-    scan = abtem.GridScan(start=(start, start),
-                          end=(start + scan_size * STEP, start + scan_size * STEP),
-                          sampling=STEP, endpoint=False)
+    iy, ix = np.meshgrid(np.arange(scan_size), np.arange(scan_size), indexing="ij")
+    centres = np.stack([start + iy.ravel() * STEP, start + ix.ravel() * STEP], axis=1)
     detector = abtem.PixelatedDetector(max_angle="cutoff")
-    patterns = probe.scan(potential, scan=scan, detectors=detector).compute()
-    array = np.asarray(patterns.array, dtype=np.float64)          # (sx, sy, kx, ky), centred
+    if scan_affine is None:
+        scan = abtem.GridScan(start=(start, start),
+                              end=(start + scan_size * STEP, start + scan_size * STEP),
+                              sampling=STEP, endpoint=False)
+        patterns = probe.scan(potential, scan=scan, detectors=detector).compute()
+        array = np.asarray(patterns.array, dtype=np.float64)      # (sx, sy, kx, ky), centred
+    else:                     # the probe at the distorted positions, scan order y slow, x fast
+        middle = centres.mean(axis=0)
+        centres = (centres - middle) @ np.asarray(scan_affine, dtype=np.float64).T + middle
+        scan = abtem.CustomScan(centres[:, ::-1].copy())         # abTEM positions are (x, y)
+        patterns = probe.scan(potential, scan=scan, detectors=detector).compute()
+        array = np.asarray(patterns.array, dtype=np.float64)      # (N, kx, ky)
+        array = array.reshape((scan_size, scan_size) + array.shape[-2:])
+        array = np.transpose(array, (1, 0, 2, 3))                 # → (x, y, kx, ky) like a grid
     assert array.shape[:2] == (scan_size, scan_size), array.shape
     n_fine = array.shape[-1]
     centre = n_fine // 2
@@ -117,8 +143,6 @@ def simulate_abtem(case: str, dose: float, seed: int = 0, scan_size: int = SCAN,
     scan_size = np.int64(scan_size)
     sigma = optics.interaction_constant(KV)
     truth = sigma * projected
-    iy, ix = np.meshgrid(np.arange(scan_size), np.arange(scan_size), indexing="ij")
-    centres = np.stack([start + iy.ravel() * STEP, start + ix.ravel() * STEP], axis=1)
     fine_pixel = CELL / gpts
     return dict(data=data, truth=truth.astype(np.float32), truth_pixel_A=fine_pixel,
                 truth_centres_px=centres / fine_pixel, rez=1.0 / (CELL / BIN),
@@ -142,6 +166,14 @@ def load_or_simulate(case, dose, workdir: Path):
         size = dict(scan_size=SPREAD["scan"], sampling=SPREAD["sampling"],
                     focal_spread_A=SPREAD["spread"], spread_samples=SPREAD["samples"])
         name = f"abtem_spread_{int(SPREAD['spread'])}A_{SPREAD['scan']}scan_{int(dose)}.npz"
+    elif case == "aberrated":
+        size = dict(scan_size=ABERRATED["scan"], sampling=ABERRATED["sampling"],
+                    probe_aberrations=ABERRATED["probe"])
+        name = f"abtem_aberrated_{ABERRATED['scan']}scan_{int(dose)}.npz"
+    elif case == "affine":
+        size = dict(scan_size=AFFINE["scan"], sampling=AFFINE["sampling"],
+                    scan_affine=AFFINE["matrix"])
+        name = f"abtem_affine_{AFFINE['scan']}scan_{int(dose)}.npz"
     else:
         size, name = {}, f"abtem_{case}_{int(dose)}.npz"
     path = workdir / name
@@ -163,6 +195,21 @@ def correlation(phase_image, centres_px, sim, k_max):
 
 
 # ------------------------------------------------------------------ xpr
+
+FURTHER = ("C12a", "C12b", "C21a", "C21b", "C30")       # the aberrations refined beyond C10
+
+
+def true_krivanek(polar: dict) -> list:
+    """abTEM's polar coefficients (C12, phi12, C21, phi21, C30; its χ has C_nm cos(m(φ − φ_nm)),
+    the azimuth measured in the same (x, y) frame as xpr's (kx, ky) once the arrays are
+    transposed) as xpr's Krivanek list [C10, C12a, C12b, C21a, C21b, C23a, C23b, C30] with
+    a = C cos(mφ_nm), b = C sin(mφ_nm)."""
+    def ab(n, m):
+        c, phi = polar.get(f"C{n}{m}", 0.0), polar.get(f"phi{n}{m}", 0.0)
+        return [c * math.cos(m * phi), c * math.sin(m * phi)]
+
+    return [C10] + ab(1, 2) + ab(2, 1) + [0.0, 0.0, polar.get("C30", 0.0)]
+
 
 def run_xpr(sim, slices, thickness, epochs, modes=1, patience=5, calibrated=None, **options):
     """xpr's reconstruction; `calibrated` overrides the calibration given (e.g. PLRotation_deg
@@ -192,6 +239,12 @@ def run_xpr(sim, slices, thickness, epochs, modes=1, patience=5, calibrated=None
     if experiment.c10_from_parallax:
         notes += (f"; C10 {experiment.aberrations[0]:.1f} Å from the parallax, refined to "
                   f"{experiment.aberrations[0] - float(params['defocus'][0]):.1f} Å")
+    elif refines_defocus(opts):
+        notes += f"; C10 refined to {experiment.aberrations[0] - float(params['defocus'][0]):.1f} Å"
+    if aberration_names(opts):
+        notes += "; refined " + ", ".join(
+            f"{name} {float(change):.0f}" for name, change in
+            zip(aberration_names(opts), params["aberrations"])) + " Å"
     return r, seconds, notes
 
 
@@ -268,16 +321,18 @@ def fft_pair_seconds(n_patterns, n, repeats=5):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--case", default="mos2", choices=["mos2", "thick", "spread", "all"])
+    parser.add_argument("--case", default="mos2", choices=["mos2", "thick", "spread", "aberrated", "affine", "all"])
     parser.add_argument("--iterations", type=int, default=60, help="py4DSTEM iterations")
     parser.add_argument("--epochs", type=int, default=60, help="xpr epochs at most")
     parser.add_argument("--workdir", default="/tmp/xpr_bench_abtem", help="abTEM data cache")
     parser.add_argument("--skip-py4dstem", action="store_true")
     parser.add_argument("--only", default=None, help="run only the methods whose name has this")
     args = parser.parse_args()
-    cases = ["mos2", "thick", "spread"] if args.case == "all" else [args.case]
+    cases = ["mos2", "thick", "spread", "aberrated", "affine"] if args.case == "all" \
+        else [args.case]
     for case in cases:
-        dose = dict(mos2=25000.0, thick=THICK["dose"], spread=SPREAD["dose"])[case]
+        dose = dict(mos2=25000.0, thick=THICK["dose"], spread=SPREAD["dose"],
+                    aberrated=ABERRATED["dose"], affine=AFFINE["dose"])[case]
         sim, sim_seconds = load_or_simulate(case, dose, Path(args.workdir))
         if sim_seconds:
             print(f"({case}: abTEM simulation {sim_seconds:.0f} s)")
@@ -293,6 +348,18 @@ def main():
             print(f"({case}: py4DSTEM's CoM rotation estimate {curl:.1f}°{' transposed' if t1 else ''}"
                   f" (min curl), {div:.1f}°{' transposed' if t2 else ''} (max divergence); true 0°)")
         runs = [("xpr 1 slice", lambda: run_xpr(sim, 1, thickness, args.epochs)),
+                ("xpr 1 slice, refine C12 C21 C30", lambda: run_xpr(
+                    sim, 1, thickness, args.epochs, refine_aberrations=FURTHER)),
+                ("xpr 1 slice, refine C10 C12 C21 C30", lambda: run_xpr(
+                    sim, 1, thickness, args.epochs, refine_aberrations=("C10",) + FURTHER))]
+        if case == "aberrated":
+            runs += [("xpr 1 slice, refine C12", lambda: run_xpr(
+                         sim, 1, thickness, args.epochs, refine_aberrations=("C12a", "C12b"))),
+                     ("xpr 1 slice, the true aberrations given", lambda: run_xpr(
+                         sim, 1, thickness, args.epochs,
+                         calibrated=dict(aberrations=true_krivanek(ABERRATED["probe"]))))]
+        if case not in ("aberrated", "affine"):
+            runs += [
                 ("xpr 1 slice, 0.3 Å (data_pad 0)", lambda: run_xpr(
                     sim, 1, thickness, args.epochs, calibrated=dict(data_pad=0))),
                 ("xpr 1 slice, former defaults (lsq_sqrt, no band limit)", lambda: run_xpr(

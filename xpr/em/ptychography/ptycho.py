@@ -35,7 +35,8 @@ from xpr.em.ptychography import calibration, direct
 from xpr.em import optics
 from xpr.em.ptychography import checkpoints
 from xpr.em.ptychography.forward import Model
-from xpr.em.ptychography.reconstruct import History, Options, reconstruct
+from xpr.em.ptychography.reconstruct import (History, Options, aberration_names, reconstruct,
+                                             refines_defocus)
 from xpr.errors import InputError, SettingsError
 
 
@@ -233,7 +234,8 @@ def prepare(experiment, options: Options, probe_settings, be, margin_px: int = 4
     slices = int(num_slices or experiment.num_slices)
     thickness = float(total_thickness_A or experiment.total_thickness_A)
     model = Model(be, n, experiment.pixel_size_A, experiment.wavelength_A, thickness / slices,
-                  slices, complex_dtype=np.dtype(be.complex_dtype).name)
+                  slices, complex_dtype=np.dtype(be.complex_dtype).name,
+                  aberration_names=aberration_names(options))
     corners = np.asarray(experiment.scan_positions_px if positions_px is None else positions_px,
                          dtype=np.float64) + margin_px
     shape = (int(math.ceil(corners[:, 0].max())) + n + margin_px + 1,
@@ -252,6 +254,8 @@ def prepare(experiment, options: Options, probe_settings, be, margin_px: int = 4
                             dtype=be.real_dtype)
     params = {"object": xp.ones((slices,) + shape, dtype=be.complex_dtype), "probe": probe,
               "positions": xp.asarray(corners), "defocus": xp.zeros(1, dtype=xp.float64)}
+    if model.aberration_names:
+        params["aberrations"] = xp.zeros(len(model.aberration_names), dtype=xp.float64)
     return model, counts, mask, params, options
 
 
@@ -492,11 +496,29 @@ def read_truth(path):
 
 # -- the worker --------------------------------------------------------------------------------
 
+def check_aberration_names(names):
+    """SettingsError (key reconstruction.refine.aberrations) unless a list of Krivanek names."""
+    key = "reconstruction.refine.aberrations"
+    if names is None:
+        return
+    if isinstance(names, str) or not isinstance(names, (list, tuple)):
+        raise SettingsError(f"expected a list of Krivanek coefficient names such as [C12a, C12b, "
+                            f"C30], got {names!r}", key=key)
+    for name in names:
+        try:
+            optics.krivanek_index(str(name))
+        except ValueError as error:
+            raise SettingsError(str(error), key=key) from None
+    if len(set(names)) != len(names):
+        raise SettingsError(f"a coefficient is named twice in {list(names)}", key=key)
+
+
 def validate(settings):
     """Before the run folder exists: exit 2 (key reconstruction.max_memory_GB) when the scan
     named by experiment.data_path could not be read and held, or reconstructed (sizes from the
     file's header and the calibration; the latest simulate_4dstem result, the default input, is
     checked in run())."""
+    check_aberration_names(settings.reconstruction.refine.get("aberrations"))
     data_path = settings.experiment.get("data_path")
     if data_path and Path(data_path).expanduser().is_file():
         check_data_fits(settings, data_path)
@@ -518,7 +540,7 @@ def run(settings, archive):
         positions_px = measured_positions(settings.experiment.positions_path, experiment.n_scan,
                                           experiment.pixel_size_A)
     options = Options.from_settings(settings)
-    if experiment.c10_from_parallax and not options.refine_defocus:
+    if experiment.c10_from_parallax and not refines_defocus(options):
         # the parallax's C10 is ≈ 8 % off on abTEM's MoS2 (−108 Å for −100 Å): refining it
         # recovers −98 Å and r 0.940 → 0.953
         options = dataclasses.replace(options, refine_defocus=True)
@@ -574,19 +596,32 @@ def run(settings, archive):
     object_slices = be.asnumpy(params["object"])
     defocus_change = float(be.asnumpy(params["defocus"])[0])
     probe = be.asnumpy(model.ifft2(model.fft2(params["probe"])
-                                   * model.defocus_factor(defocus_change)))   # as the data see it
+                                   * model.probe_factor(params)))   # as the data see it
     positions = be.asnumpy(params["positions"])
     c10 = (experiment.probe_aberrations or [0.0])[0] - defocus_change
-    if options.refine_defocus:
+    if refines_defocus(options):
         archive.log.info("defocus refined by %.2f Å: probe C10 = %.2f Å (defocus %.2f Å)",
                          defocus_change, c10, -c10)
+    refined_aberrations = {}
+    if model.aberration_names:
+        changes = np.asarray(be.asnumpy(params["aberrations"]), dtype=np.float64)
+        krivanek = [float(c) for c in (experiment.probe_aberrations or [0.0])]
+        krivanek[0] = c10
+        for name, change in zip(model.aberration_names, changes):
+            index = optics.krivanek_index(name)
+            krivanek += [0.0] * (index + 1 - len(krivanek))
+            krivanek[index] += float(change)
+            archive.log.info("%s refined by %.2f Å: %.2f Å", name, change, krivanek[index])
+        refined_aberrations = {"aberration_names": np.asarray(model.aberration_names, dtype="S"),
+                               "aberration_changes_A": changes,
+                               "aberrations_A": np.asarray(krivanek)}
     result = {
         "object": np.moveaxis(object_slices, 0, -1), "probe": np.moveaxis(probe, 0, -1),
         "positions_px": positions, "loss": np.asarray(history.loss),
         "held_out_loss": np.asarray(history.validation), "best_epoch": int(history.best_epoch),
         "seconds": np.asarray(history.seconds), "pixel_size_A": experiment.pixel_size_A,
         "object_corner0_px": positions[0],
-        "defocus_change_A": defocus_change, "C10_A": c10,
+        "defocus_change_A": defocus_change, "C10_A": c10, **refined_aberrations,
     }
     truth = read_truth(data_path)
     if truth is not None and truth.centres_px is not None \

@@ -9,6 +9,7 @@ estimate, so that one L-BFGS history serves every kind of unknown:
     probe     D_p    = 1 / Σ_j ⟨|O_j|²⟩                              (number of patterns)
     positions D_f    = 1 / ((1/n²) Σ_{m,k} |P_m(k)|² (2π|k|)² / 2)  (probe gradient energy)
     defocus   D_Δf   = 1 / (∂²L/∂Δf²)                                  (measured, below)
+    aberrations D_C  = H⁻¹, H = ∂²L/∂δC_c∂δC_d                          (measured, below)
 
 A defocus change alters only the phase inside the bright-field disc: under a featureless object
 it changes no intensity at all, and under a thin specimen only through the small scattered
@@ -17,7 +18,11 @@ N (1/n²) Σ |P(k)|² (πλ|k|²)² / 2, therefore overestimates the curvature b
 magnitude (defocus refinement then crawls). Instead the curvature is measured where the stage
 starts, by a central difference of ∂L/∂Δf over ±h (h: a quarter radian of defocus phase at the
 probe's rms frequency) — two extra evaluations per stage; the Gauss–Newton value is the
-fallback if the measured curvature is not positive.
+fallback if the measured curvature is not positive. The further aberrations (C12a, C21b, C30,
+…) are coupled (C30 with C10, C12 with C10 where the object is not round), so their whole
+Hessian is measured, by forward differences of the aberration gradient (K + 1 evaluations for
+K coefficients, the same quarter-radian steps); its inverse, eigenvalues floored at 10⁻³ of the
+largest, preconditions their steps (the diagonal Gauss–Newton estimate if it is not usable).
 
 Refining a new kind of unknown from a later epoch restarts the L-BFGS history.
 
@@ -50,9 +55,12 @@ class Options:
     refine_probe: bool = setting("reconstruction.refine.probe")
     refine_positions: bool = setting("reconstruction.refine.positions")
     refine_defocus: bool = setting("reconstruction.refine.defocus")
+    refine_aberrations: tuple = setting("reconstruction.refine.aberrations",
+                                        lambda names: tuple(names or ()))
     probe_from_epoch: int = setting("reconstruction.refine.probe_from_epoch")
     positions_from_epoch: int = setting("reconstruction.refine.positions_from_epoch")
     defocus_from_epoch: int = setting("reconstruction.refine.defocus_from_epoch")
+    aberrations_from_epoch: int = setting("reconstruction.refine.aberrations_from_epoch")
     history: int = setting("reconstruction.lbfgs.history")
     c1: float = setting("reconstruction.lbfgs.c1")
     c2: float = setting("reconstruction.lbfgs.c2")
@@ -93,9 +101,65 @@ def refined_names(options: Options, epoch: int) -> tuple:
         names.append("probe")
     if options.refine_positions and epoch >= options.positions_from_epoch:
         names.append("positions")
-    if options.refine_defocus and epoch >= options.defocus_from_epoch:
+    if refines_defocus(options) and epoch >= options.defocus_from_epoch:
         names.append("defocus")
+    if aberration_names(options) and epoch >= options.aberrations_from_epoch:
+        names.append("aberrations")
     return tuple(names)
+
+
+def refines_defocus(options: Options) -> bool:
+    """C10 is refined: refine.defocus, or C10 in refine.aberrations (the same unknown Δf)."""
+    return bool(options.refine_defocus) or "C10" in options.refine_aberrations
+
+
+def aberration_names(options: Options) -> tuple:
+    """The Krivanek coefficients refined as params["aberrations"] (refine.aberrations less
+    C10, which is the defocus unknown)."""
+    return tuple(name for name in options.refine_aberrations if name != "C10")
+
+
+def aberration_steps(model, params):
+    """Per coefficient, the change (Å) that moves the phase by a quarter radian where the probe
+    has its power: 0.25 / Σ|P|²|B_c| / Σ|P|² (for C10 this is the defocus step)."""
+    xp = model.backend.xp
+    power = xp.sum(xp.abs(model.fft2(params["probe"])) ** 2, axis=0)
+    weights = xp.sum(xp.abs(model.aberration_basis()) * power[None], axis=(1, 2)) / xp.sum(power)
+    return [0.25 / max(float(w), 1e-12) for w in model.backend.asnumpy(weights)]
+
+
+def aberration_hessian(model, params, aberration_gradient):
+    """Symmetrised forward-difference Hessian (K, K) of the loss in the aberration changes, and
+    the steps (Å) it took; aberration_gradient(p) returns ∂L/∂δC (K,) at the parameters p (host
+    numpy)."""
+    import numpy as np
+
+    steps = aberration_steps(model, params)
+    base = np.asarray(aberration_gradient(params), dtype=np.float64)
+    columns = []
+    for index, step in enumerate(steps):
+        shifted = dict(params)
+        changes = np.array(model.backend.asnumpy(params["aberrations"]), dtype=np.float64)
+        changes[index] += step
+        shifted["aberrations"] = model.backend.xp.asarray(changes)
+        columns.append((np.asarray(aberration_gradient(shifted)) - base) / step)
+    hessian = np.stack(columns, axis=1)
+    return 0.5 * (hessian + hessian.T), steps
+
+
+def inverse_hessian_operator(hessian, steps, xp, floor: float = 1e-3):
+    """g ↦ H⁻¹g, H's eigenvalues floored at `floor` × the largest in units of the steps (the
+    coefficients' units differ by orders of magnitude: 1 Å of C30 moves the phase 10⁴ times
+    less than 1 Å of C12); None when H has no positive eigenvalue."""
+    import numpy as np
+
+    scale = np.asarray(steps, dtype=np.float64)
+    values, vectors = np.linalg.eigh(hessian * scale[:, None] * scale[None, :])
+    if not np.isfinite(values).all() or values.max() <= 0:
+        return None
+    values = np.maximum(values, floor * values.max())
+    inverse = xp.asarray(scale[:, None] * ((vectors / values) @ vectors.T) * scale[None, :])
+    return lambda g: inverse @ g
 
 
 def defocus_curvature(model, params, defocus_gradient):
@@ -138,7 +202,7 @@ def object_band(model, object_shape, k_max_invA):
 
 
 def preconditioner(model, params, names, options: Options, defocus_gradient=None,
-                   band=None) -> dict:
+                   band=None, aberration_gradient=None) -> dict:
     """Diagonal scalings per unknown (arrays or scalars); with a band limit the object's is the
     operator g ↦ P(D_O · g) (P: object_band), so every step stays band-limited."""
     xp = model.backend.xp
@@ -180,6 +244,18 @@ def preconditioner(model, params, names, options: Options, defocus_gradient=None
             defocus_curvature(model, params, defocus_gradient)
         if measured is not None:
             result["defocus"] = 1.0 / measured
+    if "aberrations" in names:
+        factor = model.probe_factor(params)
+        probe_k = model.fft2(probe) if factor is None else model.fft2(probe) * factor
+        power = xp.sum(xp.abs(probe_k) ** 2, axis=0)
+        energy = xp.sum(model.aberration_basis() ** 2 * power[None], axis=(1, 2)) / n ** 2 \
+            * params["positions"].shape[0]
+        result["aberrations"] = 2.0 / xp.maximum(energy, 1e-30)
+        if aberration_gradient is not None:
+            operator = inverse_hessian_operator(
+                *aberration_hessian(model, params, aberration_gradient), xp)
+            if operator is not None:
+                result["aberrations"] = operator
     return result
 
 
@@ -220,6 +296,15 @@ def defocus_slope(model, measured, params, options: Options) -> float:
     return float(model.backend.asnumpy(gradients["defocus"])[0])
 
 
+def aberration_slopes(model, measured, params, options: Options):
+    """∂L/∂δC (K,) of the data term at params, on the host."""
+    import numpy as np
+
+    _, gradients = model.loss_and_gradients(params, measured, options.loss, {"aberrations"},
+                                            options.batch_size)
+    return np.asarray(model.backend.asnumpy(gradients["aberrations"]), dtype=np.float64)
+
+
 def held_out_pixels(shape, fraction: float, seed: int, xp):
     """(N, n, n) bool, True on a random `fraction` of the pixels of each pattern."""
     if fraction <= 0:
@@ -241,8 +326,15 @@ def reconstruct(model, counts, params: dict, options: Options, mask=None, start_
     xp = model.backend.xp
     history = history or History()
     params = dict(params)
-    if options.refine_defocus and params.get("defocus") is None:
+    if refines_defocus(options) and params.get("defocus") is None:
         params["defocus"] = xp.zeros(1, dtype=xp.float64)          # Δf starts at 0
+    extra = aberration_names(options)
+    if tuple(model.aberration_names) != extra:
+        import dataclasses
+
+        model = dataclasses.replace(model, aberration_names=extra)
+    if extra and (params.get("aberrations") is None or len(params["aberrations"]) != len(extra)):
+        params["aberrations"] = xp.zeros(len(extra), dtype=xp.float64)   # δC start at 0
     mean = losses.mean_pattern(counts, xp)
     floor = losses.noise_floor(counts, options.loss, xp, mask, mean) * options.noise_floor_factor
     if hasattr(counts, "blocks") and options.validation_fraction > 0:     # streamed counts
@@ -275,7 +367,8 @@ def reconstruct(model, counts, params: dict, options: Options, mask=None, start_
                 objective(model, measured, fixed, names, options, band=band),
                 {k: params[k] for k in names},
                 xp, preconditioner(model, params, names, options,
-                                   lambda p: defocus_slope(model, measured, p, options), band),
+                                   lambda p: defocus_slope(model, measured, p, options), band,
+                                   lambda p: aberration_slopes(model, measured, p, options)),
                 history=options.history,
                 c1=options.c1, c2=options.c2, first_step=options.first_step,
                 max_evaluations=options.max_line_search)
