@@ -256,6 +256,9 @@ def prepare(experiment, options: Options, probe_settings, be, margin_px: int = 4
               "positions": xp.asarray(corners), "defocus": xp.zeros(1, dtype=xp.float64)}
     if model.aberration_names:
         params["aberrations"] = xp.zeros(len(model.aberration_names), dtype=xp.float64)
+    if options.refine_scan_affine:
+        params["scan_affine"] = xp.zeros(4, dtype=xp.float64)
+        params["scan_centre"] = xp.mean(params["positions"], axis=0)
     return model, counts, mask, params, options
 
 
@@ -623,6 +626,11 @@ def run(settings, archive):
         "object_corner0_px": positions[0],
         "defocus_change_A": defocus_change, "C10_A": c10, **refined_aberrations,
     }
+    if params.get("scan_affine") is not None:
+        matrix = np.eye(2) + np.asarray(be.asnumpy(params["scan_affine"])).reshape(2, 2)
+        result["scan_affine"] = matrix
+        archive.log.info("scan affine map (positions told → refined, about their centre): "
+                         "[[%.4f, %.4f], [%.4f, %.4f]]", *matrix.ravel())
     truth = read_truth(data_path)
     if truth is not None and truth.centres_px is not None \
             and len(truth.centres_px) == len(positions):
