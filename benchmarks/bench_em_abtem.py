@@ -66,6 +66,9 @@ SPREAD = dict(scan=16, spread=60.0, samples=7, sampling=0.16, dose=25000.0)
 ABERRATED = dict(scan=24, sampling=0.16, dose=25000.0,
                  probe=dict(C12=30.0, phi12=math.radians(30.0), C21=500.0,
                             phi21=math.radians(-60.0), C30=5.0e4))
+# a mistilted thick crystal: the thick case with the beam 5 mrad off the zone axis, (4, 3) mrad
+# in (y, x)
+TILTED = dict(THICK, tilt=(4.0, 3.0))
 # a global scan distortion: the probe really visits A · (raster − centre) + centre, A = 2 %
 # scale difference and 2 % shear; the reconstruction is told the raster. 24² scan, 0.16 Å
 AFFINE = dict(scan=24, sampling=0.16, dose=25000.0, matrix=[[1.02, 0.02], [0.0, 0.98]])
@@ -76,16 +79,16 @@ AFFINE = dict(scan=24, sampling=0.16, dose=25000.0, matrix=[[1.02, 0.02], [0.0, 
 def simulate_abtem(case: str, dose: float, seed: int = 0, scan_size: int = SCAN,
                    sampling: float = FINE_SAMPLING, cells: int = THICK["cells"],
                    focal_spread_A: float = 0.0, spread_samples: int = 1,
-                   probe_aberrations: dict | None = None, scan_affine=None):
+                   probe_aberrations: dict | None = None, scan_affine=None, tilt_mrad=(0.0, 0.0)):
     """abTEM data of a case; probe_aberrations: extra abTEM polar coefficients (e.g. C12, phi12
-    in Å and rad); scan_affine: 2 × 2 matrix (y, x) applied to the raster about its centre (the
+    in Å and rad); tilt_mrad: the beam's tilt (y, x) relative to the specimen; scan_affine: 2 × 2 matrix (y, x) applied to the raster about its centre (the
     probe really goes there; the truth's centres follow, the reconstruction is told the raster)."""
     import abtem
     from ase import Atoms
     from ase.build import mx2
 
     abtem.config.set({"device": "cpu", "fft": "fftw" if _has_fftw() else "numpy"})
-    if case in ("mos2", "spread"):
+    if case in ("mos2", "spread", "aberrated", "affine"):
         unit = abtem.orthogonalize_cell(mx2(formula="MoS2", kind="2H", a=3.19, thickness=3.13,
                                             vacuum=2.0))
         slice_thickness = 1.0
@@ -109,6 +112,7 @@ def simulate_abtem(case: str, dose: float, seed: int = 0, scan_size: int = SCAN,
                                            num_samples=spread_samples, center=C10,
                                            ensemble_mean=True)
     probe = abtem.Probe(energy=KV * 1e3, semiangle_cutoff=ALPHA_MRAD, C10=c10,
+                        tilt=(float(tilt_mrad[0]), float(tilt_mrad[1])),    # abTEM: (x, y) = xpr (y, x)
                         **(probe_aberrations or {}))
     start = (CELL - scan_size * STEP) / 2
     iy, ix = np.meshgrid(np.arange(scan_size), np.arange(scan_size), indexing="ij")
@@ -170,6 +174,10 @@ def load_or_simulate(case, dose, workdir: Path):
         size = dict(scan_size=ABERRATED["scan"], sampling=ABERRATED["sampling"],
                     probe_aberrations=ABERRATED["probe"])
         name = f"abtem_aberrated_{ABERRATED['scan']}scan_{int(dose)}.npz"
+    elif case == "tilted":
+        size = dict(scan_size=TILTED["scan"], sampling=TILTED["sampling"], cells=TILTED["cells"],
+                    tilt_mrad=TILTED["tilt"])
+        name = f"abtem_tilted_{TILTED['cells']}cells_{TILTED['scan']}scan_{int(dose)}.npz"
     elif case == "affine":
         size = dict(scan_size=AFFINE["scan"], sampling=AFFINE["sampling"],
                     scan_affine=AFFINE["matrix"])
