@@ -67,8 +67,8 @@ ABERRATED = dict(scan=24, sampling=0.16, dose=25000.0,
                  probe=dict(C12=30.0, phi12=math.radians(30.0), C21=500.0,
                             phi21=math.radians(-60.0), C30=5.0e4))
 # a mistilted thick crystal: the thick case with the beam 5 mrad off the zone axis, (4, 3) mrad
-# in (y, x)
-TILTED = dict(THICK, tilt=(4.0, 3.0))
+# in (y, x), 25 000 e⁻/pattern
+TILTED = dict(THICK, tilt=(4.0, 3.0), dose=25000.0)
 # a global scan distortion: the probe really visits A · (raster − centre) + centre, A = 2 %
 # scale difference and 2 % shear; the reconstruction is told the raster. 24² scan, 0.16 Å
 AFFINE = dict(scan=24, sampling=0.16, dose=25000.0, matrix=[[1.02, 0.02], [0.0, 0.98]])
@@ -228,7 +228,8 @@ def true_krivanek(polar: dict) -> list:
     return [C10] + ab(1, 2) + ab(2, 1) + [0.0, 0.0, polar.get("C30", 0.0)]
 
 
-def run_xpr(sim, slices, thickness, epochs, modes=1, patience=5, calibrated=None, **options):
+def run_xpr(sim, slices, thickness, epochs, modes=1, patience=5, calibrated=None,
+            tilt_mrad=None, **options):
     """xpr's reconstruction; `calibrated` overrides the calibration given (e.g. PLRotation_deg
     "auto", aberrations None: fitted by calibration from the data), the fit time included."""
     settings = dict(acc_voltage=KV, conv_semiangle_mrad=ALPHA_MRAD, rez_pixel_size_A=float(sim["rez"]),
@@ -243,6 +244,8 @@ def run_xpr(sim, slices, thickness, epochs, modes=1, patience=5, calibrated=None
     options.setdefault("probe_from_epoch", 2)
     opts = Options(epochs=epochs, patience=patience, **options)
     model, counts, mask, params, opts = ptycho.prepare(experiment, opts, probe, backend.cpu())
+    if tilt_mrad is not None:            # a known specimen tilt in the multislice propagator
+        params["tilt"] = np.asarray(tilt_mrad, dtype=np.float64)
     params, history = reconstruct(model, counts, params, opts, mask=mask)
     seconds = time.perf_counter() - start[0], time.process_time() - start[1]
     phase = np.sum(np.angle(params["object"]), axis=0)
@@ -260,6 +263,8 @@ def run_xpr(sim, slices, thickness, epochs, modes=1, patience=5, calibrated=None
                   f"{experiment.aberrations[0] - float(params['defocus'][0]):.1f} Å")
     elif refines_defocus(opts):
         notes += f"; C10 refined to {experiment.aberrations[0] - float(params['defocus'][0]):.1f} Å"
+    if tilt_mrad is not None:
+        notes += f"; tilt ({tilt_mrad[0]:.1f}, {tilt_mrad[1]:.1f}) mrad in the model"
     if aberration_names(opts):
         notes += "; refined " + ", ".join(
             f"{name} {float(change):.0f}" for name, change in
@@ -342,18 +347,20 @@ def fft_pair_seconds(n_patterns, n, repeats=5):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--case", default="mos2", choices=["mos2", "thick", "spread", "aberrated", "affine", "all"])
+    parser.add_argument("--case", default="mos2", choices=[
+        "mos2", "thick", "spread", "aberrated", "affine", "tilted", "all"])
     parser.add_argument("--iterations", type=int, default=60, help="py4DSTEM iterations")
     parser.add_argument("--epochs", type=int, default=60, help="xpr epochs at most")
     parser.add_argument("--workdir", default="/tmp/xpr_bench_abtem", help="abTEM data cache")
     parser.add_argument("--skip-py4dstem", action="store_true")
     parser.add_argument("--only", default=None, help="run only the methods whose name has this")
     args = parser.parse_args()
-    cases = ["mos2", "thick", "spread", "aberrated", "affine"] if args.case == "all" \
+    cases = ["mos2", "thick", "spread", "aberrated", "affine", "tilted"] if args.case == "all" \
         else [args.case]
     for case in cases:
         dose = dict(mos2=25000.0, thick=THICK["dose"], spread=SPREAD["dose"],
-                    aberrated=ABERRATED["dose"], affine=AFFINE["dose"])[case]
+                    aberrated=ABERRATED["dose"], affine=AFFINE["dose"],
+                    tilted=TILTED["dose"])[case]
         sim, sim_seconds = load_or_simulate(case, dose, Path(args.workdir))
         if sim_seconds:
             print(f"({case}: abTEM simulation {sim_seconds:.0f} s)")
@@ -368,7 +375,10 @@ def main():
             (curl, t1), (div, t2) = py4dstem_rotation(sim)
             print(f"({case}: py4DSTEM's CoM rotation estimate {curl:.1f}°{' transposed' if t1 else ''}"
                   f" (min curl), {div:.1f}°{' transposed' if t2 else ''} (max divergence); true 0°)")
-        runs = [("xpr 1 slice", lambda: run_xpr(sim, 1, thickness, args.epochs)),
+        runs = [("xpr 1 slice (defaults: C12, C21 refined)", lambda: run_xpr(
+                    sim, 1, thickness, args.epochs)),
+                ("xpr 1 slice, no aberrations refined", lambda: run_xpr(
+                    sim, 1, thickness, args.epochs, refine_aberrations=())),
                 ("xpr 1 slice, refine C12 C21 C30", lambda: run_xpr(
                     sim, 1, thickness, args.epochs, refine_aberrations=FURTHER)),
                 ("xpr 1 slice, refine C10 C12 C21 C30", lambda: run_xpr(
@@ -376,6 +386,9 @@ def main():
         if case == "aberrated":
             runs += [("xpr 1 slice, refine C12", lambda: run_xpr(
                          sim, 1, thickness, args.epochs, refine_aberrations=("C12a", "C12b"))),
+                     ("xpr 1 slice, C10 C12 C21 C30 refined, probe not refined", lambda: run_xpr(
+                         sim, 1, thickness, args.epochs, refine_probe=False,
+                         refine_aberrations=("C10",) + FURTHER)),
                      ("xpr 1 slice, the true aberrations given", lambda: run_xpr(
                          sim, 1, thickness, args.epochs,
                          calibrated=dict(aberrations=true_krivanek(ABERRATED["probe"]))))]
@@ -412,7 +425,11 @@ def main():
         if not args.skip_py4dstem:
             runs.append(("py4DSTEM single-slice", lambda: run_py4dstem(sim, 1, thickness,
                                                                        args.iterations)))
-        if case == "thick":
+        if case == "tilted":           # the multislice rows below and the true tilt
+            runs = [("xpr 1 slice", lambda: run_xpr(sim, 1, thickness, args.epochs)),
+                    ("xpr 4 slices, the true tilt in the model", lambda: run_xpr(
+                        sim, 4, thickness, args.epochs, tilt_mrad=TILTED["tilt"]))]
+        if case in ("thick", "tilted"):
             runs.append(("xpr 4 slices", lambda: run_xpr(sim, 4, thickness, args.epochs)))
             if not args.skip_py4dstem:
                 runs.append(("py4DSTEM multislice 4", lambda: run_py4dstem(

@@ -327,7 +327,7 @@ def test_near_field_reconstruction_is_limited_by_the_counts_only():
         scaled = (probe * np.sqrt(dose / np.sum(np.abs(probe) ** 2))).astype(np.complex64)
         image = model.intensities(obj, scaled, positions)
         counts = rng.poisson(np.clip(image, 0, None)).astype(np.float32)
-        options = Options(epochs=40 if refine else 15, refine_probe=False, validation_fraction=0.0, batch_size=64)
+        options = Options(epochs=40, refine_probe=False, validation_fraction=0.0, batch_size=64)
         params = {"object": np.ones_like(obj), "probe": scaled, "positions": positions}
         params, _ = reconstruct(model, counts, params, options)
         ours = np.angle(params["object"][0])[inside, inside]
@@ -452,7 +452,8 @@ def test_scan_affine_refinement_undoes_a_global_scan_distortion():
     found = {}
     for refine in (False, True):
         options = Options(epochs=40 if refine else 15, refine_probe=False,
-                          refine_scan_affine=refine, validation_fraction=0.0)
+                          refine_aberrations=(), refine_scan_affine=refine,
+                          validation_fraction=0.0)
         model, counts, mask, params, options = ptycho.prepare(
             experiment, options, PROBE, backend.cpu(), margin_px=4, positions_px=told)
         params, _ = reconstruct(model, counts, params, options, mask=mask)

@@ -15,7 +15,8 @@ def save(path, params: dict, epoch: int, history, be):
     save_tree(path, {
         "object": be.asnumpy(params["object"]), "probe": be.asnumpy(params["probe"]),
         "positions": be.asnumpy(params["positions"]), "epoch": int(epoch),
-        **({key: be.asnumpy(params[key]) for key in ("defocus", "aberrations", "scan_affine", "scan_centre")
+        **({key: be.asnumpy(params[key])
+            for key in ("defocus", "aberrations", "scan_affine", "scan_centre")
             if params.get(key) is not None}),
         "loss": np.asarray(history.loss), "evaluations": np.asarray(history.evaluations),
         "seconds": np.asarray(history.seconds), "epochs": np.asarray(history.epoch),

@@ -45,6 +45,13 @@ B_c(k) = (2π/λ) α^(n+1)/(n+1) · (cos or sin)(mφ) the phase of a unit coeffi
 
 (for C10, B = πλ|k|² and δC10 = −Δf: the defocus formula above).
 
+Specimen tilt as an unknown (multislice). A tilt θ (mrad, [y, x]) of the beam relative to the
+slices shifts the wave by θΔz per slice: K_Δz(k) → K_Δz(k)·exp(−2πiΔz k·θ·10⁻³). With
+Ψ_s = FFT[ψ⁽ˢ⁾] the spectrum of the wave entering slice s ≥ 1 (= FFT[φ⁽ˢ⁻¹⁾]·K) and
+G_s = FFT[g_ψ⁽ˢ⁾],
+
+    ∂L/∂θ = (2πΔz·10⁻³ / n²) Σ_{s≥1} Σ_{j,m,k} k · Im( conj(G_s) Ψ_s )
+
 Computation. Patterns are processed in batches small enough for the batch's work arrays to
 stay in the processor cache on a CPU (ptycho.batch_size_for); every element-wise step is then a
 pass over cached data and an epoch costs little more than its FFTs. The batches are shared
@@ -227,6 +234,16 @@ class Model:
         changes = xp.asarray(changes_A, dtype=xp.float64).reshape(-1, 1, 1)
         return xp.exp(-1j * xp.sum(changes * basis, axis=0)).astype(self.complex_dtype)
 
+    def propagators(self, tilt_mrad):
+        """(K_Δz, conj K_Δz) for a specimen tilt (y, x) in mrad (multislice)."""
+        xp = self.backend.xp
+        tilt = tuple(float(t) for t in self.backend.asnumpy(xp.asarray(tilt_mrad)).reshape(-1))
+        kernel = multislice.fresnel_propagator(
+            (self.window, self.window), self.pixel_size_A, self.wavelength_A,
+            self.slice_thickness_A, xp, tilt_mrad=tilt,
+            band_limit_fraction=self.band_limit_fraction, dtype=self.complex_dtype)
+        return kernel, xp.conj(kernel)
+
     def probe_factor(self, params):
         """The product of the defocus and aberration factors params asks for, or None."""
         factor = None
@@ -285,7 +302,7 @@ class Model:
         return unique, shifted, inverse
 
     def far_field(self, object_slices, probe_k, corners, fractional, keep=False, grouped=None,
-                  views=None):
+                  views=None, propagator=None):
         """n Ψ (B, M, n, n): the unnormalised far field FFT[φ⁽ˢ⁻¹⁾], or the near-field wave
         (detector_wave); with keep=True also the
         per-slice incident waves and object windows, and the ramps (None when grouped)."""
@@ -299,11 +316,12 @@ class Model:
             phi = psi * window[:, None, :, :]
             if s < self.n_slices - 1:
                 spectrum = self.fft2(phi)
-                spectrum *= self.propagator
+                spectrum *= self.propagator if propagator is None else propagator
                 psi = self.ifft2(spectrum)
         return self.detector_wave(phi), (ramps, incident, windows)
 
-    def intensities(self, object_slices, probe, positions, defocus_A=None, aberrations_A=None):
+    def intensities(self, object_slices, probe, positions, defocus_A=None, aberrations_A=None,
+                    tilt_mrad=None):
         """Model intensities (B, n, n) — FFT order in the far field, image order in the near
         field — for real-space probe modes (with
         an extra defocus Δf in Å and aberration changes δC in Å if given)."""
@@ -312,7 +330,10 @@ class Model:
         factor = self.probe_factor({"defocus": defocus_A, "aberrations": aberrations_A})
         if factor is not None:
             probe_k = probe_k * factor
-        far, _ = self.far_field(object_slices, probe_k, corners, fractional)
+        propagator = None if tilt_mrad is None or self.n_slices == 1 else \
+            self.propagators(tilt_mrad)[0]
+        far, _ = self.far_field(object_slices, probe_k, corners, fractional,
+                                propagator=propagator)
         intensity = self.mode_sum(self.power(far))
         intensity *= 1.0 / self.window ** 2
         return intensity
@@ -320,11 +341,12 @@ class Model:
     def loss_and_gradients(self, params, counts, loss_name, refine, batch_size, mask=None,
                            with_validation=False):
         """L and its Wirtinger gradients for {'object', 'probe', 'positions', 'defocus',
-        'aberrations'} over all patterns (and, with_validation, the loss on the held-out pixels as a third value).
+        'aberrations', 'tilt'} over all patterns (and, with_validation, the loss on the held-out pixels as a third value).
 
         params: object (S, H, W) complex64, probe (M, n, n) complex64, positions (N, 2) float64,
         optionally defocus (1,) float64 (extra defocus Δf in Å applied to the probe) and
-        aberrations (K,) float64 (changes of the coefficients aberration_names, Å).
+        aberrations (K,) float64 (changes of the coefficients aberration_names, Å) and tilt
+        (2,) float64 (specimen tilt [y, x] in mrad, multislice).
         counts: (N, n, n) float32 in FFT order (near field: image order), or a
         losses.Measurements holding them.
         refine: names to return gradients for. mask: (n, n) detector mask in FFT order
@@ -347,6 +369,10 @@ class Model:
         want_positions = "positions" in refine
         want_defocus = "defocus" in refine
         want_aberrations = "aberrations" in refine and len(self.aberration_names) > 0
+        want_tilt = "tilt" in refine and self.n_slices > 1
+        propagator = propagator_adjoint = None
+        if params.get("tilt") is not None and self.n_slices > 1:
+            propagator, propagator_adjoint = self.propagators(params["tilt"])
         n = self.window
         corners_all, fractional_all = self.split_positions(positions)
         evaluation = _Evaluation(
@@ -356,7 +382,10 @@ class Model:
             probe_side=want_probe or want_defocus or want_aberrations, want_positions=want_positions,
             groups=None if want_positions else self.shifted_probes(probe_k, fractional_all),
             grad_positions=xp.zeros(positions.shape, dtype=xp.float64) if want_positions
-            else None)
+            else None, want_tilt=want_tilt,
+            propagator=self.propagator if propagator is None else propagator,
+            propagator_adjoint=getattr(self, "propagator_adjoint", None)
+            if propagator_adjoint is None else propagator_adjoint)
         starts = list(range(0, measured.counts.shape[0], batch_size))
         lanes = max(1, min(self.lanes(), len(starts)))
 
@@ -402,6 +431,9 @@ class Model:
             gradients["probe"] = self.ifft2(grad_probe_k).astype(self.complex_dtype)
         if want_positions:
             gradients["positions"] = grad_positions
+        if want_tilt:
+            gradients["tilt"] = xp.asarray(sums.grad_tilt, dtype=xp.float64) * (
+                2.0 * math.pi * self.slice_thickness_A * 1e-3 / n ** 2)
         if with_validation:
             return total, gradients, validation
         return total, gradients
@@ -432,7 +464,8 @@ class Model:
             group_sums = xp.zeros((len(e.groups[0]),) + e.probe_k.shape, dtype=e.probe_k.dtype)
         return _Sums(grad_object=xp.zeros_like(e.object_slices) if e.want_object else None,
                      grad_probe_k=xp.zeros_like(e.probe_k) if e.probe_side else None,
-                     group_sums=group_sums)
+                     group_sums=group_sums,
+                     grad_tilt=np.zeros(2) if e.want_tilt else None)
 
     def _add_batch(self, evaluation, batch, sums):
         """Forward model, loss and the adjoint pass of one batch of patterns, into `sums`."""
@@ -443,7 +476,7 @@ class Model:
         grouped = None if e.groups is None else (e.groups[1], e.groups[2][batch])
         far, (ramps, incident, windows) = self.far_field(
             e.object_slices, e.probe_k, corners, fractional, keep=True, grouped=grouped,
-            views=e.views)
+            views=e.views, propagator=e.propagator)
         intensity = self.mode_sum(self.power(far))
         intensity *= 1.0 / n ** 2
         value, d_intensity, held_out = e.loss_fn(intensity, e.measured, batch, xp)
@@ -463,6 +496,7 @@ class Model:
             if need_wave_gradient:
                 window = windows[s]
                 xp.conjugate(window, out=window)
+            incident_spectrum = self.fft2(incident[s]) if e.want_tilt and s > 0 else None
             if grad_object is not None:
                 psi = incident[s]
                 xp.conjugate(psi, out=psi)
@@ -475,7 +509,14 @@ class Model:
             g_phi *= window[:, None, :, :]               # now g_ψ⁽ˢ⁾
             if s > 0:
                 spectrum = self.fft2(g_phi)
-                spectrum *= self.propagator_adjoint
+                if incident_spectrum is not None:       # Σ k Im(conj(G_s) Ψ_s), k in Å⁻¹
+                    torque = xp.sum((xp.conj(spectrum) * incident_spectrum).imag, axis=(0, 1),
+                                    dtype=xp.float64)
+                    k = self.frequencies.astype(xp.float64) / self.pixel_size_A
+                    sums.grad_tilt[0] += float(xp.sum(torque * k[:, None]))
+                    sums.grad_tilt[1] += float(xp.sum(torque * k[None, :]))
+                    del incident_spectrum
+                spectrum *= e.propagator_adjoint
                 g_phi = self.ifft2(spectrum)
         if sums.group_sums is not None:
             # Σ_{j in group g} g_ψ_j⁽⁰⁾ (a batch meets few groups; no BLAS call, whose
@@ -517,6 +558,9 @@ class _Evaluation:
     want_positions: bool
     groups: tuple | None
     grad_positions: object
+    want_tilt: bool = False
+    propagator: object = None
+    propagator_adjoint: object = None
 
 
 @dataclass
@@ -528,10 +572,13 @@ class _Sums:
     group_sums: object = None
     total: float = 0.0
     validation: float = 0.0
+    grad_tilt: object = None            # (2,) host float64: Σ k Im(conj(G_s) Ψ_s) for y, x
 
     def add(self, other: "_Sums"):
         self.total += other.total
         self.validation += other.validation
+        if self.grad_tilt is not None:
+            self.grad_tilt += other.grad_tilt
         for name in ("grad_object", "grad_probe_k", "group_sums"):
             mine = getattr(self, name)
             if mine is not None:

@@ -36,7 +36,7 @@ from xpr.em import optics
 from xpr.em.ptychography import checkpoints
 from xpr.em.ptychography.forward import Model
 from xpr.em.ptychography.reconstruct import (History, Options, aberration_names, reconstruct,
-                                             refines_defocus)
+                                             refines_defocus, resolve_aberrations)
 from xpr.errors import InputError, SettingsError
 
 
@@ -231,6 +231,8 @@ def prepare(experiment, options: Options, probe_settings, be, margin_px: int = 4
     if experiment.pattern_shape[0] != n:
         raise InputError(f"patterns must be square after binning/padding, got "
                          f"{list(experiment.pattern_shape)}", key="experiment.data_path")
+    options = dataclasses.replace(options, refine_aberrations=resolve_aberrations(
+        options.refine_aberrations, probe_settings["modes"]))
     slices = int(num_slices or experiment.num_slices)
     thickness = float(total_thickness_A or experiment.total_thickness_A)
     model = Model(be, n, experiment.pixel_size_A, experiment.wavelength_A, thickness / slices,
@@ -502,11 +504,11 @@ def read_truth(path):
 def check_aberration_names(names):
     """SettingsError (key reconstruction.refine.aberrations) unless a list of Krivanek names."""
     key = "reconstruction.refine.aberrations"
-    if names is None:
+    if names is None or names == "auto":
         return
     if isinstance(names, str) or not isinstance(names, (list, tuple)):
-        raise SettingsError(f"expected a list of Krivanek coefficient names such as [C12a, C12b, "
-                            f"C30], got {names!r}", key=key)
+        raise SettingsError(f"expected auto or a list of Krivanek coefficient names such as "
+                            f"[C12a, C12b, C30], got {names!r}", key=key)
     for name in names:
         try:
             optics.krivanek_index(str(name))
