@@ -17,6 +17,15 @@ Cases (abTEM multislice, Poisson counts):
 * spread: the MoS2 case with a Gaussian focal spread of 60 Å rms (7 defocus samples, their
   intensities averaged by abTEM), 16² scan, abTEM sampling 0.16 Å (≈ 5 min): one probe mode
   against three.
+* aberrated: the MoS2 case (24² scan, sampling 0.16 Å) with a probe that also has C12 30 Å,
+  C21 500 Å, C30 5 µm the reconstruction is not told (only C10): refine.aberrations variants
+  against the true aberrations given.
+* affine: the MoS2 case (24², 0.16 Å) scanned with a 2 % scale/shear distortion the
+  reconstruction is not told: positions / scan_affine refinement; "scan distortion left" in the
+  notes is what remains of it in the positions each code used (py4DSTEM with its position
+  correction and global affine fit too).
+* tilted: the thick case with the beam 5 mrad off the zone axis (25 000 e⁻): multislice with
+  and without the true tilt in xpr's propagator.
 
 abTEM's wave is simulated on a 57.6 Å periodic cell at 0.1 Å (so the far field spans ±3.3 Å⁻¹
 after abTEM's 2/3 anti-aliasing); its 1/57.6 Å⁻¹ pixels are summed 3 × 3 into the 64² detector
