@@ -90,7 +90,8 @@ def simulate_abtem(case: str, dose: float, seed: int = 0, scan_size: int = SCAN,
                    focal_spread_A: float = 0.0, spread_samples: int = 1,
                    probe_aberrations: dict | None = None, scan_affine=None, tilt_mrad=(0.0, 0.0)):
     """abTEM data of a case; probe_aberrations: extra abTEM polar coefficients (e.g. C12, phi12
-    in Å and rad); tilt_mrad: the beam's tilt (y, x) relative to the specimen; scan_affine: 2 × 2 matrix (y, x) applied to the raster about its centre (the
+    in Å and rad); tilt_mrad: the beam's tilt (y, x) relative to the specimen; scan_affine:
+    2 × 2 matrix (y, x) applied to the raster about its centre (the
     probe really goes there; the truth's centres follow, the reconstruction is told the raster)."""
     import abtem
     from ase import Atoms
@@ -121,7 +122,7 @@ def simulate_abtem(case: str, dose: float, seed: int = 0, scan_size: int = SCAN,
                                            num_samples=spread_samples, center=C10,
                                            ensemble_mean=True)
     probe = abtem.Probe(energy=KV * 1e3, semiangle_cutoff=ALPHA_MRAD, C10=c10,
-                        tilt=(float(tilt_mrad[0]), float(tilt_mrad[1])),    # abTEM: (x, y) = xpr (y, x)
+                        tilt=(float(tilt_mrad[0]), float(tilt_mrad[1])),  # abTEM (x, y) = (y, x)
                         **(probe_aberrations or {}))
     start = (CELL - scan_size * STEP) / 2
     iy, ix = np.meshgrid(np.arange(scan_size), np.arange(scan_size), indexing="ij")
@@ -271,7 +272,8 @@ def run_xpr(sim, slices, thickness, epochs, modes=1, patience=5, calibrated=None
         notes += (f"; C10 {experiment.aberrations[0]:.1f} Å from the parallax, refined to "
                   f"{experiment.aberrations[0] - float(params['defocus'][0]):.1f} Å")
     elif refines_defocus(opts):
-        notes += f"; C10 refined to {experiment.aberrations[0] - float(params['defocus'][0]):.1f} Å"
+        c10 = experiment.aberrations[0] - float(params["defocus"][0])
+        notes += f"; C10 refined to {c10:.1f} Å"
     if tilt_mrad is not None:
         notes += f"; tilt ({tilt_mrad[0]:.1f}, {tilt_mrad[1]:.1f}) mrad in the model"
     if aberration_names(opts):
@@ -312,8 +314,9 @@ def run_py4dstem(sim, slices, thickness, iterations, **reconstruct_options):
     centres = np.asarray(method._positions_px)               # probe centres (x-first axes)
     k_max = DETECTOR // 2 * float(sim["rez"])
     r = correlation(phase, centres, sim, k_max)
-    return r, seconds, (f"{iterations} iterations, pixel {float(method.sampling[0]):.3f} Å; scan "
-                        f"distortion left {distortion_left(centres, float(method.sampling[0]), sim):.2f} %")
+    pixel = float(method.sampling[0])
+    return r, seconds, (f"{iterations} iterations, pixel {pixel:.3f} Å; scan distortion left "
+                        f"{distortion_left(centres, pixel, sim):.2f} %")
 
 
 def py4dstem_rotation(sim):

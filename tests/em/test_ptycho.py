@@ -106,7 +106,8 @@ def test_bad_input_gets_a_clear_error(home, run_xpr, tmp_path):
     assert wrong_positions.exit_code == 2
     assert "positions" in wrong_positions.output and "[16, 2]" in wrong_positions.output
 
-    unknown = run_xpr(["em", "ptycho", "tutorial", "-o", "reconstruction.refine.aberrations=[C12a, C13]"])
+    unknown = run_xpr(["em", "ptycho", "tutorial",
+                       "-o", "reconstruction.refine.aberrations=[C12a, C13]"])
     assert unknown.exit_code == 2
     assert "reconstruction.refine.aberrations" in unknown.output and "C13" in unknown.output
 

@@ -1,7 +1,8 @@
 """Checkpoints: the refined arrays, the epoch reached and the loss history, in one HDF5 file.
 
-Resuming restores object, probe, positions, defocus and aberrations and continues the epoch count; the
-L-BFGS history is rebuilt from scratch (it is a cheap, local curvature model).
+Resuming restores object, probe, positions, defocus, aberrations and the scan's affine map and
+continues the epoch count; the L-BFGS history is rebuilt from scratch (it is a cheap, local
+curvature model).
 """
 from __future__ import annotations
 

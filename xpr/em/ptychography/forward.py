@@ -341,7 +341,8 @@ class Model:
     def loss_and_gradients(self, params, counts, loss_name, refine, batch_size, mask=None,
                            with_validation=False):
         """L and its Wirtinger gradients for {'object', 'probe', 'positions', 'defocus',
-        'aberrations', 'tilt'} over all patterns (and, with_validation, the loss on the held-out pixels as a third value).
+        'aberrations', 'tilt'} over all patterns (and, with_validation, the loss on the
+        held-out pixels as a third value).
 
         params: object (S, H, W) complex64, probe (M, n, n) complex64, positions (N, 2) float64,
         optionally defocus (1,) float64 (extra defocus Δf in Å applied to the probe) and
@@ -379,7 +380,8 @@ class Model:
             measured=measured, loss_fn=losses.by_name(loss_name), object_slices=object_slices,
             views=self.window_views(object_slices), probe_k=probe_k, corners=corners_all,
             fractional=fractional_all, want_object="object" in refine,
-            probe_side=want_probe or want_defocus or want_aberrations, want_positions=want_positions,
+            probe_side=want_probe or want_defocus or want_aberrations,
+            want_positions=want_positions,
             groups=None if want_positions else self.shifted_probes(probe_k, fractional_all),
             grad_positions=xp.zeros(positions.shape, dtype=xp.float64) if want_positions
             else None, want_tilt=want_tilt,
