@@ -264,6 +264,43 @@ def prepare(experiment, options: Options, probe_settings, be, margin_px: int = 4
     return model, counts, mask, params, options
 
 
+# The 180° branch of a PL rotation fitted with C10 unknown (θ, C10 or θ + 180°, −C10) explains
+# the data equally well: on abTEM's focal-spread MoS2 ten epochs on either branch reach the same
+# loss (to 2·10⁻⁵) with the phase negated (r −0.91 against +0.91). Atoms make the true phase
+# peak positive, and after ten epochs the phase's skewness told the branches apart by −1.59
+# against +1.57 where the calibration's tcBF score differed by 0.010.
+BRANCH_TRIAL_EPOCHS = 10
+
+
+def phase_skewness(object_slices, corners_px, window: int) -> float:
+    """Skewness of the summed phase (mean removed) over the scanned area (first to last probe
+    centre): positive where sharp positive peaks (atoms) dominate."""
+    phase = np.sum(np.angle(np.asarray(object_slices)), axis=0)
+    centres = probe_centres_px(corners_px, window)
+    low = np.floor(centres.min(axis=0)).astype(int)
+    high = np.ceil(centres.max(axis=0)).astype(int) + 1
+    values = phase[low[0]:high[0], low[1]:high[1]]
+    values = values - values.mean()
+    return float(np.mean(values ** 3) / max(float(np.mean(values ** 2)), 1e-300) ** 1.5)
+
+
+def branch_uncertain(experiment) -> bool:
+    """The PL rotation's 180° branch came from the tcBF score and the score was not clear."""
+    fit = experiment.parallax_fit
+    return bool(experiment.c10_from_parallax and fit is not None
+                and fit.branch_score < calibration.rotation_branch_margin())
+
+
+def branch_trial_skewness(experiment, options: Options, probe_settings, be, **prepare_args):
+    """phase_skewness after BRANCH_TRIAL_EPOCHS epochs of the reconstruction on `experiment`."""
+    trial = dataclasses.replace(options, epochs=min(BRANCH_TRIAL_EPOCHS, options.epochs))
+    model, counts, mask, params, trial = prepare(experiment, trial, probe_settings, be,
+                                                 **prepare_args)
+    params, _ = reconstruct(model, counts, params, trial, mask=mask)
+    return phase_skewness(be.asnumpy(params["object"]), be.asnumpy(params["positions"]),
+                          model.window)
+
+
 def band_limit_invA(value, experiment):
     """reconstruction.regularisation.object_band_limit in Å⁻¹: "auto" is the measured detector's
     edge (measured_k_max), a number is taken as given, null stays None (no limit)."""
@@ -551,6 +588,23 @@ def run(settings, archive):
         options = dataclasses.replace(options, refine_defocus=True)
         archive.log.info("C10 came from the bright-field parallax: the probe's defocus is refined "
                          "from epoch %d (reconstruction.refine.defocus)", options.defocus_from_epoch)
+    if branch_uncertain(experiment) and not settings.checkpoint.resume_from:
+        skewness = branch_trial_skewness(
+            experiment, options, settings.probe, be,
+            margin_px=settings.reconstruction.object_margin_px, positions_px=positions_px,
+            memory_GB=batch_work_GB(experiment, settings, limit, stream_GB), stream_GB=stream_GB)
+        angle = (experiment.pl_rotation_deg + 360.0) % 360.0 - 180.0
+        c10 = -float(experiment.aberrations[0])
+        archive.log.info("the PL rotation's 180° branch was uncertain: the phase after %d epochs "
+                         "has skewness %.2f (atoms make it positive)%s", BRANCH_TRIAL_EPOCHS,
+                         skewness, "" if skewness >= 0 else
+                         f": the other branch is taken (PL rotation {angle:.2f}°, C10 {c10:.1f} Å)")
+        if skewness < 0:
+            other = dict(calibration._settings_dict(settings.experiment), PLRotation_deg=angle,
+                         aberrations=[c10], defocus=None,
+                         transposed=bool(experiment.parallax_fit.transposed))
+            experiment, data_path = calibration.load_experiment(other, data_path,
+                                                                memory_GB=stream_GB)
     model, counts, mask, params, options = prepare(
         experiment, options, settings.probe, be, margin_px=settings.reconstruction.object_margin_px,
         positions_px=positions_px,
