@@ -67,6 +67,16 @@ def krivanek_name(n: int, m: int, component: str) -> str:
     return f"C{n}{m}" if m == 0 else f"C{n}{m}{component}"
 
 
+def krivanek_index(name: str) -> int:
+    """Position of a coefficient's name (C10, C12a, C30, …) in the Krivanek list; ValueError if
+    it is not one (a name of order ≤ 6)."""
+    for index, term in enumerate(krivanek_terms(48)):
+        if krivanek_name(*term) == name:
+            return index
+    raise ValueError(f"{name!r} is not a Krivanek coefficient (C10, C12a, C12b, C21a, C21b, "
+                     f"C23a, C23b, C30, …)")
+
+
 def aberration_phase(kx, ky, wavelength_A: float, aberrations, xp=None):
     """χ(k) in radians for spatial frequencies kx, ky (Å⁻¹, no 2π) and a Krivanek list (Å).
 

@@ -1,7 +1,8 @@
 """Checkpoints: the refined arrays, the epoch reached and the loss history, in one HDF5 file.
 
-Resuming restores object, probe, positions and defocus and continues the epoch count; the
-L-BFGS history is rebuilt from scratch (it is a cheap, local curvature model).
+Resuming restores object, probe, positions, defocus, aberrations and the scan's affine map and
+continues the epoch count; the L-BFGS history is rebuilt from scratch (it is a cheap, local
+curvature model).
 """
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ def save(path, params: dict, epoch: int, history, be):
     save_tree(path, {
         "object": be.asnumpy(params["object"]), "probe": be.asnumpy(params["probe"]),
         "positions": be.asnumpy(params["positions"]), "epoch": int(epoch),
-        **({"defocus": be.asnumpy(params["defocus"])} if params.get("defocus") is not None
-           else {}),
+        **({key: be.asnumpy(params[key])
+            for key in ("defocus", "aberrations", "scan_affine", "scan_centre")
+            if params.get(key) is not None}),
         "loss": np.asarray(history.loss), "evaluations": np.asarray(history.evaluations),
         "seconds": np.asarray(history.seconds), "epochs": np.asarray(history.epoch),
         "validation": np.asarray(history.validation, dtype=np.float64),
@@ -34,8 +36,13 @@ def load(path, like: dict, be):
         if tuple(tree[key].shape) != tuple(like[key].shape):
             raise InputError(f"checkpoint `{key}` has shape {list(tree[key].shape)}, the data need "
                              f"{list(like[key].shape)}", file=path, key="checkpoint.resume_from")
-    params = {key: be.xp.asarray(tree[key] if key in tree else like[key], dtype=like[key].dtype)
-              for key in like}          # checkpoints without a defocus keep the prepared one
+    # checkpoints without a defocus (or aberrations, or another list of them) keep the prepared
+    def kept(key):
+        if key in tree and tuple(np.shape(tree[key])) == tuple(like[key].shape):
+            return tree[key]
+        return like[key]
+
+    params = {key: be.xp.asarray(kept(key), dtype=like[key].dtype) for key in like}
     history = History(epoch=list(tree["epochs"]), loss=list(tree["loss"]),
                       evaluations=list(tree["evaluations"]), seconds=list(tree["seconds"]),
                       validation=list(tree["validation"]), best_epoch=int(tree["best_epoch"]))

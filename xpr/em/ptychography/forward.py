@@ -36,6 +36,22 @@ and, with g_P' = Σ_j conj(R_j) G_j / n² the Wirtinger gradient with respect to
 
     ∂L/∂Δf   = −πλ Σ_{m,k} |k|² Im( conj(g_P'_m) P'_m ),      g_p_m = n² IFFT[conj(F) g_P'_m]
 
+Further aberrations as unknowns. Changes δC_c (Å) of named Krivanek coefficients (C12a, C21b,
+C30, …; optics.aberration_phase) change the aberration phase by δχ = Σ_c δC_c B_c(k), with
+B_c(k) = (2π/λ) α^(n+1)/(n+1) · (cos or sin)(mφ) the phase of a unit coefficient (α = λ|k|,
+φ the azimuth of k), and multiply the probe by F_a(k) = exp(−i δχ(k)). Then
+
+    ∂L/∂δC_c = Σ_{m,k} B_c(k) Im( conj(g_P'_m) P'_m )
+
+(for C10, B = πλ|k|² and δC10 = −Δf: the defocus formula above).
+
+Specimen tilt as an unknown (multislice). A tilt θ (mrad, [y, x]) of the beam relative to the
+slices shifts the wave by θΔz per slice: K_Δz(k) → K_Δz(k)·exp(−2πiΔz k·θ·10⁻³). With
+Ψ_s = FFT[ψ⁽ˢ⁾] the spectrum of the wave entering slice s ≥ 1 (= FFT[φ⁽ˢ⁻¹⁾]·K) and
+G_s = FFT[g_ψ⁽ˢ⁾],
+
+    ∂L/∂θ = (2πΔz·10⁻³ / n²) Σ_{s≥1} Σ_{j,m,k} k · Im( conj(G_s) Ψ_s )
+
 Computation. Patterns are processed in batches small enough for the batch's work arrays to
 stay in the processor cache on a CPU (ptycho.batch_size_for); every element-wise step is then a
 pass over cached data and an epoch costs little more than its FFTs. The batches are shared
@@ -73,6 +89,7 @@ class Model:
     complex_dtype: str = "complex64"   # complex128 for gradient checks
     geometry: str = "far_field"        # far_field or near_field
     detector_distance_A: float = 0.0   # near field: (effective) specimen–detector distance
+    aberration_names: tuple = ()       # Krivanek coefficients refined as params["aberrations"]
 
     def __post_init__(self):
         xp = self.backend.xp
@@ -94,6 +111,8 @@ class Model:
                 (n, n), self.pixel_size_A, self.wavelength_A, self.slice_thickness_A, xp,
                 band_limit_fraction=self.band_limit_fraction).astype(self.complex_dtype)
             self.propagator_adjoint = xp.conj(self.propagator)
+        self.aberration_names = tuple(self.aberration_names)
+        self._aberration_basis = self._basis() if self.aberration_names else None
 
     # -- building blocks ---------------------------------------------------------------------
     def fft2(self, a):
@@ -190,6 +209,51 @@ class Model:
         delta = float(xp.asarray(defocus_A).reshape(-1)[0])
         return xp.exp(1j * math.pi * self.wavelength_A * delta * k2).astype(self.complex_dtype)
 
+    def aberration_basis(self):
+        """B_c(k) (K, n, n) float64, FFT order: the phase (rad) of a unit change (1 Å) of each
+        coefficient in aberration_names (optics.aberration_phase)."""
+        return self._aberration_basis
+
+    def _basis(self):
+        from xpr.em import optics
+
+        xp = self.backend.xp
+        k = self.frequencies.astype(xp.float64) / self.pixel_size_A
+        ky, kx = k[:, None], k[None, :]
+        basis = xp.zeros((len(self.aberration_names), self.window, self.window), dtype=xp.float64)
+        for index, name in enumerate(self.aberration_names):
+            position = optics.krivanek_index(name)
+            unit = [0.0] * position + [1.0]
+            basis[index] = optics.aberration_phase(kx, ky, self.wavelength_A, unit, xp)
+        return basis
+
+    def aberration_factor(self, changes_A, basis=None):
+        """F_a(k) = exp(−i Σ_c δC_c B_c(k)) (n, n), FFT order, for changes δC (K,) in Å."""
+        xp = self.backend.xp
+        basis = self._aberration_basis if basis is None else basis
+        changes = xp.asarray(changes_A, dtype=xp.float64).reshape(-1, 1, 1)
+        return xp.exp(-1j * xp.sum(changes * basis, axis=0)).astype(self.complex_dtype)
+
+    def propagators(self, tilt_mrad):
+        """(K_Δz, conj K_Δz) for a specimen tilt (y, x) in mrad (multislice)."""
+        xp = self.backend.xp
+        tilt = tuple(float(t) for t in self.backend.asnumpy(xp.asarray(tilt_mrad)).reshape(-1))
+        kernel = multislice.fresnel_propagator(
+            (self.window, self.window), self.pixel_size_A, self.wavelength_A,
+            self.slice_thickness_A, xp, tilt_mrad=tilt,
+            band_limit_fraction=self.band_limit_fraction, dtype=self.complex_dtype)
+        return kernel, xp.conj(kernel)
+
+    def probe_factor(self, params):
+        """The product of the defocus and aberration factors params asks for, or None."""
+        factor = None
+        if params.get("defocus") is not None:
+            factor = self.defocus_factor(params["defocus"])
+        if params.get("aberrations") is not None and len(self.aberration_names):
+            extra = self.aberration_factor(params["aberrations"])
+            factor = extra if factor is None else factor * extra
+        return factor
+
     def squared_frequencies_invA(self):
         """|k|² in Å⁻² on the FFT-ordered grid (n, n), float64."""
         xp = self.backend.xp
@@ -238,7 +302,7 @@ class Model:
         return unique, shifted, inverse
 
     def far_field(self, object_slices, probe_k, corners, fractional, keep=False, grouped=None,
-                  views=None):
+                  views=None, propagator=None):
         """n Ψ (B, M, n, n): the unnormalised far field FFT[φ⁽ˢ⁻¹⁾], or the near-field wave
         (detector_wave); with keep=True also the
         per-slice incident waves and object windows, and the ramps (None when grouped)."""
@@ -252,30 +316,38 @@ class Model:
             phi = psi * window[:, None, :, :]
             if s < self.n_slices - 1:
                 spectrum = self.fft2(phi)
-                spectrum *= self.propagator
+                spectrum *= self.propagator if propagator is None else propagator
                 psi = self.ifft2(spectrum)
         return self.detector_wave(phi), (ramps, incident, windows)
 
-    def intensities(self, object_slices, probe, positions, defocus_A=None):
+    def intensities(self, object_slices, probe, positions, defocus_A=None, aberrations_A=None,
+                    tilt_mrad=None):
         """Model intensities (B, n, n) — FFT order in the far field, image order in the near
         field — for real-space probe modes (with
-        an extra defocus Δf in Å if given)."""
+        an extra defocus Δf in Å and aberration changes δC in Å if given)."""
         corners, fractional = self.split_positions(positions)
         probe_k = self.fft2(probe)
-        if defocus_A is not None:
-            probe_k = probe_k * self.defocus_factor(defocus_A)
-        far, _ = self.far_field(object_slices, probe_k, corners, fractional)
+        factor = self.probe_factor({"defocus": defocus_A, "aberrations": aberrations_A})
+        if factor is not None:
+            probe_k = probe_k * factor
+        propagator = None if tilt_mrad is None or self.n_slices == 1 else \
+            self.propagators(tilt_mrad)[0]
+        far, _ = self.far_field(object_slices, probe_k, corners, fractional,
+                                propagator=propagator)
         intensity = self.mode_sum(self.power(far))
         intensity *= 1.0 / self.window ** 2
         return intensity
 
     def loss_and_gradients(self, params, counts, loss_name, refine, batch_size, mask=None,
                            with_validation=False):
-        """L and its Wirtinger gradients for {'object', 'probe', 'positions', 'defocus'} over
-        all patterns (and, with_validation, the loss on the held-out pixels as a third value).
+        """L and its Wirtinger gradients for {'object', 'probe', 'positions', 'defocus',
+        'aberrations', 'tilt'} over all patterns (and, with_validation, the loss on the
+        held-out pixels as a third value).
 
         params: object (S, H, W) complex64, probe (M, n, n) complex64, positions (N, 2) float64,
-        optionally defocus (1,) float64 (extra defocus Δf in Å applied to the probe).
+        optionally defocus (1,) float64 (extra defocus Δf in Å applied to the probe) and
+        aberrations (K,) float64 (changes of the coefficients aberration_names, Å) and tilt
+        (2,) float64 (specimen tilt [y, x] in mrad, multislice).
         counts: (N, n, n) float32 in FFT order (near field: image order), or a
         losses.Measurements holding them.
         refine: names to return gradients for. mask: (n, n) detector mask in FFT order
@@ -291,23 +363,31 @@ class Model:
             losses.Measurements(counts, mask)
         object_slices, probe, positions = params["object"], params["probe"], params["positions"]
         probe_k = self.fft2(probe)
-        focus = None
-        if params.get("defocus") is not None:
-            focus = self.defocus_factor(params["defocus"])
+        focus = self.probe_factor(params)
+        if focus is not None:
             probe_k *= focus                                   # P' = P F
         want_probe = "probe" in refine
         want_positions = "positions" in refine
         want_defocus = "defocus" in refine
+        want_aberrations = "aberrations" in refine and len(self.aberration_names) > 0
+        want_tilt = "tilt" in refine and self.n_slices > 1
+        propagator = propagator_adjoint = None
+        if params.get("tilt") is not None and self.n_slices > 1:
+            propagator, propagator_adjoint = self.propagators(params["tilt"])
         n = self.window
         corners_all, fractional_all = self.split_positions(positions)
         evaluation = _Evaluation(
             measured=measured, loss_fn=losses.by_name(loss_name), object_slices=object_slices,
             views=self.window_views(object_slices), probe_k=probe_k, corners=corners_all,
             fractional=fractional_all, want_object="object" in refine,
-            probe_side=want_probe or want_defocus, want_positions=want_positions,
+            probe_side=want_probe or want_defocus or want_aberrations,
+            want_positions=want_positions,
             groups=None if want_positions else self.shifted_probes(probe_k, fractional_all),
             grad_positions=xp.zeros(positions.shape, dtype=xp.float64) if want_positions
-            else None)
+            else None, want_tilt=want_tilt,
+            propagator=self.propagator if propagator is None else propagator,
+            propagator_adjoint=getattr(self, "propagator_adjoint", None)
+            if propagator_adjoint is None else propagator_adjoint)
         starts = list(range(0, measured.counts.shape[0], batch_size))
         lanes = max(1, min(self.lanes(), len(starts)))
 
@@ -336,18 +416,26 @@ class Model:
         gradients = {}
         if grad_object is not None:
             gradients["object"] = grad_object
+        if want_defocus or want_aberrations:
+            torque = xp.sum((xp.conj(grad_probe_k) * probe_k).imag, axis=0, dtype=xp.float64)
         if want_defocus:
             # ∂L/∂Δf = −πλ Σ |k|² Im(conj(g_P') P'), g_P' = grad_probe_k / n²
-            torque = xp.sum((xp.conj(grad_probe_k) * probe_k).imag, axis=0, dtype=xp.float64)
             value = -math.pi * self.wavelength_A / n ** 2 * xp.sum(
                 self.squared_frequencies_invA() * torque)
             gradients["defocus"] = xp.asarray([float(value)], dtype=xp.float64)
+        if want_aberrations:
+            # ∂L/∂δC_c = Σ B_c Im(conj(g_P') P')
+            gradients["aberrations"] = xp.sum(self.aberration_basis() * torque[None],
+                                              axis=(1, 2)) / n ** 2
         if want_probe:
             if focus is not None:
                 grad_probe_k *= xp.conj(focus)
             gradients["probe"] = self.ifft2(grad_probe_k).astype(self.complex_dtype)
         if want_positions:
             gradients["positions"] = grad_positions
+        if want_tilt:
+            gradients["tilt"] = xp.asarray(sums.grad_tilt, dtype=xp.float64) * (
+                2.0 * math.pi * self.slice_thickness_A * 1e-3 / n ** 2)
         if with_validation:
             return total, gradients, validation
         return total, gradients
@@ -378,7 +466,8 @@ class Model:
             group_sums = xp.zeros((len(e.groups[0]),) + e.probe_k.shape, dtype=e.probe_k.dtype)
         return _Sums(grad_object=xp.zeros_like(e.object_slices) if e.want_object else None,
                      grad_probe_k=xp.zeros_like(e.probe_k) if e.probe_side else None,
-                     group_sums=group_sums)
+                     group_sums=group_sums,
+                     grad_tilt=np.zeros(2) if e.want_tilt else None)
 
     def _add_batch(self, evaluation, batch, sums):
         """Forward model, loss and the adjoint pass of one batch of patterns, into `sums`."""
@@ -389,7 +478,7 @@ class Model:
         grouped = None if e.groups is None else (e.groups[1], e.groups[2][batch])
         far, (ramps, incident, windows) = self.far_field(
             e.object_slices, e.probe_k, corners, fractional, keep=True, grouped=grouped,
-            views=e.views)
+            views=e.views, propagator=e.propagator)
         intensity = self.mode_sum(self.power(far))
         intensity *= 1.0 / n ** 2
         value, d_intensity, held_out = e.loss_fn(intensity, e.measured, batch, xp)
@@ -409,6 +498,7 @@ class Model:
             if need_wave_gradient:
                 window = windows[s]
                 xp.conjugate(window, out=window)
+            incident_spectrum = self.fft2(incident[s]) if e.want_tilt and s > 0 else None
             if grad_object is not None:
                 psi = incident[s]
                 xp.conjugate(psi, out=psi)
@@ -421,7 +511,14 @@ class Model:
             g_phi *= window[:, None, :, :]               # now g_ψ⁽ˢ⁾
             if s > 0:
                 spectrum = self.fft2(g_phi)
-                spectrum *= self.propagator_adjoint
+                if incident_spectrum is not None:       # Σ k Im(conj(G_s) Ψ_s), k in Å⁻¹
+                    torque = xp.sum((xp.conj(spectrum) * incident_spectrum).imag, axis=(0, 1),
+                                    dtype=xp.float64)
+                    k = self.frequencies.astype(xp.float64) / self.pixel_size_A
+                    sums.grad_tilt[0] += float(xp.sum(torque * k[:, None]))
+                    sums.grad_tilt[1] += float(xp.sum(torque * k[None, :]))
+                    del incident_spectrum
+                spectrum *= e.propagator_adjoint
                 g_phi = self.ifft2(spectrum)
         if sums.group_sums is not None:
             # Σ_{j in group g} g_ψ_j⁽⁰⁾ (a batch meets few groups; no BLAS call, whose
@@ -463,6 +560,9 @@ class _Evaluation:
     want_positions: bool
     groups: tuple | None
     grad_positions: object
+    want_tilt: bool = False
+    propagator: object = None
+    propagator_adjoint: object = None
 
 
 @dataclass
@@ -474,10 +574,13 @@ class _Sums:
     group_sums: object = None
     total: float = 0.0
     validation: float = 0.0
+    grad_tilt: object = None            # (2,) host float64: Σ k Im(conj(G_s) Ψ_s) for y, x
 
     def add(self, other: "_Sums"):
         self.total += other.total
         self.validation += other.validation
+        if self.grad_tilt is not None:
+            self.grad_tilt += other.grad_tilt
         for name in ("grad_object", "grad_probe_k", "group_sums"):
             mine = getattr(self, name)
             if mine is not None:

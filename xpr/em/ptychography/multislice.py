@@ -31,8 +31,9 @@ def band_limit(shape, xp, fraction: float = 2.0 / 3.0):
 
 
 def fresnel_propagator(shape, pixel_size_A: float, wavelength_A: float, distance_A: float, xp,
-                       tilt_mrad=(0.0, 0.0), band_limit_fraction: float = 2.0 / 3.0):
-    """K_Δz(k) = exp(−iπλΔz|k|² − 2πiΔz(k·θ)) · B(k), complex64, FFT order.
+                       tilt_mrad=(0.0, 0.0), band_limit_fraction: float = 2.0 / 3.0,
+                       dtype=None):
+    """K_Δz(k) = exp(−iπλΔz|k|² − 2πiΔz(k·θ)) · B(k), complex64 (or `dtype`), FFT order.
 
     tilt_mrad (y, x) tilts the beam relative to the slices (a shift of θΔz per slice).
     """
@@ -40,7 +41,7 @@ def fresnel_propagator(shape, pixel_size_A: float, wavelength_A: float, distance
     phase = -math.pi * wavelength_A * distance_A * (kx ** 2 + ky ** 2)
     phase = phase - 2.0 * math.pi * distance_A * (ky * tilt_mrad[0] + kx * tilt_mrad[1]) * 1e-3
     kernel = xp.exp(1j * phase) * band_limit(shape, xp, band_limit_fraction)
-    return kernel.astype(xp.complex64)
+    return kernel.astype(xp.complex64 if dtype is None else dtype)
 
 
 def transmission(projected_potential_VA, acc_voltage_kV: float, xp):

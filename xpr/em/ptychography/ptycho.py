@@ -35,7 +35,8 @@ from xpr.em.ptychography import calibration, direct
 from xpr.em import optics
 from xpr.em.ptychography import checkpoints
 from xpr.em.ptychography.forward import Model
-from xpr.em.ptychography.reconstruct import History, Options, reconstruct
+from xpr.em.ptychography.reconstruct import (History, Options, aberration_names, reconstruct,
+                                             refines_defocus, resolve_aberrations)
 from xpr.errors import InputError, SettingsError
 
 
@@ -230,10 +231,13 @@ def prepare(experiment, options: Options, probe_settings, be, margin_px: int = 4
     if experiment.pattern_shape[0] != n:
         raise InputError(f"patterns must be square after binning/padding, got "
                          f"{list(experiment.pattern_shape)}", key="experiment.data_path")
+    options = dataclasses.replace(options, refine_aberrations=resolve_aberrations(
+        options.refine_aberrations, probe_settings["modes"]))
     slices = int(num_slices or experiment.num_slices)
     thickness = float(total_thickness_A or experiment.total_thickness_A)
     model = Model(be, n, experiment.pixel_size_A, experiment.wavelength_A, thickness / slices,
-                  slices, complex_dtype=np.dtype(be.complex_dtype).name)
+                  slices, complex_dtype=np.dtype(be.complex_dtype).name,
+                  aberration_names=aberration_names(options))
     corners = np.asarray(experiment.scan_positions_px if positions_px is None else positions_px,
                          dtype=np.float64) + margin_px
     shape = (int(math.ceil(corners[:, 0].max())) + n + margin_px + 1,
@@ -252,7 +256,49 @@ def prepare(experiment, options: Options, probe_settings, be, margin_px: int = 4
                             dtype=be.real_dtype)
     params = {"object": xp.ones((slices,) + shape, dtype=be.complex_dtype), "probe": probe,
               "positions": xp.asarray(corners), "defocus": xp.zeros(1, dtype=xp.float64)}
+    if model.aberration_names:
+        params["aberrations"] = xp.zeros(len(model.aberration_names), dtype=xp.float64)
+    if options.refine_scan_affine:
+        params["scan_affine"] = xp.zeros(4, dtype=xp.float64)
+        params["scan_centre"] = xp.mean(params["positions"], axis=0)
     return model, counts, mask, params, options
+
+
+# The 180° branch of a PL rotation fitted with C10 unknown (θ, C10 or θ + 180°, −C10) explains
+# the data equally well: on abTEM's focal-spread MoS2 ten epochs on either branch reach the same
+# loss (to 2·10⁻⁵) with the phase negated (r −0.91 against +0.91). Atoms make the true phase
+# peak positive, and after ten epochs the phase's skewness told the branches apart by −1.59
+# against +1.57 where the calibration's tcBF score differed by 0.010.
+BRANCH_TRIAL_EPOCHS = 10
+
+
+def phase_skewness(object_slices, corners_px, window: int) -> float:
+    """Skewness of the summed phase (mean removed) over the scanned area (first to last probe
+    centre): positive where sharp positive peaks (atoms) dominate."""
+    phase = np.sum(np.angle(np.asarray(object_slices)), axis=0)
+    centres = probe_centres_px(corners_px, window)
+    low = np.floor(centres.min(axis=0)).astype(int)
+    high = np.ceil(centres.max(axis=0)).astype(int) + 1
+    values = phase[low[0]:high[0], low[1]:high[1]]
+    values = values - values.mean()
+    return float(np.mean(values ** 3) / max(float(np.mean(values ** 2)), 1e-300) ** 1.5)
+
+
+def branch_uncertain(experiment) -> bool:
+    """The PL rotation's 180° branch came from the tcBF score and the score was not clear."""
+    fit = experiment.parallax_fit
+    return bool(experiment.c10_from_parallax and fit is not None
+                and fit.branch_score < calibration.rotation_branch_margin())
+
+
+def branch_trial_skewness(experiment, options: Options, probe_settings, be, **prepare_args):
+    """phase_skewness after BRANCH_TRIAL_EPOCHS epochs of the reconstruction on `experiment`."""
+    trial = dataclasses.replace(options, epochs=min(BRANCH_TRIAL_EPOCHS, options.epochs))
+    model, counts, mask, params, trial = prepare(experiment, trial, probe_settings, be,
+                                                 **prepare_args)
+    params, _ = reconstruct(model, counts, params, trial, mask=mask)
+    return phase_skewness(be.asnumpy(params["object"]), be.asnumpy(params["positions"]),
+                          model.window)
 
 
 def band_limit_invA(value, experiment):
@@ -492,11 +538,29 @@ def read_truth(path):
 
 # -- the worker --------------------------------------------------------------------------------
 
+def check_aberration_names(names):
+    """SettingsError (key reconstruction.refine.aberrations) unless a list of Krivanek names."""
+    key = "reconstruction.refine.aberrations"
+    if names is None or names == "auto":
+        return
+    if isinstance(names, str) or not isinstance(names, (list, tuple)):
+        raise SettingsError(f"expected auto or a list of Krivanek coefficient names such as "
+                            f"[C12a, C12b, C30], got {names!r}", key=key)
+    for name in names:
+        try:
+            optics.krivanek_index(str(name))
+        except ValueError as error:
+            raise SettingsError(str(error), key=key) from None
+    if len(set(names)) != len(names):
+        raise SettingsError(f"a coefficient is named twice in {list(names)}", key=key)
+
+
 def validate(settings):
     """Before the run folder exists: exit 2 (key reconstruction.max_memory_GB) when the scan
     named by experiment.data_path could not be read and held, or reconstructed (sizes from the
     file's header and the calibration; the latest simulate_4dstem result, the default input, is
     checked in run())."""
+    check_aberration_names(settings.reconstruction.refine.get("aberrations"))
     data_path = settings.experiment.get("data_path")
     if data_path and Path(data_path).expanduser().is_file():
         check_data_fits(settings, data_path)
@@ -518,12 +582,29 @@ def run(settings, archive):
         positions_px = measured_positions(settings.experiment.positions_path, experiment.n_scan,
                                           experiment.pixel_size_A)
     options = Options.from_settings(settings)
-    if experiment.c10_from_parallax and not options.refine_defocus:
+    if experiment.c10_from_parallax and not refines_defocus(options):
         # the parallax's C10 is ≈ 8 % off on abTEM's MoS2 (−108 Å for −100 Å): refining it
         # recovers −98 Å and r 0.940 → 0.953
         options = dataclasses.replace(options, refine_defocus=True)
         archive.log.info("C10 came from the bright-field parallax: the probe's defocus is refined "
                          "from epoch %d (reconstruction.refine.defocus)", options.defocus_from_epoch)
+    if branch_uncertain(experiment) and not settings.checkpoint.resume_from:
+        skewness = branch_trial_skewness(
+            experiment, options, settings.probe, be,
+            margin_px=settings.reconstruction.object_margin_px, positions_px=positions_px,
+            memory_GB=batch_work_GB(experiment, settings, limit, stream_GB), stream_GB=stream_GB)
+        angle = (experiment.pl_rotation_deg + 360.0) % 360.0 - 180.0
+        c10 = -float(experiment.aberrations[0])
+        archive.log.info("the PL rotation's 180° branch was uncertain: the phase after %d epochs "
+                         "has skewness %.2f (atoms make it positive)%s", BRANCH_TRIAL_EPOCHS,
+                         skewness, "" if skewness >= 0 else
+                         f": the other branch is taken (PL rotation {angle:.2f}°, C10 {c10:.1f} Å)")
+        if skewness < 0:
+            other = dict(calibration._settings_dict(settings.experiment), PLRotation_deg=angle,
+                         aberrations=[c10], defocus=None,
+                         transposed=bool(experiment.parallax_fit.transposed))
+            experiment, data_path = calibration.load_experiment(other, data_path,
+                                                                memory_GB=stream_GB)
     model, counts, mask, params, options = prepare(
         experiment, options, settings.probe, be, margin_px=settings.reconstruction.object_margin_px,
         positions_px=positions_px,
@@ -574,20 +655,38 @@ def run(settings, archive):
     object_slices = be.asnumpy(params["object"])
     defocus_change = float(be.asnumpy(params["defocus"])[0])
     probe = be.asnumpy(model.ifft2(model.fft2(params["probe"])
-                                   * model.defocus_factor(defocus_change)))   # as the data see it
+                                   * model.probe_factor(params)))   # as the data see it
     positions = be.asnumpy(params["positions"])
     c10 = (experiment.probe_aberrations or [0.0])[0] - defocus_change
-    if options.refine_defocus:
+    if refines_defocus(options):
         archive.log.info("defocus refined by %.2f Å: probe C10 = %.2f Å (defocus %.2f Å)",
                          defocus_change, c10, -c10)
+    refined_aberrations = {}
+    if model.aberration_names:
+        changes = np.asarray(be.asnumpy(params["aberrations"]), dtype=np.float64)
+        krivanek = [float(c) for c in (experiment.probe_aberrations or [0.0])]
+        krivanek[0] = c10
+        for name, change in zip(model.aberration_names, changes):
+            index = optics.krivanek_index(name)
+            krivanek += [0.0] * (index + 1 - len(krivanek))
+            krivanek[index] += float(change)
+            archive.log.info("%s refined by %.2f Å: %.2f Å", name, change, krivanek[index])
+        refined_aberrations = {"aberration_names": np.asarray(model.aberration_names, dtype="S"),
+                               "aberration_changes_A": changes,
+                               "aberrations_A": np.asarray(krivanek)}
     result = {
         "object": np.moveaxis(object_slices, 0, -1), "probe": np.moveaxis(probe, 0, -1),
         "positions_px": positions, "loss": np.asarray(history.loss),
         "held_out_loss": np.asarray(history.validation), "best_epoch": int(history.best_epoch),
         "seconds": np.asarray(history.seconds), "pixel_size_A": experiment.pixel_size_A,
         "object_corner0_px": positions[0],
-        "defocus_change_A": defocus_change, "C10_A": c10,
+        "defocus_change_A": defocus_change, "C10_A": c10, **refined_aberrations,
     }
+    if params.get("scan_affine") is not None:
+        matrix = np.eye(2) + np.asarray(be.asnumpy(params["scan_affine"])).reshape(2, 2)
+        result["scan_affine"] = matrix
+        archive.log.info("scan affine map (positions told → refined, about their centre): "
+                         "[[%.4f, %.4f], [%.4f, %.4f]]", *matrix.ravel())
     truth = read_truth(data_path)
     if truth is not None and truth.centres_px is not None \
             and len(truth.centres_px) == len(positions):
