@@ -204,23 +204,32 @@ def prepare_references(grids, inside, params, images, mask, options, ctf, backen
     """Half volumes, their FSC, the two references and the slice radius (px) for the projectors.
     inside: the image indices summed in each half's grid; params: (angles, shifts_px); radius: the
     last slice radius (the corrections are limited to it; None: all frequencies); residuals: two
-    lists receiving each half's residual grids."""
+    lists receiving each half's residual grids; adaptive: reference.mask applies (no user mask).
+    With reference.source both, the two references are one object, made from the volume of both
+    halves (combined_reconstruction: their sums and residual grids, no extra insertion)."""
     both = options.reference_source == "both"
     residuals = residuals or ([[], []] if both else [None, None])
     halves = [reconstruction(g, i, params, images, options, ctf, backend, radius, r)
               for g, i, r in zip(grids, inside, residuals)]
     frequencies, fsc = fsc_tools.fourier_shell_correlation(halves[0] * mask, halves[1] * mask, backend)
-    union = combined_reconstruction(grids, residuals, options, backend) if both else None
+    volumes = [combined_reconstruction(grids, residuals, options, backend)] if both else halves
+    weights = fsc_tools.fsc_weights(frequencies, fsc, options.falloff)
+    filtered = {}                       # the FSC-weighted volumes, shared by the mask and the references
     if options.reference_mask == "adaptive" and adaptive:
-        lowpassed = fsc_tools.apply_shell_filter(union if both else halves[0] + halves[1],
-                                                 fsc_tools.fsc_weights(frequencies, fsc, options.falloff), backend)
+        if both:
+            filtered[0] = fsc_tools.apply_shell_filter(volumes[0], weights, backend)
+            lowpassed = filtered[0]
+        else:
+            lowpassed = fsc_tools.apply_shell_filter(halves[0] + halves[1], weights, backend)
         mask = fsc_tools.adaptive_mask(lowpassed, mask, options.mask_threshold, options.mask_dilation)
     references = []
-    for half in [union] if both else halves:
+    for number, volume in enumerate(volumes):
         if options.reference_function is None:
-            reference, _ = fsc_tools.fsc_weighted_reference(half, frequencies, fsc, mask, backend, options.falloff)
+            if number not in filtered:
+                filtered[number] = fsc_tools.apply_shell_filter(volume, weights, backend)
+            reference = filtered[number] * mask      # = fsc_tools.fsc_weighted_reference(volume, …)
         else:
-            reference = np.asarray(options.reference_function(half, frequencies, fsc, mask, backend), np.float32)
+            reference = np.asarray(options.reference_function(volume, frequencies, fsc, mask, backend), np.float32)
         references.append(reference)
     if both:
         references.append(references[0])
@@ -358,7 +367,9 @@ def refinement_passes(images, angles, shifts_px, options: Ali3dOptions, *, sessi
             inside = [np.setdiff1d(members[h], mine[h]) for h in (0, 1)]
             halves, frequencies, fsc, references, radius = prepare_references(
                 grids, inside, (angles, shifts_px), images, mask, options, ctf, backend, radius, adaptive=adaptive)
-            projectors = [prepare_projector(r, backend, options.npad, options.kernel_width, radius) for r in references]
+            projectors = [prepare_projector(r, backend, options.npad, options.kernel_width, radius)
+                          for r in references[:1 if references[1] is references[0] else 2]]
+            projectors *= 2 // len(projectors)              # reference.source both: one projector serves both
             tasks, where = [], []
             for h in (0, 1):
                 for part in split(mine[h], parallel.n_workers(multi_process, len(mine[h]))):
