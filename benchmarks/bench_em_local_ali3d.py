@@ -15,6 +15,7 @@ reaped when the run's worker session closes) and of one reconstruction — figur
 shared with other jobs inflates far less than wall-clock seconds.  Never pass/fail on time.
 
     python benchmarks/bench_em_local_ali3d.py [--images 500] [--box 64] [--processes auto] [--iterations 1]
+        [--reference-source halves|both] [--reference-mask sphere|adaptive]
 
 With --iterations N the run makes N passes and the per-iteration figures are the run's over N (the
 first grids and the last pass's all-frequency products are then shared by N passes).
@@ -42,13 +43,18 @@ def main():
     parser.add_argument("--processes", default="auto")
     parser.add_argument("--max-evaluations", type=int, default=200)
     parser.add_argument("--iterations", type=int, default=1)
+    parser.add_argument("--reference-source", default=None, help="halves or both (default: the settings' default)")
+    parser.add_argument("--reference-mask", default=None, help="sphere or adaptive (default: the settings' default)")
     args = parser.parse_args()
     processes = args.processes if args.processes == "auto" else int(args.processes)
     multi_process = {"engine": "local", "n_processes": processes}
     workers = parallel.n_workers(multi_process, 10 ** 6)
     backend = cpu()
     data = phantom.simulate(np.random.default_rng(0), args.images, args.box, snr=1.0, backend=backend)
-    options = ali.Ali3dOptions(ou=args.box // 2 - 2, maxit=args.iterations, chunk=0.2, max_evaluations=args.max_evaluations)
+    chosen = {key: value for key, value in (("reference_source", args.reference_source),
+                                            ("reference_mask", args.reference_mask)) if value is not None}
+    options = ali.Ali3dOptions(ou=args.box // 2 - 2, maxit=args.iterations, chunk=0.2, max_evaluations=args.max_evaluations,
+                               **chosen)
     truth = (data.true_angles, data.true_shifts)
 
     def cpu_seconds():
@@ -91,7 +97,8 @@ def main():
     after = ali.parameter_errors(state.angles, state.shifts_px, truth, options.group)
     search = args.images * evaluations * one_evaluation / workers
     print(f"images {args.images} of {args.box}², {workers} worker process(es), slice radius {radius:.0f} px, "
-          f"{args.iterations} iteration(s), kernel width {options.kernel_width}, tolerance {options.tolerance}")
+          f"{args.iterations} iteration(s), kernel width {options.kernel_width}, tolerance {options.tolerance}, "
+          f"reference {options.reference_source} / mask {options.reference_mask}")
     print(f"seconds per iteration            {seconds:8.2f}")
     print(f"criterion evaluations per image  {evaluations:8.1f}")
     print(f"one criterion evaluation (ms)    {1e3 * one_evaluation:8.3f}  (batched over {count} images)")

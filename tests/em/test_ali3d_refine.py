@@ -108,7 +108,9 @@ def test_d2_phantom_refined_with_d2_equals_c1_within_noise():
 def test_ctf_stack_refines_as_well_as_without_ctf(mode):
     """Issue 19: 48³, 300 images of 3 Å, per-image astigmatic CTF (defocus 0.8–2 µm), SNR 4, start
     4.9° / 1.9 px off. Before the Wiener term was made one image's worth, the CTF references were
-    distorted and the angles barely moved (4.69° → 4.65°); now two passes reach ≤ 2°."""
+    distorted and the angles barely moved (4.69° → 4.65°); then two passes reached 1.62° / 0.26 px
+    (wiener) and 1.63° / 0.27 px (phase_flip) against the half sets' own references, and with the
+    reference of both halves and the adaptive mask (the defaults) 1.27° / 0.22 px and 1.26° / 0.22 px."""
     data = phantom.simulate(np.random.default_rng(0), 300, 48, snr=4.0, angle_error_deg=3.0, shift_error_px=1.5,
                             defocus_range_A=[8000.0, 20000.0], pixel_size_A=3.0, backend=cpu())
     truth = (data.true_angles, data.true_shifts)
@@ -118,8 +120,8 @@ def test_ctf_stack_refines_as_well_as_without_ctf(mode):
                             multi_process=SERIAL, truth=truth)
     after = ali.parameter_errors(state.angles, state.shifts_px, truth, np.eye(3)[None])
     assert before[0] > 4.5 and before[1] > 1.5
-    assert after[0] <= 2.0
-    assert after[1] <= 0.35
+    assert after[0] <= 1.5
+    assert after[1] <= 0.3
 
 
 def test_simplex_reaches_the_noise_floor_of_snr_one_images():
@@ -138,15 +140,17 @@ def test_simplex_reaches_the_noise_floor_of_snr_one_images():
 @pytest.mark.slow
 def test_snr_one_stack_refines_to_the_issue_bounds():
     """Issue 19's no-CTF class: 48³, 300 images, SNR 1, start 4.8° / 1.9 px off, two passes.
-    Aligned against the *true* volume these images reach 2.23° / 0.16 px (the criterion's noise
-    floor); against their own gold-standard half-set references 2.51° / 0.292 px with the defaults
-    (kernel width 3, tolerance 0.1; 2.54° / 0.290 px with 4 and 0.02)."""
+    The same simplex search against the *true* volume (slice radius 11 px, the refinement's) gives
+    2.30° / 0.17 px: the criterion's noise floor on this phantom.  Against each half set's own
+    reference inside a soft sphere the refinement reached 2.51° / 0.292 px; against the reference
+    of both halves (chunk left out) with the adaptive mask, the defaults, 2.35° / 0.254 px."""
     data = phantom.simulate(np.random.default_rng(0), 300, 48, snr=1.0, angle_error_deg=3.0, shift_error_px=1.5,
                             backend=cpu())
     truth = (data.true_angles, data.true_shifts)
     before = ali.parameter_errors(data.start_angles, data.start_shifts, truth, np.eye(3)[None])
+    _, floor, _ = align_against_true_volume(data, mask_radius=22, max_evaluations=200, tolerance=0.1, radius=11)
     state = run_refinement(data, maxit=2)
     after = ali.parameter_errors(state.angles, state.shifts_px, truth, np.eye(3)[None])
     assert before[0] > 4.5 and before[1] > 1.5
-    assert after[0] <= 2.6
-    assert after[1] <= 0.3
+    assert after[0] <= 2.42 and after[0] <= floor[0] + 0.12
+    assert after[1] <= 0.28

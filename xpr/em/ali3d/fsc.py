@@ -100,3 +100,21 @@ def fsc_weighted_reference(volume, frequencies, fsc, mask, backend, falloff: flo
     Returns (reference, weights per shell)."""
     weights = fsc_weights(frequencies, fsc, falloff)
     return apply_shell_filter(volume, weights, backend) * mask, weights
+
+
+def adaptive_mask(volume, sphere, threshold: float = 0.05, dilation: float = 2.0, edge: float = 3.0):
+    """A soft mask around the particle: the voxels of `volume` (a low-passed map) above
+    `threshold` × its maximum inside `sphere`, grown by `dilation` pixels, with a raised-cosine edge
+    of `edge` pixels, times `sphere`.  Multiplied into the references it sets the solvent around
+    the particle to zero, where the sphere keeps its noise (at SNR 1 most of the reference's noise
+    lies outside the particle).  Falls back to `sphere` when nothing is above the threshold."""
+    from scipy import ndimage
+
+    inside = np.asarray(volume, np.float32) * sphere
+    peak = float(inside.max())
+    if peak <= 0:
+        return sphere
+    support = inside > threshold * peak
+    distance = ndimage.distance_transform_edt(~support)
+    ramp = np.clip((distance - dilation) / max(edge, 1e-6), 0.0, 1.0)
+    return (0.5 * (1 + np.cos(np.pi * ramp))).astype(np.float32) * sphere

@@ -88,6 +88,10 @@ class Ali3dOptions:
     gridding_iterations: int = setting("alignment.gridding_iterations")
     pixel_size_A: float = 1.0      # from the particle table / MRC header (input.pixel_size_A)
     falloff: float = setting("reference.falloff")
+    reference_source: str = setting("reference.source")
+    reference_mask: str = setting("reference.mask")
+    mask_threshold: float = setting("reference.mask_threshold")
+    mask_dilation: float = setting("reference.mask_dilation")
     reference_function: Callable | None = setting("reference.function", resolve_reference_function)  # None: FSC-weighted
 
 
@@ -195,22 +199,40 @@ def combined_reconstruction(grids, residuals, options, backend):
 
 # --- references -------------------------------------------------------------------------------
 
-def prepare_references(grids, inside, params, images, mask, options, ctf, backend, radius=None, residuals=None):
+def prepare_references(grids, inside, params, images, mask, options, ctf, backend, radius=None, residuals=None,
+                       adaptive=True):
     """Half volumes, their FSC, the two references and the slice radius (px) for the projectors.
     inside: the image indices summed in each half's grid; params: (angles, shifts_px); radius: the
     last slice radius (the corrections are limited to it; None: all frequencies); residuals: two
-    lists receiving each half's residual grids."""
-    residuals = residuals or [None, None]
+    lists receiving each half's residual grids; adaptive: reference.mask applies (no user mask).
+    With reference.source both, the two references are one object, made from the volume of both
+    halves (combined_reconstruction: their sums and residual grids, no extra insertion)."""
+    both = options.reference_source == "both"
+    residuals = residuals or ([[], []] if both else [None, None])
     halves = [reconstruction(g, i, params, images, options, ctf, backend, radius, r)
               for g, i, r in zip(grids, inside, residuals)]
     frequencies, fsc = fsc_tools.fourier_shell_correlation(halves[0] * mask, halves[1] * mask, backend)
-    references = []
-    for half in halves:
-        if options.reference_function is None:
-            reference, _ = fsc_tools.fsc_weighted_reference(half, frequencies, fsc, mask, backend, options.falloff)
+    volumes = [combined_reconstruction(grids, residuals, options, backend)] if both else halves
+    weights = fsc_tools.fsc_weights(frequencies, fsc, options.falloff)
+    filtered = {}                       # the FSC-weighted volumes, shared by the mask and the references
+    if options.reference_mask == "adaptive" and adaptive:
+        if both:
+            filtered[0] = fsc_tools.apply_shell_filter(volumes[0], weights, backend)
+            lowpassed = filtered[0]
         else:
-            reference = np.asarray(options.reference_function(half, frequencies, fsc, mask, backend), np.float32)
+            lowpassed = fsc_tools.apply_shell_filter(halves[0] + halves[1], weights, backend)
+        mask = fsc_tools.adaptive_mask(lowpassed, mask, options.mask_threshold, options.mask_dilation)
+    references = []
+    for number, volume in enumerate(volumes):
+        if options.reference_function is None:
+            if number not in filtered:
+                filtered[number] = fsc_tools.apply_shell_filter(volume, weights, backend)
+            reference = filtered[number] * mask      # = fsc_tools.fsc_weighted_reference(volume, …)
+        else:
+            reference = np.asarray(options.reference_function(volume, frequencies, fsc, mask, backend), np.float32)
         references.append(reference)
+    if both:
+        references.append(references[0])
     return halves, frequencies, fsc, references, slice_radius(frequencies, fsc, halves[0].shape[0], options)
 
 
@@ -313,6 +335,7 @@ def refinement_passes(images, angles, shifts_px, options: Ali3dOptions, *, sessi
     backend = backend or cpu()
     n, box = images.shape[0], images.shape[-1]
     images = prepare_images(images, ctf, options, backend)
+    adaptive = mask is None               # reference.mask applies only where the user gave no mask
     mask = fsc_tools.soft_sphere(box, options.ou) if mask is None else np.asarray(mask, np.float32)
     angles, shifts_px = np.array(angles, float), np.array(shifts_px, float)
     labels = half_set_labels(n, options.seed)
@@ -343,8 +366,10 @@ def refinement_passes(images, angles, shifts_px, options: Ali3dOptions, *, sessi
                     grids[h].add(fourier_sums(images, mine[h], (angles, shifts_px), None, options, ctf))
             inside = [np.setdiff1d(members[h], mine[h]) for h in (0, 1)]
             halves, frequencies, fsc, references, radius = prepare_references(
-                grids, inside, (angles, shifts_px), images, mask, options, ctf, backend, radius)
-            projectors = [prepare_projector(r, backend, options.npad, options.kernel_width, radius) for r in references]
+                grids, inside, (angles, shifts_px), images, mask, options, ctf, backend, radius, adaptive=adaptive)
+            projectors = [prepare_projector(r, backend, options.npad, options.kernel_width, radius)
+                          for r in references[:1 if references[1] is references[0] else 2]]
+            projectors *= 2 // len(projectors)              # reference.source both: one projector serves both
             tasks, where = [], []
             for h in (0, 1):
                 for part in split(mine[h], parallel.n_workers(multi_process, len(mine[h]))):
@@ -392,7 +417,7 @@ def refinement_passes(images, angles, shifts_px, options: Ali3dOptions, *, sessi
         limit = None if iteration == options.maxit else radius
         residuals = [[], []]
         halves, frequencies, fsc, references, _ = prepare_references(
-            grids, members, (angles, shifts_px), images, mask, options, ctf, backend, limit, residuals)
+            grids, members, (angles, shifts_px), images, mask, options, ctf, backend, limit, residuals, adaptive)
         volume = combined_reconstruction(grids, residuals, options, backend)
         del residuals
         reference = fsc_tools.apply_shell_filter(volume, fsc_tools.fsc_weights(frequencies, fsc, options.falloff),
