@@ -33,7 +33,10 @@ def pytest_configure(config):
     handle, log = tempfile.mkstemp(prefix="xpr-outside-", suffix=".log")
     os.close(handle)
     pytest_temp = Path(tempfile.gettempdir()) / f"pytest-of-{getpass.getuser()}"
-    environment = {"XPR_TEST_CHECKOUT": str(CHECKOUT), "XPR_TEST_OUTSIDE_LOG": log,
+    # HOME for the whole session too: module-scoped fixtures run before _isolated_user_home, and
+    # `--setup_home` records its home in ~/.xpr/config.yaml (test_magnetic's wrote the user's)
+    user = tempfile.mkdtemp(prefix="xpr-test-user-")
+    environment = {"HOME": user, "XPR_TEST_CHECKOUT": str(CHECKOUT), "XPR_TEST_OUTSIDE_LOG": log,
                    "XPR_TEST_ALLOW_UNDER": os.pathsep.join(filter(None, [str(pytest_temp),
                                                                          os.environ.get("XPR_TEST_ALLOW_UNDER")])),
                    "PYTHONPATH": os.pathsep.join(filter(None, [str(GUARD), os.environ.get("PYTHONPATH")]))}
