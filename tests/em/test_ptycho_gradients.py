@@ -38,6 +38,21 @@ def _directional(model, params, counts, mask, loss, name, direction, step=1e-6, 
     return (values[0] - values[1]) / (2 * step)
 
 
+COMPLEX_UNKNOWNS = ("object", "probe")
+
+
+def _assert_directional_derivatives(model, params, counts, mask, loss, gradients, steps, rng):
+    """For each (unknown, step): the analytic gradient along a random direction (complex for the
+    object and probe) equals the central difference of the loss to 1e-4."""
+    for name, step in steps:
+        direction = rng.standard_normal(params[name].shape)
+        if name in COMPLEX_UNKNOWNS:
+            direction = direction + 1j * rng.standard_normal(direction.shape)
+        analytic = float(np.sum((np.conj(gradients[name]) * direction).real))
+        numeric = _directional(model, params, counts, mask, loss, name, direction, step=step)
+        assert abs(numeric - analytic) <= 1e-4 * abs(analytic), (name, numeric, analytic)
+
+
 @pytest.mark.parametrize("loss", ["lsq_sqrt", "ml", "lsq"])
 @pytest.mark.parametrize("slices,modes", [(1, 1), (3, 2)])
 def test_analytic_gradient_matches_finite_differences(loss, slices, modes):
@@ -112,13 +127,8 @@ def test_defocus_gradient_matches_finite_differences(loss, slices, modes, raster
     _, gradients = model.loss_and_gradients(params, counts, loss, {"object", "probe", "defocus"},
                                             4, mask)
     assert set(gradients) == {"object", "probe", "defocus"}
-    for name, step in (("defocus", 1e-3), ("probe", 1e-6), ("object", 1e-6)):
-        direction = rng.standard_normal(params[name].shape)
-        if name != "defocus":
-            direction = direction + 1j * rng.standard_normal(direction.shape)
-        analytic = float(np.sum((np.conj(gradients[name]) * direction).real))
-        numeric = _directional(model, params, counts, mask, loss, name, direction, step=step)
-        assert abs(numeric - analytic) <= 1e-4 * abs(analytic), (name, numeric, analytic)
+    _assert_directional_derivatives(model, params, counts, mask, loss, gradients,
+                                    (("defocus", 1e-3), ("probe", 1e-6), ("object", 1e-6)), rng)
 
 
 def test_defocus_matches_a_probe_defocused_by_the_aperture_phase():
@@ -214,13 +224,8 @@ def test_aberration_gradient_matches_finite_differences(loss, slices, modes):
     refine = {"object", "probe", "defocus", "aberrations"}
     _, gradients = model.loss_and_gradients(params, counts, loss, refine, 4, mask)
     assert set(gradients) == refine
-    for name, step in (("aberrations", 1e-3), ("defocus", 1e-3), ("probe", 1e-6)):
-        direction = rng.standard_normal(params[name].shape)
-        if name == "probe":
-            direction = direction + 1j * rng.standard_normal(direction.shape)
-        analytic = float(np.sum((np.conj(gradients[name]) * direction).real))
-        numeric = _directional(model, params, counts, mask, loss, name, direction, step=step)
-        assert abs(numeric - analytic) <= 1e-4 * abs(analytic), (name, numeric, analytic)
+    _assert_directional_derivatives(model, params, counts, mask, loss, gradients,
+                                    (("aberrations", 1e-3), ("defocus", 1e-3), ("probe", 1e-6)), rng)
 
 
 def test_aberration_changes_match_a_probe_built_with_them():
@@ -288,10 +293,5 @@ def test_tilt_gradient_matches_finite_differences(loss, slices, modes):
     refine = {"object", "probe", "tilt"}
     _, gradients = model.loss_and_gradients(params, counts, loss, refine, 4, mask)
     assert set(gradients) == refine
-    for name, step in (("tilt", 1e-3), ("probe", 1e-6), ("object", 1e-6)):
-        direction = rng.standard_normal(params[name].shape)
-        if name != "tilt":
-            direction = direction + 1j * rng.standard_normal(direction.shape)
-        analytic = float(np.sum((np.conj(gradients[name]) * direction).real))
-        numeric = _directional(model, params, counts, mask, loss, name, direction, step=step)
-        assert abs(numeric - analytic) <= 1e-4 * abs(analytic), (name, numeric, analytic)
+    _assert_directional_derivatives(model, params, counts, mask, loss, gradients,
+                                    (("tilt", 1e-3), ("probe", 1e-6), ("object", 1e-6)), rng)
