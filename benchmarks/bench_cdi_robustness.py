@@ -48,10 +48,12 @@ class Case:
     phase: float = 0.0
     seed: int = 1
     dead_lines: int = 2
+    correlation: float = 2.0        # random_smooth's correlation length (px); the phase's is twice it
 
     @property
     def label(self):
-        return (f"{self.dim}D {self.n} {self.kind} os{self.oversampling:g} {self.photons:.0e}ph "
+        smooth = "" if self.correlation == 2.0 else f" cl{self.correlation:g}"
+        return (f"{self.dim}D {self.n} {self.kind}{smooth} os{self.oversampling:g} {self.photons:.0e}ph "
                 f"bs{self.beamstop:g} {'cplx' + format(self.phase, 'g') if self.phase else 'real'} s{self.seed}")
 
 
@@ -62,7 +64,7 @@ def make_case(case: Case):
 
     shape = (case.n,) * case.dim
     truth = model_object(case.kind, shape, case.n / case.oversampling, seed=case.seed,
-                         max_phase=case.phase)
+                         max_phase=case.phase, correlation_length=case.correlation)
     pattern = record(far_field_intensity(truth), case.photons, seed=case.seed + 1000)
     masked = detector_mask(shape, case.beamstop)
     rng = np.random.default_rng(case.seed + 2000)

@@ -66,7 +66,7 @@ def test_support_projection_real_positive(backend):
     assert np.allclose(out[keep], y.real[keep]) and np.all(out.imag == 0)
 
 
-@pytest.mark.parametrize("method", ["ER", "HIO", "RAAR", "DM"])
+@pytest.mark.parametrize("method", ["ER", "HIO", "RAAR", "DM", "ML"])
 def test_true_object_is_a_fixed_point(backend, method):
     shape = (32, 32)
     truth, intensity = _pattern(shape, 12, max_phase=1.0)
