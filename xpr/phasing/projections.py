@@ -137,15 +137,17 @@ class ModulusProjection:
         further (still a descent step of L per pixel, and the fixed points are unchanged). Where
         the model is too strong (t < 1) -- above all the many counts of 0 and 1 -- |F| is only
         halved toward its maximum-likelihood value instead of being set to sqrt(I) (which for
-        counts of 0 also forgets the mean of zero-count pixels is not 0).
+        counts of 0 also forgets the mean of zero-count pixels is not 0). With a background B
+        the model intensity is |F|^2 + B^2 and B takes the same factor, then its shell average,
+        as in P_M.
         """
-        if self.background is not None:
-            raise ValueError("the Poisson ML step does not fit a background (set background: false)")
         backend, xp = self.backend, self.backend.xp
         repeats = x.shape[0]
         model, factor = self._buffers(x.shape)
         F = backend.fftn(x, axes=self.axes)
-        xp.abs(F, out=model)
+        xp.abs(F, out=model)                                        # sqrt(|F|^2 + B^2)
+        if self.background is not None:
+            xp.sqrt(model * model + self.background * self.background, out=model)
         model += self.tiny
         counts = self._counts()
         xp.multiply(model, model, out=factor)
@@ -163,6 +165,9 @@ class ModulusProjection:
         e_mod = xp.sqrt(xp.einsum("ij,ij->i", flat_residual, flat_residual)
                         / max(self.intensity_norm, 1e-30))
         F *= factor
+        if self.background is not None:                             # as P_M: scaled, then
+            self.background *= factor                               # made radially symmetric
+            self.background = self._radial_average(self.background)
         return backend.ifftn(F, axes=self.axes, overwrite_x=True), e_mod
 
     def _counts(self):
