@@ -15,6 +15,7 @@ object's error and the wall time of the run.
     python benchmarks/bench_cdi_robustness.py                    # the whole family (hours on 2 cores)
     python benchmarks/bench_cdi_robustness.py --quick --set merge.select_by=e_mod   # compare options
     python benchmarks/bench_cdi_robustness.py --quick --support-size   # the true size given (the issue's checks)
+    python benchmarks/bench_cdi_robustness.py --issue --support-size   # the issue's 512^2 class and 3-D 128^3
     python benchmarks/bench_cdi_robustness.py --speed            # whole-run cost per iteration
 
 --speed: two CLI runs of 100 and 600 RAAR iterations at 512^2 (one repeat, defaults otherwise:
@@ -48,10 +49,12 @@ class Case:
     phase: float = 0.0
     seed: int = 1
     dead_lines: int = 2
+    correlation: float = 2.0        # random_smooth's correlation length (px); the phase's is twice it
 
     @property
     def label(self):
-        return (f"{self.dim}D {self.n} {self.kind} os{self.oversampling:g} {self.photons:.0e}ph "
+        smooth = "" if self.correlation == 2.0 else f" cl{self.correlation:g}"
+        return (f"{self.dim}D {self.n} {self.kind}{smooth} os{self.oversampling:g} {self.photons:.0e}ph "
                 f"bs{self.beamstop:g} {'cplx' + format(self.phase, 'g') if self.phase else 'real'} s{self.seed}")
 
 
@@ -62,7 +65,7 @@ def make_case(case: Case):
 
     shape = (case.n,) * case.dim
     truth = model_object(case.kind, shape, case.n / case.oversampling, seed=case.seed,
-                         max_phase=case.phase)
+                         max_phase=case.phase, correlation_length=case.correlation)
     pattern = record(far_field_intensity(truth), case.photons, seed=case.seed + 1000)
     masked = detector_mask(shape, case.beamstop)
     rng = np.random.default_rng(case.seed + 2000)
@@ -89,6 +92,20 @@ def quick_family():
         Case("random_smooth", n=512, oversampling=4, photons=2e6, beamstop=5, seed=6),
         Case("random_smooth", n=512, oversampling=4, photons=2e6, beamstop=5, phase=1.0, seed=7),
     ]
+    return cases
+
+
+def issue_family():
+    """The issue's class (checked with the true size given, --support-size): 512^2, radius 64 px
+    (os 4), 2e6 photons (~85 % of the measured pixels count 0), beamstop 5 px; real and complex
+    (+-1 rad); the generator's 2-px texture (correlation 2) and a smoother variant (correlation
+    8 px: ~87 % zeros, the issue's figure) reported separately; and 3-D 128^3, 2e7 photons."""
+    cases = []
+    for correlation in (2.0, 8.0):
+        for seed, phase in ((6, 0.0), (8, 0.0), (7, 1.0), (9, 1.0)):
+            cases.append(Case("random_smooth", n=512, oversampling=4, photons=2e6, beamstop=5,
+                              phase=phase, seed=seed, correlation=correlation))
+    cases.append(Case("random_smooth", n=128, dim=3, oversampling=4, photons=2e7, beamstop=5, seed=1))
     return cases
 
 
@@ -285,6 +302,8 @@ def speed(n=512, rounds=3):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the quick subset (about 8 cases)")
+    parser.add_argument("--issue", action="store_true",
+                        help="the issue's 512^2 class (2 real, 2 complex seeds; textured and smooth) and 3-D 128^3")
     parser.add_argument("--only", nargs="*", type=int, help="indices of cases of the family to run")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="a settings override KEY=VALUE passed to every run (repeatable)")
@@ -301,7 +320,7 @@ def main():
         if args.speed:
             speed()
             return
-        cases = quick_family() if args.quick else full_family()
+        cases = quick_family() if args.quick else issue_family() if args.issue else full_family()
         if args.only:
             cases = [cases[i] for i in args.only]
         robustness(cases, args.overrides, verbose=args.verbose, support_size=args.support_size)

@@ -125,6 +125,13 @@ def test_bad_inputs_are_named(home, run_xpr, xframe_data, tmp_path):
     assert too_high.exit_code == 2
     assert "grid.max_order" in too_high.output and "16" in too_high.output
 
+    ml = run_xpr(["fxs", "reconstruct", "tutorial_2d", "-o",
+                  f"input.invariants_file={xframe_data / 'proj_data_2d.h5'}",
+                  "-o", "main_loop.sub_loops.refinement.order=[ML]",
+                  "-o", "main_loop.sub_loops.refinement.methods={ML: {iterations: 10}}"])
+    assert ml.exit_code == 2      # cdi's Poisson likelihood step has no counts to fit here
+    assert "needs measured counts" in ml.output and "main_loop" in ml.output
+
     missing = run_xpr(["fxs", "reconstruct", "tutorial_2d", "-o", f"input.invariants_file={tmp_path / 'nope.h5'}"])
     assert missing.exit_code == 2 and "nope.h5" in missing.output
 

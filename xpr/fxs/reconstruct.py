@@ -324,6 +324,9 @@ def _schedule(settings, options):
     main_loop = settings.main_loop.to_dict() if hasattr(settings.main_loop, "to_dict") else dict(settings.main_loop)
     names = []
     steps = parse_blocks(main_loop, key="main_loop", names=names)
+    if any(step.method == "ML" for step in steps):
+        raise InputError("ML (the Poisson likelihood step of cdi) needs measured counts; fxs "
+                         "invariants have none: use ER, HIO, RAAR or DM", key="main_loop")
     return compile_policies(steps, options, names), names
 
 

@@ -15,6 +15,14 @@ support, and positivity / a value threshold when asked). With pm = P_M x:
                                                        f_S = P_S x - (P_S x - x)/beta
 
 RAAR's pointwise form equals beta/2 (R_S R_M + I) x + (1 - beta) P_M x for a support-type P_S.
+    ML   (Poisson maximum likelihood, PyNX's ML      x' = P_S [x - 0.5 grad L(x)],
+          in projected-gradient form; Thibault &        L = sum_fitted (|F|^2 - I ln |F|^2)
+          Guizar-Sicairos 2012)                        (P_M.poisson_step; beta unused)
+
+ML is a refinement after the projections: it fits the counts' Poisson likelihood instead of
+their square roots, so the many counts of 0 and 1 of a sparse pattern pull |F| toward their
+maximum-likelihood value rather than onto sqrt(I) (docs/cdi.md: 512^2 issue class, repeats
+0.19-0.21 -> 0.13-0.16 after 100 ML iterations).
 DM needs a second modulus projection per iteration; the others one. Every rule updates x in
 place and returns the modulus error of its first P_M (no extra transforms for metrics).
 Each rule has the signature rule(x, support, beta, P_M, P_S, xp) -> eMod per repeat.
@@ -76,9 +84,20 @@ def difference_map(x, support, beta, P_M, P_S, xp):
     return e_mod
 
 
+def poisson_maximum_likelihood(x, support, beta, P_M, P_S, xp):
+    step = getattr(P_M, "poisson_step", None)
+    if step is None:
+        raise ValueError("the ML algorithm needs a modulus projection of measured counts "
+                         "(cdi phase2d/phase3d)")
+    y, e_mod = step(x)
+    xp.multiply(P_S.inside(y, xp), P_S.feasible(y, support, xp), out=x)   # P_S y, in place
+    return e_mod
+
+
 ALGORITHMS = {
     "ER": error_reduction,
     "HIO": hybrid_input_output,
     "RAAR": relaxed_averaged_alternating_reflections,
     "DM": difference_map,
+    "ML": poisson_maximum_likelihood,
 }

@@ -123,6 +123,59 @@ class ModulusProjection:
             self.background = self._radial_average(self.background)
         return backend.ifftn(F, axes=self.axes, overwrite_x=True), e_mod
 
+    def poisson_step(self, x):
+        """(x - 0.5 grad, eMod): one gradient step on the Poisson negative log-likelihood of the
+        counts I on the fitted pixels, L = sum (lambda - I ln lambda), lambda = |F|^2, F = FT[x]
+        (xpr.phasing.algorithms.poisson_maximum_likelihood; masked and free pixels float).
+
+        The Wirtinger gradient with respect to x* is FT^-1[(1 - I/lambda) F] (FT^H in numpy's
+        unscaled forward convention), so the step multiplies each F by 1 - (1 - t)/2 = (1 + t)/2,
+        t = I/lambda, keeping its phase: at lambda = I this is Newton's step along |F| (the
+        curvature of L there is 4 in |F|), as the plain P_M's factor sqrt(t) is to first order.
+        Where the model is too weak (t > 1) the step (1 + t)/2 overshoots sqrt(t) and, for
+        lambda -> 0, diverges; there the factor is sqrt(t): |F| is moved onto sqrt(I) and no
+        further (still a descent step of L per pixel, and the fixed points are unchanged). Where
+        the model is too strong (t < 1) -- above all the many counts of 0 and 1 -- |F| is only
+        halved toward its maximum-likelihood value instead of being set to sqrt(I) (which for
+        counts of 0 also forgets the mean of zero-count pixels is not 0). With a background B
+        the model intensity is |F|^2 + B^2 and B takes the same factor, then its shell average,
+        as in P_M.
+        """
+        backend, xp = self.backend, self.backend.xp
+        repeats = x.shape[0]
+        model, factor = self._buffers(x.shape)
+        F = backend.fftn(x, axes=self.axes)
+        xp.abs(F, out=model)                                        # sqrt(|F|^2 + B^2)
+        if self.background is not None:
+            xp.sqrt(model * model + self.background * self.background, out=model)
+        model += self.tiny
+        counts = self._counts()
+        xp.multiply(model, model, out=factor)
+        xp.divide(counts, factor, out=factor)                       # t = I / lambda
+        over = factor > 1
+        factor += 1
+        factor *= factor.dtype.type(0.5)                            # (1 + t) / 2
+        xp.copyto(factor, xp.divide(self.amplitude, model), where=over)    # sqrt(t)
+        model -= self.amplitude
+        flat_factor = factor.reshape(repeats, -1)
+        flat_residual = model.reshape(repeats, -1)
+        if self.unmeasured.size:
+            flat_factor[:, self.unmeasured] = 1
+            flat_residual[:, self.unmeasured] = 0
+        e_mod = xp.sqrt(xp.einsum("ij,ij->i", flat_residual, flat_residual)
+                        / max(self.intensity_norm, 1e-30))
+        F *= factor
+        if self.background is not None:                             # as P_M: scaled, then
+            self.background *= factor                               # made radially symmetric
+            self.background = self._radial_average(self.background)
+        return backend.ifftn(F, axes=self.axes, overwrite_x=True), e_mod
+
+    def _counts(self):
+        """I on the fitted pixels (0 elsewhere), kept after the first call."""
+        if getattr(self, "_counts_array", None) is None:
+            self._counts_array = self.amplitude * self.amplitude
+        return self._counts_array
+
 
 class SupportProjection:
     """P_S: zero outside the support (and where other real-space constraints fail)."""

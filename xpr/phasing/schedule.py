@@ -48,9 +48,12 @@ ALGORITHM_NAMES = {
     "HIO": "HIO",
     "DM": "DM",
     "RAAR": "RAAR",
+    "ML": "ML",
     "SW": "SW",
 }
-ITERATING = ("ER", "HIO", "DM", "RAAR")
+ITERATING = ("ER", "HIO", "DM", "RAAR", "ML")
+#: iterating steps without a feedback parameter (beta ramps and shrink-wrap's default stop skip them)
+NO_FEEDBACK = ("ER", "ML")
 
 _TOKEN = re.compile(r"^(\d*)([A-Za-z_]+)$")
 
@@ -157,7 +160,7 @@ def parse_string(text: str, beta=0.8, key="phasing.iters", source=None, operatio
 def ramp_across(steps, pair) -> list[Step]:
     """Give the feedback steps (HIO, DM, RAAR) one beta ramp pair[0] -> pair[1] across all of
     their iterations together, in schedule order (ER takes no beta)."""
-    feedback = [s for s in steps if s.method in ITERATING and s.method != "ER"]
+    feedback = [s for s in steps if s.method in ITERATING and s.method not in NO_FEEDBACK]
     total = sum(s.iterations for s in feedback)
     first, last = pair
 
@@ -166,7 +169,7 @@ def ramp_across(steps, pair) -> list[Step]:
 
     out, done = [], 0
     for step in steps:
-        if step.method in ITERATING and step.method != "ER":
+        if step.method in ITERATING and step.method not in NO_FEEDBACK:
             step = replace(step, beta=(beta(done), beta(done + step.iterations - 1)))
             done += step.iterations
         out.append(step)
@@ -281,7 +284,7 @@ def with_periodic_shrink_wrap(steps, start: int, every: int, stop=None,
         for step in steps:
             if step.method in ITERATING:
                 done += step.iterations
-                if step.method != "ER":
+                if step.method not in NO_FEEDBACK:
                     stop = done
         if stop == 0:
             stop = done
@@ -464,8 +467,8 @@ def describe(steps) -> str:
         if step.method not in ITERATING:
             sigma = step.options.get("sigma")
             words.append(step.method if sigma is None else f"{step.method}(sigma={float(sigma):.3g})")
-        elif step.method == "ER":
-            words.append(f"{step.iterations}ER")
+        elif step.method in NO_FEEDBACK:
+            words.append(f"{step.iterations}{step.method}")
         else:
             b0, b1 = step.beta_at(0), step.beta_at(step.iterations - 1)
             ramp = f"{b0:.2f}" if abs(b0 - b1) < 1e-9 else f"{b0:.2f}->{b1:.2f}"
