@@ -93,6 +93,7 @@ def whole_run(n=512, rounds=3):
         tmp = Path(tmp)
         np.save(tmp / "data.npy", pattern.astype(np.float32))
         np.save(tmp / "mask.npy", masked.astype(np.uint8))
+        os.environ["HOME"] = str(tmp)            # --setup_home records its home in ~/.xpr: not the user's
         run_cli(["--setup_home", tmp / "home"])
         os.environ["XPR_HOME"] = str(tmp / "home")
 

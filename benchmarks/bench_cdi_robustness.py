@@ -315,6 +315,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp) / "home"
         os.environ["XPR_BENCH_TMP"] = tmp
+        os.environ["HOME"] = tmp                 # --setup_home records its home in ~/.xpr: not the user's
         run_cli(["--setup_home", home])
         os.environ["XPR_HOME"] = str(home)
         if args.speed:
