@@ -100,15 +100,27 @@ class ModulusProjection:
 
     def __call__(self, x):
         """(P_M x, eMod per repeat) for a batch x of shape (repeats, *grid)."""
-        backend, xp = self.backend, self.backend.xp
-        repeats = x.shape[0]
         model, factor = self._buffers(x.shape)
-        F = backend.fftn(x, axes=self.axes)
-        xp.abs(F, out=model)                                      # sqrt(|F|^2 + B^2)
+        F = self._transform_and_model_amplitude(x, model)
+        self.backend.xp.divide(self.amplitude, model, out=factor)  # sqrt(I) / model amplitude
+        return self._scale_and_invert(F, factor, model)
+
+    def _transform_and_model_amplitude(self, x, model):
+        """F = FT[x], and the model amplitude sqrt(|F|^2 + B^2) (+ tiny) written into `model`."""
+        xp = self.backend.xp
+        F = self.backend.fftn(x, axes=self.axes)
+        xp.abs(F, out=model)
         if self.background is not None:
             xp.sqrt(model * model + self.background * self.background, out=model)
         model += self.tiny
-        xp.divide(self.amplitude, model, out=factor)              # sqrt(I) / model amplitude
+        return F
+
+    def _scale_and_invert(self, F, factor, model):
+        """(FT^-1[factor F], eMod per repeat): unmeasured pixels float (factor 1, no residual),
+        eMod from the residual amplitude model - sqrt(I) (made in `model`), and the background
+        takes the same factor, then its shell average."""
+        xp = self.backend.xp
+        repeats = F.shape[0]
         model -= self.amplitude                                   # residual amplitude
         flat_factor = factor.reshape(repeats, -1)
         flat_residual = model.reshape(repeats, -1)
@@ -121,7 +133,7 @@ class ModulusProjection:
         if self.background is not None:
             self.background *= factor
             self.background = self._radial_average(self.background)
-        return backend.ifftn(F, axes=self.axes, overwrite_x=True), e_mod
+        return self.backend.ifftn(F, axes=self.axes, overwrite_x=True), e_mod
 
     def poisson_step(self, x):
         """(x - 0.5 grad, eMod): one gradient step on the Poisson negative log-likelihood of the
@@ -141,34 +153,16 @@ class ModulusProjection:
         the model intensity is |F|^2 + B^2 and B takes the same factor, then its shell average,
         as in P_M.
         """
-        backend, xp = self.backend, self.backend.xp
-        repeats = x.shape[0]
+        xp = self.backend.xp
         model, factor = self._buffers(x.shape)
-        F = backend.fftn(x, axes=self.axes)
-        xp.abs(F, out=model)                                        # sqrt(|F|^2 + B^2)
-        if self.background is not None:
-            xp.sqrt(model * model + self.background * self.background, out=model)
-        model += self.tiny
-        counts = self._counts()
+        F = self._transform_and_model_amplitude(x, model)
         xp.multiply(model, model, out=factor)
-        xp.divide(counts, factor, out=factor)                       # t = I / lambda
+        xp.divide(self._counts(), factor, out=factor)               # t = I / lambda
         over = factor > 1
         factor += 1
         factor *= factor.dtype.type(0.5)                            # (1 + t) / 2
         xp.copyto(factor, xp.divide(self.amplitude, model), where=over)    # sqrt(t)
-        model -= self.amplitude
-        flat_factor = factor.reshape(repeats, -1)
-        flat_residual = model.reshape(repeats, -1)
-        if self.unmeasured.size:
-            flat_factor[:, self.unmeasured] = 1
-            flat_residual[:, self.unmeasured] = 0
-        e_mod = xp.sqrt(xp.einsum("ij,ij->i", flat_residual, flat_residual)
-                        / max(self.intensity_norm, 1e-30))
-        F *= factor
-        if self.background is not None:                             # as P_M: scaled, then
-            self.background *= factor                               # made radially symmetric
-            self.background = self._radial_average(self.background)
-        return backend.ifftn(F, axes=self.axes, overwrite_x=True), e_mod
+        return self._scale_and_invert(F, factor, model)
 
     def _counts(self):
         """I on the fitted pixels (0 elsewhere), kept after the first call."""
