@@ -394,7 +394,9 @@ def pad_px(data_pad, width: int) -> int:
     return int(math.ceil(width / 4)) if data_pad is None else int(data_pad)
 
 
-def _settings_dict(experiment_settings) -> dict:
+def experiment_dict(experiment_settings) -> dict:
+    """The `experiment` settings block as a plain dict ({} when absent), for the calibration,
+    the ptycho worker and its memory estimate alike."""
     if experiment_settings is None:
         return {}
     if hasattr(experiment_settings, "to_dict"):
@@ -572,7 +574,7 @@ class Experiment:
         (as float32) larger than that, the patterns stay in the file (StreamedPatterns) and the
         mean pattern, centres of mass and dark-field counts are computed batch by batch.
         """
-        settings = _settings_dict(experiment_settings)
+        settings = experiment_dict(experiment_settings)
         given = {k: v for k, v in (file_calibration or {}).items()
                  if v is not None and k not in PROCESSING_KEYS}
         from_file = set(given)
@@ -832,7 +834,7 @@ def load_experiment(experiment_settings, default_data_path=None, memory_GB=None)
     StreamedPatterns; the file stays open until the experiment is garbage-collected)."""
     from xpr.io.stem4d import open_scan
 
-    settings = _settings_dict(experiment_settings)
+    settings = experiment_dict(experiment_settings)
     data_path = settings.get("data_path") or default_data_path
     if data_path is None:
         raise InputError("no input data: set experiment.data_path", key="experiment.data_path")

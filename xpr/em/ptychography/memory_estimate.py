@@ -46,10 +46,10 @@ def scan_header(settings, path=None):
     """(number of patterns, detector shape (ky, kx)) of `path` (default experiment.data_path)
     from its header, or None where no path is given (validate() before a run: the default input
     is found in the run) or the file cannot be opened (the worker then says what is wrong)."""
-    from xpr.em.ptychography.calibration import _settings_dict
+    from xpr.em.ptychography.calibration import experiment_dict
     from xpr.io.stem4d import open_scan
 
-    experiment = _settings_dict(settings["experiment"])
+    experiment = experiment_dict(settings["experiment"])
     path = path or experiment.get("data_path")
     if not path:
         return None
@@ -74,9 +74,9 @@ def _prepared_pixels(detector, experiment) -> tuple[int, int]:
 def reading_parts(n_patterns, detector, experiment) -> dict:
     """The scan read whole and prepared: the file's values as float32 and two prepared copies
     (clipped, rolled; padded: the padded copy beside the rolled one)."""
-    from xpr.em.ptychography.calibration import _settings_dict
+    from xpr.em.ptychography.calibration import experiment_dict
 
-    experiment = _settings_dict(experiment)
+    experiment = experiment_dict(experiment)
     binned, padded = _prepared_pixels(detector, experiment)
     raw = 4 * int(n_patterns) * int(np.prod(detector))
     prepared = (READ_COPIES - 1) * binned if padded == binned else binned + padded
@@ -102,9 +102,9 @@ def direct_in_memory(command, n_patterns, detector, settings) -> memory.Estimate
     tcbf -- the prepared scan, the bright-field images (n_bf x N float32) with their complex
     spectra and shifted copies (about 10 float32 copies), plus the transfer function's chunk.
     """
-    from xpr.em.ptychography.calibration import _settings_dict
+    from xpr.em.ptychography.calibration import experiment_dict
 
-    experiment = _settings_dict(settings["experiment"])
+    experiment = experiment_dict(settings["experiment"])
     options = settings[command]
     n = int(n_patterns)
     binned, _ = _prepared_pixels(detector, experiment)
@@ -136,9 +136,9 @@ def direct_streamed(command, n_patterns, detector, settings) -> memory.Estimate:
     (calibration.WORK_COPIES float32 copies while it is prepared). Fixed: the per-scan-point
     maps (centres of mass, dark-field counts, float64) and the command's own scan-sized work
     (dpc's integration, wdd's sums over frequencies, tcbf's bright-field images)."""
-    from xpr.em.ptychography.calibration import WORK_COPIES, _settings_dict
+    from xpr.em.ptychography.calibration import WORK_COPIES, experiment_dict
 
-    experiment = _settings_dict(settings["experiment"])
+    experiment = experiment_dict(settings["experiment"])
     options = settings[command]
     n = int(n_patterns)
     binned, padded = _prepared_pixels(detector, experiment)
@@ -184,7 +184,7 @@ def plan_direct(command, settings, data_path=None, log=None, limit=None) -> dict
     batch budget shrunk to what is left. Returns dict(memory_GB for load_experiment, chunk
     (wdd's frequencies, tcbf's bright-field pixels per pass; None: the command's own), streamed).
     Exit 2 (InputError naming experiment.data_path) when even one pattern at a time does not fit."""
-    from xpr.em.ptychography.calibration import _settings_dict
+    from xpr.em.ptychography.calibration import experiment_dict
 
     header = scan_header(settings, data_path)
     options = settings[command]
@@ -199,7 +199,7 @@ def plan_direct(command, settings, data_path=None, log=None, limit=None) -> dict
     what = f"{command} on {scan}"
     nbytes = 4 * n * int(np.prod(detector))
     wanted = wanted_chunk(command, n, settings, _prepared_pixels(
-        detector, _settings_dict(settings["experiment"]))[0])
+        detector, experiment_dict(settings["experiment"]))[0])
     whole = direct_in_memory(command, n, detector, settings)
     if nbytes <= setting * 1e9:
         chunk = memory.largest_batch(whole, limit, wanted)
@@ -238,11 +238,11 @@ def wanted_chunk(command, n_patterns, settings, detector_pixels=None) -> int:
     if command == "wdd":
         return int(settings["wdd"]["chunk_frequencies"])
     if command == "tcbf":
-        from xpr.em.ptychography.calibration import _settings_dict
+        from xpr.em.ptychography.calibration import experiment_dict
         from xpr.em.ptychography.bright_field import VALUES_PER_CHUNK
         options = settings["tcbf"]
         upsample = int(options["upsample"])
-        experiment = _settings_dict(settings["experiment"])
+        experiment = experiment_dict(settings["experiment"])
         n_bf = bright_field_pixels(detector_pixels, experiment, float(options["bright_field_fraction"]))
         return max(1, min(n_bf, VALUES_PER_CHUNK // (int(n_patterns) * upsample ** 2)))
     return 1

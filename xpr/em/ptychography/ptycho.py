@@ -130,7 +130,7 @@ def data_plan(settings, data_path, log=None):
     from xpr.io.stem4d import open_scan
 
     experiment = settings.experiment
-    given = calibration._settings_dict(experiment)
+    given = calibration.experiment_dict(experiment)
     with open_scan(Path(data_path).expanduser(), given.get("dataset"),
                    given.get("scan_size")) as scan:
         n_patterns, detector = scan.n_patterns, scan.detector_shape
@@ -344,9 +344,9 @@ def ptycho_reconstruction(settings, n_patterns, detector, file_calibration, scan
     neither in the settings nor in the file (the run then checks after calibrating)."""
     from xpr.backend import from_settings
     from xpr.em.optics import electron_wavelength_A
-    from xpr.em.ptychography.calibration import PROCESSING_KEYS, _settings_dict, raster_positions_A
+    from xpr.em.ptychography.calibration import PROCESSING_KEYS, experiment_dict, raster_positions_A
 
-    experiment = _settings_dict(settings["experiment"])
+    experiment = experiment_dict(settings["experiment"])
     given = {k: v for k, v in (file_calibration or {}).items() if v is not None and k not in PROCESSING_KEYS}
     given.update({k: v for k, v in experiment.items() if v is not None})
     data_bin, data_pad = calibration.detector_processing(experiment)
@@ -600,7 +600,7 @@ def run(settings, archive):
                          skewness, "" if skewness >= 0 else
                          f": the other branch is taken (PL rotation {angle:.2f}°, C10 {c10:.1f} Å)")
         if skewness < 0:
-            other = dict(calibration._settings_dict(settings.experiment), PLRotation_deg=angle,
+            other = dict(calibration.experiment_dict(settings.experiment), PLRotation_deg=angle,
                          aberrations=[c10], defocus=None,
                          transposed=bool(experiment.parallax_fit.transposed))
             experiment, data_path = calibration.load_experiment(other, data_path,
