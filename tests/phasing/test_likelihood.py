@@ -98,3 +98,19 @@ def test_autocorrelation_size_estimates_the_object_size_behind_a_beamstop():
         truth, counts, measured = _noisy(kind, seed=seed)
         ratio = autocorrelation_size(counts, measured) / np.count_nonzero(truth)
         assert 0.7 < ratio < 4.0, (kind, ratio)
+
+
+def test_estimated_floor_guards_only_runs_without_a_size():
+    """shrink_wrap.estimated_floor sets shrink-wrap's size floor to the fraction x the estimated
+    size only when no size was given and the size rule is the floor (never an exact size from
+    an estimate); 0 leaves the relative threshold alone."""
+    from xpr.cdi.phasing import PhasingOptions, estimated_floor
+
+    plain = PhasingOptions()
+    assert plain.support_size is None and plain.sw_size_rule == "floor"
+    assert estimated_floor(plain, 1000.0, 0.5).support_size == 500
+    assert estimated_floor(plain, 1000.0, 0.0).support_size is None
+    given = PhasingOptions(support_size=800)
+    assert estimated_floor(given, 1000.0, 0.5).support_size == 800
+    exact = PhasingOptions(sw_size_rule="exact")
+    assert estimated_floor(exact, 1000.0, 0.5).support_size is None

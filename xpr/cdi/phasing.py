@@ -25,6 +25,8 @@ Method, top to bottom:
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from xpr import memory, parallel, plot
@@ -110,7 +112,8 @@ def prepare(intensity, masked, inp):
 # 2. initial support
 
 
-def initial_support_for(intensity_fft, measured_fft, inp, log=None, support_size=None):
+def initial_support_for(intensity_fft, measured_fft, inp, log=None, support_size=None,
+                        estimated_size=None):
     """The first support (centred): a disc/ball of radius `spherical_support` when given; else
     with `initial_support: auto` (default) a disc/ball of `support_size_factor` x the support
     size: the given one (`support_size` / `voxel_number`), or without one the size estimated
@@ -122,13 +125,8 @@ def initial_support_for(intensity_fft, measured_fft, inp, log=None, support_size
     if kind == "auto":
         kind = "size"
         if not support_size:        # the size estimated from the autocorrelation's area
-            ac = inp.autocorrelation
-            support_size = max(autocorrelation_size(intensity_fft, measured_fft,
-                                                    threshold=float(ac.threshold),
-                                                    sigma=float(ac.sigma)), 1.0)
-            if log is not None:
-                log.info("no support size given: %d px estimated from the autocorrelation's area "
-                         "(|S - S| / 2^n)", int(round(support_size)))
+            support_size = estimated_size or estimate_support_size(intensity_fft, measured_fft,
+                                                                   inp, log)
     if kind == "size" and not support_size:
         raise InputError("initial_support: size needs phasing_parameters.support_size (2-D) or "
                          "voxel_number (3-D)", key="input.initial_support")
@@ -153,6 +151,27 @@ def initial_support_for(intensity_fft, measured_fft, inp, log=None, support_size
     if log is not None:
         log.info("initial support: %s of radius %.1f px", "disc" if len(shape) == 2 else "ball", radius)
     return np.asarray(centred_radius(shape)) <= radius
+
+
+def estimate_support_size(intensity_fft, measured_fft, inp, log=None):
+    """The object's size (px/voxels) estimated from the pattern (support_init.autocorrelation_size,
+    with the autocorrelation settings of `inp`), at least 1."""
+    ac = inp.autocorrelation
+    size = max(autocorrelation_size(intensity_fft, measured_fft, threshold=float(ac.threshold),
+                                    sigma=float(ac.sigma)), 1.0)
+    if log is not None:
+        log.info("no support size given: %d px estimated from the autocorrelation's area "
+                 "(|S - S| / 2^n)", int(round(size)))
+    return size
+
+
+def estimated_floor(options, estimated_size, fraction):
+    """The options with shrink-wrap's size floor set to `fraction` x the estimated size, when no
+    size was given and the size rule is the floor (a guard against collapse, as PyNX's
+    SupportTooSmall); unchanged otherwise."""
+    if options.support_size or not estimated_size or not fraction or options.sw_size_rule != "floor":
+        return options
+    return dataclasses.replace(options, support_size=max(int(round(float(fraction) * estimated_size)), 1))
 
 
 def size_radius(ndim, size):
@@ -276,8 +295,16 @@ def run(settings, archive, dimensions):
     measured_fft = np.fft.ifftshift(~masked)
     options = phasing_options(settings, dimensions,
                               modulus_band=noise_band(settings.phasing_parameters.noise_band, intensity, masked))
+    estimated = None if options.support_size else estimate_support_size(intensity_fft, measured_fft,
+                                                                         inp, archive.log)
     initial_support = initial_support_for(intensity_fft, measured_fft, inp, archive.log,
-                                          support_size=options.support_size)
+                                          support_size=options.support_size,
+                                          estimated_size=estimated)
+    floor_fraction = settings.phasing_parameters.shrink_wrap.estimated_floor
+    options = estimated_floor(options, estimated, floor_fraction)
+    if estimated and options.support_size:
+        archive.log.info("shrink-wrap keeps at least %d px (%g x the estimated size)",
+                         options.support_size, float(floor_fraction))
     if init_model is not None and not inp.spherical_support:
         initial_support = initial_support | (np.abs(init_model) > 0)
     fraction = float(settings.merge.free_fraction or 0.0)
