@@ -11,10 +11,10 @@ Method, top to bottom:
 2. Initial support: a disc/ball of radius `spherical_support`; by default (`initial_support:
    auto`) a disc/ball of `support_size_factor` x the support size: the given one
    (`support_size` / `voxel_number`), or without one the size estimated from the area of the
-   pattern's thresholded autocorrelation (xpr.phasing.support_init). Behind a beamstop that
-   hides the central speckle the autocorrelation cannot be filled in: its thresholded set keeps
-   roughly the area of the difference set but not its shape, so it sizes the first disc but
-   does not shape the support (docs/cdi.md).
+   pattern's thresholded |q|-weighted autocorrelation (xpr.phasing.support_init). Behind a
+   beamstop that hides the central speckle the plain autocorrelation cannot be filled in and
+   its thresholded set follows the fill and the dead lines, not S - S: it neither sizes nor
+   shapes the support reliably (docs/cdi.md).
    Shrink-wrap then tightens it, with a known size as a floor (size_rule floor).
 3. Iterations: a schedule (spipy string or xFrame blocks; xpr.phasing.schedule) with shrink-wrap
    woven in, run on a batch of independent repeats from random phases (or from init_model), each
@@ -24,8 +24,6 @@ Method, top to bottom:
    was phased reproducibly.
 """
 from __future__ import annotations
-
-import dataclasses
 
 import numpy as np
 
@@ -165,15 +163,6 @@ def estimate_support_size(intensity_fft, measured_fft, inp, log=None):
     return size
 
 
-def estimated_floor(options, estimated_size, fraction):
-    """The options with shrink-wrap's size floor set to `fraction` x the estimated size, when no
-    size was given and the size rule is the floor (a guard against collapse, as PyNX's
-    SupportTooSmall); unchanged otherwise."""
-    if options.support_size or not estimated_size or not fraction or options.sw_size_rule != "floor":
-        return options
-    return dataclasses.replace(options, support_size=max(int(round(float(fraction) * estimated_size)), 1))
-
-
 def size_radius(ndim, size):
     """Radius (px) of the disc (2-D) or ball (3-D) of `size` pixels/voxels."""
     if ndim == 2:
@@ -300,11 +289,6 @@ def run(settings, archive, dimensions):
     initial_support = initial_support_for(intensity_fft, measured_fft, inp, archive.log,
                                           support_size=options.support_size,
                                           estimated_size=estimated)
-    floor_fraction = settings.phasing_parameters.shrink_wrap.estimated_floor
-    options = estimated_floor(options, estimated, floor_fraction)
-    if estimated and options.support_size:
-        archive.log.info("shrink-wrap keeps at least %d px (%g x the estimated size)",
-                         options.support_size, float(floor_fraction))
     if init_model is not None and not inp.spherical_support:
         initial_support = initial_support | (np.abs(init_model) > 0)
     fraction = float(settings.merge.free_fraction or 0.0)
