@@ -9,10 +9,12 @@ Method, top to bottom:
    `mask_edges` (pixels between the two radii float), `subtract_percentile` (a background level
    subtracted). Non-finite pixels float; negative ones become 0.
 2. Initial support: a disc/ball of radius `spherical_support`; by default (`initial_support:
-   auto`) a disc/ball of `support_size_factor` x the given support size (`support_size` /
-   `voxel_number`), or without a size the thresholded autocorrelation of the pattern
-   (xpr.phasing.support_init). Behind a beamstop that hides the central speckle the
-   autocorrelation cannot be filled in, so a known size is the better guide (docs/cdi.md).
+   auto`) a disc/ball of `support_size_factor` x the support size: the given one
+   (`support_size` / `voxel_number`), or without one the size estimated from the area of the
+   pattern's thresholded |q|-weighted autocorrelation (xpr.phasing.support_init). Behind a
+   beamstop that hides the central speckle the plain autocorrelation cannot be filled in and
+   its thresholded set follows the fill and the dead lines, not S - S: it neither sizes nor
+   shapes the support reliably (docs/cdi.md).
    Shrink-wrap then tightens it, with a known size as a floor (size_rule floor).
 3. Iterations: a schedule (spipy string or xFrame blocks; xpr.phasing.schedule) with shrink-wrap
    woven in, run on a batch of independent repeats from random phases (or from init_model), each
@@ -36,7 +38,7 @@ from xpr.options import options, setting
 from xpr.phasing import engine, merge, schedule
 from xpr.phasing.likelihood import BandModulusProjection, free_deviance, free_pixels
 from xpr.phasing.projections import ModulusProjection, SupportProjection, centred_radius
-from xpr.phasing.support_init import autocorrelation_support, equivalent_radius
+from xpr.phasing.support_init import autocorrelation_size, autocorrelation_support, equivalent_radius
 from xpr.phasing.shrinkwrap import ShrinkWrap
 
 # ---------------------------------------------------------------------------------------------
@@ -108,16 +110,21 @@ def prepare(intensity, masked, inp):
 # 2. initial support
 
 
-def initial_support_for(intensity_fft, measured_fft, inp, log=None, support_size=None):
+def initial_support_for(intensity_fft, measured_fft, inp, log=None, support_size=None,
+                        estimated_size=None):
     """The first support (centred): a disc/ball of radius `spherical_support` when given; else
-    with `initial_support: auto` (default) a disc/ball of `support_size_factor` x the given
-    support size (`support_size` / `voxel_number`) when there is one, the thresholded
-    autocorrelation of the pattern otherwise (xpr.phasing.support_init); `autocorrelation` and
-    `disc` (a quarter of the pattern's side) choose one."""
+    with `initial_support: auto` (default) a disc/ball of `support_size_factor` x the support
+    size: the given one (`support_size` / `voxel_number`), or without one the size estimated
+    from the area of the pattern's thresholded autocorrelation (support_init.autocorrelation_size);
+    `autocorrelation` (the thresholded autocorrelation itself, xpr.phasing.support_init), `size`
+    and `disc` (a quarter of the pattern's side) choose one."""
     shape = np.shape(intensity_fft)
     kind = "disc" if inp.spherical_support else str(inp.initial_support)
     if kind == "auto":
-        kind = "size" if support_size else "autocorrelation"
+        kind = "size"
+        if not support_size:        # the size estimated from the autocorrelation's area
+            support_size = estimated_size or estimate_support_size(intensity_fft, measured_fft,
+                                                                   inp, log)
     if kind == "size" and not support_size:
         raise InputError("initial_support: size needs phasing_parameters.support_size (2-D) or "
                          "voxel_number (3-D)", key="input.initial_support")
@@ -142,6 +149,18 @@ def initial_support_for(intensity_fft, measured_fft, inp, log=None, support_size
     if log is not None:
         log.info("initial support: %s of radius %.1f px", "disc" if len(shape) == 2 else "ball", radius)
     return np.asarray(centred_radius(shape)) <= radius
+
+
+def estimate_support_size(intensity_fft, measured_fft, inp, log=None):
+    """The object's size (px/voxels) estimated from the pattern (support_init.autocorrelation_size,
+    with the autocorrelation settings of `inp`), at least 1."""
+    ac = inp.autocorrelation
+    size = max(autocorrelation_size(intensity_fft, measured_fft, threshold=float(ac.threshold),
+                                    sigma=float(ac.sigma)), 1.0)
+    if log is not None:
+        log.info("no support size given: %d px estimated from the autocorrelation's area "
+                 "(|S - S| / 2^n)", int(round(size)))
+    return size
 
 
 def size_radius(ndim, size):
@@ -265,8 +284,11 @@ def run(settings, archive, dimensions):
     measured_fft = np.fft.ifftshift(~masked)
     options = phasing_options(settings, dimensions,
                               modulus_band=noise_band(settings.phasing_parameters.noise_band, intensity, masked))
+    estimated = None if options.support_size else estimate_support_size(intensity_fft, measured_fft,
+                                                                         inp, archive.log)
     initial_support = initial_support_for(intensity_fft, measured_fft, inp, archive.log,
-                                          support_size=options.support_size)
+                                          support_size=options.support_size,
+                                          estimated_size=estimated)
     if init_model is not None and not inp.spherical_support:
         initial_support = initial_support | (np.abs(init_model) > 0)
     fraction = float(settings.merge.free_fraction or 0.0)

@@ -94,6 +94,38 @@ def autocorrelation_support(intensity_fft, measured_fft, threshold=0.04, sigma=2
     return kept
 
 
+#: the thresholded |q|-weighted autocorrelation's area over 2^n runs this many times the object's
+#: size (the blur and the threshold widen it): measured 1.26-2.2 (median ~1.4) over the 256^2-512^2
+#: family, with or without dead detector lines (docs/cdi.md)
+SIZE_CALIBRATION = 1.4
+
+
+def autocorrelation_size(intensity_fft, measured_fft, threshold=0.04, sigma=2.0, exclude=None):
+    """The object's size (pixels/voxels) estimated from its pattern: the area/volume of the
+    thresholded |q|-weighted autocorrelation over 2^n and SIZE_CALIBRATION.
+
+    The autocorrelation's support is the difference set S - S, and |S - S| = 2^n |S| for a
+    centrally symmetric convex object. Its plain form, IFFT[I], is dominated by the lowest
+    frequencies -- the central speckle a beamstop hides -- so behind a beamstop its thresholded
+    set follows the fill and the dead detector lines rather than S - S (0.34-0.62 x the size
+    without dead lines, 0.76-2.2 x with them, on the family). Weighting the measured intensities
+    by |q| (the autocorrelation's gradient, in magnitude) leaves the missing centre with little
+    weight and keeps the edge of S - S: 1.26-2.2 x over the same cases either way."""
+    shape = np.shape(intensity_fft)
+    exclude = min(shape) / 64.0 if exclude is None else float(exclude)
+    q2 = 0.0
+    for axis, n in enumerate(shape):
+        q = np.fft.fftfreq(n) * n
+        expand = [None] * len(shape)
+        expand[axis] = slice(None)
+        q2 = q2 + (q ** 2)[tuple(expand)]
+    weighted = np.where(np.asarray(measured_fft, dtype=bool),
+                        np.asarray(intensity_fft, dtype=np.float64), 0.0) * np.sqrt(q2)
+    a = np.abs(np.fft.fftshift(np.fft.ifftn(weighted)))
+    kept = _threshold(a, threshold, sigma, exclude)
+    return float(np.count_nonzero(kept)) / 2.0 ** len(shape) / SIZE_CALIBRATION
+
+
 def _scaled(support, scale):
     """support(r / scale): the set shrunk (scale < 1) or grown about the array centre."""
     shape = support.shape
