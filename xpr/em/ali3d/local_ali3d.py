@@ -82,6 +82,8 @@ class Ali3dOptions:
     group: np.ndarray = setting("alignment.sym", _point_group)  # the point group's rotation matrices
     npad: int = setting("alignment.npad")
     kernel_width: int = setting("alignment.kernel_width")
+    projector: str = setting("alignment.projector")            # nufft | gridding: the search's slices
+    projector_epsilon: float = setting("alignment.projector_epsilon")
     max_evaluations: int = setting("alignment.max_evaluations")
     tolerance: float = setting("alignment.tolerance")
     seed: int = setting("alignment.seed")
@@ -367,7 +369,8 @@ def refinement_passes(images, angles, shifts_px, options: Ali3dOptions, *, sessi
             inside = [np.setdiff1d(members[h], mine[h]) for h in (0, 1)]
             halves, frequencies, fsc, references, radius = prepare_references(
                 grids, inside, (angles, shifts_px), images, mask, options, ctf, backend, radius, adaptive=adaptive)
-            projectors = [prepare_projector(r, backend, options.npad, options.kernel_width, radius)
+            projectors = [prepare_projector(r, backend, options.npad, options.kernel_width, radius,
+                                            method=options.projector, epsilon=options.projector_epsilon)
                           for r in references[:1 if references[1] is references[0] else 2]]
             projectors *= 2 // len(projectors)              # reference.source both: one projector serves both
             tasks, where = [], []

@@ -24,7 +24,7 @@ import numpy as np
 
 from xpr.em.ali3d import ctf as ctf_model
 from xpr.em.ali3d.euler import rotation_matrices
-from xpr.em.ali3d.project import Projector
+from xpr.em.ali3d.project import Projector, nufft_slices
 
 
 @dataclass
@@ -128,8 +128,11 @@ class BatchedCriterion:
 
 def slices(projector: Projector, matrices, keep=None):
     """V̂ on the central slices of many orientations (b, 3, 3): complex64 (b, m) at the projector's
-    slice points (those selected by `keep`), with the W³ gridding kernel (as Projector.slice)."""
+    slice points (those selected by `keep`), with the W³ gridding kernel (as Projector.slice) or,
+    for a `nufft` projector, by ducc0's NUFFT (project.nufft_slices)."""
     frequencies = projector.frequencies if keep is None else projector.frequencies[:, keep]
+    if projector.method == "nufft":
+        return nufft_slices(projector, matrices, frequencies)
     rows = np.asarray(matrices, dtype=np.float64)[:, :2, :] * float(projector.npad)     # (b, 2, 3)
     coordinates = np.einsum("bji,jm->bim", rows, frequencies) + projector.half          # (b, 3, m)
     first, weights = projector.kernel.neighbours(coordinates)                            # (b,3,m), (b,3,m,W)
