@@ -57,9 +57,9 @@ def test_nufft_projection_is_the_analytic_projection_of_blobs(box):
         computed = projector.project(matrix, cpu(), shift_px=shift)
         exact = phantom.analytic_projection(blobs, matrix, box, shift)
         assert np.linalg.norm(computed - exact) / np.linalg.norm(exact) < 1e-4
-    batched = slices(projector, matrices)
+    batched = slices(projector, matrices, plan=projector.nufft_plan())
     one_by_one = np.stack([projector.slice(m) for m in matrices])
-    assert np.allclose(batched, one_by_one, rtol=0, atol=1e-6 * np.abs(one_by_one).max())
+    assert np.allclose(batched, one_by_one, rtol=0, atol=2e-5 * np.abs(one_by_one).max())  # two 1e-5 evaluations
 
 
 def test_reconstruction_of_exact_projections_matches_phantom(blobs32):

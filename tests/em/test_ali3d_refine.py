@@ -11,10 +11,10 @@ from xpr.em.ali3d.refine import AlignmentTask, refine_images
 SERIAL = {"engine": "serial"}
 
 
-def align_against_true_volume(data, mask_radius, max_evaluations, tolerance, radius=None):
+def align_against_true_volume(data, mask_radius, max_evaluations, tolerance, radius=None, method="gridding"):
     """The simplex search of every image against the true volume (no references, no CTF).
     Returns the (angle °, shift px) errors before and after, and the search's result."""
-    projector = prepare_projector(data.volume, cpu(), radius=radius)
+    projector = prepare_projector(data.volume, cpu(), radius=radius, method=method)
     task = AlignmentTask(projector, data.images, data.start_angles, data.start_shifts, None, "none", 1.0,
                          mask_radius=mask_radius, delta=2.0, ts=1.0, max_evaluations=max_evaluations,
                          tolerance=tolerance)
@@ -25,14 +25,18 @@ def align_against_true_volume(data, mask_radius, max_evaluations, tolerance, rad
     return before, after, result
 
 
-def test_simplex_recovers_the_parameters_of_an_exact_projection():
+@pytest.mark.parametrize("method, angle, shift, ccc", [("gridding", 0.1, 0.02, 0.999), ("nufft", 0.005, 3e-4, 0.9999999)])
+def test_simplex_recovers_the_parameters_of_an_exact_projection(method, angle, shift, ccc):
+    """Exact projections, 4.8° / 1.9 px off: the gridding projector (W = 4 here) recovers them to
+    < 0.1° / 0.02 px (measured 0.007° / 2e-4 px), the exact NUFFT slices to < 0.005° / 3e-4 px
+    (measured 0.0008° / 3e-5 px: their criterion peaks at the truth)."""
     rng = np.random.default_rng(0)
     data = phantom.simulate(rng, 4, 32, snr=0.0, angle_error_deg=3.0, shift_error_px=1.5)
     before, after, result = align_against_true_volume(data, mask_radius=14, max_evaluations=400,
-                                                      tolerance=0.002)
+                                                      tolerance=0.002, method=method)
     assert before[0] > 3.0 and before[1] > 1.0
-    assert after[0] < 0.1 and after[1] < 0.02
-    assert np.all(result["ccc_after"] > 0.999)
+    assert after[0] < angle and after[1] < shift
+    assert np.all(result["ccc_after"] > ccc)
 
 
 def run_refinement(data, **options):

@@ -42,6 +42,19 @@ class Projector:
     grid: np.ndarray | None = None  # nufft: the volume, complex128 [z, y, x]
     epsilon: float = 1e-5     # nufft: requested relative accuracy of the slice values
 
+    def nufft_plan(self):
+        """A ducc0 plan that transforms the (oversampled) volume once and then evaluates any points
+        (`experimental.incremental_u2nu`; None where this ducc0 lacks it: each call of
+        `nufft_slices` then transforms the volume again — measured 5× slower per simplex step at 64³).
+        Not shareable between threads: one per search (refine.BatchedCriterion)."""
+        import ducc0
+
+        experimental = getattr(ducc0.nufft, "experimental", None)
+        if self.method != "nufft" or not hasattr(experimental, "incremental_u2nu"):
+            return None
+        return experimental.incremental_u2nu(grid=self.grid, forward=True, epsilon=self.epsilon,
+                                             nthreads=nufft_threads())
+
     def slice(self, matrix):
         """V̂ on the central slice of orientation `matrix` (3×3): complex64 values at (kx, ky)."""
         if self.method == "nufft":
@@ -90,19 +103,23 @@ def nufft_threads() -> int:
     return insertion_threads(1 << 30)
 
 
-def nufft_slices(projector: Projector, matrices, frequencies=None):
+def nufft_slices(projector: Projector, matrices, frequencies=None, plan=None):
     """V̂ on the central slices of orientations (b, 3, 3) at the points `frequencies` (2, m) (default
     the projector's), by ducc0's type-2 NUFFT: complex64 (b, m).  ducc0's grid index i stands for
     the position i − n//2 (fftorder False) and forward=True is exp(−i x·coord), so coord = 2π q / n
-    with q's components in the volume's axis order (z, y, x)."""
+    with q's components in the volume's axis order (z, y, x).  plan: Projector.nufft_plan() (the
+    volume's transform made once), else ducc0.nufft.u2nu transforms it on every call."""
     import ducc0
 
     frequencies = projector.frequencies if frequencies is None else frequencies
     rows = np.asarray(matrices, dtype=np.float64)[:, :2, :]                        # (b, 2, 3)
     q = np.einsum("bji,jm->bmi", rows, frequencies)                               # (b, m, 3): x, y, z
     coordinates = np.ascontiguousarray((2.0 * np.pi / projector.box) * q[..., ::-1].reshape(-1, 3))
-    values = ducc0.nufft.u2nu(grid=projector.grid, coord=coordinates, forward=True,
-                              epsilon=projector.epsilon, nthreads=nufft_threads())
+    if plan is not None:
+        values = plan.get_points(coord=coordinates)
+    else:
+        values = ducc0.nufft.u2nu(grid=projector.grid, coord=coordinates, forward=True,
+                                  epsilon=projector.epsilon, nthreads=nufft_threads())
     return values.reshape(q.shape[:2]).astype(np.complex64)
 
 

@@ -85,6 +85,7 @@ class BatchedCriterion:
         self.ky_index = projector.ky.astype(np.int64) % box                              # numpy order
         self.batch = max(1, batch_points // max(1, len(projector.kx)))
         self.columns = int(projector.cols.max()) + 1 if len(projector.cols) else 1
+        self.plan = projector.nufft_plan() if projector.method == "nufft" else None   # this search's own
 
     def __call__(self, which, parameters):
         """−ccc of images `which` (indices into the task) at `parameters` (len(which), 5)."""
@@ -99,7 +100,7 @@ class BatchedCriterion:
         CTF-weighted."""
         p = self.projector
         matrices = rotation_matrices(parameters[:, 0], parameters[:, 1], parameters[:, 2])
-        values = slices(p, matrices)                                                # (b, m)
+        values = slices(p, matrices, plan=self.plan)                                # (b, m)
         box = p.box
         x = np.exp((-2j * np.pi / box) * np.arange(box // 2 + 1)[None, :] * (parameters[:, 3:4] + self.centre))
         frequencies = np.fft.fftfreq(box, 1.0 / box)[None, :]
@@ -126,13 +127,13 @@ class BatchedCriterion:
         return -np.einsum("bi,bi->b", inside, self.target[which]) / np.maximum(norm, 1e-30)
 
 
-def slices(projector: Projector, matrices, keep=None):
+def slices(projector: Projector, matrices, keep=None, plan=None):
     """V̂ on the central slices of many orientations (b, 3, 3): complex64 (b, m) at the projector's
     slice points (those selected by `keep`), with the W³ gridding kernel (as Projector.slice) or,
-    for a `nufft` projector, by ducc0's NUFFT (project.nufft_slices)."""
+    for a `nufft` projector, by ducc0's NUFFT (project.nufft_slices; plan: its nufft_plan())."""
     frequencies = projector.frequencies if keep is None else projector.frequencies[:, keep]
     if projector.method == "nufft":
-        return nufft_slices(projector, matrices, frequencies)
+        return nufft_slices(projector, matrices, frequencies, plan)
     rows = np.asarray(matrices, dtype=np.float64)[:, :2, :] * float(projector.npad)     # (b, 2, 3)
     coordinates = np.einsum("bji,jm->bim", rows, frequencies) + projector.half          # (b, 3, m)
     first, weights = projector.kernel.neighbours(coordinates)                            # (b,3,m), (b,3,m,W)
