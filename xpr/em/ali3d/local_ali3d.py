@@ -82,6 +82,7 @@ class Ali3dOptions:
     group: np.ndarray = setting("alignment.sym", _point_group)  # the point group's rotation matrices
     npad: int = setting("alignment.npad")
     kernel_width: int = setting("alignment.kernel_width")
+    criterion: str = setting("alignment.criterion")            # ccc | least_squares
     projector: str = setting("alignment.projector")            # nufft | gridding: the search's slices
     projector_epsilon: float = setting("alignment.projector_epsilon")
     max_evaluations: int = setting("alignment.max_evaluations")
@@ -380,7 +381,8 @@ def refinement_passes(images, angles, shifts_px, options: Ali3dOptions, *, sessi
                         projector=projectors[h], images=images[part], angles=angles[part], shifts_px=shifts_px[part],
                         ctf=None if ctf is None else ctf.take(part), ctf_mode=options.ctf_mode,
                         pixel_size_A=options.pixel_size_A, mask_radius=options.ou, delta=options.delta,
-                        ts=options.ts, max_evaluations=options.max_evaluations, tolerance=options.tolerance))
+                        ts=options.ts, max_evaluations=options.max_evaluations, tolerance=options.tolerance,
+                        criterion=options.criterion))
                     where.append(part)
             results = session.map(refine_images, tasks)
             new_angles, new_shifts = angles.copy(), shifts_px.copy()

@@ -41,6 +41,7 @@ class AlignmentTask:
     ts: float                  # initial simplex step of the shifts, pixels
     max_evaluations: int
     tolerance: float           # simplex size (degrees / pixels) at which it stops
+    criterion: str = "ccc"     # ccc | least_squares (see BatchedCriterion)
 
 
 def masked_ccc(projection, normalised_image, mask):
@@ -66,15 +67,25 @@ def disc_mask(box: int, radius: float):
 class BatchedCriterion:
     """−ccc of many (image, parameters) pairs at once (see the module docstring).
 
+    With criterion `least_squares` the value is instead −(‖I′‖² − ‖I′ − P′‖²)/‖I′‖², I′ and P′ the
+    image and the projection less their means inside the mask: the white-noise likelihood with the
+    projection's scale fixed at 1 (the reference is reconstructed from the same images, so it has
+    their scale) instead of fitted at every evaluation as the ccc implicitly does.
+
     The shift's phase exp(−2πi k·(o + c)/n) is the product of a kx and a ky factor, each made on
     the box's integer frequencies and gathered (no complex exponential per slice point)."""
 
     def __init__(self, projector: Projector, images, mask, ctf=None, ctf_mode="none", pixel_size_A=1.0,
-                 batch_points=400_000):
+                 batch_points=400_000, criterion="ccc"):
+        if criterion not in ("ccc", "least_squares"):
+            raise ValueError(f"criterion {criterion!r}: ccc or least_squares")
         self.projector = projector
         self.mask = mask
+        self.criterion = criterion
         box = projector.box
         self.target = np.stack([normalise_in_mask(image, mask) for image in images])
+        inside = np.asarray(images)[:, mask].astype(np.float64)
+        self.image_norm = np.maximum(np.linalg.norm(inside - inside.mean(axis=1, keepdims=True), axis=1), 1e-30)
         self.ctf_weight = None
         if ctf is not None and ctf_mode != "none":
             self.ctf_weight = np.stack([ctf_model.projection_weight(
@@ -123,6 +134,11 @@ class BatchedCriterion:
     def _evaluate(self, which, parameters):
         inside = self.projections(which, parameters)[:, self.mask].astype(np.float64)
         inside -= inside.mean(axis=1, keepdims=True)
+        if self.criterion == "least_squares":
+            # ‖I′‖² − ‖I′ − P′‖² = 2⟨P′, I′⟩ − ‖P′‖², with I′ = ‖I′‖ · target
+            norm_i = self.image_norm[which]
+            cross = np.einsum("bi,bi->b", inside, self.target[which]) / norm_i
+            return -(2.0 * cross - np.einsum("bi,bi->b", inside, inside) / norm_i ** 2)
         norm = np.sqrt(np.einsum("bi,bi->b", inside, inside))
         return -np.einsum("bi,bi->b", inside, self.target[which]) / np.maximum(norm, 1e-30)
 
@@ -221,10 +237,11 @@ def batched_nelder_mead(function, starts, steps, max_evaluations, xatol, fatol=1
 
 def refine_images(task: AlignmentTask) -> dict:
     """Refine every image of a task (module-level: a parallel.map task). Returns the new parameters,
-    the criterion before and after and the number of criterion evaluations per image."""
+    the criterion before and after (ccc, or with least_squares 1 − ‖I′ − P′‖²/‖I′‖²) and the number of criterion evaluations per image."""
     projector = task.projector
     mask = disc_mask(projector.box, task.mask_radius)
-    criterion = BatchedCriterion(projector, task.images, mask, task.ctf, task.ctf_mode, task.pixel_size_A)
+    criterion = BatchedCriterion(projector, task.images, mask, task.ctf, task.ctf_mode, task.pixel_size_A,
+                                 criterion=task.criterion)
     n = len(task.images)
     everyone = np.arange(n)
     start = np.concatenate([np.asarray(task.angles, float), np.asarray(task.shifts_px, float)], axis=1)
