@@ -67,6 +67,31 @@ def test_least_squares_criterion_is_the_explained_fraction_and_peaks_at_the_trut
     assert np.all(result["ccc_after"] > 0.999)
 
 
+def test_angular_prior_pulls_the_rotation_towards_the_start():
+    """sigma_angle (least squares): the search minimises ‖I′ − P′‖²/2σ²_noise + θ²/2σ_angle², θ the
+    rotation away from the start.  A prior of 0.001° keeps every rotation at its start (< 0.01°)
+    while the shifts, which it does not touch, are still refined; a prior of 180° leaves the
+    search where the likelihood alone puts it (exact projections: < 0.1°)."""
+    from xpr.em.ali3d import euler
+
+    data = phantom.simulate(np.random.default_rng(0), 4, 32, snr=0.0, angle_error_deg=3.0, shift_error_px=1.5)
+    projector = prepare_projector(data.volume, cpu())
+    moved, errors = {}, {}
+    for sigma in (0.001, 180.0):
+        task = AlignmentTask(projector, data.images, data.start_angles, data.start_shifts, None, "none", 1.0,
+                             mask_radius=14, delta=2.0, ts=1.0, max_evaluations=400, tolerance=0.002,
+                             criterion="least_squares", sigma_angle=sigma)
+        result = refine_images(task)
+        relative = np.einsum("bij,bkj->bik", euler.rotation_matrices(*result["angles"].T),
+                             euler.rotation_matrices(*data.start_angles.T))
+        moved[sigma] = euler.rotation_angle_deg(relative).max()
+        errors[sigma] = ali.parameter_errors(result["angles"], result["shifts_px"],
+                                             (data.true_angles, data.true_shifts), np.eye(3)[None])
+    start_shift = np.linalg.norm(data.start_shifts - data.true_shifts, axis=1).mean()
+    assert moved[0.001] < 0.01 and errors[0.001][1] < 0.5 * start_shift
+    assert moved[180.0] > 2.0 and errors[180.0][0] < 0.1
+
+
 def run_refinement(data, **options):
     settings = dict(ou=data.images.shape[-1] // 2 - 2, chunk=0.25, max_evaluations=200, center="average")
     settings.update(options)

@@ -83,6 +83,7 @@ class Ali3dOptions:
     npad: int = setting("alignment.npad")
     kernel_width: int = setting("alignment.kernel_width")
     criterion: str = setting("alignment.criterion")            # ccc | least_squares
+    sigma_angle: float = setting("alignment.sigma_angle")      # least_squares: prior σ on the rotation, deg
     projector: str = setting("alignment.projector")            # nufft | gridding: the search's slices
     projector_epsilon: float = setting("alignment.projector_epsilon")
     max_evaluations: int = setting("alignment.max_evaluations")
@@ -382,7 +383,7 @@ def refinement_passes(images, angles, shifts_px, options: Ali3dOptions, *, sessi
                         ctf=None if ctf is None else ctf.take(part), ctf_mode=options.ctf_mode,
                         pixel_size_A=options.pixel_size_A, mask_radius=options.ou, delta=options.delta,
                         ts=options.ts, max_evaluations=options.max_evaluations, tolerance=options.tolerance,
-                        criterion=options.criterion))
+                        criterion=options.criterion, sigma_angle=options.sigma_angle))
                     where.append(part)
             results = session.map(refine_images, tasks)
             new_angles, new_shifts = angles.copy(), shifts_px.copy()
@@ -543,6 +544,10 @@ def options_from_settings(settings, box, pixel_size_A) -> Ali3dOptions:
     if not 0 < ali.chunk <= 0.5:
         raise InputError("chunk must be a fraction in (0, 0.5]: each chunk is left out of its references",
                          key="alignment.chunk")
+    if ali.sigma_angle > 0 and ali.criterion != "least_squares":
+        raise InputError("sigma_angle (a prior weighed against the likelihood) needs criterion: least_squares "
+                         f"(criterion is {ali.criterion}); set sigma_angle: 0 or criterion: least_squares",
+                         key="alignment.sigma_angle")
     return Ali3dOptions.from_settings(settings, ou=ou, pixel_size_A=pixel_size_A)
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from xpr.em.ali3d import ctf as ctf_model
-from xpr.em.ali3d.euler import rotation_matrices
+from xpr.em.ali3d.euler import rotation_angle_deg, rotation_matrices
 from xpr.em.ali3d.project import Projector, nufft_slices
 
 
@@ -42,6 +42,7 @@ class AlignmentTask:
     max_evaluations: int
     tolerance: float           # simplex size (degrees / pixels) at which it stops
     criterion: str = "ccc"     # ccc | least_squares (see BatchedCriterion)
+    sigma_angle: float = 0.0   # least_squares: σ (degrees) of a Gaussian prior on the rotation from the start; 0 = none
 
 
 def masked_ccc(projection, normalised_image, mask):
@@ -82,6 +83,7 @@ class BatchedCriterion:
         self.projector = projector
         self.mask = mask
         self.criterion = criterion
+        self.prior = None               # least_squares + sigma_angle: (start rotations, likelihood scale, σ°)
         box = projector.box
         self.target = np.stack([normalise_in_mask(image, mask) for image in images])
         inside = np.asarray(images)[:, mask].astype(np.float64)
@@ -138,7 +140,12 @@ class BatchedCriterion:
             # ‖I′‖² − ‖I′ − P′‖² = 2⟨P′, I′⟩ − ‖P′‖², with I′ = ‖I′‖ · target
             norm_i = self.image_norm[which]
             cross = np.einsum("bi,bi->b", inside, self.target[which]) / norm_i
-            return -(2.0 * cross - np.einsum("bi,bi->b", inside, inside) / norm_i ** 2)
+            value = -(2.0 * cross - np.einsum("bi,bi->b", inside, inside) / norm_i ** 2)
+            if self.prior is not None:
+                start, scale, sigma = self.prior
+                relative = np.einsum("bij,bkj->bik", rotation_matrices(*parameters[:, :3].T), start[which])
+                value = scale[which] * value + 0.5 * (rotation_angle_deg(relative) / sigma) ** 2
+            return value
         norm = np.sqrt(np.einsum("bi,bi->b", inside, inside))
         return -np.einsum("bi,bi->b", inside, self.target[which]) / np.maximum(norm, 1e-30)
 
@@ -246,6 +253,14 @@ def refine_images(task: AlignmentTask) -> dict:
     everyone = np.arange(n)
     start = np.concatenate([np.asarray(task.angles, float), np.asarray(task.shifts_px, float)], axis=1)
     before = -criterion(everyone, start)
+    if task.sigma_angle > 0 and task.criterion == "least_squares":
+        # −log posterior: ‖I′ − P′‖²/2σ² + θ²/2σ_a², θ the rotation from the start (RELION's local
+        # searches' sigma_ang); the noise variance σ² per pixel from the residual at the start
+        residual = criterion.image_norm ** 2 * (1.0 - before)
+        noise = np.maximum(residual / max(int(mask.sum()) - 1, 1), 1e-30)
+        criterion.prior = (rotation_matrices(*start[:, :3].T), criterion.image_norm ** 2 / (2.0 * noise),
+                           float(task.sigma_angle))
+        before = -criterion(everyone, start)
     steps = np.array([task.delta] * 3 + [task.ts] * 2)
     best, value, evaluations = batched_nelder_mead(criterion, start, steps, task.max_evaluations, task.tolerance)
     after = -value
