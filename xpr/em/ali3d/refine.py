@@ -15,6 +15,11 @@ gridding kernel, the phase ramps, the inverse transforms and the masked correlat
 together as array operations (`batched_nelder_mead`, `BatchedCriterion`): the per-evaluation
 Python overhead that dominated one-image-at-a-time searches of small images is paid once per
 simplex step.  The best vertex is kept only if it beats the start.
+
+Options (BatchedCriterion): `least_squares` replaces the ccc by 1 − ‖I′ − P′‖²/‖I′‖² (the
+projection's scale fixed at 1), and with it `sigma_angle` adds a Gaussian prior on the rotation
+away from the start, θ²/2σ², to the likelihood ‖I′ − P′‖²/2σ²_noise (RELION's local-search
+sigma_ang).
 """
 from __future__ import annotations
 
