@@ -97,10 +97,14 @@ class Projector:
 
 
 def nufft_threads() -> int:
-    """ducc0's threads: this process's CPU share (XPR_FFT_WORKERS under xpr.parallel, else all cores)."""
-    from xpr.em.ali3d.reconstruct import insertion_threads
+    """ducc0's threads: this process's CPU share (XPR_FFT_WORKERS under xpr.parallel, else all
+    cores), as the insertion's threads (reconstruct.insertion_threads)."""
+    import os
 
-    return insertion_threads(1 << 30)
+    from xpr.parallel import available_cpus
+
+    share = os.environ.get("XPR_FFT_WORKERS")
+    return int(share) if share and int(share) > 0 else available_cpus()
 
 
 def nufft_slices(projector: Projector, matrices, frequencies=None, plan=None):
