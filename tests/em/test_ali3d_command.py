@@ -95,6 +95,7 @@ def write_stack_and_table(tmp_path, images, n_rows):
     ("symmetry", "alignment.sym"),
     ("ctf_columns", "rlnDefocusU"),
     ("function", "reference.function"),
+    ("prior_without_likelihood", "alignment.sigma_angle"),
 ])
 def test_bad_input_is_refused_with_exit_2(tmp_path, home, run_xpr, case, expected):
     # noise images: an all-zero stack is itself refused (no signal) before these checks
@@ -108,6 +109,8 @@ def test_bad_input_is_refused_with_exit_2(tmp_path, home, run_xpr, case, expecte
         tree["alignment"]["CTF"] = "wiener"
     if case == "function":
         tree["reference"] = {"function": "no_such_module:prepare"}
+    if case == "prior_without_likelihood":
+        tree["alignment"]["sigma_angle"] = 3.0     # with the default criterion ccc
     result = run_xpr(["em", "local_ali3d", write_settings(tmp_path / "bad.yaml", tree)])
     assert result.exit_code == 2, result.output
     assert expected in result.output

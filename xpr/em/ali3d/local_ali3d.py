@@ -82,6 +82,10 @@ class Ali3dOptions:
     group: np.ndarray = setting("alignment.sym", _point_group)  # the point group's rotation matrices
     npad: int = setting("alignment.npad")
     kernel_width: int = setting("alignment.kernel_width")
+    criterion: str = setting("alignment.criterion")            # ccc | least_squares
+    sigma_angle: float = setting("alignment.sigma_angle")      # least_squares: prior σ on the rotation, deg
+    projector: str = setting("alignment.projector")            # nufft | gridding: the search's slices
+    projector_epsilon: float = setting("alignment.projector_epsilon")
     max_evaluations: int = setting("alignment.max_evaluations")
     tolerance: float = setting("alignment.tolerance")
     seed: int = setting("alignment.seed")
@@ -367,7 +371,8 @@ def refinement_passes(images, angles, shifts_px, options: Ali3dOptions, *, sessi
             inside = [np.setdiff1d(members[h], mine[h]) for h in (0, 1)]
             halves, frequencies, fsc, references, radius = prepare_references(
                 grids, inside, (angles, shifts_px), images, mask, options, ctf, backend, radius, adaptive=adaptive)
-            projectors = [prepare_projector(r, backend, options.npad, options.kernel_width, radius)
+            projectors = [prepare_projector(r, backend, options.npad, options.kernel_width, radius,
+                                            method=options.projector, epsilon=options.projector_epsilon)
                           for r in references[:1 if references[1] is references[0] else 2]]
             projectors *= 2 // len(projectors)              # reference.source both: one projector serves both
             tasks, where = [], []
@@ -377,7 +382,8 @@ def refinement_passes(images, angles, shifts_px, options: Ali3dOptions, *, sessi
                         projector=projectors[h], images=images[part], angles=angles[part], shifts_px=shifts_px[part],
                         ctf=None if ctf is None else ctf.take(part), ctf_mode=options.ctf_mode,
                         pixel_size_A=options.pixel_size_A, mask_radius=options.ou, delta=options.delta,
-                        ts=options.ts, max_evaluations=options.max_evaluations, tolerance=options.tolerance))
+                        ts=options.ts, max_evaluations=options.max_evaluations, tolerance=options.tolerance,
+                        criterion=options.criterion, sigma_angle=options.sigma_angle))
                     where.append(part)
             results = session.map(refine_images, tasks)
             new_angles, new_shifts = angles.copy(), shifts_px.copy()
@@ -538,6 +544,10 @@ def options_from_settings(settings, box, pixel_size_A) -> Ali3dOptions:
     if not 0 < ali.chunk <= 0.5:
         raise InputError("chunk must be a fraction in (0, 0.5]: each chunk is left out of its references",
                          key="alignment.chunk")
+    if ali.sigma_angle > 0 and ali.criterion != "least_squares":
+        raise InputError("sigma_angle (a prior weighed against the likelihood) needs criterion: least_squares "
+                         f"(criterion is {ali.criterion}); set sigma_angle: 0 or criterion: least_squares",
+                         key="alignment.sigma_angle")
     return Ali3dOptions.from_settings(settings, ou=ou, pixel_size_A=pixel_size_A)
 
 

@@ -15,6 +15,11 @@ gridding kernel, the phase ramps, the inverse transforms and the masked correlat
 together as array operations (`batched_nelder_mead`, `BatchedCriterion`): the per-evaluation
 Python overhead that dominated one-image-at-a-time searches of small images is paid once per
 simplex step.  The best vertex is kept only if it beats the start.
+
+Options (BatchedCriterion): `least_squares` replaces the ccc by 1 − ‖I′ − P′‖²/‖I′‖² (the
+projection's scale fixed at 1), and with it `sigma_angle` adds a Gaussian prior on the rotation
+away from the start, θ²/2σ², to the likelihood ‖I′ − P′‖²/2σ²_noise (RELION's local-search
+sigma_ang).
 """
 from __future__ import annotations
 
@@ -23,8 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from xpr.em.ali3d import ctf as ctf_model
-from xpr.em.ali3d.euler import rotation_matrices
-from xpr.em.ali3d.project import Projector
+from xpr.em.ali3d.euler import rotation_angle_deg, rotation_matrices
+from xpr.em.ali3d.project import Projector, nufft_slices
 
 
 @dataclass
@@ -41,6 +46,8 @@ class AlignmentTask:
     ts: float                  # initial simplex step of the shifts, pixels
     max_evaluations: int
     tolerance: float           # simplex size (degrees / pixels) at which it stops
+    criterion: str = "ccc"     # ccc | least_squares (see BatchedCriterion)
+    sigma_angle: float = 0.0   # least_squares: σ (degrees) of a Gaussian prior on the rotation from the start; 0 = none
 
 
 def masked_ccc(projection, normalised_image, mask):
@@ -66,15 +73,26 @@ def disc_mask(box: int, radius: float):
 class BatchedCriterion:
     """−ccc of many (image, parameters) pairs at once (see the module docstring).
 
+    With criterion `least_squares` the value is instead −(‖I′‖² − ‖I′ − P′‖²)/‖I′‖², I′ and P′ the
+    image and the projection less their means inside the mask: the white-noise likelihood with the
+    projection's scale fixed at 1 (the reference is reconstructed from the same images, so it has
+    their scale) instead of fitted at every evaluation as the ccc implicitly does.
+
     The shift's phase exp(−2πi k·(o + c)/n) is the product of a kx and a ky factor, each made on
     the box's integer frequencies and gathered (no complex exponential per slice point)."""
 
     def __init__(self, projector: Projector, images, mask, ctf=None, ctf_mode="none", pixel_size_A=1.0,
-                 batch_points=400_000):
+                 batch_points=400_000, criterion="ccc"):
+        if criterion not in ("ccc", "least_squares"):
+            raise ValueError(f"criterion {criterion!r}: ccc or least_squares")
         self.projector = projector
         self.mask = mask
+        self.criterion = criterion
+        self.prior = None               # least_squares + sigma_angle: (start rotations, likelihood scale, σ°)
         box = projector.box
         self.target = np.stack([normalise_in_mask(image, mask) for image in images])
+        inside = np.asarray(images)[:, mask].astype(np.float64)
+        self.image_norm = np.maximum(np.linalg.norm(inside - inside.mean(axis=1, keepdims=True), axis=1), 1e-30)
         self.ctf_weight = None
         if ctf is not None and ctf_mode != "none":
             self.ctf_weight = np.stack([ctf_model.projection_weight(
@@ -85,6 +103,7 @@ class BatchedCriterion:
         self.ky_index = projector.ky.astype(np.int64) % box                              # numpy order
         self.batch = max(1, batch_points // max(1, len(projector.kx)))
         self.columns = int(projector.cols.max()) + 1 if len(projector.cols) else 1
+        self.plan = projector.nufft_plan() if projector.method == "nufft" else None   # this search's own
 
     def __call__(self, which, parameters):
         """−ccc of images `which` (indices into the task) at `parameters` (len(which), 5)."""
@@ -99,7 +118,7 @@ class BatchedCriterion:
         CTF-weighted."""
         p = self.projector
         matrices = rotation_matrices(parameters[:, 0], parameters[:, 1], parameters[:, 2])
-        values = slices(p, matrices)                                                # (b, m)
+        values = slices(p, matrices, plan=self.plan)                                # (b, m)
         box = p.box
         x = np.exp((-2j * np.pi / box) * np.arange(box // 2 + 1)[None, :] * (parameters[:, 3:4] + self.centre))
         frequencies = np.fft.fftfreq(box, 1.0 / box)[None, :]
@@ -122,14 +141,27 @@ class BatchedCriterion:
     def _evaluate(self, which, parameters):
         inside = self.projections(which, parameters)[:, self.mask].astype(np.float64)
         inside -= inside.mean(axis=1, keepdims=True)
+        if self.criterion == "least_squares":
+            # ‖I′‖² − ‖I′ − P′‖² = 2⟨P′, I′⟩ − ‖P′‖², with I′ = ‖I′‖ · target
+            norm_i = self.image_norm[which]
+            cross = np.einsum("bi,bi->b", inside, self.target[which]) / norm_i
+            value = -(2.0 * cross - np.einsum("bi,bi->b", inside, inside) / norm_i ** 2)
+            if self.prior is not None:
+                start, scale, sigma = self.prior
+                relative = np.einsum("bij,bkj->bik", rotation_matrices(*parameters[:, :3].T), start[which])
+                value = scale[which] * value + 0.5 * (rotation_angle_deg(relative) / sigma) ** 2
+            return value
         norm = np.sqrt(np.einsum("bi,bi->b", inside, inside))
         return -np.einsum("bi,bi->b", inside, self.target[which]) / np.maximum(norm, 1e-30)
 
 
-def slices(projector: Projector, matrices, keep=None):
+def slices(projector: Projector, matrices, keep=None, plan=None):
     """V̂ on the central slices of many orientations (b, 3, 3): complex64 (b, m) at the projector's
-    slice points (those selected by `keep`), with the W³ gridding kernel (as Projector.slice)."""
+    slice points (those selected by `keep`), with the W³ gridding kernel (as Projector.slice) or,
+    for a `nufft` projector, by ducc0's NUFFT (project.nufft_slices; plan: its nufft_plan())."""
     frequencies = projector.frequencies if keep is None else projector.frequencies[:, keep]
+    if projector.method == "nufft":
+        return nufft_slices(projector, matrices, frequencies, plan)
     rows = np.asarray(matrices, dtype=np.float64)[:, :2, :] * float(projector.npad)     # (b, 2, 3)
     coordinates = np.einsum("bji,jm->bim", rows, frequencies) + projector.half          # (b, 3, m)
     first, weights = projector.kernel.neighbours(coordinates)                            # (b,3,m), (b,3,m,W)
@@ -217,14 +249,23 @@ def batched_nelder_mead(function, starts, steps, max_evaluations, xatol, fatol=1
 
 def refine_images(task: AlignmentTask) -> dict:
     """Refine every image of a task (module-level: a parallel.map task). Returns the new parameters,
-    the criterion before and after and the number of criterion evaluations per image."""
+    the criterion before and after (ccc, or with least_squares 1 − ‖I′ − P′‖²/‖I′‖²) and the number of criterion evaluations per image."""
     projector = task.projector
     mask = disc_mask(projector.box, task.mask_radius)
-    criterion = BatchedCriterion(projector, task.images, mask, task.ctf, task.ctf_mode, task.pixel_size_A)
+    criterion = BatchedCriterion(projector, task.images, mask, task.ctf, task.ctf_mode, task.pixel_size_A,
+                                 criterion=task.criterion)
     n = len(task.images)
     everyone = np.arange(n)
     start = np.concatenate([np.asarray(task.angles, float), np.asarray(task.shifts_px, float)], axis=1)
     before = -criterion(everyone, start)
+    if task.sigma_angle > 0 and task.criterion == "least_squares":
+        # −log posterior: ‖I′ − P′‖²/2σ² + θ²/2σ_a², θ the rotation from the start (RELION's local
+        # searches' sigma_ang); the noise variance σ² per pixel from the residual at the start
+        residual = criterion.image_norm ** 2 * (1.0 - before)
+        noise = np.maximum(residual / max(int(mask.sum()) - 1, 1), 1e-30)
+        criterion.prior = (rotation_matrices(*start[:, :3].T), criterion.image_norm ** 2 / (2.0 * noise),
+                           float(task.sigma_angle))
+        before = -criterion(everyone, start)
     steps = np.array([task.delta] * 3 + [task.ts] * 2)
     best, value, evaluations = batched_nelder_mead(criterion, start, steps, task.max_evaluations, task.tolerance)
     after = -value
