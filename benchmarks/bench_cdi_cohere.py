@@ -28,16 +28,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cdi_robustness import GOOD, make_case, quick_family, run_case, run_cli  # noqa: E402
+from bench_cdi_robustness import GOOD, bench_home, make_case, quick_family, run_case  # noqa: E402
 
 #: cohere's example reconstruction configuration (config_rec of its documentation), 620 iterations
 COHERE_PARAMETERS = {
@@ -94,12 +92,7 @@ def main():
     cases = [c for c in quick_family() if c.dim == 2 and c.photons >= 1e6]
     if args.only:
         cases = [cases[i] for i in args.only]
-    with tempfile.TemporaryDirectory() as tmp:
-        home = Path(tmp) / "home"
-        os.environ["XPR_BENCH_TMP"] = tmp
-        os.environ["HOME"] = tmp                 # --setup_home records its home in ~/.xpr: not the user's
-        run_cli(["--setup_home", home])
-        os.environ["XPR_HOME"] = str(home)
+    with bench_home() as tmp:
         print(f"{'case':<52} {'xpr good':>8} {'merged':>7} {'wall':>7} | {'cohere good':>11} "
               f"{'best-chi':>8} {'wall':>7} | unmasked: {'good':>5} {'best-chi':>8}")
         for case in cases:

@@ -26,6 +26,7 @@ complex64 FFT pair of the same size measured in the same process, and the engine
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import tempfile
 import time
@@ -299,6 +300,19 @@ def speed(n=512, rounds=3):
           f"{max(alone):.2f} over {len(alone)} blocks of 40 iterations)")
 
 
+@contextlib.contextmanager
+def bench_home():
+    """A temporary folder (XPR_BENCH_TMP) holding a fresh xpr home (XPR_HOME) for the runs; HOME
+    points there too, since --setup_home records its home in ~/.xpr, which is not the user's."""
+    with tempfile.TemporaryDirectory() as tmp:
+        home = Path(tmp) / "home"
+        os.environ["XPR_BENCH_TMP"] = tmp
+        os.environ["HOME"] = tmp
+        run_cli(["--setup_home", home])
+        os.environ["XPR_HOME"] = str(home)
+        yield tmp
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the quick subset (about 8 cases)")
@@ -312,12 +326,7 @@ def main():
                         help="give every run the true object's size (support_size / voxel_number)")
     parser.add_argument("--verbose", action="store_true", help="print every repeat's error")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        home = Path(tmp) / "home"
-        os.environ["XPR_BENCH_TMP"] = tmp
-        os.environ["HOME"] = tmp                 # --setup_home records its home in ~/.xpr: not the user's
-        run_cli(["--setup_home", home])
-        os.environ["XPR_HOME"] = str(home)
+    with bench_home():
         if args.speed:
             speed()
             return

@@ -35,6 +35,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from xpr.phasing.projections import fft_radius
+
 
 def _threshold(a, threshold, sigma, exclude=0.0):
     """Connected, hole-free set (centred) where the blurred |a| >= threshold x its level."""
@@ -113,14 +115,8 @@ def autocorrelation_size(intensity_fft, measured_fft, threshold=0.04, sigma=2.0,
     weight and keeps the edge of S - S: 1.26-2.2 x over the same cases either way."""
     shape = np.shape(intensity_fft)
     exclude = min(shape) / 64.0 if exclude is None else float(exclude)
-    q2 = 0.0
-    for axis, n in enumerate(shape):
-        q = np.fft.fftfreq(n) * n
-        expand = [None] * len(shape)
-        expand[axis] = slice(None)
-        q2 = q2 + (q ** 2)[tuple(expand)]
     weighted = np.where(np.asarray(measured_fft, dtype=bool),
-                        np.asarray(intensity_fft, dtype=np.float64), 0.0) * np.sqrt(q2)
+                        np.asarray(intensity_fft, dtype=np.float64), 0.0) * fft_radius(shape)
     a = np.abs(np.fft.fftshift(np.fft.ifftn(weighted)))
     kept = _threshold(a, threshold, sigma, exclude)
     return float(np.count_nonzero(kept)) / 2.0 ** len(shape) / SIZE_CALIBRATION
