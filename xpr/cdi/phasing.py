@@ -35,6 +35,7 @@ from xpr.io.checks import check_intensities
 from xpr.io.cxi import save_cxi_result
 from xpr.io.readers import read_pattern
 from xpr.options import options, setting
+from xpr.settings import Frozen
 from xpr.phasing import engine, genetic, merge, schedule
 from xpr.phasing.likelihood import BandModulusProjection, free_deviance, free_pixels
 from xpr.phasing.projections import ModulusProjection, SupportProjection, centred_radius
@@ -447,11 +448,27 @@ class GeneticOptions:
     metric: str = setting("ga.metric")
     cull: int = setting("ga.cull")
     resolution: tuple | None = setting("ga.resolution", lambda v: None if v is None else tuple(v))
+    iters: str | None = setting("ga.iters")
+
+
+def generation_steps(settings):
+    """The compiled schedule of the generations after the first (ga.iters, with the run's periodic
+    shrink-wrap), or None when they repeat phasing.iters."""
+    iters = (settings.get("ga") or {}).get("iters")
+    if iters is None:
+        return None
+    plain = settings.to_dict()
+    plain["phasing"] = dict(plain["phasing"], iters=iters, main_loop=None)
+    try:
+        return compile_steps(Frozen(plain))
+    except InputError as error:                     # it names phasing.iters: say which schedule
+        raise SettingsError(error.message, key="ga.iters") from None
 
 
 def check_ga(settings):
     """What the settings grammar cannot say about `ga`: positive low-pass widths (exit 2)."""
     ga = GeneticOptions.from_settings(settings)
+    generation_steps(settings)
     for width in ga.resolution or ():
         if isinstance(width, bool) or not isinstance(width, (int, float)) or width <= 0:
             raise SettingsError(f"low-pass widths must be numbers > 0 (fractions of Nyquist), got "
@@ -476,15 +493,17 @@ def phase_generations(settings, archive, problem):
                              support_size=options.support_size, sigma=_last(options.sw_sigma),
                              confine_to=initial if options.sw_confine_to_initial else None,
                              max_shrink=options.sw_max_shrink, size_rule=options.sw_size_rule)
-    archive.log.info("genetic algorithm: %d generations of %d iterations, breeding %s, ranking by "
-                     "%s, culling %d per generation%s", plan.generations,
-                     schedule.total_iterations(problem["steps"]), plan.breed, plan.metric,
+    later = generation_steps(settings) or problem["steps"]
+    archive.log.info("genetic algorithm: %d generations (%d iterations, then %d each: %s), breeding "
+                     "%s, ranking by %s, culling %d per generation%s", plan.generations,
+                     schedule.total_iterations(problem["steps"]), schedule.total_iterations(later),
+                     schedule.describe(later), plan.breed, plan.metric,
                      plan.culled_after(0), f", low-pass widths {list(plan.resolution)}"
                      if plan.resolution else "")
 
     def run_generation(generation, seeds, start):
         width = plan.low_pass(generation)
-        data = dict(problem, start=start)
+        data = dict(problem, start=start, steps=problem["steps"] if generation == 0 else later)
         if width is not None:
             data["intensity_fft"] = (problem["intensity_fft"] *
                                      genetic.low_pass_weight(initial.shape, width)).astype(np.float32)

@@ -20,8 +20,8 @@ hybrid input-output"; cohere's `ga_*` options) lets them share what they got rig
                             (along the shorter arc: arg b + arg(a b*)/2), the geometric mean;
                    avg_ab   child = (a + b) / 2, the arithmetic mean;
                    none     child = b (culling and restarts only: a control);
-      5. support the child's support is the shrink-wrap of the child (blurred amplitude
-                 thresholded, as during the run);
+      5. support the child's support is the shrink-wrap of the whole child (blurred amplitude
+                 thresholded and confined as during the run);
     generation g+1: every child runs the schedule again from its bred object and support.
 
 The geometric mean keeps only what both parents hold (zero where either is zero), so spurious
@@ -173,7 +173,9 @@ def evolve(run_generation, seeds, plan: Plan, backend, shrink_wrap, log=None, al
         keep = np.sort(order[:plan.survivors(g, len(order))])
         children = breed(result["object"][keep], alpha["object"], plan.breed, backend,
                          allow_twin=allow_twin)
-        supports = shrink_wrap(children, xp.asarray(result["support"][keep]))
+        # the child's own support: all of it is looked at (an arithmetic-mean child also holds
+        # density of the alpha outside the repeat's old support), confined as the run's updates
+        supports = shrink_wrap(children, xp.ones(children.shape, dtype=bool))
         start = {"object": backend.asnumpy(children), "support": backend.asnumpy(supports)}
         seeds = [row_seeds[i] for i in keep]
         if log is not None:
