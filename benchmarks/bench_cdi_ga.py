@@ -3,8 +3,8 @@
 Cases from the robustness family (benchmarks/bench_cdi_robustness.py generates them: Poisson
 counts, a masked beamstop and dead lines) that the defaults find hard: 256^2 `cluster`
 (oversampling 4, 1e6 photons, beamstop 8 px) and `polygon` (oversampling 3, 1e6 photons, beamstop
-5 px) over several seeds, and one 512^2 case of the issue's class (radius 64 px, 2e6 photons,
-beamstop 5 px, the true size given as the issue checks it). Each case is phased through the CLI
+5 px) over several seeds, and 512^2 cases of the issue's class (radius 64 px, 2e6 photons,
+beamstop 5 px, real and complex +-1 rad, the true size given as the issue checks it). Each case is phased through the CLI
 (8 repeats) with
 
     defaults   phasing.iters 500HIO 200RAAR 100ER 100ML                          (900 iterations)
@@ -20,7 +20,9 @@ per configuration the mean merged error, the cases merged <= 0.15 and the wall t
 the defaults' on the same cases (same process, same load).
 
     python benchmarks/bench_cdi_ga.py                         # 256^2 cases, seeds 1-3
-    python benchmarks/bench_cdi_ga.py --large                 # also the 512^2 case
+    python benchmarks/bench_cdi_ga.py --large 0 1 2 3         # also the 512^2 cases (seeds 6, 8 real; 7, 9 complex)
+    python benchmarks/bench_cdi_ga.py --large 0 --large-only --configs defaults ga3r
+    python benchmarks/bench_cdi_ga.py --3d --large-only --configs defaults ga3r   # 3-D 64^3 only
     python benchmarks/bench_cdi_ga.py --configs defaults ga3 --seeds 1 2
 """
 from __future__ import annotations
@@ -50,13 +52,22 @@ CONFIGS = {
 }
 
 
-def cases(seeds, large):
+#: the issue's 512^2 class as bench_cdi_robustness.py --issue builds it (textured): (seed, phase)
+LARGE = [(6, 0.0), (8, 0.0), (7, 1.0), (9, 1.0)]
+
+
+def cases(seeds, large, three_d=False):
+    """(case, give the true size) pairs; large: indices into LARGE."""
     out = []
     for seed in seeds:
         out.append((Case("cluster", photons=1e6, beamstop=8, seed=seed), False))
         out.append((Case("polygon", photons=1e6, oversampling=3, beamstop=5, seed=seed + 2), False))
-    if large:
-        out.append((Case("random_smooth", n=512, oversampling=4, photons=2e6, beamstop=5, seed=6), True))
+    if three_d:     # the quick family's 3-D case (phase3d)
+        out.append((Case("random_smooth", n=64, dim=3, oversampling=4, photons=2e7, beamstop=3), False))
+    for index in large:
+        seed, phase = LARGE[index]
+        out.append((Case("random_smooth", n=512, oversampling=4, photons=2e6, beamstop=5, seed=seed,
+                         phase=phase), True))
     return out
 
 
@@ -64,14 +75,16 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", nargs="*", type=int, default=[1, 2, 3])
     parser.add_argument("--configs", nargs="*", default=["defaults", "ga3", "ga3r", "ga5r"], choices=list(CONFIGS))
-    parser.add_argument("--large", action="store_true", help="also the 512^2 issue-class case (minutes per run)")
-    parser.add_argument("--large-only", action="store_true", help="only the 512^2 issue-class case")
+    parser.add_argument("--large", nargs="*", type=int, default=[],
+                        help="also these 512^2 issue-class cases (indices into LARGE; minutes per run)")
+    parser.add_argument("--3d", dest="three_d", action="store_true", help="also 3-D 64^3 (phase3d)")
+    parser.add_argument("--large-only", action="store_true", help="only the 512^2 (--large) and 3-D (--3d) cases")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="a settings override KEY=VALUE passed to every run (repeatable)")
     args = parser.parse_args()
-    chosen = cases(args.seeds, args.large or args.large_only)
+    chosen = cases(args.seeds, args.large, args.three_d)
     if args.large_only:
-        chosen = [c for c in chosen if c[1]]
+        chosen = [c for c in chosen if c[0].n == 512 or c[0].dim == 3]
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp) / "home"
         os.environ["XPR_BENCH_TMP"] = tmp

@@ -46,7 +46,7 @@ import numpy as np
 
 from xpr.phasing.merge import align
 
-BREEDS = ("sqrt_ab", "avg_ab", "none")
+BREEDS = ("avg_ab", "sqrt_ab", "none")
 METRICS = ("free_deviance", "e_mod")
 
 
@@ -62,7 +62,7 @@ class Plan:
     """
 
     generations: int = 1
-    breed: str = "sqrt_ab"
+    breed: str = "avg_ab"
     metric: str = "free_deviance"
     cull: int | tuple = 0
     resolution: tuple = ()
