@@ -12,6 +12,7 @@ beamstop 5 px, real and complex +-1 rad, the true size given as the issue checks
     ga3r       300HIO 100RAAR 50ER 50ML, then 2 generations of 100RAAR 50ER 50ML,
                bred avg_ab (ga.iters: the bred starts refined without HIO)        (900 iterations)
     ga3r_sqrt  as ga3r, bred sqrt_ab (cohere's default)                           (900 iterations)
+    ga3r_none  as ga3r, not bred (the control: the same schedule, each repeat alone) (900 iterations)
     ga5r       260HIO 100RAAR 40ER 40ML, then 4 generations of 75RAAR 20ER 20ML   (900 iterations)
 
 and prints per case and configuration the fraction of the final repeats within real-space error
@@ -46,6 +47,9 @@ CONFIGS = {
     "ga3r": ["ga.generations=3", "ga.breed=avg_ab", "phasing.iters=300HIO 100RAAR 50ER 50ML",
              "ga.iters=100RAAR 50ER 50ML"],
     "ga3r_sqrt": ["ga.generations=3", "ga.breed=sqrt_ab", "phasing.iters=300HIO 100RAAR 50ER 50ML",
+                  "ga.iters=100RAAR 50ER 50ML"],
+    # the control: ga3r's schedule and restarts without breeding (each repeat continues alone)
+    "ga3r_none": ["ga.generations=3", "ga.breed=none", "phasing.iters=300HIO 100RAAR 50ER 50ML",
                   "ga.iters=100RAAR 50ER 50ML"],
     "ga5r": ["ga.generations=5", "ga.breed=avg_ab", "phasing.iters=260HIO 100RAAR 40ER 40ML",
              "ga.iters=75RAAR 20ER 20ML"],
