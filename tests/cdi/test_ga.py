@@ -82,3 +82,19 @@ def test_bad_ga_values_exit_2(home, run_xpr, noisy_case, override, words):
     result = run_xpr(["cdi", "phase2d", settings, "-o", override])
     assert result.exit_code == 2, result.output
     assert words in result.output and "ga." in result.output
+
+
+def test_generations_do_not_depend_on_how_repeats_are_batched(home, run_xpr, noisy_case):
+    """Each generation is gathered before breeding and the bred starts go back to their own
+    repeats: 5 repeats in one batch equal the same 5 in batches of 2 (the serial engine)."""
+    settings, _ = noisy_case
+    common = ["-q", "cdi", "phase2d", settings, "-o", "phasing.iters=60HIO 20RAAR 20ER",
+              "-o", "phasing.repeats=5", "-o", "ga.generations=3", "-o", "ga.cull=1",
+              "-o", "ga.iters=30RAAR 10ER", "-o", "multi_process.engine=serial"]
+    assert run_xpr(common + ["-o", "structure_name=one"]).exit_code == 0
+    result = run_xpr(common + ["-o", "structure_name=split", "-o", "multi_process.batch_size=2"])
+    assert result.exit_code == 0, result.output
+    one, split = _result(home, "one"), _result(home, "split")
+    assert np.array_equal(one["seed"], split["seed"]) and len(one["seed"]) == 3
+    assert np.allclose(one["object"], split["object"], atol=1e-4 * np.abs(one["object"]).max())
+    assert np.allclose(one["generation_scores"], split["generation_scores"], rtol=1e-4, equal_nan=True)
