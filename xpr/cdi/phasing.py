@@ -17,6 +17,8 @@ Method, top to bottom:
 3. Iterations: a schedule (spipy string or xFrame blocks; xpr.phasing.schedule) with shrink-wrap
    woven in, run on a batch of independent repeats from random phases (or from init_model), each
    repeat seeded on its own; repeats are split into chunks over processes (xpr.parallel).
+   Optionally (ga.generations > 1) in generations, the repeats ranked, culled and bred with the
+   best between them (guided repeats, cohere's GA: xpr.phasing.genetic, `phase_generations`).
 4. Merging: the repeats with the lowest final modulus error are aligned (translation, global
    phase, twin) to the best one and averaged; the PRTF per shell of |q| tells which resolution
    was phased reproducibly.
@@ -35,12 +37,12 @@ from xpr.io.checks import check_intensities
 from xpr.io.cxi import save_cxi_result
 from xpr.io.readers import read_pattern
 from xpr.options import options, setting
-from xpr.settings import Frozen
 from xpr.phasing import engine, genetic, merge, schedule
 from xpr.phasing.likelihood import BandModulusProjection, free_deviance, free_pixels
 from xpr.phasing.projections import ModulusProjection, SupportProjection, centred_radius
 from xpr.phasing.support_init import autocorrelation_support, equivalent_radius
 from xpr.phasing.shrinkwrap import ShrinkWrap
+from xpr.settings import Frozen
 
 # ---------------------------------------------------------------------------------------------
 # 1. input
@@ -466,7 +468,8 @@ def generation_steps(settings):
 
 
 def check_ga(settings):
-    """What the settings grammar cannot say about `ga`: positive low-pass widths (exit 2)."""
+    """What the settings grammar cannot say about `ga` (exit 2): ga.iters compiles; the low-pass
+    widths are numbers > 0."""
     ga = GeneticOptions.from_settings(settings)
     generation_steps(settings)
     for width in ga.resolution or ():
@@ -489,10 +492,12 @@ def phase_generations(settings, archive, problem):
     options = problem["options"]
     backend = cpu(problem["backend"].precision)          # breeding runs on the host, as merging
     initial = problem["initial_support"]
+    # the children's supports: the run's last shrink-wrap rule (a child's support is new, so there
+    # is no old one whose shrinking max_shrink would limit)
     shrink_wrap = ShrinkWrap(backend, initial.shape, threshold=options.sw_threshold,
                              support_size=options.support_size, sigma=_last(options.sw_sigma),
                              confine_to=initial if options.sw_confine_to_initial else None,
-                             max_shrink=options.sw_max_shrink, size_rule=options.sw_size_rule)
+                             max_shrink=None, size_rule=options.sw_size_rule)
     later = generation_steps(settings) or problem["steps"]
     archive.log.info("genetic algorithm: %d generations (%d iterations, then %d each: %s), breeding "
                      "%s, ranking by %s, culling %d per generation%s", plan.generations,
