@@ -12,6 +12,7 @@ beamstop 5 px, real and complex +-1 rad, the true size given as the issue checks
     ga3r       300HIO 100RAAR 50ER 50ML, then 2 generations of 100RAAR 50ER 50ML,
                bred avg_ab (ga.iters: the bred starts refined without HIO)        (900 iterations)
     ga3r_sqrt  as ga3r, bred sqrt_ab (cohere's default)                           (900 iterations)
+    ga3e       as ga3r, later generations 150ER 50ML (no RAAR)                    (900 iterations)
     ga3r_none  as ga3r, not bred (the control: the same schedule, each repeat alone) (900 iterations)
     ga5r       260HIO 100RAAR 40ER 40ML, then 4 generations of 75RAAR 20ER 20ML   (900 iterations)
 
@@ -48,6 +49,9 @@ CONFIGS = {
              "ga.iters=100RAAR 50ER 50ML"],
     "ga3r_sqrt": ["ga.generations=3", "ga.breed=sqrt_ab", "phasing.iters=300HIO 100RAAR 50ER 50ML",
                   "ga.iters=100RAAR 50ER 50ML"],
+    # as ga3r, the bred starts refined by ER and ML only (no RAAR to walk them away)
+    "ga3e": ["ga.generations=3", "ga.breed=avg_ab", "phasing.iters=300HIO 100RAAR 50ER 50ML",
+             "ga.iters=150ER 50ML"],
     # the control: ga3r's schedule and restarts without breeding (each repeat continues alone)
     "ga3r_none": ["ga.generations=3", "ga.breed=none", "phasing.iters=300HIO 100RAAR 50ER 50ML",
                   "ga.iters=100RAAR 50ER 50ML"],
