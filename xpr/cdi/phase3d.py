@@ -14,6 +14,7 @@ def validate(settings):
     """Values checked before a run folder exists: the schedule, its beta and shrink-wrap steps;
     whether the pattern can be phased in memory at all (xpr.memory)."""
     phasing.compile_steps(settings)
+    phasing.check_ga(settings)
     memory.validate_cdi_phase(settings, 3)
 
 

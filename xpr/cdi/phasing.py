@@ -19,27 +19,32 @@ Method, top to bottom:
 3. Iterations: a schedule (spipy string or xFrame blocks; xpr.phasing.schedule) with shrink-wrap
    woven in, run on a batch of independent repeats from random phases (or from init_model), each
    repeat seeded on its own; repeats are split into chunks over processes (xpr.parallel).
+   Optionally (ga.generations > 1) in generations, the repeats ranked, culled and bred with the
+   best between them (guided repeats, cohere's GA: xpr.phasing.genetic, `phase_generations`).
 4. Merging: the repeats with the lowest final modulus error are aligned (translation, global
    phase, twin) to the best one and averaged; the PRTF per shell of |q| tells which resolution
    was phased reproducibly.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from xpr import memory, parallel, plot
 from xpr.backend import BackendSpec, cpu
-from xpr.errors import InputError
+from xpr.errors import InputError, SettingsError
 from xpr.io import read_array
 from xpr.io.checks import check_intensities
 from xpr.io.cxi import save_cxi_result
 from xpr.io.readers import read_pattern
 from xpr.options import options, setting
-from xpr.phasing import engine, merge, schedule
+from xpr.phasing import engine, genetic, merge, schedule
 from xpr.phasing.likelihood import BandModulusProjection, free_deviance, free_pixels
 from xpr.phasing.projections import ModulusProjection, SupportProjection, centred_radius
 from xpr.phasing.support_init import autocorrelation_size, autocorrelation_support, equivalent_radius
 from xpr.phasing.shrinkwrap import ShrinkWrap
+from xpr.settings import Frozen
 
 # ---------------------------------------------------------------------------------------------
 # 1. input
@@ -224,7 +229,11 @@ def phase_chunk(task, shared=None, progress=None):
                              confine_to=initial if options.sw_confine_to_initial else None,
                              max_shrink=options.sw_max_shrink, size_rule=options.sw_size_rule)
     support = xp.broadcast_to(initial, (repeats,) + shape).copy()
-    if task["init_model"] is not None:
+    if task.get("start") is not None:      # a later generation (ga): the bred objects and supports
+        rows = task["rows"]
+        x = xp.asarray(task["start"]["object"][rows]).astype(backend.complex_dtype)
+        support = xp.asarray(task["start"]["support"][rows]).astype(bool)
+    elif task["init_model"] is not None:
         model = xp.asarray(task["init_model"]).astype(backend.complex_dtype)
         x = xp.broadcast_to(model, (repeats,) + shape).copy()
     else:
@@ -404,10 +413,15 @@ def phasing_options(settings, dimensions: int, **given) -> PhasingOptions:
     return (PhasingOptions if dimensions == 2 else PhasingOptions3D).from_settings(settings, **given)
 
 
-def phase_repeats(settings, archive, problem):
-    """All repeats, in batches over the multi_process engine; returns stacked numpy results."""
-    repeats = int(settings.phasing.repeats)
-    seeds = parallel.task_seeds(int(settings.phasing.seed), repeats)
+def phase_repeats(settings, archive, problem, seeds=None):
+    """All repeats, in batches over the multi_process engine; returns stacked numpy results.
+    With ga.generations > 1 the generations of xpr.phasing.genetic (each one such call on the
+    given `seeds`; problem["start"]: the bred starts, one row per seed)."""
+    if seeds is None:
+        if int((settings.get("ga") or {}).get("generations", 1)) > 1:
+            return phase_generations(settings, archive, problem)
+        seeds = parallel.task_seeds(int(settings.phasing.seed), int(settings.phasing.repeats))
+    repeats = len(seeds)
     spread = settings.get("multi_process")
     gpus = problem["backend"].gpus()           # on cupy: one worker per GPU
     workers = parallel.n_workers(spread, repeats, gpus)
@@ -415,7 +429,7 @@ def phase_repeats(settings, archive, problem):
     n_tasks = max(workers, -(-repeats // int(batch))) if batch else workers
     n_tasks = memory.plan_cdi_phase(problem["intensity_fft"].shape, repeats, workers, n_tasks,
                                     double=problem["backend"].precision == "double", log=archive.log)
-    tasks = [{"seeds": [seeds[i] for i in chunk]} for chunk in _chunks(repeats, n_tasks)]
+    tasks = [{"seeds": [seeds[i] for i in chunk], "rows": list(chunk)} for chunk in _chunks(repeats, n_tasks)]
     n_iterations = schedule.total_iterations(problem["steps"])
     archive.log.info("%d repeats x %d iterations in %d batch(es)", repeats, n_iterations,
                      len(tasks))
@@ -443,6 +457,88 @@ def phase_repeats(settings, archive, problem):
     # the batches that failed after their retries: recorded, their repeats left out of the merge
     stacked["failed_seeds"] = np.asarray([s for f in failures for s in tasks[f.index]["seeds"]], dtype=np.uint64)
     return stacked
+
+
+# ---------------------------------------------------------------------------------------------
+# guided repeats: the genetic algorithm over generations (ga.*; xpr.phasing.genetic)
+
+
+@options("cdi", "phase2d")
+class GeneticOptions:
+    """The `ga` block of settings_defaults/cdi/phase2d.yaml (phase3d's is the same)."""
+
+    generations: int = setting("ga.generations")
+    breed: str = setting("ga.breed")
+    metric: str = setting("ga.metric")
+    cull: int = setting("ga.cull")
+    resolution: tuple | None = setting("ga.resolution", lambda v: None if v is None else tuple(v))
+    iters: str | None = setting("ga.iters")
+
+
+def generation_steps(settings):
+    """The compiled schedule of the generations after the first (ga.iters, with the run's periodic
+    shrink-wrap), or None when they repeat phasing.iters."""
+    iters = (settings.get("ga") or {}).get("iters")
+    if iters is None:
+        return None
+    plain = settings.to_dict()
+    plain["phasing"] = dict(plain["phasing"], iters=iters, main_loop=None)
+    try:
+        return compile_steps(Frozen(plain))
+    except InputError as error:                     # it names phasing.iters: say which schedule
+        raise SettingsError(error.message, key="ga.iters") from None
+
+
+def check_ga(settings):
+    """What the settings grammar cannot say about `ga` (exit 2): ga.iters compiles; the low-pass
+    widths are numbers > 0."""
+    ga = GeneticOptions.from_settings(settings)
+    generation_steps(settings)
+    for width in ga.resolution or ():
+        if isinstance(width, bool) or not isinstance(width, (int, float)) or width <= 0:
+            raise SettingsError(f"low-pass widths must be numbers > 0 (fractions of Nyquist), got "
+                                f"{list(ga.resolution)!r}", key="ga.resolution")
+
+
+def phase_generations(settings, archive, problem):
+    """ga.generations > 1: each generation is one `phase_repeats` over the surviving repeats
+    (batched and spread over processes as usual); between generations, in this process, the
+    repeats are ranked, culled and bred with the best (xpr.phasing.genetic.evolve)."""
+    ga = GeneticOptions.from_settings(settings)
+    plan = genetic.Plan(generations=int(ga.generations), breed=str(ga.breed), metric=str(ga.metric),
+                        cull=int(ga.cull), resolution=tuple(ga.resolution or ()))
+    if plan.metric == "free_deviance" and problem.get("free_fft") is None:
+        archive.log.warning("ga.metric free_deviance needs held-out pixels (merge.free_fraction > 0): "
+                            "ranking by the final eMod instead")
+        plan = replace(plan, metric="e_mod")
+    options = problem["options"]
+    backend = cpu(problem["backend"].precision)          # breeding runs on the host, as merging
+    initial = problem["initial_support"]
+    # the children's supports: the run's last shrink-wrap rule (a child's support is new, so there
+    # is no old one whose shrinking max_shrink would limit)
+    shrink_wrap = ShrinkWrap(backend, initial.shape, threshold=options.sw_threshold,
+                             support_size=options.support_size, sigma=_last(options.sw_sigma),
+                             confine_to=initial if options.sw_confine_to_initial else None,
+                             max_shrink=None, size_rule=options.sw_size_rule)
+    later = generation_steps(settings) or problem["steps"]
+    archive.log.info("genetic algorithm: %d generations (%d iterations, then %d each: %s), breeding "
+                     "%s, ranking by %s, culling %d per generation%s", plan.generations,
+                     schedule.total_iterations(problem["steps"]), schedule.total_iterations(later),
+                     schedule.describe(later), plan.breed, plan.metric,
+                     plan.culled_after(0), f", low-pass widths {list(plan.resolution)}"
+                     if plan.resolution else "")
+
+    def run_generation(generation, seeds, start):
+        width = plan.low_pass(generation)
+        data = dict(problem, start=start, steps=problem["steps"] if generation == 0 else later)
+        if width is not None:
+            data["intensity_fft"] = (problem["intensity_fft"] *
+                                     genetic.low_pass_weight(initial.shape, width)).astype(np.float32)
+        return phase_repeats(settings, archive, data, seeds=seeds)
+
+    seeds = parallel.task_seeds(int(settings.phasing.seed), int(settings.phasing.repeats))
+    return genetic.evolve(run_generation, seeds, plan, backend, shrink_wrap, log=archive.log,
+                          allow_twin=bool(settings.merge.remove_twin))
 
 
 def _figures(archive, merged, support, repeats, selected, shells, prtf):
