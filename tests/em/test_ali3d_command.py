@@ -110,7 +110,7 @@ def test_bad_input_is_refused_with_exit_2(tmp_path, home, run_xpr, case, expecte
     if case == "function":
         tree["reference"] = {"function": "no_such_module:prepare"}
     if case == "prior_without_likelihood":
-        tree["alignment"]["sigma_angle"] = 3.0     # with the default criterion ccc
+        tree["alignment"].update(sigma_angle=3.0, criterion="ccc")
     result = run_xpr(["em", "local_ali3d", write_settings(tmp_path / "bad.yaml", tree)])
     assert result.exit_code == 2, result.output
     assert expected in result.output

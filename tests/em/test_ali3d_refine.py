@@ -200,13 +200,14 @@ def test_snr_one_stack_refines_to_the_issue_bounds():
     The same simplex search against the *true* volume (slice radius 11 px, the refinement's) gives
     2.30° / 0.17 px: the criterion's noise floor on this phantom.  Against each half set's own
     reference inside a soft sphere the refinement reached 2.51° / 0.292 px; against the reference
-    of both halves (chunk left out) with the adaptive mask, the defaults, 2.35° / 0.254 px."""
+    of both halves (chunk left out) with the adaptive mask, 2.35° / 0.254 px — with the ccc and no
+    prior on the rotation, as here (the defaults' prior: the next test)."""
     data = phantom.simulate(np.random.default_rng(0), 300, 48, snr=1.0, angle_error_deg=3.0, shift_error_px=1.5,
                             backend=cpu())
     truth = (data.true_angles, data.true_shifts)
     before = ali.parameter_errors(data.start_angles, data.start_shifts, truth, np.eye(3)[None])
     _, floor, _ = align_against_true_volume(data, mask_radius=22, max_evaluations=200, tolerance=0.1, radius=11)
-    state = run_refinement(data, maxit=2)
+    state = run_refinement(data, maxit=2, criterion="ccc", sigma_angle=0.0)
     after = ali.parameter_errors(state.angles, state.shifts_px, truth, np.eye(3)[None])
     assert before[0] > 4.5 and before[1] > 1.5
     assert after[0] <= 2.42 and after[0] <= floor[0] + 0.12
@@ -215,13 +216,13 @@ def test_snr_one_stack_refines_to_the_issue_bounds():
 
 @pytest.mark.slow
 def test_snr_one_stack_with_an_angular_prior_reaches_the_issue_bound():
-    """The same stack with criterion least_squares and a 3° prior on the rotation (the start's error
-    per Euler angle, as a user sets RELION's sigma_ang): measured 2.24° after one pass, 2.127° /
-    0.251 px after two (the defaults: 2.35° / 0.254 px)."""
+    """The same stack with the defaults: criterion least_squares and a 3° prior on the rotation
+    (RELION's sigma_ang): measured 2.24° after one pass, 2.127° / 0.251 px after two (ccc without
+    the prior: 2.35° / 0.254 px)."""
     data = phantom.simulate(np.random.default_rng(0), 300, 48, snr=1.0, angle_error_deg=3.0, shift_error_px=1.5,
                             backend=cpu())
     truth = (data.true_angles, data.true_shifts)
-    state = run_refinement(data, maxit=2, criterion="least_squares", sigma_angle=3.0)
+    state = run_refinement(data, maxit=2)          # the defaults: least_squares, sigma_angle 3
     after = ali.parameter_errors(state.angles, state.shifts_px, truth, np.eye(3)[None])
     assert after[0] <= 2.2
     assert after[1] <= 0.28
