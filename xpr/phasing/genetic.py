@@ -45,6 +45,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from xpr.phasing.merge import align
+from xpr.phasing.projections import squared_frequency
 
 BREEDS = ("avg_ab", "sqrt_ab", "none")
 METRICS = ("free_deviance", "e_mod")
@@ -127,12 +128,7 @@ def breed(objects, alpha, mode: str, backend, allow_twin=True):
 def low_pass_weight(shape, width: float) -> np.ndarray:
     """exp(-q^2 / width^2) in FFT order, q in cycles/px and width a fraction of Nyquist (0.5):
     the factor on the intensities (its square root, on the moduli, is a Gaussian of std width)."""
-    q2 = 0.0
-    for axis, n in enumerate(shape):
-        q = np.fft.fftfreq(n)
-        expand = [None] * len(shape)
-        expand[axis] = slice(None)
-        q2 = q2 + (q ** 2)[tuple(expand)]
+    q2 = squared_frequency(shape)
     sigma = 0.5 * float(width)
     return np.exp(-q2 / (sigma * sigma))
 

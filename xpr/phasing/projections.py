@@ -32,15 +32,21 @@ from __future__ import annotations
 import numpy as np
 
 
-def fft_radius(shape, xp=np):
-    """|q| in pixels for every frequency of an FFT-ordered grid of this shape."""
+def squared_frequency(shape, pixels=False):
+    """|q|^2 on an FFT-ordered grid of this shape (numpy): q in cycles per pixel along every axis,
+    or, with pixels, in Fourier pixels (q n)."""
     q2 = 0.0
     for axis, n in enumerate(shape):
-        q = np.fft.fftfreq(n) * n
+        q = np.fft.fftfreq(n) * (n if pixels else 1)
         expand = [None] * len(shape)
         expand[axis] = slice(None)
         q2 = q2 + (q ** 2)[tuple(expand)]
-    return xp.asarray(np.sqrt(q2))
+    return q2
+
+
+def fft_radius(shape, xp=np):
+    """|q| in pixels for every frequency of an FFT-ordered grid of this shape."""
+    return xp.asarray(np.sqrt(squared_frequency(shape, pixels=True)))
 
 
 def centred_radius(shape, xp=np):

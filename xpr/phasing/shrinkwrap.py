@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from xpr.phasing.projections import squared_frequency
+
 
 class ShrinkWrap:
     def __init__(self, backend, shape, threshold=0.1, support_size=None, sigma=2.0,
@@ -40,13 +42,7 @@ class ShrinkWrap:
             raise ValueError(f"unknown support size rule {size_rule!r}")
         self.size_rule = size_rule
         self.confine_to = None if confine_to is None else xp.asarray(confine_to, dtype=bool)
-        q2 = 0.0
-        for axis, n in enumerate(shape):
-            q = np.fft.fftfreq(n)
-            expand = [None] * len(shape)
-            expand[axis] = slice(None)
-            q2 = q2 + (q ** 2)[tuple(expand)]
-        self.q2 = xp.asarray(q2, dtype=backend.real_dtype)
+        self.q2 = xp.asarray(squared_frequency(shape), dtype=backend.real_dtype)
 
     def blurred_amplitude(self, x, sigma):
         """|x| convolved with a unit-sum Gaussian of width sigma (pixels), per repeat."""
