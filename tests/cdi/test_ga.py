@@ -56,11 +56,12 @@ def test_generations_recover_a_noisy_masked_pattern(home, run_xpr, noisy_case):
 
 
 def test_one_generation_is_the_plain_run(home, run_xpr, noisy_case):
-    """ga.generations: 1 ignores every other ga option: the repeats equal the plain run's bit for bit."""
+    """ga.generations: 1 ignores every other ga option: the repeats equal the plain run's (one
+    generation, no other ga option given) bit for bit."""
     settings, _ = noisy_case
     common = ["-q", "cdi", "phase2d", settings, "-o", "phasing.iters=60HIO 20RAAR 20ER",
               "-o", "phasing.repeats=3"]
-    assert run_xpr(common + ["-o", "structure_name=plain"]).exit_code == 0
+    assert run_xpr(common + ["-o", "structure_name=plain", "-o", "ga.generations=1"]).exit_code == 0
     result = run_xpr(common + ["-o", "structure_name=one", "-o", "ga.generations=1", "-o", "ga.cull=1",
                                "-o", "ga.breed=avg_ab", "-o", "ga.resolution=[0.3]"])
     assert result.exit_code == 0, result.output
