@@ -41,6 +41,36 @@ def test_shared_input_scattered_once(dask_client):
     assert parallel.map(fake.weighted, seeds, Frozen({"engine": "local", "n_processes": 2}), shared=shared) == expected
 
 
+@pytest.mark.slow
+def test_dask_shared_input_survives_lost_workers_across_maps(tmp_path):
+    """Generations of maps on one cluster with the same shared input (the CDI genetic algorithm's
+    pattern): a worker killed between two maps, and in each map a task that kills its worker with
+    the shared input in hand -> every map completes with the results of the serial engine
+    (a broadcast scatter of the shared input hung here when a worker was lost; issue 20)."""
+    cloudpickle.register_pickle_by_value(fake)
+    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                       dashboard_address=None)
+    client = distributed.Client(cluster)
+    settings = Frozen({"engine": "dask", "retries": 2})
+    shared = np.linspace(0, 1, 200_000)
+    try:
+        for generation in range(3):
+            seeds = parallel.task_seeds(generation, 4)
+            tasks = [(seed, str(tmp_path), i == 1) for i, seed in enumerate(seeds)]
+            expected = [fake.weighted(seed, shared) for seed in seeds]
+            got = parallel.map(fake.weighted_dies_once, tasks, settings, shared=shared, client=client)
+            np.testing.assert_allclose(got, expected, rtol=1e-12)     # (a dot product's threads: last bits)
+            victim = list(client.run(os.getpid).values())[0]
+            os.kill(victim, 9)                       # lost between this map and the next
+        client.wait_for_workers(2, timeout=60)
+        seeds = parallel.task_seeds(9, 4)
+        np.testing.assert_allclose(parallel.map(fake.weighted, seeds, settings, shared=shared, client=client),
+                                   [fake.weighted(seed, shared) for seed in seeds], rtol=1e-12)
+    finally:
+        client.close()
+        cluster.close()
+
+
 def test_dask_worker_killed_mid_run_task_retried(dask_client):
     seeds = parallel.task_seeds(11, 6)
     expected = [fake.seeded_sum(s) for s in seeds]

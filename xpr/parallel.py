@@ -340,6 +340,11 @@ def _dask_slots(client, settings) -> int:
     return max(1, threads, planned)
 
 
+def _hand_over(value):
+    """The shared inputs of a dask map, as the result of a task (see `_dask`)."""
+    return value
+
+
 def _dask(call, tasks, settings, session, window):
     from dask.distributed import as_completed
 
@@ -347,8 +352,11 @@ def _dask(call, tasks, settings, session, window):
     client = session.dask_client()
     extra = {}
     if isinstance(call, functools.partial) and call.keywords.get("shared") is not None:
-        # large inputs go to every worker once; each task refers to them by future
-        extra["shared"] = client.scatter(call.keywords["shared"], broadcast=True)
+        # the shared inputs travel once, as a task of their own that every task depends on; not
+        # scattered: the scheduler keeps this task's recipe, so a worker that dies holding the
+        # inputs costs a recomputation, where scattered data would be lost (and a broadcast to a
+        # worker being restarted by its nanny can wait for ever)
+        extra["shared"] = client.submit(_hand_over, call.keywords["shared"], pure=False, retries=retries)
         call = call.func
     window.set_workers(_dask_slots(client, settings))
     index_of = {}

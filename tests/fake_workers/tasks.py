@@ -28,6 +28,17 @@ def dies_once(task):
     return index * 10
 
 
+def weighted_dies_once(task, shared):
+    """`weighted` of a seed that kills its own worker the first time it runs (marker file), the
+    shared input in hand: the worker that dies may hold the map's only copy of it."""
+    seed, marker_dir, dies = task
+    marker = os.path.join(marker_dir, f"died_{seed}")
+    if dies and not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(1)
+    return weighted(seed, shared)
+
+
 def fails_for_two(index):
     if index == 2:
         raise ValueError("diverged")
