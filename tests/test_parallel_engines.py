@@ -33,7 +33,7 @@ def test_serial_local_dask_identical(dask_client):
     assert serial == local == dask
 
 
-def test_shared_input_scattered_once(dask_client):
+def test_shared_input_sent_once(dask_client):
     shared = np.linspace(0, 1, 5000)
     seeds = parallel.task_seeds(3, 4)
     expected = [fake.weighted(s, shared) for s in seeds]

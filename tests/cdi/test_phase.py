@@ -182,8 +182,9 @@ def test_poisson_band_default_beats_exact_moduli_on_sparse_counts(home, run_xpr,
     A 128^2 real object oversampled 4x, only 3e5 photons (55 % of the measured pixels count 0, as
     the 512^2 issue class), beamstop 4 px and a dead row, its size given: the defaults give merged
     error < 0.2 and beat exact moduli (noise_band 0). Their Poisson maximum-likelihood tail (100ML
-    after the projections) beats the same schedule without it: measured 0.116 with it, 0.176
-    without, 0.227 with exact moduli (and the ML tail); with ga.generations 3, 0.088."""
+    after the projections) and the genetic algorithm's two generations of ER + ML beat the plain
+    schedule without ML: measured 0.088 with them (the plain run with the ML tail: 0.116), 0.176
+    without, 0.201 with exact moduli."""
     from xpr.cdi.objects import far_field_intensity, model_object
     from xpr.cdi.simulate import detector_mask, record
 
@@ -208,5 +209,5 @@ def test_poisson_band_default_beats_exact_moduli_on_sparse_counts(home, run_xpr,
             errors[name] = merge.real_space_error(f["merged/object"][()], truth, cpu())
     assert errors["band"] < 0.2
     assert errors["band"] < errors["exact"] - 0.02
-    assert errors["band"] < 0.14
-    assert errors["band"] < errors["no_ml"] - 0.03
+    assert errors["band"] < 0.12
+    assert errors["band"] < errors["no_ml"] - 0.05
