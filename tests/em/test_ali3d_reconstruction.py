@@ -170,38 +170,3 @@ def test_ctf_matches_relions_formula():
     example = ctf_model.CTFParameters(*(np.array([x]) for x in (u, v, angle, kv, cs_mm, q, 0.0)))
     values = ctf_model.ctf_values(example, 0, np.array([0, 3, 10, 0]), np.array([0, 0, 0, 10]), 1.0, 100)
     np.testing.assert_allclose(values, [0.1, 0.7962, 0.2320, 0.5170], atol=1e-4)
-
-
-@pytest.mark.parametrize("snr", [None, 2.0])
-def test_half_spectrum_inversion_is_the_real_part_of_the_complex_one(snr):
-    """grid_to_volume transforms only the half kx >= 0 of the made-Hermitian grid with a real
-    inverse FFT.  Against the complex inverse transform's real part (its former form), on a grid
-    of random sums — nonzero on the padded box's Nyquist planes too, where the mirror image wraps —
-    they agree to float32 rounding."""
-    from xpr.em.ali3d.gridding import correction_3d
-    from xpr.em.ali3d.reconstruct import FourierGrid
-
-    rng = np.random.default_rng(11)
-    grid = FourierGrid.empty(12, 2, 3)
-    size = grid.data.size
-    grid.data = rng.normal(size=size) + 1j * rng.normal(size=size)
-    grid.count = rng.uniform(0.0, 2.0, size) * (rng.uniform(size=size) > 0.1)
-    grid.ctf_weight = grid.count * rng.uniform(0.5, 1.0, size)
-    shape, padded = (2 * grid.half + 1,) * 3, grid.npad * grid.box
-    crop = (slice(grid.half - padded // 2, grid.half + padded // 2),) * 3
-
-    def made_hermitian(a):
-        a = a.reshape(shape)
-        return a[crop], a[::-1, ::-1, ::-1][crop]
-
-    data, mirrored = made_hermitian(grid.data)
-    data = data + np.conj(mirrored)
-    count = np.add(*made_hermitian(grid.count))
-    denominator = np.add(*made_hermitian(grid.ctf_weight)) + (1.0 / snr if snr else 0.0)
-    spectrum = np.where(count > 1e-3, data / np.maximum(denominator, 1e-6), 0.0)
-    full = np.fft.fftshift(np.fft.ifftn(np.fft.ifftshift(spectrum))).real
-    start = padded // 2 - grid.box // 2
-    expected = full[(slice(start, start + grid.box),) * 3] / correction_3d(grid.kernel, grid.box, padded)
-    volume = grid_to_volume(grid, cpu(), snr=snr)
-    # the Nyquist planes matter here: without their Hermitian part every voxel is off by more
-    np.testing.assert_allclose(volume, expected, rtol=0, atol=2e-6 * np.abs(expected).max())

@@ -245,62 +245,28 @@ def _spread(batch: InsertionBatch, grid: FourierGrid, values, kx, ky, images, qu
 
 
 def grid_to_volume(grid: FourierGrid, backend, snr: float | None = None):
-    """V = IFT[D / (T + 1/snr)] / C with CTF (snr given), IFT[D / N] / C without; cropped to n³.
-
-    The grid is made Hermitian, X(k) = (D(k) + D*(−k)) / (T(k) + T(−k)), so only the half kx ≥ 0 of
-    the padded box's frequencies is formed and transformed back with a real inverse FFT (half the
-    work of the complex one).  The complex transform's real part, which this replaces, is the
-    transform of X's Hermitian part modulo the box, X_H(k) = (X(k) + X*(−k mod n'))/2: equal to X
-    except where a coordinate is −n'/2, the box's Nyquist planes, whose mirror image lies outside
-    the box and wraps.  The real transform takes the Hermitian part itself on the planes kx = 0 and
-    kx = −n'/2 (the imaginary parts it drops there); on the planes ky = −n'/2 and kz = −n'/2 X_H is
-    formed here.  Measured against the complex transform: equal to float32 rounding."""
-    side = 2 * grid.half + 1
+    """V = IFT[D / (T + 1/snr)] / C with CTF (snr given), IFT[D / N] / C without; cropped to n³."""
+    shape = (2 * grid.half + 1,) * 3
     padded_box = grid.npad * grid.box
-    half_box = padded_box // 2
-    h = grid.half
-    data, count, weight = (a.reshape((side,) * 3) for a in (grid.data, grid.count, grid.ctf_weight))
+    lo = grid.half - padded_box // 2
+    crop = (slice(lo, lo + padded_box),) * 3        # only the padded box's frequencies are transformed
 
-    def hermitian(here, there):
-        """X at the grid points `here` (an index tuple), their mirror images −k at `there`."""
-        values = data[here] + np.conj(data[there])
-        denominator = weight[here] + weight[there]
-        if snr:
-            denominator += 1.0 / snr
-        sampled = (count[here] + count[there]) > 1e-3
-        np.divide(values, np.maximum(denominator, 1e-6), out=values, where=sampled)
-        values[~sampled] = 0.0
-        return values
+    def hermitian(values):                          # a(j) + a(−j) on the cropped cube
+        values = values.reshape(shape)
+        return values[crop], values[::-1, ::-1, ::-1][crop]
 
-    def mirror(index):
-        return tuple(2 * h - i for i in index)
-
-    # frequencies −n'/2 … n'/2 − 1 along z, y (centred) and 0 … n'/2 − 1 along x, as slices, and −n'/2 along x
-    full, back = slice(h - half_box, h + half_box), slice(h + half_box, h - half_box, -1)
-    spectrum = np.empty((padded_box, padded_box, half_box + 1), np.complex128)
-    spectrum[..., :half_box] = hermitian((full, full, slice(h, h + half_box)), (back, back, slice(h, h - half_box, -1)))
-    spectrum[..., half_box] = hermitian((full, full, h - half_box), (back, back, h + half_box))
-    # the Nyquist planes kz = −n'/2 and ky = −n'/2 for 0 < kx < n'/2: X_H, the mirror wrapped modulo n'
-    yz = np.arange(-half_box, half_box)
-    wrap = -yz
-    wrap[0] = -half_box                                           # −(−n'/2) ≡ −n'/2 modulo n'
-    inner = np.arange(1, half_box)[None, :]
-    edge = -half_box
-    for plane in (0, 1):                                          # kz, then ky at −n'/2
-        k = [yz[:, None], inner]
-        k.insert(plane, edge)
-        w = [wrap[:, None], -inner]
-        w.insert(plane, edge)
-        k, w = tuple(h + a for a in k), tuple(h + a for a in w)
-        values = 0.5 * (hermitian(k, mirror(k)) + np.conj(hermitian(w, mirror(w))))
-        if plane == 0:
-            spectrum[0, :, 1:half_box] = values
-        else:
-            spectrum[:, 0, 1:half_box] = values
-    spectrum = backend.ifftshift(backend.asarray(spectrum.astype(np.complex64)), axes=(0, 1))
-    padded = backend.asnumpy(backend.fftshift(backend.irfft(backend.ifftn(spectrum, axes=(0, 1)), axis=-1,
-                                                            n=padded_box)))
-    start = half_box - grid.box // 2
+    data, mirrored = hermitian(grid.data)
+    data = data + np.conj(mirrored)
+    count = np.add(*hermitian(grid.count))
+    denominator = np.add(*hermitian(grid.ctf_weight))
+    if snr:
+        denominator += 1.0 / snr
+    sampled = count > 1e-3
+    np.divide(data, np.maximum(denominator, 1e-6), out=data, where=sampled)
+    data[~sampled] = 0.0
+    spectrum = data.astype(np.complex64)
+    padded = backend.asnumpy(backend.fftshift(backend.ifftn(backend.ifftshift(backend.asarray(spectrum)))).real)
+    start = padded_box // 2 - grid.box // 2
     volume = padded[start:start + grid.box, start:start + grid.box, start:start + grid.box]
     return (volume / correction_3d(grid.kernel, grid.box, padded_box)).astype(np.float32)
 
