@@ -251,7 +251,7 @@ def batched_nelder_mead(function, starts, steps, max_evaluations, xatol, fatol=1
 # the values are then log-likelihood units (thousands for a 64² image), where the 1e-6 of the
 # normalised criteria was never met and every search ran to max_evaluations (201.6 evaluations per
 # image on the benchmark).  A log-posterior difference of 0.01 (a probability ratio of 1.01) is far
-# below what separates two orientations: 500 × 64², SNR 1, one pass, 201.6 → 14x evaluations per
+# below what separates two orientations: 500 × 64², SNR 1, one pass, 201.6 → 146 evaluations per
 # image with the same errors (docs/local_ali3d.md).
 POSTERIOR_FATOL = 0.01
 
