@@ -287,6 +287,18 @@ def translate_grid(grid: FourierGrid, t):
 
 # --- refinement -------------------------------------------------------------------------------
 
+def alignment_parts(projectors, mine, multi_process):
+    """(projector, image indices) of a chunk's alignment tasks: each half set's images split over
+    the workers, or, where both halves are aligned to one projector (reference.source both), the
+    chunk's images together — half as many tasks, each twice as large (a search's results do not
+    depend on which images share its task; larger tasks batch more images per simplex step)."""
+    if projectors[0] is projectors[1]:
+        together = np.sort(np.concatenate(mine))
+        return [(projectors[0], part) for part in split(together, parallel.n_workers(multi_process, len(together)))]
+    return [(projectors[h], part) for h in (0, 1)
+            for part in split(mine[h], parallel.n_workers(multi_process, len(mine[h])))]
+
+
 def parameter_change(angles_a, shifts_a, angles_b, shifts_b):
     """Mean rotation angle (degrees) and mean shift length (px) between two parameter sets."""
     rotation = euler.angular_error_deg(euler.rotation_matrices(*angles_a.T), euler.rotation_matrices(*angles_b.T))
@@ -330,12 +342,29 @@ def local_ali3d(images, angles, shifts_px, options: Ali3dOptions, *, multi_proce
                                  multi_process=multi_process, **kwargs)
 
 
-def refinement_passes(images, angles, shifts_px, options: Ali3dOptions, *, session, ctf=None, mask=None,
-                      backend=None, multi_process=None, log=None, progress=None, truth=None, on_iteration=None):
+def refinement_passes(images, angles, shifts_px, options: Ali3dOptions, *, session, overlap=True, **kwargs):
     """Refine the parameters of a stack (n, box, box); returns the last Ali3dState.
 
     ctf: ctf.CTFParameters or None; mask: n³ mask (default soft sphere of radius ou);
-    truth: (angles, shifts_px) to log errors against; on_iteration(state) is called after each pass."""
+    truth: (angles, shifts_px) to log errors against; on_iteration(state) is called after each pass.
+    overlap: take each next chunk out of the Fourier sums in a thread of this process while the
+    workers search the current one (False: in turn; the results are the same)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as background:
+        return _passes(images, angles, shifts_px, options, session=session, background=background,
+                       overlap=overlap, **kwargs)
+
+
+def chunk_removal(images, mine, angles, shifts_px, options, ctf):
+    """Per half set, the Fourier sums that take its images `mine[h]` (at their current parameters)
+    out of its grid, or None where it has none of them."""
+    return [fourier_sums(images, mine[h], (angles, shifts_px), None, options, ctf) if len(mine[h]) else None
+            for h in (0, 1)]
+
+
+def _passes(images, angles, shifts_px, options: Ali3dOptions, *, session, background, overlap, ctf=None, mask=None,
+            backend=None, multi_process=None, log=None, progress=None, truth=None, on_iteration=None):
     backend = backend or cpu()
     n, box = images.shape[0], images.shape[-1]
     images = prepare_images(images, ctf, options, backend)
@@ -363,11 +392,17 @@ def refinement_passes(images, angles, shifts_px, options: Ali3dOptions, *, sessi
         order = rng.permutation(n)
         chunks = [order[i:i + chunk_size] for i in range(0, n, chunk_size)]
         bar = progress(total=len(chunks), desc=f"iteration {iteration}") if progress else None
+        pending = None
         for number, chunk in enumerate(chunks, 1):
             mine = [np.sort(chunk[labels[chunk] == h]) for h in (0, 1)]
-            for h in (0, 1):  # take the chunk out: no image is compared with a reference holding itself
-                if len(mine[h]):
-                    grids[h].add(fourier_sums(images, mine[h], (angles, shifts_px), None, options, ctf))
+            # take the chunk out: no image is compared with a reference holding itself
+            removal = pending.result() if pending is not None else chunk_removal(images, mine, angles, shifts_px,
+                                                                                   options, ctf)
+            pending = None
+            for h in (0, 1):
+                if removal[h] is not None:
+                    grids[h].add(removal[h])
+            del removal
             inside = [np.setdiff1d(members[h], mine[h]) for h in (0, 1)]
             halves, frequencies, fsc, references, radius = prepare_references(
                 grids, inside, (angles, shifts_px), images, mask, options, ctf, backend, radius, adaptive=adaptive)
@@ -376,15 +411,21 @@ def refinement_passes(images, angles, shifts_px, options: Ali3dOptions, *, sessi
                           for r in references[:1 if references[1] is references[0] else 2]]
             projectors *= 2 // len(projectors)              # reference.source both: one projector serves both
             tasks, where = [], []
-            for h in (0, 1):
-                for part in split(mine[h], parallel.n_workers(multi_process, len(mine[h]))):
-                    tasks.append(AlignmentTask(
-                        projector=projectors[h], images=images[part], angles=angles[part], shifts_px=shifts_px[part],
-                        ctf=None if ctf is None else ctf.take(part), ctf_mode=options.ctf_mode,
-                        pixel_size_A=options.pixel_size_A, mask_radius=options.ou, delta=options.delta,
-                        ts=options.ts, max_evaluations=options.max_evaluations, tolerance=options.tolerance,
-                        criterion=options.criterion, sigma_angle=options.sigma_angle))
-                    where.append(part)
+            for projector, part in alignment_parts(projectors, mine, multi_process):
+                tasks.append(AlignmentTask(
+                    projector=projector, images=images[part], angles=angles[part], shifts_px=shifts_px[part],
+                    ctf=None if ctf is None else ctf.take(part), ctf_mode=options.ctf_mode,
+                    pixel_size_A=options.pixel_size_A, mask_radius=options.ou, delta=options.delta,
+                    ts=options.ts, max_evaluations=options.max_evaluations, tolerance=options.tolerance,
+                    criterion=options.criterion, sigma_angle=options.sigma_angle))
+                where.append(part)
+            if overlap and number < len(chunks):
+                # the next chunk's take-out needs only its own images' parameters, which this chunk's
+                # searches do not change: made while the workers search (the same sums, added where
+                # they were before: bit-identical results)
+                following = chunks[number]
+                following = [np.sort(following[labels[following] == h]) for h in (0, 1)]
+                pending = background.submit(chunk_removal, images, following, angles, shifts_px, options, ctf)
             results = session.map(refine_images, tasks)
             new_angles, new_shifts = angles.copy(), shifts_px.copy()
             for part, result in zip(where, results):

@@ -186,15 +186,16 @@ def _spread(batch: InsertionBatch, grid: FourierGrid, values, kx, ky, images, qu
     capacity = min(len(images) * len(batch.group) * piece, queue_limit + piece)
     index_queue = np.empty(capacity, dtype=np.int64)
     queues = {name: np.empty(capacity) for name in names}
-    queued = 0
+    queued, reach = 0, [size, -1]          # lowest and highest grid point the queued pieces reach
 
     def flush(queued):
         # one bincount per quantity for many images, over the span of grid points they reach
         if not queued:
             return
         index = index_queue[:queued]
-        low = int(index.min())
-        span = int(index.max()) - low + 1
+        low = reach[0]
+        span = reach[1] - low + 1
+        reach[:] = [size, -1]
         if low:
             index -= low
         for name in names:
@@ -219,15 +220,21 @@ def _spread(batch: InsertionBatch, grid: FourierGrid, values, kx, ky, images, qu
                 predicted = predicted.reshape(m, 2).view(np.complex64).ravel()
                 sample = values[i] - predicted if weight_t is None else (values[i] - weight_t * predicted) * weight_t
             end = queued + piece
-            np.add(((fz * side + fy) * side + fx)[:, None], offsets[None, :], out=index_queue[queued:end].reshape(m, w3))
-            c = c * np.float32(signs[i])
-            # float32 products stored as float64 (the values bincount would have converted them to)
-            np.multiply(c, sample.real[:, None].astype(np.float32), out=queues["real"][queued:end].reshape(m, w3))
-            np.multiply(c, sample.imag[:, None].astype(np.float32), out=queues["imag"][queued:end].reshape(m, w3))
+            first = (fz * side + fy) * side + fx
+            np.add(first[:, None], offsets[None, :], out=index_queue[queued:end].reshape(m, w3))
+            reach[0], reach[1] = min(reach[0], int(first.min())), max(reach[1], int(first.max()) + int(offsets[-1]))
+            # float32 products stored as float64 (the values bincount would have converted them to);
+            # the sign ±1 goes on the per-sample factor (exact), not on the W³ weights
+            sign = np.float32(signs[i])
+            np.multiply(c, (sample.real.astype(np.float32) * sign)[:, None], out=queues["real"][queued:end].reshape(m, w3))
+            np.multiply(c, (sample.imag.astype(np.float32) * sign)[:, None], out=queues["imag"][queued:end].reshape(m, w3))
             if batch.weights:
-                queues["count"][queued:end] = c.ravel()
+                if sign < 0:
+                    np.negative(c, out=queues["count"][queued:end].reshape(m, w3))
+                else:
+                    queues["count"][queued:end] = c.ravel()
                 if with_ctf:
-                    np.multiply(c, (weight_t ** 2)[:, None].astype(np.float32),
+                    np.multiply(c, ((weight_t ** 2).astype(np.float32) * sign)[:, None],
                                 out=queues["ctf"][queued:end].reshape(m, w3))
             queued = end
             if queued > queue_limit:
