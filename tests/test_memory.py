@@ -58,12 +58,16 @@ def test_estimates_match_measured_peaks(home, run_xpr):
         ratios[f"simulate {d}-D {n}"] = memory.cdi_simulate((n,) * d).bytes() / (peak - base[d])
     phase = ["-q", "cdi", "phase3d", "tutorial", "-o", "phasing.iters=4HIO 2ER",
              "-o", "multi_process.engine=serial"]
-    base3 = _traced_peak(run_xpr, phase + ["-o", "structure_name=s3", "-o", "phasing.repeats=1"])
-    for repeats, batch in [(8, 8), (8, 2)]:
+    base3 = _traced_peak(run_xpr, phase + ["-o", "structure_name=s3", "-o", "phasing.repeats=1",
+                                           "-o", "ga.generations=1"])
+    # the plain run, and the genetic algorithm (the default: its breeding holds every repeat)
+    for repeats, batch, generations in [(8, 8, 1), (8, 2, 1), (8, 8, 3), (8, 2, 3)]:
         peak = _traced_peak(run_xpr, phase + ["-o", "structure_name=m3", "-o", f"phasing.repeats={repeats}",
-                                              "-o", f"multi_process.batch_size={batch}"])
-        estimate = memory.cdi_phase((96,) * 3, repeats, 1).bytes(batch)
-        ratios[f"phase3d 96 {repeats} repeats in batches of {batch}"] = estimate / (peak - base3)
+                                              "-o", f"multi_process.batch_size={batch}",
+                                              "-o", f"ga.generations={generations}"])
+        estimate = memory.cdi_phase((96,) * 3, repeats, 1, generations=generations).bytes(batch)
+        ratios[f"phase3d 96 {repeats} repeats in batches of {batch}, {generations} generation(s)"] = \
+            estimate / (peak - base3)
     assert all(LOW <= r <= HIGH for r in ratios.values()), ratios
 
 
@@ -91,7 +95,8 @@ def test_phase_refuses_or_shrinks_its_batches(home, run_xpr, monkeypatch):
     assert run_xpr(["-q", "cdi", "simulate", "tutorial", "-o", "shape=64"]).exit_code == 0
     phase = ["-q", "cdi", "phase2d", "tutorial", "-o", "phasing.iters=30HIO 10ER",
              "-o", f"input.data_path={home / 'data' / 'cdi' / 'simulate' / 'tutorial.h5'}",
-             "-o", "phasing.repeats=8", "-o", "multi_process.engine=serial"]
+             "-o", "phasing.repeats=8", "-o", "multi_process.engine=serial",
+             "-o", "ga.generations=1"]       # batches: the plain run (breeding holds every repeat)
     assert run_xpr(phase + ["-o", "structure_name=free"]).exit_code == 0
     estimate = memory.cdi_phase((64, 64), 8, 1)
     # room for batches of 3 but not 4: 8 repeats in 3 batches, the same repeats as in one
@@ -113,6 +118,13 @@ def test_phase_refuses_or_shrinks_its_batches(home, run_xpr, monkeypatch):
     assert "key: phasing.repeats" in text and memory.size(estimate.bytes(1)) in text
     assert not (home / "data" / "cdi" / "phase2d" / "refused.h5").exists()
     assert not (home / "data" / "cdi" / "phase2d" / "archive" / "refused").exists()   # before a run folder
+    # with the genetic algorithm, batches that fit do not help when breeding all 8 does not
+    bred = memory.cdi_phase((64, 64), 8, 1, generations=3)
+    _limit(monkeypatch, (bred.stage_bytes("phasing", 1) + bred.stage_bytes("breeding (genetic algorithm)"))
+           / 2 / memory.USABLE_FRACTION)
+    result = run_xpr(phase[1:-2] + ["-o", "ga.generations=3", "-o", "structure_name=unbred"])
+    assert result.exit_code == 2, result.output
+    assert "key: phasing.repeats" in " ".join(result.output.split()) and "ga.generations: 1" in result.output
 
 
 def test_phase3d_on_1024_cubed_refused_from_the_header(home, run_xpr, monkeypatch, tmp_path):

@@ -209,7 +209,7 @@ def cdi_simulate(shape, complex_object=False) -> Estimate:
     return estimate
 
 
-def cdi_phase(shape, repeats, workers=1, double=False, dimensions=None) -> Estimate:
+def cdi_phase(shape, repeats, workers=1, double=False, dimensions=None, generations=1) -> Estimate:
     """`cdi phase2d/3d`, items = repeats per batch. Stages (bytes per voxel; measured with
     tracemalloc, tests/test_memory.py): phasing -- per repeat of a batch, the iterate (complex64),
     its support, the engine's working copies (Fourier transform, projection, reflection) and
@@ -217,22 +217,31 @@ def cdi_phase(shape, repeats, workers=1, double=False, dimensions=None) -> Estim
     each of `workers` concurrent batches, beside the pattern each holds (8) and the finished
     repeats' results (9 per repeat); merging -- the results of all repeats stacked and their
     concatenation (18 per repeat), with the pattern's preparation, alignment and the PRTF: 80,
-    and 110 in 2-D where the figures draw full-size images."""
+    and 110 in 2-D where the figures draw full-size images. With the genetic algorithm
+    (generations > 1): every batch of a later generation also holds the bred starts of all
+    repeats (9 per repeat), and between generations this process holds every repeat's result,
+    its bred child, the aligned parents and the best-ever object: 55 per repeat and 24 more
+    (tracemalloc, 96^3, 8 and 16 repeats in batches of 2: 463 and 903 bytes per voxel)."""
     n = _voxels(shape)
     dimensions = dimensions or len(shape)
     scale = 2 if double else 1
     repeats, workers = int(repeats), max(int(workers), 1)
     estimate = Estimate()
-    estimate.add("phasing", {"finished results": 9 * scale * n * repeats,
-                             "pattern per batch": 8 * n * workers},
-                 {"repeat at work": (45 * scale + 1) * n * workers})
+    held = {"finished results": 9 * scale * n * repeats, "pattern per batch": 8 * n * workers}
+    if int(generations) > 1:
+        held["bred starts"] = 9 * scale * n * repeats
+    estimate.add("phasing", held, {"repeat at work": (45 * scale + 1) * n * workers})
+    if int(generations) > 1:
+        estimate.add("breeding (genetic algorithm)",
+                     {"results, children, parents, best-ever": (55 * scale * repeats + 24) * n})
     estimate.add("merging", {"results of all repeats": 18 * scale * n * repeats,
                              "pattern, alignment, PRTF" + (", figures" if dimensions == 2 else ""):
                                  (110 if dimensions == 2 else 80) * n})
     return estimate
 
 
-def plan_cdi_phase(shape, repeats, workers, n_tasks, double=False, log=None, limit=None) -> int:
+def plan_cdi_phase(shape, repeats, workers, n_tasks, double=False, log=None, limit=None,
+                   generations=1) -> int:
     """The number of batches to phase `repeats` in: `n_tasks` when it fits, more (smaller
     batches) when it does not; a SettingsError (exit 2) when even one repeat at a time does not
     fit, naming phasing.repeats or multi_process.n_processes where fewer would fit."""
@@ -240,15 +249,20 @@ def plan_cdi_phase(shape, repeats, workers, n_tasks, double=False, log=None, lim
     repeats, n_tasks = int(repeats), max(int(n_tasks), 1)
     workers = max(1, min(int(workers), n_tasks))
     batch = -(-repeats // n_tasks)
-    estimate = cdi_phase(shape, repeats, workers, double)
+    estimate = cdi_phase(shape, repeats, workers, double, generations=generations)
     size = "x".join(map(str, shape))
     if estimate.bytes(batch) <= USABLE_FRACTION * limit.bytes:
         log_plan(log, f"phasing {repeats} repeats of {size} in batches of {batch}", estimate, limit, batch)
         return n_tasks
     fitting = largest_batch(estimate, limit, batch)
     if fitting == 0:
-        if estimate.stage_bytes("merging") > USABLE_FRACTION * limit.bytes:
-            one = cdi_phase(shape, 1, 1, double)
+        breeding = "breeding (genetic algorithm)"
+        if breeding in estimate.stages and estimate.stage_bytes(breeding) > USABLE_FRACTION * limit.bytes:
+            key = "phasing.repeats"
+            hint = ("fewer repeats (the genetic algorithm's breeding holds every repeat at once), or "
+                    "ga.generations: 1")
+        elif estimate.stage_bytes("merging") > USABLE_FRACTION * limit.bytes:
+            one = cdi_phase(shape, 1, 1, double, generations=generations)
             key = "phasing.repeats" if one.bytes(1) <= USABLE_FRACTION * limit.bytes else "input.data_path"
             hint = "fewer repeats (or merge several runs with `cdi merge`)" if key == "phasing.repeats" \
                 else f"a {size} pattern is too large for this machine even with one repeat"
@@ -374,4 +388,5 @@ def validate_cdi_phase(settings, dimensions):
     spread = settings.get("multi_process")
     workers = parallel.n_workers(spread, repeats)
     double = gpu_options(settings).precision == "double"
-    plan_cdi_phase(shape, repeats, workers, workers, double=double)
+    plan_cdi_phase(shape, repeats, workers, workers, double=double,
+                   generations=int((settings.get("ga") or {}).get("generations", 1)))

@@ -211,3 +211,57 @@ def test_poisson_band_default_beats_exact_moduli_on_sparse_counts(home, run_xpr,
     assert errors["band"] < errors["exact"] - 0.02
     assert errors["band"] < 0.12
     assert errors["band"] < errors["no_ml"] - 0.05
+
+
+@pytest.mark.slow
+def test_unsized_polygon_needs_an_unconfined_shrink_wrap(home, run_xpr, tmp_path):
+    """Issue 20: a sharp-edged uniform polygon (256^2, oversampling 4, 1e7 photons, two dead
+    detector lines, no beamstop) phased with only its data and mask. Its autocorrelation size
+    estimate is 0.36x its true area, so the first disc (2.5x the estimate) is smaller than the
+    object; confined to that disc the support can never grow to the object (measured merged 0.48,
+    8 repeats), while the default `confine_to_initial: auto` leaves an estimated disc unconfined
+    (measured 0.028)."""
+    from xpr.cdi.objects import far_field_intensity, model_object
+    from xpr.cdi.simulate import detector_mask, record
+    from xpr.phasing.support_init import autocorrelation_size
+
+    truth = model_object("polygon", (256, 256), 256 / 4, seed=2)
+    counts = record(far_field_intensity(truth), 1e7, seed=1002)
+    masked = detector_mask((256, 256), 0)
+    masked[:, 202] = True
+    masked[216] = True
+    counts[masked] = 0
+    estimate = autocorrelation_size(np.fft.ifftshift(counts), np.fft.ifftshift(~masked))
+    assert 2.5 * estimate < np.count_nonzero(truth)          # the first disc is too small
+    np.save(tmp_path / "data.npy", counts.astype(np.float32))
+    np.save(tmp_path / "mask.npy", masked.astype(np.uint8))
+    errors = {}
+    for name, confine in (("auto", "auto"), ("confined", "true")):
+        settings = tmp_path / f"{name}.yaml"
+        settings.write_text(f"structure_name: {name}\ninput:\n  data_path: {tmp_path / 'data.npy'}\n"
+                            f"  mask_path: {tmp_path / 'mask.npy'}\nphasing:\n  repeats: 4\n"
+                            f"phasing_parameters:\n  shrink_wrap:\n    confine_to_initial: {confine}\n")
+        result = run_xpr(["-q", "cdi", "phase2d", settings])
+        assert result.exit_code == 0, result.output
+        with h5py.File(home / "data" / "cdi" / "phase2d" / f"{name}.h5") as f:
+            errors[name] = merge.real_space_error(f["merged/object"][()], truth, cpu())
+    assert errors["auto"] < 0.1
+    assert errors["confined"] > 0.3
+
+
+def test_confinement_rule():
+    """`confine_to_initial: auto` confines shrink-wrap except to a disc sized from an estimate."""
+    from types import SimpleNamespace
+
+    from xpr.cdi.phasing import confines_shrink_wrap
+
+    def inp(initial="auto", spherical=None):
+        return SimpleNamespace(initial_support=initial, spherical_support=spherical)
+
+    auto = SimpleNamespace(sw_confine_to_initial="auto")
+    assert confines_shrink_wrap(auto, inp(), estimated_size=None)           # size given
+    assert not confines_shrink_wrap(auto, inp(), estimated_size=812.0)      # size estimated
+    assert confines_shrink_wrap(auto, inp("autocorrelation"), estimated_size=812.0)
+    assert confines_shrink_wrap(auto, inp(spherical=40), estimated_size=812.0)
+    assert not confines_shrink_wrap(SimpleNamespace(sw_confine_to_initial=False), inp(), None)
+    assert confines_shrink_wrap(SimpleNamespace(sw_confine_to_initial=True), inp(), 812.0)

@@ -156,6 +156,22 @@ def initial_support_for(intensity_fft, measured_fft, inp, log=None, support_size
     return np.asarray(centred_radius(shape)) <= radius
 
 
+def confines_shrink_wrap(options, inp, estimated_size, log=None) -> bool:
+    """Whether shrink-wrap keeps the support inside the initial one. `auto`: yes, unless the
+    initial support is the disc sized from the estimated size (no size given, `initial_support:
+    auto`): that estimate is 0.36-3.0x the true area over the robustness family (docs/cdi.md), so
+    a disc drawn from it may be smaller than the object, and confining to it would keep the
+    support too small for ever (the 256^2 polygon at os 4: merged 0.48, and 0.03 unconfined)."""
+    confine = options.sw_confine_to_initial
+    if confine != "auto":
+        return bool(confine)
+    sized_from_estimate = (estimated_size is not None and not inp.spherical_support
+                           and str(inp.initial_support) == "auto")
+    if sized_from_estimate and log is not None:
+        log.info("shrink-wrap not confined to the initial disc: its size is only estimated")
+    return not sized_from_estimate
+
+
 def estimate_support_size(intensity_fft, measured_fft, inp, log=None):
     """The object's size (px/voxels) estimated from the pattern (support_init.autocorrelation_size,
     with the autocorrelation settings of `inp`), at least 1."""
@@ -298,6 +314,7 @@ def run(settings, archive, dimensions):
     initial_support = initial_support_for(intensity_fft, measured_fft, inp, archive.log,
                                           support_size=options.support_size,
                                           estimated_size=estimated)
+    options = replace(options, sw_confine_to_initial=confines_shrink_wrap(options, inp, estimated, archive.log))
     if init_model is not None and not inp.spherical_support:
         initial_support = initial_support | (np.abs(init_model) > 0)
     fraction = float(settings.merge.free_fraction or 0.0)
@@ -396,7 +413,7 @@ class PhasingOptions:
     e_mod_every: int = setting("phasing.e_mod_every")
     sw_threshold: float = setting("phasing_parameters.shrink_wrap.threshold", _last)
     sw_sigma: float | tuple = setting("phasing_parameters.shrink_wrap.sigma")
-    sw_confine_to_initial: bool = setting("phasing_parameters.shrink_wrap.confine_to_initial")
+    sw_confine_to_initial: bool | str = setting("phasing_parameters.shrink_wrap.confine_to_initial")
     sw_max_shrink: float | None = setting("phasing_parameters.shrink_wrap.max_shrink")
     sw_size_rule: str = setting("phasing_parameters.shrink_wrap.size_rule")
     modulus_band: float = 0.0        # sqrt(counts): the Poisson band, from phasing_parameters.noise_band and the pattern
@@ -428,7 +445,8 @@ def phase_repeats(settings, archive, problem, seeds=None):
     batch = spread.get("batch_size") if spread else None
     n_tasks = max(workers, -(-repeats // int(batch))) if batch else workers
     n_tasks = memory.plan_cdi_phase(problem["intensity_fft"].shape, repeats, workers, n_tasks,
-                                    double=problem["backend"].precision == "double", log=archive.log)
+                                    double=problem["backend"].precision == "double", log=archive.log,
+                                    generations=int((settings.get("ga") or {}).get("generations", 1)))
     tasks = [{"seeds": [seeds[i] for i in chunk], "rows": list(chunk)} for chunk in _chunks(repeats, n_tasks)]
     n_iterations = schedule.total_iterations(problem["steps"])
     archive.log.info("%d repeats x %d iterations in %d batch(es)", repeats, n_iterations,
