@@ -176,6 +176,23 @@ def test_defaults_with_support_size_phase_a_noisy_masked_pattern(home, run_xpr, 
     assert merge.real_space_error(merged, truth, cpu()) < 0.15
 
 
+def _merged_errors(home, run_xpr, tmp_path, counts, masked, truth, variants):
+    """Phase the pattern (counts, masked) with each variant's extra settings (YAML text after the
+    input block); the merged real-space error of each against the truth."""
+    np.save(tmp_path / "data.npy", counts.astype(np.float32))
+    np.save(tmp_path / "mask.npy", masked.astype(np.uint8))
+    errors = {}
+    for name, extra in variants.items():
+        settings = tmp_path / f"{name}.yaml"
+        settings.write_text(f"structure_name: {name}\ninput:\n  data_path: {tmp_path / 'data.npy'}\n"
+                            f"  mask_path: {tmp_path / 'mask.npy'}\n{extra}")
+        result = run_xpr(["-q", "cdi", "phase2d", settings])
+        assert result.exit_code == 0, result.output
+        with h5py.File(home / "data" / "cdi" / "phase2d" / f"{name}.h5") as f:
+            errors[name] = merge.real_space_error(f["merged/object"][()], truth, cpu())
+    return errors
+
+
 def test_poisson_band_default_beats_exact_moduli_on_sparse_counts(home, run_xpr, tmp_path):
     """Issue 20: on photon counts the default modulus constraint is the Poisson band (|F| kept
     within sqrt(k) +- 0.5, not pulled onto counts of 0 and 1) and every good repeat is merged.
@@ -194,19 +211,10 @@ def test_poisson_band_default_beats_exact_moduli_on_sparse_counts(home, run_xpr,
     masked[90] = True
     counts[masked] = 0
     assert 0.5 < np.mean(counts[~masked] == 0) < 0.6
-    np.save(tmp_path / "data.npy", counts.astype(np.float32))
-    np.save(tmp_path / "mask.npy", masked.astype(np.uint8))
-    errors = {}
-    for name, extra, schedule in (("band", "", ""), ("exact", "  noise_band: 0.0\n", ""),
-                                  ("no_ml", "", "phasing:\n  iters: 500HIO 200RAAR 100ER\nga:\n  generations: 1\n")):
-        settings = tmp_path / f"{name}.yaml"
-        settings.write_text(f"structure_name: {name}\ninput:\n  data_path: {tmp_path / 'data.npy'}\n"
-                            f"  mask_path: {tmp_path / 'mask.npy'}\n{schedule}phasing_parameters:\n"
-                            f"  support_size: {int(np.count_nonzero(truth))}\n{extra}")
-        result = run_xpr(["-q", "cdi", "phase2d", settings])
-        assert result.exit_code == 0, result.output
-        with h5py.File(home / "data" / "cdi" / "phase2d" / f"{name}.h5") as f:
-            errors[name] = merge.real_space_error(f["merged/object"][()], truth, cpu())
+    size = f"phasing_parameters:\n  support_size: {int(np.count_nonzero(truth))}\n"
+    errors = _merged_errors(home, run_xpr, tmp_path, counts, masked, truth, {
+        "band": size, "exact": size + "  noise_band: 0.0\n",
+        "no_ml": "phasing:\n  iters: 500HIO 200RAAR 100ER\nga:\n  generations: 1\n" + size})
     assert errors["band"] < 0.2
     assert errors["band"] < errors["exact"] - 0.02
     assert errors["band"] < 0.12
@@ -233,18 +241,9 @@ def test_unsized_polygon_needs_an_unconfined_shrink_wrap(home, run_xpr, tmp_path
     counts[masked] = 0
     estimate = autocorrelation_size(np.fft.ifftshift(counts), np.fft.ifftshift(~masked))
     assert 2.5 * estimate < np.count_nonzero(truth)          # the first disc is too small
-    np.save(tmp_path / "data.npy", counts.astype(np.float32))
-    np.save(tmp_path / "mask.npy", masked.astype(np.uint8))
-    errors = {}
-    for name, confine in (("auto", "auto"), ("confined", "true")):
-        settings = tmp_path / f"{name}.yaml"
-        settings.write_text(f"structure_name: {name}\ninput:\n  data_path: {tmp_path / 'data.npy'}\n"
-                            f"  mask_path: {tmp_path / 'mask.npy'}\nphasing:\n  repeats: 4\n"
-                            f"phasing_parameters:\n  shrink_wrap:\n    confine_to_initial: {confine}\n")
-        result = run_xpr(["-q", "cdi", "phase2d", settings])
-        assert result.exit_code == 0, result.output
-        with h5py.File(home / "data" / "cdi" / "phase2d" / f"{name}.h5") as f:
-            errors[name] = merge.real_space_error(f["merged/object"][()], truth, cpu())
+    errors = _merged_errors(home, run_xpr, tmp_path, counts, masked, truth, {
+        name: f"phasing:\n  repeats: 4\nphasing_parameters:\n  shrink_wrap:\n    confine_to_initial: {confine}\n"
+        for name, confine in (("auto", "auto"), ("confined", "true"))})
     assert errors["auto"] < 0.1
     assert errors["confined"] > 0.3
 
