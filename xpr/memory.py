@@ -257,7 +257,9 @@ def plan_cdi_phase(shape, repeats, workers, n_tasks, double=False, log=None, lim
     fitting = largest_batch(estimate, limit, batch)
     if fitting == 0:
         breeding = "breeding (genetic algorithm)"
-        if breeding in estimate.stages and estimate.stage_bytes(breeding) > USABLE_FRACTION * limit.bytes:
+        one_fits = cdi_phase(shape, 1, 1, double, generations=generations).bytes(1) <= USABLE_FRACTION * limit.bytes
+        if (one_fits and breeding in estimate.stages
+                and estimate.stage_bytes(breeding) > USABLE_FRACTION * limit.bytes):
             key = "phasing.repeats"
             hint = ("fewer repeats (the genetic algorithm's breeding holds every repeat at once), or "
                     "ga.generations: 1")
