@@ -264,8 +264,7 @@ def plan_cdi_phase(shape, repeats, workers, n_tasks, double=False, log=None, lim
             hint = ("fewer repeats (the genetic algorithm's breeding holds every repeat at once), or "
                     "ga.generations: 1")
         elif estimate.stage_bytes("merging") > USABLE_FRACTION * limit.bytes:
-            one = cdi_phase(shape, 1, 1, double, generations=generations)
-            key = "phasing.repeats" if one.bytes(1) <= USABLE_FRACTION * limit.bytes else "input.data_path"
+            key = "phasing.repeats" if one_fits else "input.data_path"
             hint = "fewer repeats (or merge several runs with `cdi merge`)" if key == "phasing.repeats" \
                 else f"a {size} pattern is too large for this machine even with one repeat"
         elif workers > 1:
@@ -374,6 +373,7 @@ def validate_cdi_phase(settings, dimensions):
     merely need shrinking are left to the worker (plan_cdi_phase, logged in the run)."""
     from xpr import parallel
     from xpr.backend import gpu_options
+    from xpr.phasing.genetic import ga_generations
 
     inp = settings.input
     if inp.data_path is None:
@@ -390,5 +390,4 @@ def validate_cdi_phase(settings, dimensions):
     spread = settings.get("multi_process")
     workers = parallel.n_workers(spread, repeats)
     double = gpu_options(settings).precision == "double"
-    plan_cdi_phase(shape, repeats, workers, workers, double=double,
-                   generations=int((settings.get("ga") or {}).get("generations", 1)))
+    plan_cdi_phase(shape, repeats, workers, workers, double=double, generations=ga_generations(settings))

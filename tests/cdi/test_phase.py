@@ -78,6 +78,7 @@ def test_file_input_padded_to_power_of_two(home, run_xpr, pattern_files):
     (["phasing.iters=100RAAR 50XYZ"], "unknown phasing algorithm 'XYZ'"),
     (["phasing.iters=-20HIO 10ER"], "must not be negative"),
     (["input.initial_support=size"], "initial_support: size needs phasing_parameters.support_size"),
+    (["phasing_parameters.shrink_wrap.confine_to_initial=sometimes"], "phasing_parameters.shrink_wrap.confine_to_initial"),
 ])
 def test_bad_input_exits_2(home, run_xpr, pattern_files, overrides, words):
     args = ["cdi", "phase2d", "tutorial", "-o", f"input.data_path={pattern_files / 'pattern.npy'}"]

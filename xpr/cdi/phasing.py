@@ -435,7 +435,7 @@ def phase_repeats(settings, archive, problem, seeds=None):
     With ga.generations > 1 the generations of xpr.phasing.genetic (each one such call on the
     given `seeds`; problem["start"]: the bred starts, one row per seed)."""
     if seeds is None:
-        if int((settings.get("ga") or {}).get("generations", 1)) > 1:
+        if genetic.ga_generations(settings) > 1:
             return phase_generations(settings, archive, problem)
         seeds = parallel.task_seeds(int(settings.phasing.seed), int(settings.phasing.repeats))
     repeats = len(seeds)
@@ -446,7 +446,7 @@ def phase_repeats(settings, archive, problem, seeds=None):
     n_tasks = max(workers, -(-repeats // int(batch))) if batch else workers
     n_tasks = memory.plan_cdi_phase(problem["intensity_fft"].shape, repeats, workers, n_tasks,
                                     double=problem["backend"].precision == "double", log=archive.log,
-                                    generations=int((settings.get("ga") or {}).get("generations", 1)))
+                                    generations=genetic.ga_generations(settings))
     tasks = [{"seeds": [seeds[i] for i in chunk], "rows": list(chunk)} for chunk in _chunks(repeats, n_tasks)]
     n_iterations = schedule.total_iterations(problem["steps"])
     archive.log.info("%d repeats x %d iterations in %d batch(es)", repeats, n_iterations,

@@ -90,6 +90,11 @@ class Plan:
         return float(widths[generation]) if generation < len(widths) else None
 
 
+def ga_generations(settings) -> int:
+    """ga.generations: 1 (a plain run) where the settings have no `ga` block."""
+    return int((settings.get("ga") or {}).get("generations", 1))
+
+
 def scores(result: dict, metric: str) -> np.ndarray:
     """Per repeat score of a generation's result (lower = better)."""
     if metric == "free_deviance" and "free_deviance" in result:

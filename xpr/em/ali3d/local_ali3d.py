@@ -356,6 +356,11 @@ def refinement_passes(images, angles, shifts_px, options: Ali3dOptions, *, sessi
                        overlap=overlap, **kwargs)
 
 
+def by_half(chunk, labels):
+    """The images of a chunk in each half set (labels 0 / 1), sorted."""
+    return [np.sort(chunk[labels[chunk] == h]) for h in (0, 1)]
+
+
 def chunk_removal(images, mine, angles, shifts_px, options, ctf):
     """Per half set, the Fourier sums that take its images `mine[h]` (at their current parameters)
     out of its grid, or None where it has none of them."""
@@ -394,7 +399,7 @@ def _passes(images, angles, shifts_px, options: Ali3dOptions, *, session, backgr
         bar = progress(total=len(chunks), desc=f"iteration {iteration}") if progress else None
         pending = None
         for number, chunk in enumerate(chunks, 1):
-            mine = [np.sort(chunk[labels[chunk] == h]) for h in (0, 1)]
+            mine = by_half(chunk, labels)
             # take the chunk out: no image is compared with a reference holding itself
             removal = pending.result() if pending is not None else chunk_removal(images, mine, angles, shifts_px,
                                                                                    options, ctf)
@@ -423,9 +428,8 @@ def _passes(images, angles, shifts_px, options: Ali3dOptions, *, session, backgr
                 # the next chunk's take-out needs only its own images' parameters, which this chunk's
                 # searches do not change: made while the workers search (the same sums, added where
                 # they were before: bit-identical results)
-                following = chunks[number]
-                following = [np.sort(following[labels[following] == h]) for h in (0, 1)]
-                pending = background.submit(chunk_removal, images, following, angles, shifts_px, options, ctf)
+                pending = background.submit(chunk_removal, images, by_half(chunks[number], labels), angles,
+                                            shifts_px, options, ctf)
             results = session.map(refine_images, tasks)
             new_angles, new_shifts = angles.copy(), shifts_px.copy()
             for part, result in zip(where, results):
