@@ -19,9 +19,12 @@ half sets.  Conventions (ZYZ Euler angles, RELION origin offsets) are stated in 
    is aligned its images are taken out of their half set's Fourier sums, and the references are
    remade from what remains, so no image is compared with a reference that holds its own noise
    (with few images per Fourier voxel that bias would pin every image to its start); after it,
-   they are put back with the refined parameters — the references follow every chunk.  One
-   iteration is one pass over all images; optionally each half volume is centred between
-   iterations and its images' shifts follow.
+   they are put back with the refined parameters — the references follow every chunk.  Take-out
+   and put-back reach only the chunk's band (the slice radius with the kernel's reach and a
+   margin: `chunk_band`), and the pass ends with every image inserted afresh at all frequencies;
+   the references' gridding correction is computed once per pass from all images
+   (`pass_corrections`).  One iteration is one pass over all images; optionally each half volume
+   is centred between iterations and its images' shifts follow.
 Per iteration: the volume from all images and its reference (MRC and HDF5), the half-set FSC
 (text and PNG, resolutions at 0.143 and 0.5), the refined parameters as a STAR file, and the
 criterion log.  The input stack is never modified.
@@ -204,7 +207,7 @@ def combined_reconstruction(grids, residuals, options, backend):
 # --- references -------------------------------------------------------------------------------
 
 def prepare_references(grids, inside, params, images, mask, options, ctf, backend, radius=None, residuals=None,
-                       adaptive=True):
+                       adaptive=True, corrections=None):
     """Half volumes, their FSC, the two references and the slice radius (px) for the projectors.
     inside: the image indices summed in each half's grid; params: (angles, shifts_px); radius: the
     last slice radius (the corrections are limited to it; None: all frequencies); residuals: two
@@ -212,11 +215,16 @@ def prepare_references(grids, inside, params, images, mask, options, ctf, backen
     With reference.source both, the two references are one object, made from the volume of both
     halves (combined_reconstruction: their sums and residual grids, no extra insertion)."""
     both = options.reference_source == "both"
-    residuals = residuals or ([[], []] if both else [None, None])
-    halves = [reconstruction(g, i, params, images, options, ctf, backend, radius, r)
-              for g, i, r in zip(grids, inside, residuals)]
-    frequencies, fsc = fsc_tools.fourier_shell_correlation(halves[0] * mask, halves[1] * mask, backend)
-    volumes = [combined_reconstruction(grids, residuals, options, backend)] if both else halves
+    if corrections is not None:
+        halves = [volume_of(g, options, backend) + c for g, c in zip(grids, corrections["halves"])]
+        frequencies, fsc = fsc_tools.fourier_shell_correlation(halves[0] * mask, halves[1] * mask, backend)
+        volumes = [volume_of(grids[0].combined(grids[1]), options, backend) + corrections["both"]] if both else halves
+    else:
+        residuals = residuals or ([[], []] if both else [None, None])
+        halves = [reconstruction(g, i, params, images, options, ctf, backend, radius, r)
+                  for g, i, r in zip(grids, inside, residuals)]
+        frequencies, fsc = fsc_tools.fourier_shell_correlation(halves[0] * mask, halves[1] * mask, backend)
+        volumes = [combined_reconstruction(grids, residuals, options, backend)] if both else halves
     weights = fsc_tools.fsc_weights(frequencies, fsc, options.falloff)
     filtered = {}                       # the FSC-weighted volumes, shared by the mask and the references
     if options.reference_mask == "adaptive" and adaptive:
@@ -238,6 +246,17 @@ def prepare_references(grids, inside, params, images, mask, options, ctf, backen
     if both:
         references.append(references[0])
     return halves, frequencies, fsc, references, slice_radius(frequencies, fsc, halves[0].shape[0], options)
+
+
+def pass_corrections(grids, members, params, images, options, ctf, backend, radius):
+    """The gridding corrections of the half volumes (and of their union) from all images at the
+    start of a pass, added to every chunk's kernel-weighted averages during the pass."""
+    residuals = [[], []]
+    halves = [reconstruction(g, m, params, images, options, ctf, backend, radius, r) - volume_of(g, options, backend)
+              for g, m, r in zip(grids, members, residuals)]
+    union = grids[0].combined(grids[1])
+    both = combined_reconstruction(grids, residuals, options, backend) - volume_of(union, options, backend)
+    return {"halves": halves, "both": both}
 
 
 def slice_radius(frequencies, fsc, box, options):
@@ -361,11 +380,23 @@ def by_half(chunk, labels):
     return [np.sort(chunk[labels[chunk] == h]) for h in (0, 1)]
 
 
-def chunk_removal(images, mine, angles, shifts_px, options, ctf):
+def chunk_removal(images, mine, angles, shifts_px, options, ctf, band=None):
     """Per half set, the Fourier sums that take its images `mine[h]` (at their current parameters)
-    out of its grid, or None where it has none of them."""
-    return [fourier_sums(images, mine[h], (angles, shifts_px), None, options, ctf) if len(mine[h]) else None
-            for h in (0, 1)]
+    out of its grid up to `band` (px; None: all frequencies), or None where it has none of them."""
+    return [fourier_sums(images, mine[h], (angles, shifts_px), None, options, ctf, max_radius=band)
+            if len(mine[h]) else None for h in (0, 1)]
+
+
+BAND_MARGIN_PX = 3   # room for the slice radius to grow between a chunk's take-out and its references
+
+
+def chunk_band(radius, box, options):
+    """How far (px) a chunk is taken out and put back during a pass: the slice radius with the
+    kernel's reach and a margin; None (all frequencies) where that reaches Nyquist.  Above it the
+    grids keep the chunk at its parameters of the pass's start (every image once, at one set of
+    parameters, at every frequency) until the pass ends with a full rebuild."""
+    band = int(math.ceil(radius)) + options.kernel_width + BAND_MARGIN_PX
+    return None if band >= box // 2 - 1 else band
 
 
 def _passes(images, angles, shifts_px, options: Ali3dOptions, *, session, background, overlap, ctf=None, mask=None,
@@ -394,6 +425,9 @@ def _passes(images, angles, shifts_px, options: Ali3dOptions, *, session, backgr
                     shifts_px[m] -= np.einsum("nij,j->ni", euler.rotation_matrices(*angles[m].T)[:, :2, :], t)
                     if log:
                         log.info("iteration %d: centred half set %d by (%.2f, %.2f, %.2f) px", iteration, h + 1, *t)
+        # the gridding corrections of the pass, from all images (see pass_corrections)
+        corrections = pass_corrections(grids, members, (angles, shifts_px), images, options, ctf, backend, radius)
+        banded = False
         order = rng.permutation(n)
         chunks = [order[i:i + chunk_size] for i in range(0, n, chunk_size)]
         bar = progress(total=len(chunks), desc=f"iteration {iteration}") if progress else None
@@ -401,16 +435,22 @@ def _passes(images, angles, shifts_px, options: Ali3dOptions, *, session, backgr
         for number, chunk in enumerate(chunks, 1):
             mine = by_half(chunk, labels)
             # take the chunk out: no image is compared with a reference holding itself
-            removal = pending.result() if pending is not None else chunk_removal(images, mine, angles, shifts_px,
-                                                                                   options, ctf)
-            pending = None
+            if pending is None:
+                band = chunk_band(radius, box, options)
+                removal = chunk_removal(images, mine, angles, shifts_px, options, ctf, band)
+            else:
+                (removal, band), pending = (pending[0].result(), pending[1]), None
+            banded = banded or band is not None
             for h in (0, 1):
                 if removal[h] is not None:
                     grids[h].add(removal[h])
             del removal
             inside = [np.setdiff1d(members[h], mine[h]) for h in (0, 1)]
             halves, frequencies, fsc, references, radius = prepare_references(
-                grids, inside, (angles, shifts_px), images, mask, options, ctf, backend, radius, adaptive=adaptive)
+                grids, inside, (angles, shifts_px), images, mask, options, ctf, backend, radius, adaptive=adaptive,
+                corrections=corrections)
+            if band is not None:    # the chunk is out of the grids up to its band only
+                radius = min(radius, band - options.kernel_width)
             projectors = [prepare_projector(r, backend, options.npad, options.kernel_width, radius,
                                             method=options.projector, epsilon=options.projector_epsilon)
                           for r in references[:1 if references[1] is references[0] else 2]]
@@ -428,15 +468,17 @@ def _passes(images, angles, shifts_px, options: Ali3dOptions, *, session, backgr
                 # the next chunk's take-out needs only its own images' parameters, which this chunk's
                 # searches do not change: made while the workers search (the same sums, added where
                 # they were before: bit-identical results)
-                pending = background.submit(chunk_removal, images, by_half(chunks[number], labels), angles,
-                                            shifts_px, options, ctf)
+                following = chunk_band(radius, box, options)
+                pending = (background.submit(chunk_removal, images, by_half(chunks[number], labels), angles,
+                                             shifts_px, options, ctf, following), following)
             results = session.map(refine_images, tasks)
             new_angles, new_shifts = angles.copy(), shifts_px.copy()
             for part, result in zip(where, results):
                 new_angles[part], new_shifts[part] = result["angles"], result["shifts_px"]
             for h in (0, 1):  # and back in with the refined parameters
                 if len(mine[h]):
-                    grids[h].add(fourier_sums(images, mine[h], None, (new_angles, new_shifts), options, ctf))
+                    grids[h].add(fourier_sums(images, mine[h], None, (new_angles, new_shifts), options, ctf,
+                                              max_radius=band))
             rotation_change, shift_change = parameter_change(angles[chunk], shifts_px[chunk],
                                                              new_angles[chunk], new_shifts[chunk])
             angles, shifts_px = new_angles, new_shifts
@@ -464,6 +506,8 @@ def _passes(images, angles, shifts_px, options: Ali3dOptions, *, session, backgr
                 bar.set_postfix(ccc=f"{entry['ccc_after']:.4f}")
         if bar is not None:
             bar.close()
+        if banded:  # every image at its refined parameters at every frequency again
+            grids = [fourier_sums(images, members[h], None, (angles, shifts_px), options, ctf) for h in (0, 1)]
         # the products of the pass: corrected at all frequencies after the last one
         limit = None if iteration == options.maxit else radius
         residuals = [[], []]

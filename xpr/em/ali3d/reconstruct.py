@@ -245,7 +245,12 @@ def _spread(batch: InsertionBatch, grid: FourierGrid, values, kx, ky, images, qu
 
 
 def grid_to_volume(grid: FourierGrid, backend, snr: float | None = None):
-    """V = IFT[D / (T + 1/snr)] / C with CTF (snr given), IFT[D / N] / C without; cropped to n³."""
+    """V = IFT[D / (T + 1/snr)] / C with CTF (snr given), IFT[D / N] / C without; cropped to n³.
+
+    The centred spectrum S (zero frequency at P/2 of the padded box P) is transformed as it is: for
+    even P, IFT[S](x) = (−1)^x · IFT[ifftshift S](x) on each axis, so the centred volume's voxel m
+    is (−1)^(m − n//2) · IFT[S]((m − n//2) mod P) — the two half-box shifts of the whole cube are a
+    sign on the n³ crop."""
     shape = (2 * grid.half + 1,) * 3
     padded_box = grid.npad * grid.box
     lo = grid.half - padded_box // 2
@@ -256,19 +261,28 @@ def grid_to_volume(grid: FourierGrid, backend, snr: float | None = None):
         return values[crop], values[::-1, ::-1, ::-1][crop]
 
     data, mirrored = hermitian(grid.data)
-    data = data + np.conj(mirrored)
-    count = np.add(*hermitian(grid.count))
+    numerator = data + np.conj(mirrored)
+    sampled = np.add(*hermitian(grid.count)) > 1e-3
     denominator = np.add(*hermitian(grid.ctf_weight))
     if snr:
         denominator += 1.0 / snr
-    sampled = count > 1e-3
-    np.divide(data, np.maximum(denominator, 1e-6), out=data, where=sampled)
-    data[~sampled] = 0.0
-    spectrum = data.astype(np.complex64)
-    padded = backend.asnumpy(backend.fftshift(backend.ifftn(backend.ifftshift(backend.asarray(spectrum)))).real)
-    start = padded_box // 2 - grid.box // 2
-    volume = padded[start:start + grid.box, start:start + grid.box, start:start + grid.box]
-    return (volume / correction_3d(grid.kernel, grid.box, padded_box)).astype(np.float32)
+    scale = np.zeros(denominator.shape)
+    np.divide(1.0, np.maximum(denominator, 1e-6), out=scale, where=sampled)
+    spectrum = np.empty(numerator.shape, np.complex64)
+    np.multiply(numerator, scale, out=spectrum, casting="same_kind")
+    del numerator, scale
+    box = grid.box
+    correction = correction_3d(grid.kernel, box, padded_box)
+    if padded_box % 2:
+        padded = backend.asnumpy(backend.fftshift(backend.ifftn(backend.ifftshift(backend.asarray(spectrum)))).real)
+        start = padded_box // 2 - box // 2
+        volume = padded[start:start + box, start:start + box, start:start + box]
+        return (volume / correction).astype(np.float32)
+    full = backend.ifftn(backend.asarray(spectrum), overwrite_x=True)
+    index = backend.asarray((np.arange(box) - box // 2) % padded_box)
+    volume = backend.asnumpy(full[index][:, index][:, :, index].real)
+    sign = 1.0 - 2.0 * ((np.arange(box) - box // 2) % 2)
+    return (volume * ((sign[:, None, None] * sign[None, :, None] * sign[None, None, :]) / correction)).astype(np.float32)
 
 
 def sample_projector(volume, npad: int, kernel_width: int, backend, max_radius: float | None = None):
