@@ -117,6 +117,39 @@ def test_taking_out_and_putting_back_is_exact(blobs32):
     np.testing.assert_allclose(updated.count, direct.count, atol=1e-9 * direct.count.max())
 
 
+@pytest.mark.parametrize("ctf", [False, True])
+def test_inserting_into_a_grid_adds_the_same_sums_on_one_thread_or_several(blobs32, monkeypatch, ctf):
+    """A small batch (a chunk's put-back) is summed by one thread straight into the half set's grid,
+    a large one by several threads into their own arrays, added in turn: both give the grid plus
+    the batch's own sums, and without a CTF T equals N."""
+    from xpr.em.ali3d import reconstruct
+
+    images, matrices, shifts = exact_projections(blobs32, 32, 16, seed=9)
+    parameters = None
+    if ctf:
+        parameters = ctf_model.CTFParameters(np.full(16, 9000.0), np.full(16, 8000.0), np.linspace(0, 90, 16),
+                                             np.full(16, 300.0), np.full(16, 2.7), np.full(16, 0.1), np.zeros(16))
+    batch = InsertionBatch(images, matrices, shifts, np.eye(3)[None], ctf=parameters,
+                           ctf_mode="wiener" if ctf else "none", pixel_size_A=2.0)
+    start = insert_batch(InsertionBatch(images[::-1], matrices, shifts, np.eye(3)[None]), cpu())
+    alone = insert_batch(batch, cpu())
+    results = []
+    for flush in (reconstruct.QUEUE_FLUSH, 1000):        # 1000: several threads
+        monkeypatch.setattr(reconstruct, "QUEUE_FLUSH", flush)
+        grid = insert_batch(InsertionBatch(images[::-1], matrices, shifts, np.eye(3)[None]), cpu())
+        results.append(insert_batch(batch, cpu(), into=grid))
+        assert results[-1] is grid
+    for grid in results:
+        np.testing.assert_allclose(grid.data, start.data + alone.data, rtol=0, atol=1e-12 * np.abs(alone.data).max())
+        np.testing.assert_allclose(grid.count, start.count + alone.count, rtol=0, atol=1e-12 * alone.count.max())
+        np.testing.assert_allclose(grid.ctf_weight, start.ctf_weight + alone.ctf_weight, rtol=0,
+                                   atol=1e-12 * alone.count.max())
+    if not ctf:
+        assert np.array_equal(alone.ctf_weight, alone.count)
+    else:
+        assert np.abs(alone.ctf_weight - alone.count).max() > 0.1 * alone.count.max()
+
+
 def test_wiener_reconstruction_of_ctf_modulated_projections(blobs32):
     images, matrices, shifts = exact_projections(blobs32, 32, 300, seed=9)
     n, box, pixel = len(images), 32, 2.0

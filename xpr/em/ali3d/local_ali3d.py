@@ -149,16 +149,17 @@ def insertion_batches(images, indices, old, new, options, ctf, estimate=None, ma
                           max_radius=max_radius, weights=weights)
 
 
-def fourier_sums(images, indices, old, new, options, ctf, estimate=None, max_radius=None, weights=True):
+def fourier_sums(images, indices, old, new, options, ctf, estimate=None, max_radius=None, weights=True, into=None):
     """The change of one half set's Fourier sums D, T, N from (re)inserting images `indices`
     (with `estimate`, a projector of the current volume: the sums of the residuals instead).
 
     Done in this process: the insertion is a few vectorised scatter-adds per image, and shipping
-    partial Fourier grids (tens of MB each) back from worker processes costs more than it saves."""
-    grid = FourierGrid.empty(images.shape[-1], options.npad, options.kernel_width)
+    partial Fourier grids (tens of MB each) back from worker processes costs more than it saves.
+    into: a grid to add the change to (returned), instead of a new one."""
+    grid = into if into is not None else FourierGrid.empty(images.shape[-1], options.npad, options.kernel_width)
     if len(indices):
-        grid.add(insert_batch(insertion_batches(images, np.asarray(indices), old, new, options, ctf, estimate,
-                                                max_radius, weights)))
+        insert_batch(insertion_batches(images, np.asarray(indices), old, new, options, ctf, estimate, max_radius,
+                                       weights), into=grid)
     return grid
 
 
@@ -387,6 +388,11 @@ def chunk_removal(images, mine, angles, shifts_px, options, ctf, band=None):
             if len(mine[h]) else None for h in (0, 1)]
 
 
+def fresh_grids(images, members, angles, shifts_px, options, ctf):
+    """Both half sets' Fourier sums of the images `members[h]` inserted afresh at all frequencies."""
+    return [fourier_sums(images, members[h], None, (angles, shifts_px), options, ctf) for h in (0, 1)]
+
+
 BAND_MARGIN_PX = 3   # room for the slice radius to grow between a chunk's take-out and its references
 
 
@@ -409,7 +415,7 @@ def _passes(images, angles, shifts_px, options: Ali3dOptions, *, session, backgr
     angles, shifts_px = np.array(angles, float), np.array(shifts_px, float)
     labels = half_set_labels(n, options.seed)
     members = [np.nonzero(labels == h)[0] for h in (0, 1)]
-    grids = [fourier_sums(images, members[h], None, (angles, shifts_px), options, ctf) for h in (0, 1)]
+    grids = fresh_grids(images, members, angles, shifts_px, options, ctf)
     history, state = [], None
     radius = first_slice_radius(grids, mask, options, backend)
     chunk_size = max(1, min(int(math.ceil(options.chunk * n)), n // 2))
@@ -477,8 +483,8 @@ def _passes(images, angles, shifts_px, options: Ali3dOptions, *, session, backgr
                 new_angles[part], new_shifts[part] = result["angles"], result["shifts_px"]
             for h in (0, 1):  # and back in with the refined parameters
                 if len(mine[h]):
-                    grids[h].add(fourier_sums(images, mine[h], None, (new_angles, new_shifts), options, ctf,
-                                              max_radius=band))
+                    fourier_sums(images, mine[h], None, (new_angles, new_shifts), options, ctf, max_radius=band,
+                                 into=grids[h])
             rotation_change, shift_change = parameter_change(angles[chunk], shifts_px[chunk],
                                                              new_angles[chunk], new_shifts[chunk])
             angles, shifts_px = new_angles, new_shifts
@@ -506,8 +512,9 @@ def _passes(images, angles, shifts_px, options: Ali3dOptions, *, session, backgr
                 bar.set_postfix(ccc=f"{entry['ccc_after']:.4f}")
         if bar is not None:
             bar.close()
-        if banded:  # every image at its refined parameters at every frequency again
-            grids = [fourier_sums(images, members[h], None, (angles, shifts_px), options, ctf) for h in (0, 1)]
+        if banded:  # every image at its refined parameters at every frequency again (made in a thread
+            # during the last chunk's searches it was no faster on 2 cores: it competes with the workers)
+            grids = fresh_grids(images, members, angles, shifts_px, options, ctf)
         # the products of the pass: corrected at all frequencies after the last one
         limit = None if iteration == options.maxit else radius
         residuals = [[], []]

@@ -105,43 +105,47 @@ def padded_transforms(images, shifts_px, npad: int, backend):
 QUEUE_FLUSH = 4_000_000   # kernel contributions queued (over all threads) before they are summed
 
 
-def insert_batch(batch: InsertionBatch, backend=None) -> FourierGrid:
-    """Kernel-weighted sums D, T, N of a batch of images (module-level: a parallel.map task).
+def insert_batch(batch: InsertionBatch, backend=None, into: FourierGrid | None = None) -> FourierGrid:
+    """Kernel-weighted sums D, T, N of a batch of images (module-level: a parallel.map task),
+    added to the grid `into` when one is given (and returned), else to a new one.
 
-    The images are split between this process's threads (`insertion_threads`), each summing its
-    share into its own grids with np.bincount (which runs without the GIL); the shares are added.
+    A large batch is split between this process's threads (`insertion_threads`), each summing its
+    share into its own arrays with np.bincount (which runs without the GIL); the shares are added
+    in turn.  A small one (a chunk's put-back within its band) is summed by one thread straight into
+    the grid: whole-grid arrays per thread would cost more than its kernel contributions.
     With an estimate, each sample's prediction is gathered through the same W³ neighbours and
     weights the sample is then spread to."""
     if backend is None:
         from xpr.backend import cpu
         backend = cpu()
     box = batch.images.shape[-1]
-    grid = FourierGrid.empty(box, batch.npad, batch.kernel_width)
+    grid = into if into is not None else FourierGrid.empty(box, batch.npad, batch.kernel_width)
     values = padded_transforms(batch.images, batch.shifts_px, batch.npad, backend)
     _, _, kx, ky = padded_points(box, batch.npad)
     if batch.max_radius is not None:
         keep = kx * kx + ky * ky <= (batch.npad * batch.max_radius) ** 2
         values, kx, ky = values[:, keep], kx[keep], ky[keep]
-    parts = [part for part in np.array_split(np.arange(len(batch.images)), insertion_threads(len(batch.images)))
-             if len(part)]
+    with_ctf = batch.ctf is not None and batch.ctf_mode != "none"
+    targets = {"real": [grid.data.real], "imag": [grid.data.imag]}
+    if batch.weights:   # without a CTF, T is N
+        targets["count"] = [grid.count] if with_ctf else [grid.count, grid.ctf_weight]
+        if with_ctf:
+            targets["ctf"] = [grid.ctf_weight]
+    contributions = len(batch.images) * len(batch.group) * len(kx) * batch.kernel_width ** 3
+    threads = insertion_threads(len(batch.images)) if contributions > 2 * QUEUE_FLUSH else 1
+    parts = [part for part in np.array_split(np.arange(len(batch.images)), threads) if len(part)]
     queue = QUEUE_FLUSH // len(parts)  # the threads' queues together hold what one thread's did
     if len(parts) == 1:
-        sums = [_spread(batch, grid, values, kx, ky, parts[0], queue)]
-    else:
-        from concurrent.futures import ThreadPoolExecutor
+        _spread(batch, grid, values, kx, ky, parts[0], queue, targets)
+        return grid
+    from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(len(parts)) as pool:
-            sums = list(pool.map(lambda part: _spread(batch, grid, values, kx, ky, part, queue), parts))
-    with_ctf = batch.ctf is not None and batch.ctf_mode != "none"
-    for real, imag, count, ctf_weight in sums:
-        grid.data.real += real
-        grid.data.imag += imag
-        if batch.weights:
-            grid.count += count
-            if with_ctf:
-                grid.ctf_weight += ctf_weight
-    if batch.weights and not with_ctf:
-        grid.ctf_weight = grid.count.copy()
+    with ThreadPoolExecutor(len(parts)) as pool:
+        shares = list(pool.map(lambda part: _spread(batch, grid, values, kx, ky, part, queue), parts))
+    for share in shares:
+        for name, arrays in targets.items():
+            for array in arrays:
+                array += share[name]
     return grid
 
 
@@ -157,9 +161,10 @@ def insertion_threads(n_images: int) -> int:
     return max(1, min(cores, n_images))
 
 
-def _spread(batch: InsertionBatch, grid: FourierGrid, values, kx, ky, images, queue_limit):
+def _spread(batch: InsertionBatch, grid: FourierGrid, values, kx, ky, images, queue_limit, targets=None):
     """The bincount sums (D real, D imag, N, T) of the images `images` of a batch (see insert_batch),
-    the kernel contributions queued until more than `queue_limit` values wait.
+    the kernel contributions queued until more than `queue_limit` values wait: added to the arrays
+    `targets` ({name: [arrays]}), or, without targets, returned as new arrays {name: sums}.
 
     The queue is a set of buffers allocated once (flat indices int64, weights float64 as bincount
     takes them) that every piece is written into in place: collecting per-image arrays and joining
@@ -180,7 +185,10 @@ def _spread(batch: InsertionBatch, grid: FourierGrid, values, kx, ky, images, qu
     signs = np.ones(len(batch.images)) if batch.signs is None else batch.signs
     with_ctf = batch.ctf is not None and batch.ctf_mode != "none"
     names = ["real", "imag"] + (["count"] + (["ctf"] if with_ctf else []) if batch.weights else [])
-    sums = {name: np.zeros(size) for name in names}
+    sums = None
+    if targets is None:
+        sums = {name: np.zeros(size) for name in names}
+        targets = {name: [sums[name]] for name in names}
     m, w3 = len(kx), kb.width ** 3
     piece = m * w3                                   # one (image, rotation) insertion
     capacity = min(len(images) * len(batch.group) * piece, queue_limit + piece)
@@ -199,7 +207,9 @@ def _spread(batch: InsertionBatch, grid: FourierGrid, values, kx, ky, images, qu
         if low:
             index -= low
         for name in names:
-            sums[name][low:low + span] += np.bincount(index, queues[name][:queued], span)
+            part = np.bincount(index, queues[name][:queued], span)
+            for array in targets[name]:
+                array[low:low + span] += part
 
     for i in images:
         weight_t = None
@@ -241,7 +251,7 @@ def _spread(batch: InsertionBatch, grid: FourierGrid, values, kx, ky, images, qu
                 flush(queued)
                 queued = 0
     flush(queued)
-    return [sums.get(name) for name in ("real", "imag", "count", "ctf")]
+    return sums
 
 
 def grid_to_volume(grid: FourierGrid, backend, snr: float | None = None):
@@ -260,17 +270,21 @@ def grid_to_volume(grid: FourierGrid, backend, snr: float | None = None):
         values = values.reshape(shape)
         return values[crop], values[::-1, ::-1, ::-1][crop]
 
+    # the sums are float64 (chunks are added and taken out many times); their Hermitian parts
+    # D(j) + conj D(−j) and 1 / (T(j) + T(−j)) are formed straight into single precision
     data, mirrored = hermitian(grid.data)
-    numerator = data + np.conj(mirrored)
-    sampled = np.add(*hermitian(grid.count)) > 1e-3
-    denominator = np.add(*hermitian(grid.ctf_weight))
+    spectrum = np.empty(data.shape, np.complex64)
+    np.add(data.real, mirrored.real, out=spectrum.real, casting="same_kind")
+    np.subtract(data.imag, mirrored.imag, out=spectrum.imag, casting="same_kind")
+    scale = np.empty(data.shape, np.float32)
+    np.add(*hermitian(grid.ctf_weight), out=scale, casting="same_kind")
     if snr:
-        denominator += 1.0 / snr
-    scale = np.zeros(denominator.shape)
-    np.divide(1.0, np.maximum(denominator, 1e-6), out=scale, where=sampled)
-    spectrum = np.empty(numerator.shape, np.complex64)
-    np.multiply(numerator, scale, out=spectrum, casting="same_kind")
-    del numerator, scale
+        scale += np.float32(1.0 / snr)
+    np.maximum(scale, np.float32(1e-6), out=scale)
+    np.reciprocal(scale, out=scale)
+    scale[np.add(*hermitian(grid.count)) <= 1e-3] = 0.0
+    spectrum *= scale
+    del scale
     box = grid.box
     correction = correction_3d(grid.kernel, box, padded_box)
     if padded_box % 2:
