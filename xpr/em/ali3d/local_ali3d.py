@@ -514,6 +514,7 @@ def _passes(images, angles, shifts_px, options: Ali3dOptions, *, session, backgr
             bar.close()
         if banded:  # every image at its refined parameters at every frequency again (made in a thread
             # during the last chunk's searches it was no faster on 2 cores: it competes with the workers)
+            grids = None                     # (the old sums are not needed: not held beside the new)
             grids = fresh_grids(images, members, angles, shifts_px, options, ctf)
         # the products of the pass: corrected at all frequencies after the last one
         limit = None if iteration == options.maxit else radius
