@@ -157,6 +157,30 @@ def test_gridding_correction_of_the_pass_serves_every_chunk():
     assert errors["pass"][0] < errors["own"][0] + 0.1
 
 
+@pytest.mark.parametrize("source", ["both", "halves"])
+def test_a_pass_products_give_the_next_pass_its_gridding_corrections(source):
+    """The products that close a pass (prepare_references with the pass's radius, then the volume of
+    both halves) hold the next pass's gridding corrections: taken from them they are bit-identical
+    to pass_corrections recomputed from all images, so a pass without centring need not recompute."""
+    data = phantom.simulate(np.random.default_rng(8), 60, 24, snr=1.0)
+    options = ali.Ali3dOptions(ou=10, reference_source=source)
+    params = (data.start_angles, data.start_shifts)
+    members = [np.arange(0, 60, 2), np.arange(1, 60, 2)]
+    grids = ali.fresh_grids(data.images, members, *params, options, None)
+    mask = fsc.soft_sphere(24, 10)
+    radius = 7
+    residuals = [[], []]
+    halves, *_ = ali.prepare_references(grids, members, params, data.images, mask, options, None, cpu(), radius,
+                                        residuals)
+    volume = ali.combined_reconstruction(grids, residuals, options, cpu())
+    carried = ali.corrections_from_products(grids, halves, volume, options, cpu())
+    fresh = ali.pass_corrections(grids, members, params, data.images, options, None, cpu(), radius)
+    for h in (0, 1):
+        assert np.array_equal(carried["halves"][h], fresh["halves"][h])
+    assert np.array_equal(carried["both"], fresh["both"])
+    assert np.abs(fresh["both"]).max() > 1e-3 * np.abs(volume).max()       # a correction there is
+
+
 def test_a_chunk_taken_out_within_its_band_leaves_no_trace_there():
     """During a pass a chunk is taken out and put back only up to its band (chunk_band): below the
     band less the kernel's reach the grid is exactly that of the other images — the references the

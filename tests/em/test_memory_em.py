@@ -216,10 +216,10 @@ def test_focal_series_too_large_is_refused(home, run_xpr, monkeypatch, tmp_path)
 
 @pytest.mark.slow                  # ≈ 60 s here (traced runs)
 def test_local_ali3d_estimate_matches_measured_peak(home, run_xpr):
-    """One serial pass over 100 images of 32² (the tiny run: 20 images of 16²), insertion split
-    over this process's threads: measured 1.35 with 2 cores, kernel width 3 and the queue in
-    buffers allocated once (1.23 before them; 0.69 before the per-thread sums and queues were
-    counted)."""
+    """One serial pass over 100 images of 32² (the tiny run: 20 images of 16²): the peak is a half
+    set's insertion, on one thread (too small to split).  Measured 1.21 with the estimate's two
+    stages (1.64 with the old single stage once small insertions stopped allocating per-thread
+    sums and a second grid; 1.35 before that)."""
     from xpr.em.ali3d import memory_estimate as ali3d
 
     common = ["-q", "em", "local_ali3d", "tutorial", "-o", "alignment.maxit=1",

@@ -260,6 +260,13 @@ def pass_corrections(grids, members, params, images, options, ctf, backend, radi
     return {"halves": halves, "both": both}
 
 
+def corrections_from_products(grids, halves, volume, options, backend):
+    """pass_corrections from a pass's products (the corrected half volumes and the volume of both,
+    made with the same sums, parameters and radius): what they add to the kernel-weighted averages."""
+    return {"halves": [halves[h] - volume_of(grids[h], options, backend) for h in (0, 1)],
+            "both": volume - volume_of(grids[0].combined(grids[1]), options, backend)}
+
+
 def slice_radius(frequencies, fsc, box, options):
     """The projections' radius (px): the FSC-0.143 frequency widened by the reference's fall-off."""
     cutoff = fsc_tools.resolution_frequency(frequencies, fsc, 0.143)
@@ -420,6 +427,7 @@ def _passes(images, angles, shifts_px, options: Ali3dOptions, *, session, backgr
     radius = first_slice_radius(grids, mask, options, backend)
     chunk_size = max(1, min(int(math.ceil(options.chunk * n)), n // 2))
     rng = np.random.default_rng(options.seed + 1)
+    carried = None                  # the last pass's gridding corrections, where still valid
     for iteration in range(1, options.maxit + 1):
         if options.center != "none":  # each half set is its own frame: centre each
             for h in (0, 1):
@@ -427,12 +435,16 @@ def _passes(images, angles, shifts_px, options: Ali3dOptions, *, session, backgr
                 volume = volume_of(grids[h], options, backend)
                 t = centring_translation(volume, mask, angles[m], shifts_px[m], options.center)
                 if np.linalg.norm(t) > 0.02:
+                    carried = None
                     translate_grid(grids[h], t)
                     shifts_px[m] -= np.einsum("nij,j->ni", euler.rotation_matrices(*angles[m].T)[:, :2, :], t)
                     if log:
                         log.info("iteration %d: centred half set %d by (%.2f, %.2f, %.2f) px", iteration, h + 1, *t)
-        # the gridding corrections of the pass, from all images (see pass_corrections)
-        corrections = pass_corrections(grids, members, (angles, shifts_px), images, options, ctf, backend, radius)
+        # the gridding corrections of the pass, from all images (see pass_corrections); the last pass's
+        # products made them already (the same sums, parameters and radius) unless centring moved a half
+        corrections = carried or pass_corrections(grids, members, (angles, shifts_px), images, options, ctf,
+                                                  backend, radius)
+        carried = None
         banded = False
         order = rng.permutation(n)
         chunks = [order[i:i + chunk_size] for i in range(0, n, chunk_size)]
@@ -523,6 +535,8 @@ def _passes(images, angles, shifts_px, options: Ali3dOptions, *, session, backgr
             grids, members, (angles, shifts_px), images, mask, options, ctf, backend, limit, residuals, adaptive)
         volume = combined_reconstruction(grids, residuals, options, backend)
         del residuals
+        if limit is not None:       # = pass_corrections(grids, members, …, radius) of the next pass
+            carried = corrections_from_products(grids, halves, volume, options, backend)
         reference = fsc_tools.apply_shell_filter(volume, fsc_tools.fsc_weights(frequencies, fsc, options.falloff),
                                                  backend) * mask
         state = Ali3dState(iteration, angles.copy(), shifts_px.copy(), volume, reference, halves, frequencies,

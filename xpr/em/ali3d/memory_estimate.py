@@ -1,19 +1,23 @@
 """Peak-memory estimate of `local_ali3d`, checked before the run folder exists.
 
 Counted from xpr.em.ali3d (box n, padding p = alignment.npad, kernel width w, g rotations of the
-point group, G = (p n + 2⌊w/2⌋ + 3)³ points of a Fourier accumulator grid):
+point group, G = (p n + 2⌊w/2⌋ + 3)³ points of a Fourier accumulator grid), as the larger of two
+stages of the main process:
 
-* the stack and its prepared float32 copy: 8 bytes per image pixel;
-* the accumulators of the two half sets (D complex128, T and N float64: 32 bytes per grid point
-  each), their union and the volume's transforms in grid_to_volume (≈ 180 bytes per grid point in
-  all, measured with tracemalloc);
-* per worker process (one in the serial engine): the grid of the images it inserts (32 G) and
-  insert_batch's queue of kernel contributions -- flushed above 4e6 values, so at most 4e6 plus one
-  image's π (p n / 2)² / 2 × w³ × g values, 32 bytes each (an int64 index and float64 real,
-  imaginary and count weights, in buffers allocated once), 40 with CTF (its CTF² weight);
-* the insertion's threads (reconstruct.insertion_threads) share that queue, but each beyond the
-  first sums into grids of its own: 32 G more per extra thread.
+* inserting images: the stack and its prepared float32 copy (8 bytes per image pixel); the two
+  half sets' accumulators (D complex128, T and N float64: 32 bytes per grid point each) and the
+  grid being filled (a half set inserted afresh, or a chunk's take-out); insert_batch's queue of
+  kernel contributions -- flushed above 4e6 values, so at most 4e6 plus one image's
+  π (p n / 2)² / 2 × w³ × g values, 32 bytes each (an int64 index and float64 real, imaginary and
+  count weights, in buffers allocated once), 40 with CTF (its CTF² weight); and, where a half set's
+  insertion is large enough to be split between threads (reconstruct.THREADED_ABOVE contributions),
+  sums of their own for each thread (32 G each);
+* reconstructing the half volumes: the stack, the accumulators, their union and the volume's
+  transforms in grid_to_volume (≈ 180 bytes per grid point in all, measured with tracemalloc);
+* in both, per worker process (one in the serial engine) 32 G for its share (its projector and
+  search buffers).
 
+(Measured, 100 images of 32², serial: the peak is the insertion stage, 97.6 MB traced.)
 The worker processes are the batch that shrinks: fewer are used when the estimate with
 multi_process.n_processes would not fit; exit 2 when not even one fits.
 """
@@ -25,31 +29,38 @@ from pathlib import Path
 import numpy as np
 
 from xpr import memory
-from xpr.em.ali3d.reconstruct import QUEUE_FLUSH, insertion_threads  # the queue's flush size; threads
+from xpr.em.ali3d.reconstruct import QUEUE_FLUSH, THREADED_ABOVE, insertion_threads
 
 GRID_BYTES_PARENT = 180        # per grid point: the half-set accumulators, their union, the volume's transforms
-GRID_BYTES_WORKER = 32         # per grid point: one worker's insertion grid
+GRID_BYTES_WORKER = 32         # per grid point: one accumulator grid (D, T, N)
 QUEUE_BYTES = 32               # per queued kernel contribution: int64 index, float64 real, imaginary, count
 QUEUE_BYTES_CTF = 8            # and its float64 CTF² weight when CTF correction is on
 
 
 def local_ali3d(n_images, box, npad=2, kernel_width=3, group_size=1, threads=None, ctf=False) -> memory.Estimate:
     """(npad, kernel_width: the settings' defaults.)
-    Items = worker processes inserting images at once; each splits its images between
-    `threads` threads (reconstruct.insertion_threads; default: this process's), which share one
-    queue, each beyond the first with sums of its own (32 bytes per grid point)."""
+    Items = worker processes; `threads`: the cores an insertion may split a half set's images
+    between (reconstruct.insertion_threads; default: this process's)."""
     n_images, box, npad, width = int(n_images), int(box), int(npad), int(kernel_width)
-    threads = int(threads or insertion_threads(n_images))
     side = npad * box + 2 * (width // 2) + 3
     grid = side ** 3
     radius = npad * box // 2 - 1
     per_image = int(math.pi * radius * radius / 2) * width ** 3 * int(group_size)
-    queue = min(-(-n_images // threads) * per_image, QUEUE_FLUSH + per_image)
-    return memory.Estimate().add("reconstructing the half sets", {
-        "stack and prepared copy": 8 * n_images * box * box,
+    half_set = -(-n_images // 2)
+    threads = int(threads or insertion_threads(half_set)) if half_set * per_image > THREADED_ABOVE else 1
+    queue = min(half_set * per_image, QUEUE_FLUSH + threads * per_image)   # the threads' buffers together
+    stack = 8 * n_images * box * box
+    worker = {"worker's share": GRID_BYTES_WORKER * grid}
+    estimate = memory.Estimate().add("inserting images", {
+        "stack and prepared copy": stack,
+        "half-set grids and the grid being filled": 3 * GRID_BYTES_WORKER * grid,
+        "insertion queue": (QUEUE_BYTES + QUEUE_BYTES_CTF * bool(ctf)) * queue,
+        "insertion threads' own sums": GRID_BYTES_WORKER * grid * threads if threads > 1 else 0,
+    }, worker)
+    return estimate.add("reconstructing the half sets", {
+        "stack and prepared copy": stack,
         "half-set grids and volume transforms": GRID_BYTES_PARENT * grid,
-        "insertion threads' own grids": GRID_BYTES_WORKER * grid * (threads - 1),
-    }, {"worker's insertion grid and queue": GRID_BYTES_WORKER * grid + (QUEUE_BYTES + QUEUE_BYTES_CTF * bool(ctf)) * queue})
+    }, worker)
 
 
 def stack_shape(settings):

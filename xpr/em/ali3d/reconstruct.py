@@ -103,6 +103,7 @@ def padded_transforms(images, shifts_px, npad: int, backend):
 
 
 QUEUE_FLUSH = 4_000_000   # kernel contributions queued (over all threads) before they are summed
+THREADED_ABOVE = 2 * QUEUE_FLUSH   # kernel contributions of a batch above which its threads share it
 
 
 def insert_batch(batch: InsertionBatch, backend=None, into: FourierGrid | None = None) -> FourierGrid:
@@ -132,7 +133,7 @@ def insert_batch(batch: InsertionBatch, backend=None, into: FourierGrid | None =
         if with_ctf:
             targets["ctf"] = [grid.ctf_weight]
     contributions = len(batch.images) * len(batch.group) * len(kx) * batch.kernel_width ** 3
-    threads = insertion_threads(len(batch.images)) if contributions > 2 * QUEUE_FLUSH else 1
+    threads = insertion_threads(len(batch.images)) if contributions > THREADED_ABOVE else 1
     parts = [part for part in np.array_split(np.arange(len(batch.images)), threads) if len(part)]
     queue = QUEUE_FLUSH // len(parts)  # the threads' queues together hold what one thread's did
     if len(parts) == 1:
