@@ -25,7 +25,7 @@ Measured (issue 19 item 3, third round; defaults, 2 processes, the shared 2-core
 201.6 evaluations per image; after 36.6 / 34.7 s and 37.0 / 37.4 CPU s, 146.1 evaluations per
 image; errors 4.76° / 1.84 px -> 1.76° / 0.20 px and 1.77° / 0.20 px.  (Idle machine, main:
 21.4 s, 33.6 CPU s.)  Fourth round (idle machine, --iterations 2, alternately): main d86060b
-17.5 / 17.7 s and 26.7 / 26.6 CPU s per iteration, after 12.7 / 12.7 s and 19.5 / 19.6 CPU s,
+17.0 / 17.4 s and 25.7 / 26.0 CPU s per iteration, after 12.0 / 11.9 s and 18.7 / 18.5 CPU s,
 errors 1.68° / 0.19 px both (one iteration: 20.6 -> 15.6 s).  The issue's goal of 10 s per iteration is not reached:
 docs/local_ali3d.md.
 """
