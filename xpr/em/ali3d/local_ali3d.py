@@ -214,7 +214,9 @@ def prepare_references(grids, inside, params, images, mask, options, ctf, backen
     last slice radius (the corrections are limited to it; None: all frequencies); residuals: two
     lists receiving each half's residual grids; adaptive: reference.mask applies (no user mask).
     With reference.source both, the two references are one object, made from the volume of both
-    halves (combined_reconstruction: their sums and residual grids, no extra insertion)."""
+    halves (combined_reconstruction: their sums and residual grids, no extra insertion).
+    corrections: the pass's gridding corrections (pass_corrections), added to the kernel-weighted
+    averages of the grids instead of correcting them here (inside, params and radius then unused)."""
     both = options.reference_source == "both"
     if corrections is not None:
         halves = [volume_of(g, options, backend) + c for g, c in zip(grids, corrections["halves"])]
@@ -253,11 +255,10 @@ def pass_corrections(grids, members, params, images, options, ctf, backend, radi
     """The gridding corrections of the half volumes (and of their union) from all images at the
     start of a pass, added to every chunk's kernel-weighted averages during the pass."""
     residuals = [[], []]
-    halves = [reconstruction(g, m, params, images, options, ctf, backend, radius, r) - volume_of(g, options, backend)
+    halves = [reconstruction(g, m, params, images, options, ctf, backend, radius, r)
               for g, m, r in zip(grids, members, residuals)]
-    union = grids[0].combined(grids[1])
-    both = combined_reconstruction(grids, residuals, options, backend) - volume_of(union, options, backend)
-    return {"halves": halves, "both": both}
+    volume = combined_reconstruction(grids, residuals, options, backend)
+    return corrections_from_products(grids, halves, volume, options, backend)
 
 
 def corrections_from_products(grids, halves, volume, options, backend):
