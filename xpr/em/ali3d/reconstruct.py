@@ -141,12 +141,13 @@ def insert_batch(batch: InsertionBatch, backend=None, into: FourierGrid | None =
         return grid
     from concurrent.futures import ThreadPoolExecutor
 
+    shares = [{name: [np.zeros(grid.count.size)] for name in targets} for _ in parts]   # each thread's own
     with ThreadPoolExecutor(len(parts)) as pool:
-        shares = list(pool.map(lambda part: _spread(batch, grid, values, kx, ky, part, queue), parts))
+        list(pool.map(lambda part, share: _spread(batch, grid, values, kx, ky, part, queue, share), parts, shares))
     for share in shares:
         for name, arrays in targets.items():
             for array in arrays:
-                array += share[name]
+                array += share[name][0]
     return grid
 
 
@@ -162,10 +163,10 @@ def insertion_threads(n_images: int) -> int:
     return max(1, min(cores, n_images))
 
 
-def _spread(batch: InsertionBatch, grid: FourierGrid, values, kx, ky, images, queue_limit, targets=None):
+def _spread(batch: InsertionBatch, grid: FourierGrid, values, kx, ky, images, queue_limit, targets):
     """The bincount sums (D real, D imag, N, T) of the images `images` of a batch (see insert_batch),
-    the kernel contributions queued until more than `queue_limit` values wait: added to the arrays
-    `targets` ({name: [arrays]}), or, without targets, returned as new arrays {name: sums}.
+    the kernel contributions queued until more than `queue_limit` values wait, added to the arrays
+    `targets` ({"real", "imag"[, "count"[, "ctf"]]: [arrays]}).
 
     The queue is a set of buffers allocated once (flat indices int64, weights float64 as bincount
     takes them) that every piece is written into in place: collecting per-image arrays and joining
@@ -185,11 +186,7 @@ def _spread(batch: InsertionBatch, grid: FourierGrid, values, kx, ky, images, qu
         shift = estimate.half - half
     signs = np.ones(len(batch.images)) if batch.signs is None else batch.signs
     with_ctf = batch.ctf is not None and batch.ctf_mode != "none"
-    names = ["real", "imag"] + (["count"] + (["ctf"] if with_ctf else []) if batch.weights else [])
-    sums = None
-    if targets is None:
-        sums = {name: np.zeros(size) for name in names}
-        targets = {name: [sums[name]] for name in names}
+    names = list(targets)
     m, w3 = len(kx), kb.width ** 3
     piece = m * w3                                   # one (image, rotation) insertion
     capacity = min(len(images) * len(batch.group) * piece, queue_limit + piece)
@@ -252,7 +249,6 @@ def _spread(batch: InsertionBatch, grid: FourierGrid, values, kx, ky, images, qu
                 flush(queued)
                 queued = 0
     flush(queued)
-    return sums
 
 
 def grid_to_volume(grid: FourierGrid, backend, snr: float | None = None):
