@@ -134,8 +134,8 @@ def test_inserting_into_a_grid_adds_the_same_sums_on_one_thread_or_several(blobs
     start = insert_batch(InsertionBatch(images[::-1], matrices, shifts, np.eye(3)[None]), cpu())
     alone = insert_batch(batch, cpu())
     results = []
-    for flush in (reconstruct.QUEUE_FLUSH, 1000):        # 1000: several threads
-        monkeypatch.setattr(reconstruct, "QUEUE_FLUSH", flush)
+    for per_point in (1e9, 0):        # one thread, then all this process's threads
+        monkeypatch.setattr(reconstruct, "THREADED_PER_POINT", per_point)
         grid = insert_batch(InsertionBatch(images[::-1], matrices, shifts, np.eye(3)[None]), cpu())
         results.append(insert_batch(batch, cpu(), into=grid))
         assert results[-1] is grid
@@ -203,3 +203,69 @@ def test_ctf_matches_relions_formula():
     example = ctf_model.CTFParameters(*(np.array([x]) for x in (u, v, angle, kv, cs_mm, q, 0.0)))
     values = ctf_model.ctf_values(example, 0, np.array([0, 3, 10, 0]), np.array([0, 0, 0, 10]), 1.0, 100)
     np.testing.assert_allclose(values, [0.1, 0.7962, 0.2320, 0.5170], atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["none", "count", "ctf"])
+def test_compiled_spreading_matches_the_kernel_sums_written_out(mode):
+    """spreading.spread adds c_abc · value at the neighbour ((z₀+a)·side + y₀+b)·side + x₀+c of
+    every sample, and N, T as documented: checked against np.add.at over the W³ weights formed
+    from KaiserBessel.neighbours.  The weights of a sample sum to 1 (0.1 %), so N counts samples."""
+    from xpr.em.ali3d import spreading
+    from xpr.em.ali3d.gridding import KaiserBessel
+
+    rng = np.random.default_rng(3)
+    kb, side, m = KaiserBessel(3, 2.0), 21, 500
+    points = rng.uniform(3, side - 4, (3, m))
+    (fx, wx), (fy, wy), (fz, wz) = (kb.neighbours(u) for u in points)
+    value = (rng.standard_normal(m) + 1j * rng.standard_normal(m)).astype(np.complex64)
+    t2 = rng.uniform(0, 1, m).astype(np.float32)
+    sign = -1.0
+    weights = np.einsum("sa,sb,sc->sabc", wz, wy, wx).reshape(m, -1).astype(np.float64)
+    t = np.arange(3)
+    index = (((fz[:, None, None, None] + t[None, :, None, None]) * side + fy[:, None, None, None]
+              + t[None, None, :, None]) * side + fx[:, None, None, None] + t[None, None, None, :]).reshape(m, -1)
+    data, count, ctf_weight = np.zeros(side ** 3, np.complex128), np.zeros(side ** 3), np.zeros(side ** 3)
+    flag = {"none": spreading.WEIGHTS_NONE, "count": spreading.WEIGHTS_COUNT, "ctf": spreading.WEIGHTS_CTF}[mode]
+    spreading.spread(points, *spreading.table_arguments(kb), value.real * np.float32(sign),
+                     value.imag * np.float32(sign), t2 * np.float32(sign), sign, side, data.view(np.float64),
+                     count, ctf_weight, flag)
+    expected = np.zeros(side ** 3, np.complex128)
+    np.add.at(expected, index, sign * weights * value[:, None])
+    np.testing.assert_allclose(data, expected, rtol=0, atol=1e-6 * np.abs(expected).max())
+    if mode == "none":
+        assert not count.any() and not ctf_weight.any()
+        return
+    expected_count = np.zeros(side ** 3)
+    np.add.at(expected_count, index, sign * weights)
+    np.testing.assert_allclose(count, expected_count, rtol=0, atol=1e-6)
+    assert abs(count.sum() / (sign * m) - 1) < 1e-3
+    expected_t = expected_count.copy() if mode == "count" else np.zeros(side ** 3)
+    if mode == "ctf":
+        np.add.at(expected_t, index, sign * weights * t2[:, None])
+    np.testing.assert_allclose(ctf_weight, expected_t, rtol=0, atol=1e-6)
+
+
+def test_compiled_slices_make_the_kernel_weights_as_neighbours_does():
+    """spreading.slices forms each point's weights in KaiserBessel.neighbours' float32 steps (the
+    same numbers) and returns their W³ sum over the cube, as an einsum written out does."""
+    from xpr.em.ali3d import spreading
+    from xpr.em.ali3d.gridding import KaiserBessel
+
+    rng = np.random.default_rng(4)
+    for width in (3, 4):
+        kb, side, b, m = KaiserBessel(width, 2.0), 19, 3, 400
+        coordinates = rng.uniform(3, side - 4, (b, 3, m))
+        cube = (rng.standard_normal(side ** 3) + 1j * rng.standard_normal(side ** 3)).astype(np.complex64)
+        out = np.empty((b, m), np.complex64)
+        spreading.slices(cube, side, coordinates, *spreading.table_arguments(kb), out)
+        first, weights = kb.neighbours(coordinates)                        # (b, 3, m), (b, 3, m, W)
+        one = np.empty(width, np.float32)
+        for u, j0, w in ((coordinates[1, 2, 7], first[1, 2, 7], weights[1, 2, 7]),
+                         (coordinates[2, 0, 99], first[2, 0, 99], weights[2, 0, 99])):
+            assert spreading.kernel_weights(u, *spreading.table_arguments(kb)[:3], one) == j0
+            np.testing.assert_array_equal(one, w)
+        t = np.arange(width)
+        index = (((first[:, 2, :, None, None, None] + t[:, None, None]) * side + first[:, 1, :, None, None, None]
+                  + t[None, :, None]) * side + first[:, 0, :, None, None, None] + t[None, None, :]).reshape(b, m, -1)
+        c = np.einsum("bsa,bsc,bsd->bsacd", weights[:, 2], weights[:, 1], weights[:, 0]).reshape(b, m, -1)
+        np.testing.assert_allclose(out, np.einsum("bsk,bsk->bs", c.astype(np.float64), cube[index]), rtol=0, atol=1e-5)

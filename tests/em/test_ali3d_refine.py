@@ -283,7 +283,10 @@ def test_snr_one_stack_refines_to_the_issue_bounds():
     2.30° / 0.17 px: the criterion's noise floor on this phantom.  Against each half set's own
     reference inside a soft sphere the refinement reached 2.51° / 0.292 px; against the reference
     of both halves (chunk left out) with the adaptive mask, 2.35° / 0.254 px — with the ccc and no
-    prior on the rotation, as here (the defaults' prior: the next test)."""
+    prior on the rotation, as here (the defaults' prior: the next test).  Rounding-level changes of
+    the slices move the result by ≈ 0.01°: 2.355° over a floor of 2.243° with the W³ sums in
+    float32 matmuls, 2.367° over 2.244° with the compiled loop's float64 sums (spreading.slices);
+    the bound over the floor, 0.15°, leaves room for that and no more."""
     data = phantom.simulate(np.random.default_rng(0), 300, 48, snr=1.0, angle_error_deg=3.0, shift_error_px=1.5,
                             backend=cpu())
     truth = (data.true_angles, data.true_shifts)
@@ -292,7 +295,7 @@ def test_snr_one_stack_refines_to_the_issue_bounds():
     state = run_refinement(data, maxit=2, criterion="ccc", sigma_angle=0.0)
     after = ali.parameter_errors(state.angles, state.shifts_px, truth, np.eye(3)[None])
     assert before[0] > 4.5 and before[1] > 1.5
-    assert after[0] <= 2.42 and after[0] <= floor[0] + 0.12
+    assert after[0] <= 2.42 and after[0] <= floor[0] + 0.15
     assert after[1] <= 0.28
 
 

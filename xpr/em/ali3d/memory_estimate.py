@@ -6,18 +6,20 @@ stages of the main process:
 
 * inserting images: the stack and its prepared float32 copy (8 bytes per image pixel); the two
   half sets' accumulators (D complex128, T and N float64: 32 bytes per grid point each) and the
-  grid being filled (a half set inserted afresh, or a chunk's take-out); insert_batch's queue of
-  kernel contributions -- flushed above 4e6 values, so at most 4e6 plus one image's
-  π (p n / 2)² / 2 × w³ × g values, 32 bytes each (an int64 index and float64 real, imaginary and
-  count weights, in buffers allocated once), 40 with CTF (its CTF² weight); and, where a half set's
-  insertion is large enough to be split between threads (reconstruct.THREADED_ABOVE contributions),
-  sums of their own for each thread (32 G each);
+  grid being filled (a half set inserted afresh, or a chunk's take-out), which the compiled
+  spreading loop (xpr.em.ali3d.spreading) adds into in place; and, where a half set's insertion
+  is split between threads (reconstruct.threaded: more kernel contributions, π (p n / 2)² / 2 ×
+  w³ × g per image, than 32 per grid point), a grid of their own for each thread (32 G each);
 * reconstructing the half volumes: the stack, the accumulators, their union and the volume's
-  transforms in grid_to_volume (≈ 180 bytes per grid point in all, measured with tracemalloc);
+  transforms in grid_to_volume: ≈ 150 bytes per grid point in all -- the two half sets'
+  accumulators (64), their residual corrections' D (32), their union (32) and grid_to_volume's
+  transforms (17 measured with tracemalloc; 180 in all before the queue of the residuals'
+  insertion gave way to the compiled loop);
 * in both, per worker process (one in the serial engine) 32 G for its share (its projector and
   search buffers).
 
-(Measured, 100 images of 32², serial: the peak is the insertion stage, 97.6 MB traced.)
+(Measured, 100 images of 32², serial: 47 MB traced above a 20-image run of 16²; 97.6 MB, in the
+insertion stage, while kernel contributions were queued for np.bincount.)
 The worker processes are the batch that shrinks: fewer are used when the estimate with
 multi_process.n_processes would not fit; exit 2 when not even one fits.
 """
@@ -29,12 +31,10 @@ from pathlib import Path
 import numpy as np
 
 from xpr import memory
-from xpr.em.ali3d.reconstruct import QUEUE_FLUSH, THREADED_ABOVE, insertion_threads
+from xpr.em.ali3d.reconstruct import insertion_threads, threaded
 
-GRID_BYTES_PARENT = 180        # per grid point: the half-set accumulators, their union, the volume's transforms
+GRID_BYTES_PARENT = 150        # per grid point: the half-set accumulators, their union, the volume's transforms
 GRID_BYTES_WORKER = 32         # per grid point: one accumulator grid (D, T, N)
-QUEUE_BYTES = 32               # per queued kernel contribution: int64 index, float64 real, imaginary, count
-QUEUE_BYTES_CTF = 8            # and its float64 CTF² weight when CTF correction is on
 
 
 def local_ali3d(n_images, box, npad=2, kernel_width=3, group_size=1, threads=None, ctf=False) -> memory.Estimate:
@@ -47,14 +47,12 @@ def local_ali3d(n_images, box, npad=2, kernel_width=3, group_size=1, threads=Non
     radius = npad * box // 2 - 1
     per_image = int(math.pi * radius * radius / 2) * width ** 3 * int(group_size)
     half_set = -(-n_images // 2)
-    threads = int(threads or insertion_threads(half_set)) if half_set * per_image > THREADED_ABOVE else 1
-    queue = min(half_set * per_image, QUEUE_FLUSH + threads * per_image)   # the threads' buffers together
+    threads = int(threads or insertion_threads(half_set)) if threaded(half_set * per_image, grid) else 1
     stack = 8 * n_images * box * box
     worker = {"worker's share": GRID_BYTES_WORKER * grid}
     estimate = memory.Estimate().add("inserting images", {
         "stack and prepared copy": stack,
         "half-set grids and the grid being filled": 3 * GRID_BYTES_WORKER * grid,
-        "insertion queue": (QUEUE_BYTES + QUEUE_BYTES_CTF * bool(ctf)) * queue,
         "insertion threads' own sums": GRID_BYTES_WORKER * grid * threads if threads > 1 else 0,
     }, worker)
     return estimate.add("reconstructing the half sets", {

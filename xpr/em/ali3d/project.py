@@ -36,7 +36,6 @@ class Projector:
     cols: np.ndarray         # column (kx) index
     kx: np.ndarray           # integer frequencies of the slice points
     ky: np.ndarray
-    offsets: np.ndarray      # flat offsets of the W³ neighbours in the cube
     frequencies: np.ndarray  # (2, m): kx, ky of the slice points, float64
     method: str = "gridding"  # gridding (the W³ kernel on the padded cube) | nufft (ducc0, exact to epsilon)
     grid: np.ndarray | None = None  # nufft: the volume, complex128 [z, y, x]
@@ -61,21 +60,7 @@ class Projector:
             return nufft_slices(self, np.asarray(matrix)[None])[0]
         rows = np.asarray(matrix, dtype=np.float64)[:2] * float(self.npad)
         coordinates = rows.T @ self.frequencies + self.half          # (3, m): x, y, z in cube cells
-        first, weights = self.kernel.neighbours(coordinates)        # (3, m), (3, m, W)
-        side = 2 * self.half + 1
-        base = (first[2] * side + first[1]) * side + first[0]
-        values = self.gather(base)                                  # (m, W³) complex64, z-major
-        m, w = len(base), self.kernel.width
-        zy = (weights[2][:, :, None] * weights[1][:, None, :]).reshape(m, w * w)
-        kernel = (zy[:, :, None] * weights[0][:, None, :]).reshape(m, 1, w ** 3)
-        pairs = np.matmul(kernel, values.view(np.float32).reshape(m, w ** 3, 2))
-        return pairs.reshape(m, 2).view(np.complex64).ravel()
-
-    def gather(self, base):
-        """The W³ cube values (…, W³) complex64, z-major, of the neighbourhoods whose first cell has
-        the flat index `base`.  (Taking W² runs of W values from a sliding-window view was 5× faster
-        on one large batch but 3× slower in a real pass: np.take copies the strided view each call.)"""
-        return self.cube.take(np.asarray(base)[..., None] + self.offsets)
+        return gridded_slices(self, coordinates[None])[0]
 
     def shift_phase(self, shift_px):
         """exp(−2πi k·(o + c)/n): translate by the origin offset o and put the origin at c = n//2."""
@@ -94,6 +79,21 @@ class Projector:
         if weight is not None:
             values = values * weight
         return self.to_image(values, backend)
+
+
+def gridded_slices(projector: Projector, coordinates):
+    """V̂ at the points `coordinates` (b, 3, m) — x, y, z in cube cells of the projector's padded
+    cube — interpolated with the W³ Kaiser–Bessel kernel: complex64 (b, m).  The weights are made
+    as KaiserBessel.neighbours makes them and the W³ sum is taken in float64 by the compiled loop
+    spreading.slices (its numpy form, np.take of the W³ neighbours and two matmuls, took two thirds
+    of a simplex step's criterion)."""
+    from xpr.em.ali3d import spreading
+
+    coordinates = np.ascontiguousarray(coordinates, dtype=np.float64)
+    out = np.empty((coordinates.shape[0], coordinates.shape[2]), np.complex64)
+    spreading.slices(projector.cube, 2 * projector.half + 1, coordinates, *spreading.table_arguments(projector.kernel),
+                     out)
+    return out
 
 
 def nufft_threads() -> int:
@@ -159,7 +159,7 @@ def prepare_projector(volume, backend, npad: int = 2, kernel_width: int = 4, rad
             kx, ky = (np.asarray(f, dtype=np.float64) for f in frequencies)
             rows = cols = np.zeros(0, dtype=np.int64)
         return Projector(box=box, npad=npad, kernel=kb, radius=radius, cube=np.zeros(0, np.complex64), half=0,
-                         rows=rows, cols=cols, kx=kx, ky=ky, offsets=np.zeros(0, np.int64),
+                         rows=rows, cols=cols, kx=kx, ky=ky,
                          frequencies=np.stack([kx, ky]), method="nufft",
                          grid=np.ascontiguousarray(volume, dtype=np.complex128), epsilon=float(epsilon))
     if method != "gridding":
@@ -177,8 +177,5 @@ def prepare_projector(volume, backend, npad: int = 2, kernel_width: int = 4, rad
     else:
         kx, ky = (np.asarray(f, dtype=np.float64) for f in frequencies)
         rows = cols = np.zeros(0, dtype=np.int64)
-    side = 2 * half + 1
-    t = np.arange(kernel_width)
-    offsets = ((t[:, None, None] * side + t[None, :, None]) * side + t[None, None, :]).ravel()
     return Projector(box=box, npad=npad, kernel=kb, radius=radius, cube=cube.ravel(), half=half,
-                     rows=rows, cols=cols, kx=kx, ky=ky, offsets=offsets, frequencies=np.stack([kx, ky]))
+                     rows=rows, cols=cols, kx=kx, ky=ky, frequencies=np.stack([kx, ky]))

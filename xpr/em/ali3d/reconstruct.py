@@ -97,13 +97,24 @@ def padded_transforms(images, shifts_px, npad: int, backend):
     padded[:, start:start + box, start:start + box] = images
     # origin of the transform at the box centre, then undo the origin offset: exp(+2πi k·o/n')
     spectra = backend.asnumpy(rfft2(backend, backend.ifftshift(backend.asarray(padded), axes=(-2, -1))))
-    rows, cols, kx, ky = padded_points(box, npad)
-    phase = np.exp((2j * np.pi / padded_box) * (kx[None, :] * shifts_px[:, :1] + ky[None, :] * shifts_px[:, 1:]))
-    return spectra[:, rows, cols] * phase
+    rows, cols, _, _ = padded_points(box, npad)
+    # exp(2πi (kx ox + ky oy)/n') as a kx factor times a ky factor, made on the integer frequencies
+    # of the padded rfft's columns and rows and gathered (no complex exponential per sample)
+    angle = (2j * np.pi / padded_box) * np.asarray(shifts_px, dtype=np.float64)
+    x_factor = np.exp(angle[:, :1] * np.arange(padded_box // 2 + 1)[None, :])
+    y_factor = np.exp(angle[:, 1:] * centred_frequencies(padded_box)[None, :])
+    return spectra[:, rows, cols] * (x_factor[:, cols] * y_factor[:, rows])
 
 
-QUEUE_FLUSH = 4_000_000   # kernel contributions queued (over all threads) before they are summed
-THREADED_ABOVE = 2 * QUEUE_FLUSH   # kernel contributions of a batch above which its threads share it
+THREADED_PER_POINT = 32   # kernel contributions per grid point above which a batch's threads share it
+
+
+def threaded(contributions: int, grid_points: int) -> bool:
+    """Whether an insertion of this many kernel contributions is split between threads: each
+    thread's grid of its own costs about as much as 16–32 contributions per grid point (measured:
+    250 images of 64², 17 per point, 0.46 s with two threads, 0.40 s with one; 1000 images, 68 per
+    point, 1.1 s against 1.55 s; 100 of 128², 4 per point, 2.1 s against 0.76 s)."""
+    return contributions > THREADED_PER_POINT * grid_points
 
 
 def insert_batch(batch: InsertionBatch, backend=None, into: FourierGrid | None = None) -> FourierGrid:
@@ -111,8 +122,8 @@ def insert_batch(batch: InsertionBatch, backend=None, into: FourierGrid | None =
     added to the grid `into` when one is given (and returned), else to a new one.
 
     A large batch is split between this process's threads (`insertion_threads`), each summing its
-    share into its own arrays with np.bincount (which runs without the GIL); the shares are added
-    in turn.  A small one (a chunk's put-back within its band) is summed by one thread straight into
+    share into a grid of its own (the compiled loops run without the GIL); the shares are added in
+    turn.  A small one (a chunk's put-back within its band) is summed by one thread straight into
     the grid: whole-grid arrays per thread would cost more than its kernel contributions.
     With an estimate, each sample's prediction is gathered through the same W³ neighbours and
     weights the sample is then spread to."""
@@ -126,28 +137,19 @@ def insert_batch(batch: InsertionBatch, backend=None, into: FourierGrid | None =
     if batch.max_radius is not None:
         keep = kx * kx + ky * ky <= (batch.npad * batch.max_radius) ** 2
         values, kx, ky = values[:, keep], kx[keep], ky[keep]
-    with_ctf = batch.ctf is not None and batch.ctf_mode != "none"
-    targets = {"real": [grid.data.real], "imag": [grid.data.imag]}
-    if batch.weights:   # without a CTF, T is N
-        targets["count"] = [grid.count] if with_ctf else [grid.count, grid.ctf_weight]
-        if with_ctf:
-            targets["ctf"] = [grid.ctf_weight]
     contributions = len(batch.images) * len(batch.group) * len(kx) * batch.kernel_width ** 3
-    threads = insertion_threads(len(batch.images)) if contributions > THREADED_ABOVE else 1
+    threads = insertion_threads(len(batch.images)) if threaded(contributions, grid.count.size) else 1
     parts = [part for part in np.array_split(np.arange(len(batch.images)), threads) if len(part)]
-    queue = QUEUE_FLUSH // len(parts)  # the threads' queues together hold what one thread's did
     if len(parts) == 1:
-        _spread(batch, grid, values, kx, ky, parts[0], queue, targets)
+        _spread(batch, grid, values, kx, ky, parts[0])
         return grid
     from concurrent.futures import ThreadPoolExecutor
 
-    shares = [{name: [np.zeros(grid.count.size)] for name in targets} for _ in parts]   # each thread's own
+    shares = [FourierGrid.empty(box, batch.npad, batch.kernel_width) for _ in parts]   # each thread's own
     with ThreadPoolExecutor(len(parts)) as pool:
-        list(pool.map(lambda part, share: _spread(batch, grid, values, kx, ky, part, queue, share), parts, shares))
+        list(pool.map(lambda part, share: _spread(batch, share, values, kx, ky, part), parts, shares))
     for share in shares:
-        for name, arrays in targets.items():
-            for array in arrays:
-                array += share[name][0]
+        grid.add(share)
     return grid
 
 
@@ -163,92 +165,46 @@ def insertion_threads(n_images: int) -> int:
     return max(1, min(cores, n_images))
 
 
-def _spread(batch: InsertionBatch, grid: FourierGrid, values, kx, ky, images, queue_limit, targets):
-    """The bincount sums (D real, D imag, N, T) of the images `images` of a batch (see insert_batch),
-    the kernel contributions queued until more than `queue_limit` values wait, added to the arrays
-    `targets` ({"real", "imag"[, "count"[, "ctf"]]: [arrays]}).
+def _spread(batch: InsertionBatch, grid: FourierGrid, values, kx, ky, images):
+    """Add the kernel-weighted sums (D, and N, T where batch.weights) of the batch's images `images`
+    (indices) to `grid`, one (image, point-group rotation) at a time, through the compiled loop
+    spreading.spread.  With an estimate, the sample is first replaced by its residual: the value
+    less the estimate's prediction, interpolated (spreading.slices) at the same point, so through
+    the same neighbours and weights."""
+    from xpr.em.ali3d import spreading
 
-    The queue is a set of buffers allocated once (flat indices int64, weights float64 as bincount
-    takes them) that every piece is written into in place: collecting per-image arrays and joining
-    them cost as much as the sums themselves (fresh pages to fault in, then copies and float32 →
-    float64 conversions inside bincount).  Each flush sums only over the range of grid points the
-    queued indices span."""
-    kb, half, box = grid.kernel, grid.half, batch.images.shape[-1]
+    kernel = spreading.table_arguments(grid.kernel)
+    half, box = grid.half, batch.images.shape[-1]
     side = 2 * half + 1
-    size = side ** 3
-    t = np.arange(kb.width)
-    offsets = ((t[:, None, None] * side + t[None, :, None]) * side + t[None, None, :]).ravel()
     estimate = batch.estimate
-    if estimate is not None:  # the estimate's cube is smaller: the same neighbours at its own offsets
-        estimate_side = 2 * estimate.half + 1
-        estimate_offsets = ((t[:, None, None] * estimate_side + t[None, :, None]) * estimate_side
-                            + t[None, None, :]).ravel()
+    if estimate is not None:  # the estimate's cube is smaller: the same neighbours, moved by `shift`
         shift = estimate.half - half
+        predicted = np.empty((1, len(kx)), np.complex64)
     signs = np.ones(len(batch.images)) if batch.signs is None else batch.signs
     with_ctf = batch.ctf is not None and batch.ctf_mode != "none"
-    names = list(targets)
-    m, w3 = len(kx), kb.width ** 3
-    piece = m * w3                                   # one (image, rotation) insertion
-    capacity = min(len(images) * len(batch.group) * piece, queue_limit + piece)
-    index_queue = np.empty(capacity, dtype=np.int64)
-    queues = {name: np.empty(capacity) for name in names}
-    queued, reach = 0, [size, -1]          # lowest and highest grid point the queued pieces reach
-
-    def flush(queued):
-        # one bincount per quantity for many images, over the span of grid points they reach
-        if not queued:
-            return
-        index = index_queue[:queued]
-        low = reach[0]
-        span = reach[1] - low + 1
-        reach[:] = [size, -1]
-        if low:
-            index -= low
-        for name in names:
-            part = np.bincount(index, queues[name][:queued], span)
-            for array in targets[name]:
-                array[low:low + span] += part
-
+    mode = spreading.WEIGHTS_NONE if not batch.weights else spreading.WEIGHTS_CTF if with_ctf else spreading.WEIGHTS_COUNT
+    data = grid.data.view(np.float64)
+    no_ctf = np.zeros(0, np.float32)
     for i in images:
         weight_t = None
         if with_ctf:
             weight_t = ctf_model.projection_weight(
                 ctf_model.ctf_values(batch.ctf, i, kx, ky, batch.pixel_size_A, batch.npad * box), batch.ctf_mode)
+        sign = np.float32(signs[i])
+        ctf_squared = no_ctf if weight_t is None else (weight_t ** 2).astype(np.float32) * sign
         for g in batch.group:
             rows = batch.matrices[i] @ g  # (A g): its first two rows carry (kx, ky) into the volume frame
-            fx, wx = kb.neighbours(kx * rows[0, 0] + ky * rows[1, 0] + half)
-            fy, wy = kb.neighbours(kx * rows[0, 1] + ky * rows[1, 1] + half)
-            fz, wz = kb.neighbours(kx * rows[0, 2] + ky * rows[1, 2] + half)
-            c = (wz[:, :, None, None] * wy[:, None, :, None] * wx[:, None, None, :]).reshape(m, -1)
+            coordinates = np.stack([kx * rows[0, j] + ky * rows[1, j] + half for j in range(3)])  # x, y, z
             sample = values[i] if weight_t is None else values[i] * weight_t
             if estimate is not None:  # what the current volume leaves unexplained
-                base = ((fz + shift) * estimate_side + fy + shift) * estimate_side + fx + shift
-                neighbours = estimate.cube.take(base[:, None] + estimate_offsets[None, :])
-                predicted = np.matmul(c[:, None, :], neighbours.view(np.float32).reshape(m, -1, 2))
-                predicted = predicted.reshape(m, 2).view(np.complex64).ravel()
-                sample = values[i] - predicted if weight_t is None else (values[i] - weight_t * predicted) * weight_t
-            end = queued + piece
-            first = (fz * side + fy) * side + fx
-            np.add(first[:, None], offsets[None, :], out=index_queue[queued:end].reshape(m, w3))
-            reach[0], reach[1] = min(reach[0], int(first.min())), max(reach[1], int(first.max()) + int(offsets[-1]))
-            # float32 products stored as float64 (the values bincount would have converted them to);
-            # the sign ±1 goes on the per-sample factor (exact), not on the W³ weights
-            sign = np.float32(signs[i])
-            np.multiply(c, (sample.real.astype(np.float32) * sign)[:, None], out=queues["real"][queued:end].reshape(m, w3))
-            np.multiply(c, (sample.imag.astype(np.float32) * sign)[:, None], out=queues["imag"][queued:end].reshape(m, w3))
-            if batch.weights:
-                if sign < 0:
-                    np.negative(c, out=queues["count"][queued:end].reshape(m, w3))
-                else:
-                    queues["count"][queued:end] = c.ravel()
-                if with_ctf:
-                    np.multiply(c, ((weight_t ** 2).astype(np.float32) * sign)[:, None],
-                                out=queues["ctf"][queued:end].reshape(m, w3))
-            queued = end
-            if queued > queue_limit:
-                flush(queued)
-                queued = 0
-    flush(queued)
+                spreading.slices(estimate.cube, 2 * estimate.half + 1, (coordinates + shift)[None], *kernel,
+                                 predicted)
+                sample = (values[i] - predicted[0] if weight_t is None
+                          else (values[i] - weight_t * predicted[0]) * weight_t)
+            # the float32 sample times the sign ±1 (exact), times the float32 kernel weights
+            spreading.spread(coordinates, *kernel, sample.real.astype(np.float32) * sign,
+                             sample.imag.astype(np.float32) * sign, ctf_squared, float(sign), side,
+                             data, grid.count, grid.ctf_weight, mode)
 
 
 def grid_to_volume(grid: FourierGrid, backend, snr: float | None = None):

@@ -29,7 +29,7 @@ import numpy as np
 
 from xpr.em.ali3d import ctf as ctf_model
 from xpr.em.ali3d.euler import rotation_angle_deg, rotation_matrices
-from xpr.em.ali3d.project import Projector, nufft_slices
+from xpr.em.ali3d.project import Projector, gridded_slices, nufft_slices
 
 
 @dataclass
@@ -164,17 +164,7 @@ def slices(projector: Projector, matrices, keep=None, plan=None):
         return nufft_slices(projector, matrices, frequencies, plan)
     rows = np.asarray(matrices, dtype=np.float64)[:, :2, :] * float(projector.npad)     # (b, 2, 3)
     coordinates = np.einsum("bji,jm->bim", rows, frequencies) + projector.half          # (b, 3, m)
-    first, weights = projector.kernel.neighbours(coordinates)                            # (b,3,m), (b,3,m,W)
-    side = 2 * projector.half + 1
-    base = (first[:, 2] * side + first[:, 1]) * side + first[:, 0]                       # (b, m)
-    values = projector.gather(base)                                                      # (b, m, W³)
-    b, m, w = base.shape[0], base.shape[1], projector.kernel.width
-    # the kernel is separable: sum over (z, y) with the W² weights wz wy, then over x with wx
-    # (the same sum as with the W³ products, in ~40 % fewer operations; equal to float32 rounding)
-    zy = (weights[:, 2][..., :, None] * weights[:, 1][..., None, :]).reshape(b, m, 1, w * w)
-    rows_x = np.matmul(zy, values.view(np.float32).reshape(b, m, w * w, 2 * w))          # (b, m, 1, 2W)
-    pairs = np.matmul(weights[:, 0][:, :, None, :], rows_x.reshape(b, m, w, 2))          # (b, m, 1, 2)
-    return pairs.reshape(b, m, 2).view(np.complex64)[..., 0]
+    return gridded_slices(projector, coordinates)
 
 
 def batched_nelder_mead(function, starts, steps, max_evaluations, xatol, fatol=1e-6):
