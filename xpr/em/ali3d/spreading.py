@@ -19,10 +19,21 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+
+def compiled(function):
+    """numba.njit without the GIL, its machine code cached beside this file or in the user's cache
+    (NUMBA_CACHE_DIR); where neither can be written (a read-only install) it is compiled in each
+    process instead (≈ 1 s) rather than failing."""
+    try:
+        return numba.njit(nogil=True, cache=True)(function)
+    except RuntimeError:        # numba: "cannot cache function ...: no locator available"
+        return numba.njit(nogil=True)(function)
+
+
 WEIGHTS_NONE, WEIGHTS_COUNT, WEIGHTS_CTF = 0, 1, 2   # spread: D only | D, N and T = N | D, N and T = Σ c t²
 
 
-@numba.njit(nogil=True, cache=True)
+@compiled
 def kernel_weights(u, table, table_scale, table_size, out):  # pragma: no cover - compiled
     """KaiserBessel.neighbours for one coordinate u (grid units), in the same float32 steps: fills
     out[0:W] with the weights of j0, …, j0 + W − 1 and returns j0 = ceil(u − W/2)."""
@@ -37,7 +48,7 @@ def kernel_weights(u, table, table_scale, table_size, out):  # pragma: no cover 
     return int(first)
 
 
-@numba.njit(nogil=True, cache=True)
+@compiled
 def spread(coordinates, table, table_scale, table_size, width, real, imag, ctf_squared, sign, side,
            data, count, ctf_weight, weights_mode):  # pragma: no cover - compiled
     """Add every sample's kernel contributions to the accumulators, in place:
@@ -77,7 +88,7 @@ def spread(coordinates, table, table_scale, table_size, width, real, imag, ctf_s
                             ctf_weight[j] += w * t2
 
 
-@numba.njit(nogil=True, cache=True)
+@compiled
 def slices(cube, side, coordinates, table, table_scale, table_size, width, out):  # pragma: no cover - compiled
     """out[i, s] = Σ_abc c_abc · cube[neighbour abc of point s of slice i] (complex64, summed in
     float64), the kernel weights made from `coordinates` (b, 3, m): the x, y, z of every point in
