@@ -190,3 +190,22 @@ def test_shrink_wrap_size_floor_stops_collapse_and_keeps_the_threshold_contour()
     assert floor(x, support).sum() >= 100 and floor(x, support)[0, 31:34, 31:34].all()
     small = ShrinkWrap(backend, (64, 64), threshold=0.5, sigma=0, support_size=4, size_rule="floor")
     assert small(x, support).sum() == 9
+
+
+def test_shrink_wrap_threshold_factors_per_repeat():
+    """Each repeat of the batch takes threshold x its factor. A bright 3x3 spot (1.0) on a dim
+    20x20 plate (0.2), no blur: at 0.5 (factor 1) only the spot stays (9 px); at 0.1 (factor 0.2)
+    the plate too (400 px); a call's own factors replace the constructor's; a wrong count is
+    refused."""
+    from xpr.backend import cpu
+    from xpr.phasing.shrinkwrap import ShrinkWrap
+
+    x = np.zeros((3, 64, 64), dtype=np.complex64)
+    x[:, 22:42, 22:42] = 0.2
+    x[:, 31:34, 31:34] = 1.0
+    support = np.ones((3, 64, 64), dtype=bool)
+    shrink = ShrinkWrap(cpu(), (64, 64), threshold=0.5, sigma=0, threshold_factors=[1.0, 0.2, 1.0])
+    assert shrink(x, support).reshape(3, -1).sum(axis=1).tolist() == [9, 400, 9]
+    assert shrink(x, support, threshold_factors=[0.2, 0.2, 1.0]).reshape(3, -1).sum(axis=1).tolist() == [400, 400, 9]
+    with pytest.raises(ValueError, match="2 threshold factors for 3 repeats"):
+        shrink(x, support, threshold_factors=[1.0, 0.2])

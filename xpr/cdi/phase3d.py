@@ -15,6 +15,7 @@ def validate(settings):
     whether the pattern can be phased in memory at all (xpr.memory)."""
     phasing.compile_steps(settings)
     phasing.check_ga(settings)
+    phasing.check_repeat_thresholds(settings)
     memory.validate_cdi_phase(settings, 3)
 
 

@@ -21,6 +21,10 @@ Method, top to bottom:
    repeat seeded on its own; repeats are split into chunks over processes (xpr.parallel).
    Optionally (ga.generations > 1) in generations, the repeats ranked, culled and bred with the
    best between them (guided repeats, cohere's GA: xpr.phasing.genetic, `phase_generations`).
+   The repeats take shrink-wrap's relative threshold in turns (`repeat_threshold_factors`: by
+   default 0.15 and 0.05 of the blurred maximum), since no one threshold suits every object;
+   the free deviance ranks them, and after the first generation every repeat continues with the
+   winner's threshold.
 4. Merging: the repeats with the lowest final modulus error are aligned (translation, global
    phase, twin) to the best one and averaged; the PRTF per shell of |q| tells which resolution
    was phased reproducibly.
@@ -243,7 +247,8 @@ def phase_chunk(task, shared=None, progress=None):
     shrink_wrap = ShrinkWrap(backend, shape, threshold=options.sw_threshold,
                              support_size=options.support_size, sigma=_last(options.sw_sigma),
                              confine_to=initial if options.sw_confine_to_initial else None,
-                             max_shrink=options.sw_max_shrink, size_rule=options.sw_size_rule)
+                             max_shrink=options.sw_max_shrink, size_rule=options.sw_size_rule,
+                             threshold_factors=repeat_factors(task.get("threshold_factors"), seeds))
     support = xp.broadcast_to(initial, (repeats,) + shape).copy()
     if task.get("start") is not None:      # a later generation (ga): the bred objects and supports
         rows = task["rows"]
@@ -264,6 +269,20 @@ def phase_chunk(task, shared=None, progress=None):
         result["free_deviance"] = free_deviance(x, xp.asarray(task["intensity_fft"]), free,
                                                 backend).astype(np.float32)
     return result
+
+
+def threshold_factors_by_seed(options, seeds):
+    """{seed: shrink-wrap threshold factor}: the repeats take `repeat_threshold_factors` in turn
+    (repeat i the (i mod n)-th); None when there are none (every repeat uses the threshold)."""
+    factors = options.sw_threshold_factors
+    if not factors:
+        return None
+    return {int(seed): float(factors[i % len(factors)]) for i, seed in enumerate(seeds)}
+
+
+def repeat_factors(by_seed, seeds):
+    """The threshold factors of these repeats (None: all 1)."""
+    return None if not by_seed else [by_seed[int(seed)] for seed in seeds]
 
 
 def compile_steps(settings, source=None):
@@ -327,8 +346,15 @@ def run(settings, archive, dimensions):
 
     archive.log.info("modulus constraint: %s", f"Poisson band +-{options.modulus_band:.2f} sqrt(counts)"
                      if options.modulus_band else "exact moduli")
+    by_seed = threshold_factors_by_seed(
+        options, parallel.task_seeds(int(settings.phasing.seed), int(settings.phasing.repeats)))
+    if by_seed:
+        archive.log.info("shrink-wrap thresholds taken by the repeats in turn: %s (x %g of the "
+                         "blurred maximum); the free deviance ranks them",
+                         ", ".join(f"{f:g}" for f in options.sw_threshold_factors), options.sw_threshold)
     problem = {
         "intensity_fft": intensity_fft.astype(np.float32), "measured_fft": measured_fft,
+        "threshold_factors": by_seed,
         "free_fft": free,
         "initial_support": initial_support, "init_model": init_model, "steps": steps,
         "options": options,
@@ -416,6 +442,9 @@ class PhasingOptions:
     sw_confine_to_initial: bool | str = setting("phasing_parameters.shrink_wrap.confine_to_initial")
     sw_max_shrink: float | None = setting("phasing_parameters.shrink_wrap.max_shrink")
     sw_size_rule: str = setting("phasing_parameters.shrink_wrap.size_rule")
+    sw_threshold_factors: tuple | None = setting(
+        "phasing_parameters.shrink_wrap.repeat_threshold_factors",
+        lambda v: None if v is None else tuple(v))
     modulus_band: float = 0.0        # sqrt(counts): the Poisson band, from phasing_parameters.noise_band and the pattern
 
 
@@ -507,6 +536,15 @@ def generation_steps(settings):
         raise SettingsError(error.message, key="ga.iters") from None
 
 
+def check_repeat_thresholds(settings):
+    """shrink_wrap.repeat_threshold_factors: numbers > 0 (exit 2 otherwise)."""
+    key = "phasing_parameters.shrink_wrap.repeat_threshold_factors"
+    factors = settings.phasing_parameters.shrink_wrap.get("repeat_threshold_factors")
+    for factor in factors or ():
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor <= 0:
+            raise SettingsError(f"threshold factors must be numbers > 0, got {list(factors)!r}", key=key)
+
+
 def check_ga(settings):
     """What the settings grammar cannot say about `ga` (exit 2): ga.iters compiles; the low-pass
     widths are numbers > 0."""
@@ -546,16 +584,24 @@ def phase_generations(settings, archive, problem):
                      plan.culled_after(0), f", low-pass widths {list(plan.resolution)}"
                      if plan.resolution else "")
 
+    by_seed = problem.get("threshold_factors")
+
+    def children_supports(children, support, alpha_seed):
+        factors = None if not by_seed else [by_seed[int(alpha_seed)]] * children.shape[0]
+        return shrink_wrap(children, support, threshold_factors=factors)
+
     def run_generation(generation, seeds, start):
         width = plan.low_pass(generation)
         data = dict(problem, start=start, steps=problem["steps"] if generation == 0 else later)
+        if start is not None and by_seed:       # every child continues with the alpha's threshold
+            data["threshold_factors"] = {int(s): by_seed[int(start["alpha_seed"])] for s in seeds}
         if width is not None:
             data["intensity_fft"] = (problem["intensity_fft"] *
                                      genetic.low_pass_weight(initial.shape, width)).astype(np.float32)
         return phase_repeats(settings, archive, data, seeds=seeds)
 
     seeds = parallel.task_seeds(int(settings.phasing.seed), int(settings.phasing.repeats))
-    return genetic.evolve(run_generation, seeds, plan, backend, shrink_wrap, log=archive.log,
+    return genetic.evolve(run_generation, seeds, plan, backend, children_supports, log=archive.log,
                           allow_twin=bool(settings.merge.remove_twin))
 
 
