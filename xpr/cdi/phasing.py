@@ -25,7 +25,8 @@ Method, top to bottom:
    default 0.15 and 0.05 of the blurred maximum), since no one threshold suits every object;
    the free deviance ranks them, and after the first generation every repeat continues with the
    winner's threshold.
-4. Merging: the repeats with the lowest final modulus error are aligned (translation, global
+4. Merging: the repeats with the lowest free Poisson deviance on the held-out pixels (or, with
+   `merge.select_by: e_mod`, the lowest final modulus error) are aligned (translation, global
    phase, twin) to the best one and averaged; the PRTF per shell of |q| tells which resolution
    was phased reproducibly.
 """
@@ -367,7 +368,8 @@ def run(settings, archive, dimensions):
 
 
 def merge_and_write(settings, archive, filename, repeats, data, attrs):
-    """Select repeats by final eMod, align them to the best (shift, global phase, twin), average,
+    """Select repeats by their free deviance (or final eMod: merge.select_by), align them to the
+    best (shift, global phase, twin), average,
     compute the PRTF; write `filename` (merged/, repeats/, data/), the figures and, in 3-D, the
     merged density as .vts. Also used by `cdi merge` over the repeats of several runs.
 
