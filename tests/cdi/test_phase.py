@@ -256,9 +256,10 @@ def test_repeats_with_two_shrink_wrap_thresholds_let_the_data_choose(home, run_x
     bright overlapping ellipses (up to ~3) -- 256^2, oversampling 8, 1e8 photons, beamstop 3 px
     and two dead lines, phased with only its data and mask. Shrink-wrap at 0.15 of the blurred
     maximum cuts the plate away and the repeats settle on a round blob superposing object and twin
-    (measured merged 0.529, free deviance 16-47 per pixel against ~1 for the truth). The default
-    repeats take 0.15 and 0.05 in turn, the free deviance picks 0.05 here (1.1-3.3) and the
-    generations continue with it (measured 0.115); a particle cluster keeps 0.15 (test below)."""
+    (measured merged 0.529, free deviance 16-47 per pixel against ~1 for the truth). By default 2
+    of the 8 repeats take 0.05; their free deviance is far lower here (1.1-3.3), so the later
+    generations continue with 0.05 (measured 0.115); compact objects and clusters keep 0.15
+    (test below)."""
     from xpr.cdi.objects import far_field_intensity, model_object
     from xpr.cdi.simulate import detector_mask, record
 
@@ -292,3 +293,21 @@ def test_confinement_rule():
     assert confines_shrink_wrap(auto, inp(spherical=40), estimated_size=812.0)
     assert not confines_shrink_wrap(SimpleNamespace(sw_confine_to_initial=False), inp(), None)
     assert confines_shrink_wrap(SimpleNamespace(sw_confine_to_initial=True), inp(), 812.0)
+
+
+def test_the_generations_continue_with_the_first_threshold_that_fits_as_well():
+    """After the first generation every repeat continues with the first listed threshold factor
+    whose best repeat's free deviance is within the tolerance of the best of all: the lower one
+    only where it fits clearly better (the `shapes` case: 1.07 against 16), else the first (a
+    compact object: 1.035 against 1.040, or a cluster, 0.91 against 1.11); failed repeats (NaN)
+    do not count."""
+    from xpr.cdi.phasing import continuing_factor
+
+    seeds = [11, 12, 13, 14]
+    by_seed = {11: 1.0, 12: 0.33, 13: 1.0, 14: 0.33}
+    factors = (1.0, 0.33)
+    assert continuing_factor(factors, by_seed, seeds, [16.1, 1.07, 18.0, 1.2], 0.05) == 0.33
+    assert continuing_factor(factors, by_seed, seeds, [1.040, 1.035, 1.05, 1.06], 0.05) == 1.0
+    assert continuing_factor(factors, by_seed, seeds, [0.91, 1.11, 0.92, 1.13], 0.05) == 1.0
+    assert continuing_factor(factors, by_seed, seeds, [np.nan, 1.0, np.nan, 1.2], 0.05) == 0.33
+    assert continuing_factor(factors, by_seed, seeds, [1.040, 1.035, 1.05, 1.06], 0.0) == 0.33

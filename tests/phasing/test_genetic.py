@@ -96,7 +96,7 @@ def test_generations_rank_cull_and_breed_with_the_best_ever(backend):
 
     plan = genetic.Plan(generations=3, breed="sqrt_ab", cull=2)
     result = genetic.evolve(run_generation, list(range(10, 16)), plan, backend,
-                            shrink_wrap=lambda x, support, alpha_seed: np.abs(x) > 0)
+                            shrink_wrap=lambda x, support: np.abs(x) > 0)
     assert [g for g, _, _ in seen] == [0, 1, 2]
     assert seen[1][1] == [10, 11, 13, 15] and seen[2][1] == [10, 13]
     # generation 0's best is seed 11 (value 11 everywhere): each child is sqrt(11 * own value)
@@ -123,27 +123,3 @@ def test_plan_keeps_two_and_refuses_unknown_modes():
     assert [plan.low_pass(g) for g in range(4)] == [0.3, 0.6, None, None]
     with pytest.raises(ValueError, match="breeding mode"):
         genetic.Plan(breed="pixel_switch")
-
-
-def test_children_continue_with_the_alphas_setting():
-    """The bred starts name the alpha's seed, and the children's supports are made with it: in a
-    run whose repeats differ in their shrink-wrap threshold, the winner's is the one kept."""
-    shape = (8, 8)
-    calls = []
-
-    def run_generation(g, seeds, start):
-        calls.append(None if start is None else start["alpha_seed"])
-        return {"object": np.ones((len(seeds),) + shape, dtype=np.complex64),
-                "support": np.ones((len(seeds),) + shape, dtype=bool),
-                "e_mod": np.zeros((len(seeds), 1), dtype=np.float32),
-                "free_deviance": np.array([{5: 3.0, 6: 1.0, 7: 2.0}[s] for s in seeds]),
-                "seed": np.asarray(seeds, dtype=np.uint64)}
-
-    alphas = []
-
-    def shrink_wrap(x, support, alpha_seed):
-        alphas.append(alpha_seed)
-        return support
-
-    genetic.evolve(run_generation, [5, 6, 7], genetic.Plan(generations=2), cpu(), shrink_wrap)
-    assert calls == [None, 6] and alphas == [6]

@@ -21,8 +21,7 @@ hybrid input-output"; cohere's `ga_*` options) lets them share what they got rig
                    avg_ab   child = (a + b) / 2, the arithmetic mean;
                    none     child = b (culling and restarts only: a control);
       5. support the child's support is the shrink-wrap of the whole child (blurred amplitude
-                 thresholded and confined as during the run, with the alpha's threshold where the
-                 repeats were phased with several: the children all continue with the alpha's);
+                 thresholded and confined as during the run);
     generation g+1: every child runs the schedule again from its bred object and support.
 
 The geometric mean keeps only what both parents hold (zero where either is zero), so spurious
@@ -146,10 +145,7 @@ def evolve(run_generation, seeds, plan: Plan, backend, shrink_wrap, log=None, al
     their random starts; else {"object", "support"}: one row per seed, the bred starts) and returns
     a dict of numpy arrays with one row per phased repeat: object, support, e_mod, seed (and
     free_deviance when held-out pixels exist), as xpr.cdi.phasing.phase_repeats.
-    The bred starts also name the alpha's seed (start["alpha_seed"]): a run whose repeats differ
-    in their settings (several shrink-wrap thresholds) continues every child with the alpha's.
-    shrink_wrap(x, support, alpha_seed=seed) -> the children's supports
-    (xpr.phasing.shrinkwrap.ShrinkWrap).
+    shrink_wrap(x, support) -> the children's supports (xpr.phasing.shrinkwrap.ShrinkWrap).
     The last result also holds `generation_scores`: (generations, initial repeats), NaN where a
     repeat was culled or failed, rows in the order of the initial seeds.
     """
@@ -174,15 +170,14 @@ def evolve(run_generation, seeds, plan: Plan, backend, shrink_wrap, log=None, al
         same_data = alpha is not None and plan.low_pass(g) == alpha["low_pass"]
         if alpha is None or not same_data or score[best] < alpha["score"]:
             alpha = {"object": result["object"][best], "score": float(score[best]),
-                     "low_pass": plan.low_pass(g), "seed": row_seeds[best]}
+                     "low_pass": plan.low_pass(g)}
         keep = np.sort(order[:plan.survivors(g, len(order))])
         children = breed(result["object"][keep], alpha["object"], plan.breed, backend,
                          allow_twin=allow_twin)
         # the child's own support: all of it is looked at (an arithmetic-mean child also holds
         # density of the alpha outside the repeat's old support), confined as the run's updates
-        supports = shrink_wrap(children, xp.ones(children.shape, dtype=bool), alpha_seed=alpha["seed"])
-        start = {"object": backend.asnumpy(children), "support": backend.asnumpy(supports),
-                 "alpha_seed": alpha["seed"]}
+        supports = shrink_wrap(children, xp.ones(children.shape, dtype=bool))
+        start = {"object": backend.asnumpy(children), "support": backend.asnumpy(supports)}
         seeds = [row_seeds[i] for i in keep]
         if log is not None:
             log.info("generation %d: alpha scores %.4f; %d repeats kept, bred (%s)", g + 1,
