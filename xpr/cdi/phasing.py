@@ -23,9 +23,9 @@ Method, top to bottom:
    best between them (guided repeats, cohere's GA: xpr.phasing.genetic, `phase_generations`).
    The repeats take shrink-wrap's relative threshold in turns (`repeat_threshold_factors`: by
    default 6 of 8 repeats 0.15 and 2 of them 0.05 of the blurred maximum), since no one threshold
-   suits every object;
-   the free deviance ranks them, and after the first generation every repeat continues with the
-   first-listed threshold that did as well as any (within merge.deviance_tolerance).
+   suits every object; the free deviance ranks them, and after the first generation every repeat
+   continues with the first-listed threshold that did as well as any (within
+   merge.deviance_tolerance).
 4. Merging: the repeats with the lowest free Poisson deviance on the held-out pixels (or, with
    `merge.select_by: e_mod`, the lowest final modulus error) are aligned (translation, global
    phase, twin) to the best one and averaged; the PRTF per shell of |q| tells which resolution
@@ -295,14 +295,11 @@ def continuing_factor(factors, by_seed, seeds, score, tolerance):
     support of the lower one only lets more noise in (256^2 os 8: 0.064 against 0.012 merged)."""
     score = np.asarray(score, dtype=float)
     ok = np.isfinite(score)
-    best = float(np.min(score[ok]))
-    limit = best * (1.0 + float(tolerance or 0.0)) if best >= 0 else best
+    limit = float(np.min(score[ok])) * (1.0 + float(tolerance or 0.0))
     mine = np.asarray([by_seed[int(seed)] for seed in seeds], dtype=float)
-    for factor in factors:
-        own = ok & (mine == float(factor))
-        if own.any() and float(np.min(score[own])) <= limit:
-            return float(factor)
-    return float(mine[ok][np.argmin(score[ok])])
+    # the best repeat's own factor always qualifies, so one is found
+    return next(float(factor) for factor in factors
+                if np.any(ok & (mine == float(factor)) & (score <= limit)))
 
 
 def compile_steps(settings, source=None):
@@ -557,13 +554,17 @@ def generation_steps(settings):
         raise SettingsError(error.message, key="ga.iters") from None
 
 
+def _require_positive_numbers(values, what, key, unit=""):
+    """Exit 2 (SettingsError naming `key`) unless every one of `values` is a number > 0."""
+    for value in values or ():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise SettingsError(f"{what} must be numbers > 0{unit}, got {list(values)!r}", key=key)
+
+
 def check_repeat_thresholds(settings):
     """shrink_wrap.repeat_threshold_factors: numbers > 0 (exit 2 otherwise)."""
-    key = "phasing_parameters.shrink_wrap.repeat_threshold_factors"
-    factors = settings.phasing_parameters.shrink_wrap.get("repeat_threshold_factors")
-    for factor in factors or ():
-        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor <= 0:
-            raise SettingsError(f"threshold factors must be numbers > 0, got {list(factors)!r}", key=key)
+    _require_positive_numbers(settings.phasing_parameters.shrink_wrap.get("repeat_threshold_factors"),
+                              "threshold factors", "phasing_parameters.shrink_wrap.repeat_threshold_factors")
 
 
 def check_ga(settings):
@@ -571,10 +572,8 @@ def check_ga(settings):
     widths are numbers > 0."""
     ga = GeneticOptions.from_settings(settings)
     generation_steps(settings)
-    for width in ga.resolution or ():
-        if isinstance(width, bool) or not isinstance(width, (int, float)) or width <= 0:
-            raise SettingsError(f"low-pass widths must be numbers > 0 (fractions of Nyquist), got "
-                                f"{list(ga.resolution)!r}", key="ga.resolution")
+    _require_positive_numbers(ga.resolution, "low-pass widths", "ga.resolution",
+                              unit=" (fractions of Nyquist)")
 
 
 def phase_generations(settings, archive, problem):
@@ -608,22 +607,12 @@ def phase_generations(settings, archive, problem):
     by_seed = problem.get("threshold_factors")        # seed -> shrink-wrap threshold factor
     tolerance = settings.merge.deviance_tolerance if plan.metric == "free_deviance" else \
         settings.merge.error_tolerance
-    continuing = {}
+    continuing = {}      # the threshold factor the next generation's repeats all take
 
     def children_supports(children, support):
-        """The children's supports, with the threshold all of them continue with (chosen from
-        the generation just ended, whose repeats may have taken several)."""
-        if not by_seed:
-            return shrink_wrap(children, support)
-        last = continuing["result"]
-        factor = continuing_factor(options.sw_threshold_factors, by_seed, last["seed"],
-                                   genetic.scores(last, plan.metric), tolerance)
-        if continuing.get("factor") != factor:
-            archive.log.info("shrink-wrap threshold %g x %g kept for the next generations "
-                             "(scored best within the tolerance %g)", factor, options.sw_threshold,
-                             float(tolerance or 0.0))
-        continuing["factor"] = factor
-        return shrink_wrap(children, support, threshold_factors=[factor] * children.shape[0])
+        factor = continuing.get("factor")
+        return shrink_wrap(children, support,
+                           threshold_factors=None if factor is None else [factor] * children.shape[0])
 
     def run_generation(generation, seeds, start):
         width = plan.low_pass(generation)
@@ -633,8 +622,14 @@ def phase_generations(settings, archive, problem):
         if width is not None:
             data["intensity_fft"] = (problem["intensity_fft"] *
                                      genetic.low_pass_weight(initial.shape, width)).astype(np.float32)
-        continuing["result"] = phase_repeats(settings, archive, data, seeds=seeds)
-        return continuing["result"]
+        result = phase_repeats(settings, archive, data, seeds=seeds)
+        if by_seed and generation == 0:        # later generations all took the chosen factor
+            continuing["factor"] = continuing_factor(options.sw_threshold_factors, by_seed, result["seed"],
+                                                     genetic.scores(result, plan.metric), tolerance)
+            archive.log.info("shrink-wrap threshold %g x %g kept for the next generations (the first "
+                             "factor scoring within the tolerance %g of the best)", continuing["factor"],
+                             options.sw_threshold, float(tolerance or 0.0))
+        return result
 
     seeds = parallel.task_seeds(int(settings.phasing.seed), int(settings.phasing.repeats))
     return genetic.evolve(run_generation, seeds, plan, backend, children_supports, log=archive.log,
