@@ -247,12 +247,13 @@ def speed(n=512, rounds=3):
     P_M = BandModulusProjection(backend, intensity, measured, band=0.0,
                                 free=free_pixels(measured, 0.05), metrics_every=10)
     initial = autocorrelation_support(intensity, measured)
+    P_S = SupportProjection(positivity=True, backend=backend)    # compiled loops on the CPU
     shrink = ShrinkWrap(backend, shape, threshold=0.15, sigma=1.0, confine_to=initial)
     block = schedule.with_periodic_shrink_wrap(schedule.parse_string("40RAAR", beta=0.9), 20, 20,
                                                stop=40, sigma=1.0)
     support = initial[None].copy()
     x = engine.random_starts(backend, P_M.amplitude, support, [0])
-    engine.iterate(block, x, support, P_M, SupportProjection(positivity=True), shrink, np)      # warm-up
+    engine.iterate(block, x, support, P_M, P_S, shrink, np)      # warm-up
     a = (np.random.default_rng(0).standard_normal(shape) * (1 + 1j)).astype(np.complex64)
 
     def fft_pairs(count):
@@ -265,7 +266,7 @@ def speed(n=512, rounds=3):
     for _ in range(rounds):
         for _ in range(5):      # 40 iterations, then 40 FFT pairs, alternating: the same load
             start = time.perf_counter()
-            engine.iterate(block, x, support, P_M, SupportProjection(positivity=True), shrink, np)
+            engine.iterate(block, x, support, P_M, P_S, shrink, np)
             iteration = (time.perf_counter() - start) / 40
             alone.append(iteration / fft_pairs(40))
         units, times = [fft_pairs(20)], {}
@@ -286,7 +287,7 @@ def speed(n=512, rounds=3):
     profiler = cProfile.Profile()
     profiler.enable()
     for _ in range(3):
-        engine.iterate(block, x, support, P_M, SupportProjection(positivity=True), shrink, np)
+        engine.iterate(block, x, support, P_M, P_S, shrink, np)
     profiler.disable()
     stats = pstats.Stats(profiler).stats
     fft_calls = sum(v[1] for k, v in stats.items() if k[2] in ("fftn", "ifftn") and k[0].replace("\\", "/").endswith("xpr/backend.py"))

@@ -196,6 +196,16 @@ class Backend:
         name = {"cpu": "numpy", "cuda": "cupy", "emulated": "emulated device"}[self.device]
         return f"Backend({name}, {self.precision})"
 
+    @property
+    def compiled_loops(self):
+        """The phasing iteration's compiled elementwise loops (xpr.phasing.loops) on the CPU, None
+        on a device, where the kernels keep their array expressions."""
+        if self.device != "cpu":
+            return None
+        from xpr.phasing import loops
+
+        return loops
+
     # --- arrays -------------------------------------------------------------------------
     def asarray(self, a, dtype=None):
         """To this backend's device (a copy when host data goes to a device)."""

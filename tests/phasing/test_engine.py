@@ -209,3 +209,58 @@ def test_shrink_wrap_threshold_factors_per_repeat():
     assert shrink(x, support, threshold_factors=[0.2, 0.2, 1.0]).reshape(3, -1).sum(axis=1).tolist() == [400, 400, 9]
     with pytest.raises(ValueError, match="2 threshold factors for 3 repeats"):
         shrink(x, support, threshold_factors=[1.0, 0.2])
+
+
+@pytest.mark.parametrize("positivity", [False, True])
+@pytest.mark.parametrize("shared_support", [False, True])
+@pytest.mark.parametrize("a_b", [(0.0, 0.0), (1.0, -0.9), (0.9, 1 - 2 * 0.9)], ids=["ER", "HIO", "RAAR"])
+def test_compiled_support_step_equals_its_definition(backend, positivity, shared_support, a_b):
+    """P_S.combine through the compiled loop (CPU backend) and through the array expressions (no
+    backend) both give x' = pm where pm is feasible, a x + b pm elsewhere, as written out in
+    complex128, to float32 rounding; on the kept pixels both are pm exactly."""
+    a, b = a_b
+    rng = np.random.default_rng(5)
+    shape = (3, 24, 40)
+    x = (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(np.complex64)
+    pm = (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(np.complex64)
+    support = rng.uniform(size=(1 if shared_support else 3,) + shape[1:]) < 0.4
+    kept = support & ((pm.real >= 0) if positivity else True)
+    expected = np.where(kept, pm.astype(np.complex128), a * x.astype(np.complex128) + b * pm)
+    compiled_P_S = SupportProjection(positivity=positivity, backend=backend)
+    assert compiled_P_S.loops is not None
+    for P_S in (compiled_P_S, SupportProjection(positivity=positivity)):
+        out = x.copy()
+        P_S.combine(out, pm, support, a, b, np)
+        assert out.dtype == np.complex64
+        assert np.array_equal(out[np.broadcast_to(kept, shape)], pm[np.broadcast_to(kept, shape)])
+        assert np.abs(out - expected).max() < 1e-6 * np.abs(expected).max()
+
+
+def test_compiled_band_projection_equals_the_array_expressions(backend, monkeypatch):
+    """Between metrics the band projection runs as one compiled sweep; it gives what the numpy
+    path gives (float32 rounding), for exact moduli with free and masked pixels, and a band."""
+    from xpr.backend import Backend
+    from xpr.phasing.likelihood import BandModulusProjection, free_pixels
+
+    truth, intensity = _pattern((48, 48), 20, seed=2)
+    rng = np.random.default_rng(1)
+    measured = rng.uniform(size=intensity.shape) > 0.1
+    free = free_pixels(measured, 0.05)
+    x = (rng.standard_normal((2, 48, 48)) + 1j * rng.standard_normal((2, 48, 48))).astype(np.complex64)
+    x *= np.float32(np.sqrt(intensity.sum() / np.sum(np.abs(x[0]) ** 2) / 48 ** 2))
+    for band in (0.0, 0.5):
+        results = []
+        for compiled in (True, False):
+            with monkeypatch.context() as patch:
+                if not compiled:
+                    patch.setattr(Backend, "compiled_loops", property(lambda self: None))
+                P_M = BandModulusProjection(backend, intensity, measured, band=band, free=free,
+                                            repeats=2, metrics_every=100)
+                P_M(x.copy())                              # the first call computes eMod
+                results.append(P_M(x.copy())[0])           # the second runs between metrics
+        assert np.abs(results[0] - results[1]).max() < 1e-5 * np.abs(results[1]).max()
+        G, a = np.fft.fftn(results[0], axes=(1, 2)), np.sqrt(intensity)
+        fitted = measured & ~free
+        assert np.allclose(np.abs(G)[:, fitted], np.clip(np.abs(np.fft.fftn(x, axes=(1, 2)))[:, fitted],
+                                                         np.maximum(a[fitted] - band, 0), a[fitted] + band),
+                           atol=1e-4 * a.max())

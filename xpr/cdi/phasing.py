@@ -245,7 +245,7 @@ def phase_chunk(task, shared=None, progress=None):
                                 xp.asarray(task["measured_fft"]),
                                 background=options.background, repeats=repeats)
     P_S = SupportProjection(positivity=options.positivity, threshold=options.value_threshold,
-                            imag_limit=options.imag_limit)
+                            imag_limit=options.imag_limit, backend=backend)
     shrink_wrap = ShrinkWrap(backend, shape, threshold=options.sw_threshold,
                              support_size=options.support_size, sigma=_last(options.sw_sigma),
                              confine_to=initial if options.sw_confine_to_initial else None,

@@ -32,45 +32,19 @@ from __future__ import annotations
 
 def error_reduction(x, support, beta, P_M, P_S, xp):
     pm, e_mod = P_M(x)
-    xp.multiply(P_S.inside(pm, xp), P_S.feasible(pm, support, xp), out=x)   # P_S pm, in place
+    P_S.combine(x, pm, support, 0.0, 0.0, xp)                   # P_S pm, in place
     return e_mod
-
-
-def _outside_weight(kept, scale, x, xp):
-    """scale where a pixel is not kept, 0 where it is, as a real array of x's precision."""
-    weight = xp.logical_not(kept).astype(x.real.dtype)
-    weight *= x.real.dtype.type(scale)
-    return weight
 
 
 def hybrid_input_output(x, support, beta, P_M, P_S, xp):
     pm, e_mod = P_M(x)
-    kept = P_S.feasible(pm, support, xp)
-    if P_S.imag_limit is None:
-        # x' = pm + [not kept] (x - (1 + beta) pm): pm where kept, x - beta pm elsewhere; plain
-        # arithmetic passes instead of a masked copy (a masked copy costs ~0.17 FFT pair at 512^2)
-        x -= (1 + beta) * pm
-        x *= _outside_weight(kept, 1.0, x, xp)
-        x += pm
-        return e_mod
-    x -= beta * pm
-    xp.copyto(x, P_S.inside(pm, xp), where=kept)
+    P_S.combine(x, pm, support, 1.0, -beta, xp)                 # x - beta pm outside
     return e_mod
 
 
 def relaxed_averaged_alternating_reflections(x, support, beta, P_M, P_S, xp):
     pm, e_mod = P_M(x)
-    kept = P_S.feasible(pm, support, xp)
-    if P_S.imag_limit is None:
-        # x' = pm + beta [not kept] (x - 2 pm): pm where kept, beta x + (1 - 2 beta) pm elsewhere
-        x -= pm
-        x -= pm
-        x *= _outside_weight(kept, beta, x, xp)
-        x += pm
-        return e_mod
-    x *= beta
-    x += (1 - 2 * beta) * pm
-    xp.copyto(x, P_S.inside(pm, xp), where=kept)
+    P_S.combine(x, pm, support, beta, 1.0 - 2.0 * beta, xp)     # beta x + (1 - 2 beta) pm outside
     return e_mod
 
 
@@ -90,7 +64,7 @@ def poisson_maximum_likelihood(x, support, beta, P_M, P_S, xp):
         raise ValueError("the ML algorithm needs a modulus projection of measured counts "
                          "(cdi phase2d/phase3d)")
     y, e_mod = step(x)
-    xp.multiply(P_S.inside(y, xp), P_S.feasible(y, support, xp), out=x)   # P_S y, in place
+    P_S.combine(x, y, support, 0.0, 0.0, xp)                    # P_S y, in place
     return e_mod
 
 

@@ -88,6 +88,7 @@ class BandModulusProjection(ModulusProjection):
         self.lower = xp.where(fitted, xp.maximum(self.amplitude - band, 0), 0).astype(real)
         self.upper = xp.where(fitted, self.amplitude + band, xp.inf).astype(real)
         self.weight = fitted.astype(real)
+        self._flat_lower, self._flat_upper = self.lower.ravel(), self.upper.ravel()
         self.metrics_every = max(int(metrics_every or 1), 1)
         self._calls = 0
         self._e_mod = None
@@ -95,6 +96,14 @@ class BandModulusProjection(ModulusProjection):
     def __call__(self, x):
         backend, xp = self.backend, self.backend.xp
         repeats = x.shape[0]
+        metrics_due = self._e_mod is None or self._calls % self.metrics_every == 0
+        loops = backend.compiled_loops
+        if loops is not None and self.background is None and not metrics_due:
+            # between metrics: the projection as one compiled sweep over F (xpr.phasing.loops)
+            self._calls += 1
+            F = backend.fftn(x, axes=self.axes)
+            loops.band_modulus(F.reshape(repeats, -1), self._flat_lower, self._flat_upper, self.tiny)
+            return backend.ifftn(F, axes=self.axes, overwrite_x=True), self._e_mod
         model, factor = self._buffers(x.shape)
         F = backend.fftn(x, axes=self.axes)
         xp.abs(F, out=model)
@@ -103,7 +112,7 @@ class BandModulusProjection(ModulusProjection):
         model += self.tiny
         xp.maximum(model, self.lower, out=factor)                    # the nearest allowed amplitude
         xp.minimum(factor, self.upper, out=factor)                   # (two passes: faster than clip)
-        if self._e_mod is None or self._calls % self.metrics_every == 0:
+        if metrics_due:
             self._e_mod = self._modulus_error(model, repeats, xp)
         self._calls += 1
         factor /= model

@@ -16,19 +16,9 @@ with np.add.at and einsum in tests/em/test_ali3d_reconstruction.py.
 """
 from __future__ import annotations
 
-import numba
 import numpy as np
 
-
-def compiled(function):
-    """numba.njit without the GIL, its machine code cached beside this file or in the user's cache
-    (NUMBA_CACHE_DIR); where neither can be written (a read-only install) it is compiled in each
-    process instead (≈ 1 s) rather than failing."""
-    try:
-        return numba.njit(nogil=True, cache=True)(function)
-    except RuntimeError:        # numba: "cannot cache function ...: no locator available"
-        return numba.njit(nogil=True)(function)
-
+from xpr.compiled import compiled
 
 WEIGHTS_NONE, WEIGHTS_COUNT, WEIGHTS_CTF = 0, 1, 2   # spread: D only | D, N and T = N | D, N and T = Σ c t²
 
