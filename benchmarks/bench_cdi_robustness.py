@@ -9,7 +9,9 @@ any --set overrides), so the run pays everything a user's run pays.
 
 Per case it prints the fraction of repeats within real-space error 0.15 of the truth (after
 translation, global phase and twin removal: xpr.phasing.merge.real_space_error), the merged
-object's error and the wall time of the run.
+object's error, the wall time of the run and `fit`: the best merged repeat's free deviance over
+the deviance its own model expects (xpr.phasing.likelihood.expected_deviance; the run warns
+above 2, the data alone telling that it stagnated).
 
     python benchmarks/bench_cdi_robustness.py --quick            # 7 2-D 256^2, one 3-D 64^3, two 512^2 (the issue's)
     python benchmarks/bench_cdi_robustness.py                    # the whole family (hours on 2 cores)
@@ -181,15 +183,20 @@ def run_case(case: Case, folder, overrides=(), support_size=False):
         objects = f["repeats/object"][()]
         selected = f["repeats/selected"][()]
         deviance = f["repeats/free_deviance"][()] if "repeats/free_deviance" in f else None
+        expected = f["repeats/expected_free_deviance"][()] if "repeats/expected_free_deviance" in f else None
+    fit = None          # the best merged repeat's free deviance over what its own model expects
+    if deviance is not None and expected is not None:
+        best = min(selected, key=lambda i: deviance[i])
+        fit = float(deviance[best] / max(expected[best], 1e-12))
     backend = cpu()
     errors = np.array([real_space_error(o, truth, backend) for o in objects])
     merged_error = real_space_error(merged, truth, backend)
     return {"errors": errors, "merged": merged_error, "wall": wall, "selected": selected,
-            "deviance": deviance, "zeros": float(np.mean(pattern[~masked] == 0))}
+            "deviance": deviance, "fit": fit, "zeros": float(np.mean(pattern[~masked] == 0))}
 
 
 def robustness(cases, overrides, verbose=False, support_size=False):
-    print(f"{'case':<52} {'zeros':>6} {'good':>6} {'merged':>7} {'wall':>7}  target")
+    print(f"{'case':<52} {'zeros':>6} {'good':>6} {'merged':>7} {'wall':>7}  target  fit")
     rows = []
     for case in cases:
         r = run_case(case, os.environ["XPR_BENCH_TMP"], overrides, support_size)
@@ -197,7 +204,8 @@ def robustness(cases, overrides, verbose=False, support_size=False):
         ok = "ok" if r["merged"] <= GOOD else ("FAIL" if target else "-")
         good = np.mean(r["errors"] <= GOOD)
         print(f"{case.label:<52} {r['zeros']:6.2f} {good:6.2f} {r['merged']:7.3f} {r['wall']:6.1f}s  "
-              f"{ok if target else '(' + ok + ')'}", flush=True)
+              f"{ok if target else '(' + ok + ')':<6}  {'-' if r['fit'] is None else format(r['fit'], '.2f')}",
+              flush=True)
         if verbose:
             print("    repeat errors", np.array2string(r["errors"], precision=3),
                   "selected", r["selected"], "deviance",

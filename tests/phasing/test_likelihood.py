@@ -123,3 +123,51 @@ def test_autocorrelation_size_ignores_dead_lines_and_the_hidden_centre():
     assert all(0.8 < e < 1.5 for e in estimates), estimates
     assert abs(estimates[0] - estimates[1]) < 0.05 * estimates[0], estimates
 
+
+
+def test_expected_deviance_is_what_poisson_counts_of_the_model_give():
+    """The deviance a model expects of its own Poisson counts: the large-count limit 1 + 1/(6 lambda)
+    (McCullagh & Nelder) and 2 lambda ln(1/lambda) for lambda << 1 (counts of 0 and 1); and
+    on 200 000 pixels of sparse, unit and bright models, the mean deviance of counts drawn from
+    the model itself, within 1.5 %."""
+    from xpr.phasing.likelihood import _mean_deviance_of_poisson, expected_deviance, poisson_deviance
+
+    assert abs(_mean_deviance_of_poisson(200.0) - (1 + 1 / 1200)) < 1e-4
+    small = 1e-4
+    assert abs(_mean_deviance_of_poisson(small) / (2 * small * np.log(1 / small)) - 1) < 0.01
+    rng = np.random.default_rng(3)
+    pixels = np.ones(200_000, bool)
+    for scale in (0.05, 1.0, 300.0):
+        lam = rng.exponential(scale, (1, pixels.size))
+        counts = rng.poisson(lam[0]).astype(float)
+        expected = float(expected_deviance(lam, pixels)[0])
+        observed = float(poisson_deviance(lam, counts, pixels)[0])
+        assert abs(observed / expected - 1) < 0.015, (scale, observed, expected)
+    assert float(expected_deviance(np.full((1, 10), 0.05), np.ones(10, bool))[0]) < 0.5   # sparse: well below 1
+
+
+def test_a_stagnated_object_is_told_by_its_free_deviance_over_the_expected_one():
+    """At 1e8 photons the true object explains its held-out counts as its model expects (ratio
+    about 1) and the run stays quiet; the object superposed with its twin (what a stagnated repeat
+    looks like) scores far above STAGNATION_RATIO and the run warns."""
+    import logging
+
+    from xpr.cdi.phasing import STAGNATION_RATIO, check_convergence
+
+    backend = cpu()
+    truth, counts, measured = _noisy("shapes", photons=1e8, beamstop=2, seed=4)
+    free = free_pixels(measured, 0.05)
+    twin = np.conj(np.roll(np.flip(truth), 1, axis=(0, 1)))
+    stagnated = 0.5 * (truth + twin)
+    observed, expected = free_deviance(np.stack([truth, stagnated]), counts, free, backend, expected=True)
+    ratios = observed / expected
+    assert 0.9 < ratios[0] < 1.2 and ratios[1] > 3 * STAGNATION_RATIO, ratios
+    for index, warns in ((0, False), (1, True)):
+        records = []
+        log = logging.getLogger(f"test_stagnation_{index}")
+        log.addHandler(type("Keep", (logging.Handler,), {"emit": lambda self, r: records.append(r)})())
+        log.setLevel(logging.INFO)
+        repeats = {"free_deviance": observed[index:index + 1], "expected_free_deviance": expected[index:index + 1]}
+        ratio = check_convergence(log, repeats, [0])
+        assert abs(ratio - ratios[index]) < 1e-3 * ratios[index]
+        assert any(r.levelno == logging.WARNING for r in records) is warns
