@@ -101,3 +101,35 @@ def test_streamed_reduce_consumes_in_task_order_and_holds_a_bounded_window():
     assert max(held) <= 4                           # never more than the window held at once
     assert all(times[i][0] >= times[0][1] for i in range(4, 14))   # nothing started past the window
     assert reduction.value == sum(float(i * i) for i in range(14)) and reduction.failures == []
+
+
+def test_compiled_loops_are_numpy_free_on_a_device_and_fall_back_to_no_cache_on_read_only_installs(monkeypatch):
+    """Backend.compiled_loops: the phasing loops on the CPU, none on the (emulated) device. Where
+    numba can write no cache (a read-only install: njit(cache=True) raises "no locator
+    available" at decoration) xpr.compiled compiles without one, and the loop gives the same
+    numbers: a band projection with lower = upper = 2 sets every |F| to 2, phase kept."""
+    import numba
+
+    from xpr import compiled as compiled_module
+    from xpr.phasing import loops
+
+    assert Backend().compiled_loops is loops
+    assert Backend(device="emulated").compiled_loops is None
+    real_njit, asked = numba.njit, []
+
+    def read_only_njit(*function, **options):
+        if function:                 # numba's own uses, as @njit
+            return real_njit(*function, **options)
+        asked.append(options.get("cache", False))
+        if options.get("cache"):
+            raise RuntimeError("cannot cache function 'band_modulus': no locator available for file '/ro/loops.py'")
+        return real_njit(**options)
+
+    monkeypatch.setattr(compiled_module.numba, "njit", read_only_njit)
+    band = compiled_module.compiled(error_model="numpy")(loops.band_modulus.py_func)
+    assert asked == [True, False]
+    F = np.array([[3 + 4j, -1j, 0.5 + 0j]], dtype=np.complex64)
+    expected = 2 * F / np.abs(F)
+    bound = np.full(3, 2.0, np.float32)
+    band(F, bound, bound, np.float32(0))
+    assert np.allclose(F, expected, atol=1e-6)
