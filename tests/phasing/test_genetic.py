@@ -109,6 +109,36 @@ def test_generations_rank_cull_and_breed_with_the_best_ever(backend):
     assert scores[0, 1] == 1.0 and scores[1, 0] == 4.0
 
 
+def test_the_best_object_found_survives_generations_that_made_every_repeat_worse(backend):
+    """Elitism: generation 0's best (seed 11, deviance 1.0) is better than every repeat of the last
+    generation (7-9): it takes the place of its own descendant (seed 11's row) with its object,
+    support, score and the last columns of its eMod history; the other rows stay the last
+    generation's. Where the last generation holds a better repeat, nothing is replaced."""
+    shape = (8, 8)
+    planned = {0: {10: 5.0, 11: 1.0, 12: 3.0}, 1: {10: 6.0, 11: 7.0, 12: 8.0}, 2: {10: 9.0, 11: 8.0, 12: 7.0}}
+
+    def run(planned):
+        def run_generation(g, seeds, start):
+            iterations = 5 if g == 0 else 3
+            return {"object": np.stack([np.full(shape, s + 100 * g, dtype=np.complex64) for s in seeds]),
+                    "support": np.stack([np.eye(8, dtype=bool) if g == 0 else np.ones(shape, bool) for _ in seeds]),
+                    "e_mod": np.stack([np.arange(iterations, dtype=np.float32) + 10 * g + s for s in seeds]),
+                    "free_deviance": np.array([planned[g][s] for s in seeds], dtype=np.float32),
+                    "seed": np.asarray(seeds, dtype=np.uint64)}
+        return genetic.evolve(run_generation, [10, 11, 12], genetic.Plan(generations=3, breed="avg_ab"),
+                              backend, shrink_wrap=lambda x, support: np.abs(x) > 0)
+
+    result = run(planned)
+    assert [int(s) for s in result["seed"]] == [10, 11, 12]
+    assert np.allclose(result["object"][:, 0, 0].real, [210, 11, 212])
+    assert np.array_equal(result["support"][1], np.eye(8, dtype=bool)) and result["support"][0].all()
+    assert np.allclose(result["free_deviance"], [9.0, 1.0, 7.0])
+    assert np.allclose(result["e_mod"][1], [13, 14, 15]) and np.allclose(result["e_mod"][0], [30, 31, 32])
+    planned[2][12] = 0.5                                  # the last generation found better: kept
+    result = run(planned)
+    assert np.allclose(result["object"][:, 0, 0].real, [210, 211, 212])
+
+
 def test_low_pass_weight_is_a_gaussian_of_the_given_width():
     """exp(-q^2 / w^2) with w a fraction of Nyquist: 1 at q = 0, 1/e at q = w / 2 cycles/px."""
     weight = genetic.low_pass_weight((64, 64), 0.5)       # 1/e at q = 0.25 = 16 px of 64
