@@ -443,10 +443,11 @@ def check_convergence(log, repeats, selected):
     """Say how well the best merged repeat explains the held-out counts: its free deviance over
     the deviance its own model expects of Poisson counts (xpr.phasing.likelihood.expected_deviance;
     about 1 for a right object at any dose). Above STAGNATION_RATIO the run has not found the
-    object and the log says so as a warning. Measured (docs/cdi.md): the quick family's recovered
-    cases 1.11-1.67; stagnated high-dose shapes 55 (256^2 os 3, 1e9 photons) and about 6 (512^2
-    os 20). A low-dose failure can fit as well as the truth and is not told (256^2 shapes os 8,
-    1e6 photons, complex: 1.19 at error 0.38). Returns the ratio (None without held-out pixels)."""
+    object and the log says so as a warning. Measured (docs/cdi.md): recovered 2-D cases of the
+    robustness family 0.98-1.95; stagnated high-dose shapes 45-55 (256^2 os 3, 1e9 photons) and
+    5.9 (512^2 os 20). A low-dose failure can fit as well as the truth and is not told (256^2
+    shapes os 8, 1e6 photons, complex: 1.19 at error 0.38). Returns the ratio (None without
+    held-out pixels)."""
     if "free_deviance" not in repeats or "expected_free_deviance" not in repeats:
         return None
     best = min((int(i) for i in selected), key=lambda i: float(repeats["free_deviance"][i]))
