@@ -112,8 +112,8 @@ def test_generations_rank_cull_and_breed_with_the_best_ever(backend):
 def test_the_best_object_found_survives_generations_that_made_every_repeat_worse(backend):
     """Elitism: generation 0's best (seed 11, deviance 1.0) is better than every repeat of the last
     generation (7-9): it takes the place of its own descendant (seed 11's row) with its object,
-    support, score and the last columns of its eMod history; the other rows stay the last
-    generation's. Where the last generation holds a better repeat, nothing is replaced."""
+    support, score and the last columns of its eMod history (an empty eCon history stays empty);
+    the other rows stay the last generation's. Where the last generation holds a better repeat, nothing is replaced."""
     shape = (8, 8)
     planned = {0: {10: 5.0, 11: 1.0, 12: 3.0}, 1: {10: 6.0, 11: 7.0, 12: 8.0}, 2: {10: 9.0, 11: 8.0, 12: 7.0}}
 
@@ -123,6 +123,7 @@ def test_the_best_object_found_survives_generations_that_made_every_repeat_worse
             return {"object": np.stack([np.full(shape, s + 100 * g, dtype=np.complex64) for s in seeds]),
                     "support": np.stack([np.eye(8, dtype=bool) if g == 0 else np.ones(shape, bool) for _ in seeds]),
                     "e_mod": np.stack([np.arange(iterations, dtype=np.float32) + 10 * g + s for s in seeds]),
+                    "e_con": np.zeros((0, 0), dtype=np.float32),     # no eCon recorded (metrics_every 0)
                     "free_deviance": np.array([planned[g][s] for s in seeds], dtype=np.float32),
                     "seed": np.asarray(seeds, dtype=np.uint64)}
         return genetic.evolve(run_generation, [10, 11, 12], genetic.Plan(generations=3, breed="avg_ab"),
@@ -134,6 +135,7 @@ def test_the_best_object_found_survives_generations_that_made_every_repeat_worse
     assert np.array_equal(result["support"][1], np.eye(8, dtype=bool)) and result["support"][0].all()
     assert np.allclose(result["free_deviance"], [9.0, 1.0, 7.0])
     assert np.allclose(result["e_mod"][1], [13, 14, 15]) and np.allclose(result["e_mod"][0], [30, 31, 32])
+    assert result["e_con"].shape == (0, 0)
     planned[2][12] = 0.5                                  # the last generation found better: kept
     result = run(planned)
     assert np.allclose(result["object"][:, 0, 0].real, [210, 211, 212])

@@ -171,7 +171,8 @@ def evolve(run_generation, seeds, plan: Plan, backend, shrink_wrap, log=None, al
         if alpha is None or not same_data or score[best] < alpha["score"]:
             alpha = {"object": result["object"][best], "score": float(score[best]),
                      "low_pass": plan.low_pass(g), "generation": g, "seed": row_seeds[best],
-                     "row": {key: result[key][best] for key in PER_REPEAT if key in result}}
+                     "row": {key: result[key][best] for key in PER_REPEAT
+                             if key in result and len(result[key]) == len(row_seeds)}}
         keep = np.sort(order[:plan.survivors(g, len(order))])
         children = breed(result["object"][keep], alpha["object"], plan.breed, backend,
                          allow_twin=allow_twin)
@@ -207,14 +208,17 @@ def keep_the_alpha(result, alpha, score, plan: Plan, log=None):
     seeds = [int(s) for s in result["seed"]]
     row = seeds.index(alpha["seed"]) if alpha["seed"] in seeds else int(np.nanargmax(score))
     for key, value in alpha["row"].items():
-        if key not in result:
+        if key not in result or len(result[key]) != len(seeds):
             continue
         column = np.array(result[key], copy=True)
         value = np.asarray(value)
         if key in ("e_mod", "e_con"):                 # histories: the alpha's last columns
             width = column.shape[1]
-            value = value[-width:] if value.shape[0] >= width else \
-                np.concatenate([np.full(width - value.shape[0], value[0] if value.size else np.nan), value])
+            if value.shape[0] >= width:
+                value = value[value.shape[0] - width:]
+            else:
+                value = np.concatenate([np.full(width - value.shape[0], value[0] if value.size else np.nan),
+                                        value])
         column[row] = value
         result[key] = column
     seed_column = np.array(result["seed"], copy=True)
