@@ -161,6 +161,7 @@ def run_case(case: Case, folder, overrides=(), support_size=False):
     import h5py
 
     from xpr.backend import cpu
+    from xpr.cdi.phasing import fit_ratio
     from xpr.phasing.merge import real_space_error
 
     pattern, masked, truth = make_case(case)
@@ -183,11 +184,10 @@ def run_case(case: Case, folder, overrides=(), support_size=False):
         objects = f["repeats/object"][()]
         selected = f["repeats/selected"][()]
         deviance = f["repeats/free_deviance"][()] if "repeats/free_deviance" in f else None
-        expected = f["repeats/expected_free_deviance"][()] if "repeats/expected_free_deviance" in f else None
-    fit = None          # the best merged repeat's free deviance over what its own model expects
-    if deviance is not None and expected is not None:
-        best = min(selected, key=lambda i: deviance[i])
-        fit = float(deviance[best] / max(expected[best], 1e-12))
+        scores = {key: f[f"repeats/{key}"][()] for key in ("free_deviance", "expected_free_deviance")
+                  if f"repeats/{key}" in f}
+    fit = fit_ratio(scores, selected)     # the best merged repeat's free deviance over its expected
+    fit = None if fit is None else fit[0]
     backend = cpu()
     errors = np.array([real_space_error(o, truth, backend) for o in objects])
     merged_error = real_space_error(merged, truth, backend)

@@ -439,6 +439,18 @@ def merge_and_write(settings, archive, filename, repeats, data, attrs):
 STAGNATION_RATIO = 2.0    # free deviance over what the repeat's own model expects: a fit left unfinished
 
 
+def fit_ratio(repeats, selected):
+    """(ratio, observed, expected) of the best merged repeat (the lowest free deviance among
+    `selected`): its free deviance over the deviance its own model expects; None without
+    held-out pixels (no `free_deviance` / `expected_free_deviance` in `repeats`)."""
+    if "free_deviance" not in repeats or "expected_free_deviance" not in repeats:
+        return None
+    best = min((int(i) for i in selected), key=lambda i: float(repeats["free_deviance"][i]))
+    observed = float(repeats["free_deviance"][best])
+    expected = float(repeats["expected_free_deviance"][best])
+    return observed / max(expected, 1e-12), observed, expected
+
+
 def check_convergence(log, repeats, selected):
     """Say how well the best merged repeat explains the held-out counts: its free deviance over
     the deviance its own model expects of Poisson counts (xpr.phasing.likelihood.expected_deviance;
@@ -448,12 +460,10 @@ def check_convergence(log, repeats, selected):
     5.9 (512^2 os 20). A low-dose failure can fit as well as the truth and is not told (256^2
     shapes os 8, 1e6 photons, complex: 1.19 at error 0.38). Returns the ratio (None without
     held-out pixels)."""
-    if "free_deviance" not in repeats or "expected_free_deviance" not in repeats:
+    fit = fit_ratio(repeats, selected)
+    if fit is None:
         return None
-    best = min((int(i) for i in selected), key=lambda i: float(repeats["free_deviance"][i]))
-    observed = float(repeats["free_deviance"][best])
-    expected = float(repeats["expected_free_deviance"][best])
-    ratio = observed / max(expected, 1e-12)
+    ratio, observed, expected = fit
     log.info("free deviance of the best merged repeat %.4f, %.2f x what its own model expects (%.4f)",
              observed, ratio, expected)
     if ratio > STAGNATION_RATIO:

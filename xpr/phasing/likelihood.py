@@ -45,15 +45,24 @@ def free_pixels(measured_fft, fraction=0.05, seed=0):
     return (pick | mate) & measured
 
 
-def poisson_deviance(model_intensity, counts, pixels, xp=np):
-    """Mean Poisson deviance over `pixels` per repeat: model (repeats, *grid), counts/pixels grid."""
+def _model_at(model_intensity, pixels, xp):
+    """(lambda, flat indices): the model intensity of every repeat at `pixels`, float64 and at
+    least 1e-12, as (repeats, n_pixels); lambda is None when `pixels` holds none."""
     repeats = model_intensity.shape[0]
     flat_pixels = xp.flatnonzero(xp.asarray(pixels).ravel())
     if flat_pixels.size == 0:
-        return xp.zeros(repeats)
+        return None, flat_pixels
     lam = model_intensity.reshape(repeats, -1)[:, flat_pixels].astype(np.float64)
+    return xp.maximum(lam, 1e-12), flat_pixels
+
+
+def poisson_deviance(model_intensity, counts, pixels, xp=np, at=None):
+    """Mean Poisson deviance over `pixels` per repeat: model (repeats, *grid), counts/pixels grid.
+    at: `_model_at(model_intensity, pixels, xp)` when the caller has it already."""
+    lam, flat_pixels = at if at is not None else _model_at(model_intensity, pixels, xp)
+    if lam is None:
+        return xp.zeros(model_intensity.shape[0])
     k = xp.asarray(counts).ravel()[flat_pixels].astype(np.float64)
-    lam = xp.maximum(lam, 1e-12)
     k_log = xp.where(k > 0, k * xp.log(xp.maximum(k, 1e-300) / lam), 0.0)
     return 2.0 * xp.mean(lam - k + k_log, axis=1)
 
@@ -68,10 +77,11 @@ def free_deviance(objects, counts_fft, free, backend, expected=False):
     # centring only multiplies F by a phase ramp: |F| is the same with or without ifftshift
     F = backend.fftn(x.astype(backend.complex_dtype), axes=axes)
     model = (F.real * F.real + F.imag * F.imag)
-    observed = backend.asnumpy(poisson_deviance(model, xp.asarray(counts_fft), xp.asarray(free), xp))
+    at = _model_at(model, free, xp)                 # the free pixels, picked once for both
+    observed = backend.asnumpy(poisson_deviance(model, xp.asarray(counts_fft), free, xp, at=at))
     if not expected:
         return observed
-    return observed, backend.asnumpy(expected_deviance(model, xp.asarray(free), xp))
+    return observed, backend.asnumpy(expected_deviance(model, free, xp, at=at))
 
 
 def _mean_deviance_of_poisson(lam):
@@ -93,7 +103,7 @@ def _expected_deviance_table():
     return np.array([_mean_deviance_of_poisson(v) for v in np.exp(_TABLE_LOG_LAMBDA)])
 
 
-def expected_deviance(model_intensity, pixels, xp=np):
+def expected_deviance(model_intensity, pixels, xp=np, at=None):
     """Per repeat, the mean over `pixels` of the Poisson deviance a model expects of its own counts:
     E[d(k, lambda)] for k ~ Poisson(lambda), lambda = the model intensity at each pixel.
 
@@ -101,12 +111,11 @@ def expected_deviance(model_intensity, pixels, xp=np):
     at lambda << 1, so a sparse pattern's right model scores well below 1: the free
     deviance of a repeat divided by this is about 1 when the repeat explains the held-out counts
     as well as any model can, whatever the dose (a convergence check, not a score to rank by).
-    Tabulated once in log lambda (exact sums over k) and interpolated; 1 + 1/(6 lambda) above 1e4."""
-    repeats = model_intensity.shape[0]
-    flat_pixels = xp.flatnonzero(xp.asarray(pixels).ravel())
-    if flat_pixels.size == 0:
-        return xp.zeros(repeats)
-    lam = xp.maximum(model_intensity.reshape(repeats, -1)[:, flat_pixels].astype(np.float64), 1e-12)
+    Tabulated once in log lambda (exact sums over k) and interpolated; 1 + 1/(6 lambda) above 1e4.
+    at: `_model_at(model_intensity, pixels, xp)` when the caller has it already."""
+    lam, _ = at if at is not None else _model_at(model_intensity, pixels, xp)
+    if lam is None:
+        return xp.zeros(model_intensity.shape[0])
     log_lam = xp.log(lam)
     table = xp.interp(log_lam, xp.asarray(_TABLE_LOG_LAMBDA), xp.asarray(_expected_deviance_table()))
     bright = 1.0 + 1.0 / (6.0 * lam)
@@ -135,6 +144,7 @@ class BandModulusProjection(ModulusProjection):
         self.upper = xp.where(fitted, self.amplitude + band, xp.inf).astype(real)
         self.weight = fitted.astype(real)
         self._flat_lower, self._flat_upper = self.lower.ravel(), self.upper.ravel()
+        self._loops = backend.compiled_loops          # None on a device
         self.metrics_every = max(int(metrics_every or 1), 1)
         self._calls = 0
         self._e_mod = None
@@ -143,12 +153,11 @@ class BandModulusProjection(ModulusProjection):
         backend, xp = self.backend, self.backend.xp
         repeats = x.shape[0]
         metrics_due = self._e_mod is None or self._calls % self.metrics_every == 0
-        loops = backend.compiled_loops
-        if loops is not None and self.background is None and not metrics_due:
+        if self._loops is not None and self.background is None and not metrics_due:
             # between metrics: the projection as one compiled sweep over F (xpr.phasing.loops)
             self._calls += 1
             F = backend.fftn(x, axes=self.axes)
-            loops.band_modulus(F.reshape(repeats, -1), self._flat_lower, self._flat_upper, self.tiny)
+            self._loops.band_modulus(F.reshape(repeats, -1), self._flat_lower, self._flat_upper, self.tiny)
             return backend.ifftn(F, axes=self.axes, overwrite_x=True), self._e_mod
         model, factor = self._buffers(x.shape)
         F = backend.fftn(x, axes=self.axes)
