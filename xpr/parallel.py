@@ -531,6 +531,7 @@ class Session:
         """Stop at once (interrupted): the pool's processes are ended, not waited for; an owned
         dask cluster is closed without waiting on its tasks."""
         if self._pool is not None:
+            quiet_broken_pool()
             processes = list((getattr(self._pool, "_processes", None) or {}).values())
             for process in processes:
                 if process.is_alive():
@@ -621,6 +622,27 @@ def child_processes(pid: int | None = None) -> list[int]:
     return found
 
 
+def quiet_broken_pool():
+    """Drop, instead of print, the InvalidStateError a stopped process pool's management thread
+    raises on Python 3.11: its `terminate_broken` sets BrokenProcessPool on every pending future,
+    and one cancelled a moment earlier (the interrupted run cancels what is still queued) refuses
+    it. Harmless - the run is stopping - but printed as a thread traceback under the run's one-line
+    message. Installed once per process, before the pool's workers are ended."""
+    import threading
+    from concurrent.futures import InvalidStateError
+
+    previous_hook = threading.excepthook
+    if getattr(previous_hook, "xpr_quiet_broken_pool", False):
+        return
+
+    def hook(args):
+        if not isinstance(args.exc_value, InvalidStateError):
+            previous_hook(args)
+
+    hook.xpr_quiet_broken_pool = True
+    threading.excepthook = hook
+
+
 def stop_child_processes(grace: float = 3.0) -> list[int]:
     """End every process this one started (pool workers, dask nannies and workers): SIGTERM, then
     SIGKILL after `grace` seconds; reap them. Returns their pids.
@@ -629,21 +651,12 @@ def stop_child_processes(grace: float = 3.0) -> list[int]:
     * multiprocessing's resource tracker is left to end by itself: it exits as soon as this process
       does (its pipe closes), releasing what the pool leaked; killed first, it would be relaunched
       by the pool's own clean-up and print KeyError tracebacks for names it never saw;
-    * a process pool whose workers are stopped marks its futures broken from its management thread;
-      on Python 3.11 that raises InvalidStateError for futures already cancelled, which is dropped
-      here instead of printed."""
+    * a process pool whose workers are stopped marks its futures broken from its management thread,
+      which on Python 3.11 raises for futures already cancelled (see `quiet_broken_pool`)."""
     import signal
-    import threading
     import time
-    from concurrent.futures import InvalidStateError
 
-    previous_hook = threading.excepthook
-
-    def quiet_broken_pool(args):
-        if not isinstance(args.exc_value, InvalidStateError):
-            previous_hook(args)
-
-    threading.excepthook = quiet_broken_pool
+    quiet_broken_pool()
     import multiprocessing.resource_tracker as resource_tracker
 
     tracker_pid = getattr(getattr(resource_tracker, "_resource_tracker", None), "_pid", None)
