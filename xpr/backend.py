@@ -198,13 +198,18 @@ class Backend:
 
     @property
     def compiled_loops(self):
-        """The phasing iteration's compiled elementwise loops (xpr.phasing.loops) on the CPU, None
-        on a device, where the kernels keep their array expressions."""
-        if self.device != "cpu":
-            return None
-        from xpr.phasing import loops
+        """The phasing iteration's compiled elementwise loops: numba's on the CPU
+        (xpr.phasing.loops), CUDA elementwise kernels on cupy (xpr.phasing.device_loops); None on
+        the emulated device, where the kernels keep their array expressions."""
+        if self.device == "cpu":
+            from xpr.phasing import loops
 
-        return loops
+            return loops
+        if self.device == "cuda":
+            from xpr.phasing import device_loops
+
+            return device_loops.for_module(self.xp)
+        return None
 
     # --- arrays -------------------------------------------------------------------------
     def asarray(self, a, dtype=None):

@@ -264,3 +264,41 @@ def test_compiled_band_projection_equals_the_array_expressions(backend, monkeypa
         assert np.allclose(np.abs(G)[:, fitted], np.clip(np.abs(np.fft.fftn(x, axes=(1, 2)))[:, fitted],
                                                          np.maximum(a[fitted] - band, 0), a[fitted] + band),
                            atol=1e-4 * a.max())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("positivity", [False, True])
+@pytest.mark.parametrize("shared_support", [False, True])
+def test_device_kernels_equal_the_definitions(positivity, shared_support):
+    """On cupy the two compiled loops are CUDA elementwise kernels (xpr.phasing.device_loops).
+    feedback gives x' = pm where pm is feasible, a x + b pm elsewhere (ER, HIO, RAAR), and
+    band_modulus moves |F| into [lower, upper] keeping F's phase, as written out in complex128
+    on the host, to float32 rounding; kept pixels are pm exactly."""
+    from xpr.backend import BackendSpec
+
+    backend = BackendSpec("cuda").create()
+    loops, xp = backend.compiled_loops, backend.xp
+    assert loops is not None
+    rng = np.random.default_rng(7)
+    shape = (3, 24 * 40)
+    x = (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(np.complex64)
+    pm = (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(np.complex64)
+    support = rng.uniform(size=(1 if shared_support else 3, shape[1])) < 0.4
+    kept = np.broadcast_to(support & ((pm.real >= 0) if positivity else True), shape)
+    for a, b in ((0.0, 0.0), (1.0, -0.9), (0.9, 1 - 2 * 0.9)):
+        expected = np.where(kept, pm.astype(np.complex128), a * x.astype(np.complex128) + b * pm)
+        out = xp.asarray(x)
+        loops.feedback(out, xp.asarray(pm), xp.asarray(support), np.float32(a), np.float32(b), positivity)
+        out = backend.asnumpy(out)
+        assert out.dtype == np.complex64
+        assert np.array_equal(out[kept], pm[kept])
+        assert np.abs(out - expected).max() < 1e-6 * np.abs(expected).max()
+    lower = rng.uniform(0.0, 1.0, shape[1]).astype(np.float32)
+    upper = lower + rng.uniform(0.0, 0.5, shape[1]).astype(np.float32)
+    upper[::7] = np.inf                                     # free pixels
+    F = xp.asarray(x)
+    loops.band_modulus(F, xp.asarray(lower), xp.asarray(upper), 1e-12)
+    F = backend.asnumpy(F)
+    moduli = np.abs(x.astype(np.complex128))
+    assert np.allclose(np.abs(F), np.clip(moduli, lower, upper), rtol=1e-5, atol=1e-6)
+    assert np.allclose(F / np.abs(F), x / moduli, atol=1e-5)          # the phase kept

@@ -144,7 +144,7 @@ class BandModulusProjection(ModulusProjection):
         self.upper = xp.where(fitted, self.amplitude + band, xp.inf).astype(real)
         self.weight = fitted.astype(real)
         self._flat_lower, self._flat_upper = self.lower.ravel(), self.upper.ravel()
-        self._loops = backend.compiled_loops          # None on a device
+        self._loops = backend.compiled_loops          # None on the emulated device
         self.metrics_every = max(int(metrics_every or 1), 1)
         self._calls = 0
         self._e_mod = None

@@ -5,7 +5,8 @@ With numpy each pass of an iteration outside its FFT pair is a separate sweep ov
 subtractions, a weight and two in-place products for RAAR. At 512^2 these sweeps cost as much as
 the FFT pair itself (about 2 ms against 2.3 ms on 2 cores). Here each projection is one sweep that
 reads and writes every pixel once. Backend.compiled_loops hands this module to the projections on
-the CPU; on a device (cupy, emulated) they keep their array expressions.
+the CPU, the same two loops as CUDA kernels (xpr.phasing.device_loops) on cupy; on the emulated
+device they keep their array expressions.
 
 Arrays come flattened to (repeats, pixels), C-contiguous; a support or bound with one row serves
 every repeat. Scalars come in the arrays' real precision (float32 for complex64), so no pass is

@@ -239,8 +239,9 @@ class SupportProjection:
         xp.copyto(x, self.inside(pm, xp), where=kept)
 
     def _compiled_combine(self, x, pm, support, a, b) -> bool:
-        """`combine` as one compiled loop (xpr.phasing.loops.feedback) where it applies: the CPU
-        backend, repeats on the leading axis, support and positivity only, contiguous arrays."""
+        """`combine` as one compiled loop (Backend.compiled_loops' feedback: numba on the CPU, a
+        CUDA kernel on cupy) where it applies: repeats on the leading axis, support and positivity
+        only, contiguous arrays."""
         if (self.loops is None or self.threshold is not None or self.imag_limit is not None
                 or self.batch_axis % x.ndim != 0 or x.shape != pm.shape or x.dtype != pm.dtype
                 or support.shape[1:] != x.shape[1:] or support.shape[0] not in (1, x.shape[0])
