@@ -1,4 +1,6 @@
 """The projections, the algorithms and the engine on known objects."""
+import itertools
+
 import numpy as np
 import pytest
 import yaml
@@ -211,28 +213,44 @@ def test_shrink_wrap_threshold_factors_per_repeat():
         shrink(x, support, threshold_factors=[1.0, 0.2])
 
 
+def _limited(pm, imag_limit):
+    """pm with |Im| clipped to imag_limit |Re| (None: pm), in complex128: P_S's value inside."""
+    pm = pm.astype(np.complex128)
+    if imag_limit is None:
+        return pm
+    bound = imag_limit * np.abs(pm.real)
+    return pm.real + 1j * np.clip(pm.imag, -bound, bound)
+
+
 @pytest.mark.parametrize("positivity", [False, True])
 @pytest.mark.parametrize("shared_support", [False, True])
+@pytest.mark.parametrize("imag_limit", [None, 0.0, 0.3])
 @pytest.mark.parametrize("a_b", [(0.0, 0.0), (1.0, -0.9), (0.9, 1 - 2 * 0.9)], ids=["ER", "HIO", "RAAR"])
-def test_compiled_support_step_equals_its_definition(backend, positivity, shared_support, a_b):
+def test_compiled_support_step_equals_its_definition(backend, positivity, shared_support, imag_limit, a_b):
     """P_S.combine through the compiled loop (CPU backend) and through the array expressions (no
-    backend) both give x' = pm where pm is feasible, a x + b pm elsewhere, as written out in
-    complex128, to float32 rounding; on the kept pixels both are pm exactly."""
+    backend) both give x' = P_S pm where pm is feasible (pm, its imaginary part clipped to
+    imag_limit |Re|: 0 a real object), a x + b pm elsewhere, as written out in complex128, to
+    float32 rounding; on the kept pixels both are P_S pm exactly where no bound is rounded (no
+    limit, or 0)."""
     a, b = a_b
     rng = np.random.default_rng(5)
     shape = (3, 24, 40)
     x = (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(np.complex64)
     pm = (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(np.complex64)
     support = rng.uniform(size=(1 if shared_support else 3,) + shape[1:]) < 0.4
-    kept = support & ((pm.real >= 0) if positivity else True)
-    expected = np.where(kept, pm.astype(np.complex128), a * x.astype(np.complex128) + b * pm)
-    compiled_P_S = SupportProjection(positivity=positivity, backend=backend)
+    kept = np.broadcast_to(support & ((pm.real >= 0) if positivity else True), shape)
+    inside = _limited(pm, imag_limit)
+    expected = np.where(kept, inside, a * x.astype(np.complex128) + b * pm)
+    compiled_P_S = SupportProjection(positivity=positivity, imag_limit=imag_limit, backend=backend)
     assert compiled_P_S.loops is not None
-    for P_S in (compiled_P_S, SupportProjection(positivity=positivity)):
+    for P_S in (compiled_P_S, SupportProjection(positivity=positivity, imag_limit=imag_limit)):
         out = x.copy()
         P_S.combine(out, pm, support, a, b, np)
         assert out.dtype == np.complex64
-        assert np.array_equal(out[np.broadcast_to(kept, shape)], pm[np.broadcast_to(kept, shape)])
+        if imag_limit in (None, 0.0):                              # no bound to round
+            assert np.array_equal(out[kept], inside[kept].astype(np.complex64))
+        if imag_limit == 0:
+            assert not np.any(out[kept].imag)                      # a real object: exactly real
         assert np.abs(out - expected).max() < 1e-6 * np.abs(expected).max()
 
 
@@ -271,9 +289,10 @@ def test_compiled_band_projection_equals_the_array_expressions(backend, monkeypa
 @pytest.mark.parametrize("shared_support", [False, True])
 def test_device_kernels_equal_the_definitions(positivity, shared_support):
     """On cupy the two compiled loops are CUDA elementwise kernels (xpr.phasing.device_loops).
-    feedback gives x' = pm where pm is feasible, a x + b pm elsewhere (ER, HIO, RAAR), and
+    feedback gives x' = P_S pm where pm is feasible (pm, or its imaginary part limited), a x + b pm
+    elsewhere (ER, HIO, RAAR), and
     band_modulus moves |F| into [lower, upper] keeping F's phase, as written out in complex128
-    on the host, to float32 rounding; kept pixels are pm exactly."""
+    on the host, to float32 rounding; kept pixels are P_S pm exactly where no bound is rounded."""
     from xpr.backend import BackendSpec
 
     backend = BackendSpec("cuda").create()
@@ -285,13 +304,16 @@ def test_device_kernels_equal_the_definitions(positivity, shared_support):
     pm = (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(np.complex64)
     support = rng.uniform(size=(1 if shared_support else 3, shape[1])) < 0.4
     kept = np.broadcast_to(support & ((pm.real >= 0) if positivity else True), shape)
-    for a, b in ((0.0, 0.0), (1.0, -0.9), (0.9, 1 - 2 * 0.9)):
-        expected = np.where(kept, pm.astype(np.complex128), a * x.astype(np.complex128) + b * pm)
+    for (a, b), imag_limit in itertools.product(((0.0, 0.0), (1.0, -0.9), (0.9, 1 - 2 * 0.9)), (None, 0.0, 0.3)):
+        inside = _limited(pm, imag_limit)
+        expected = np.where(kept, inside, a * x.astype(np.complex128) + b * pm)
         out = xp.asarray(x)
-        loops.feedback(out, xp.asarray(pm), xp.asarray(support), np.float32(a), np.float32(b), positivity)
+        limit = np.float32(-1 if imag_limit is None else imag_limit)
+        loops.feedback(out, xp.asarray(pm), xp.asarray(support), np.float32(a), np.float32(b), positivity, limit)
         out = backend.asnumpy(out)
         assert out.dtype == np.complex64
-        assert np.array_equal(out[kept], pm[kept])
+        if imag_limit in (None, 0.0):
+            assert np.array_equal(out[kept], inside[kept].astype(np.complex64))
         assert np.abs(out - expected).max() < 1e-6 * np.abs(expected).max()
     lower = rng.uniform(0.0, 1.0, shape[1]).astype(np.float32)
     upper = lower + rng.uniform(0.0, 0.5, shape[1]).astype(np.float32)

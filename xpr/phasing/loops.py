@@ -33,9 +33,11 @@ def band_modulus(F, lower, upper, tiny):  # pragma: no cover - compiled
 
 
 @compiled(error_model="numpy")
-def feedback(x, pm, support, a, b, positivity):  # pragma: no cover - compiled
-    """x <- pm where pm is feasible (in the support and, with positivity, Re pm >= 0), and
+def feedback(x, pm, support, a, b, positivity, imag_limit):  # pragma: no cover - compiled
+    """x <- P_S pm where pm is feasible (in the support and, with positivity, Re pm >= 0), and
     a x + b pm elsewhere, in place: ER is (a, b) = (0, 0), HIO (1, -beta), RAAR (beta, 1 - 2 beta).
+    P_S pm is pm, or with imag_limit >= 0 pm with |Im| clipped to imag_limit |Re| (0: a real
+    object); imag_limit < 0: no limit.
     x, pm: (repeats, pixels), same dtype; support: (repeats or 1, pixels) bool."""
     shared = support.shape[0] == 1
     for r in range(x.shape[0]):
@@ -43,6 +45,10 @@ def feedback(x, pm, support, a, b, positivity):  # pragma: no cover - compiled
         for j in range(x.shape[1]):
             p = pm[r, j]
             if support[s, j] and (not positivity or p.real >= 0):
-                x[r, j] = p
+                if imag_limit >= 0:
+                    bound = imag_limit * abs(p.real)
+                    x[r, j] = complex(p.real, min(max(p.imag, -bound), bound))
+                else:
+                    x[r, j] = p
             else:
                 x[r, j] = a * x[r, j] + b * p

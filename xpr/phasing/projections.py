@@ -241,13 +241,14 @@ class SupportProjection:
     def _compiled_combine(self, x, pm, support, a, b) -> bool:
         """`combine` as one compiled loop (Backend.compiled_loops' feedback: numba on the CPU, a
         CUDA kernel on cupy) where it applies: repeats on the leading axis, support and positivity
-        only, contiguous arrays."""
-        if (self.loops is None or self.threshold is not None or self.imag_limit is not None
+        and the imaginary-part limit (no value threshold), contiguous arrays."""
+        if (self.loops is None or self.threshold is not None
                 or self.batch_axis % x.ndim != 0 or x.shape != pm.shape or x.dtype != pm.dtype
                 or support.shape[1:] != x.shape[1:] or support.shape[0] not in (1, x.shape[0])
                 or not (x.flags.c_contiguous and pm.flags.c_contiguous and support.flags.c_contiguous)):
             return False
         repeats, real = x.shape[0], x.real.dtype.type
+        limit = real(-1 if self.imag_limit is None else self.imag_limit)
         self.loops.feedback(x.reshape(repeats, -1), pm.reshape(repeats, -1),
-                            support.reshape(support.shape[0], -1), real(a), real(b), self.positivity)
+                            support.reshape(support.shape[0], -1), real(a), real(b), self.positivity, limit)
         return True
