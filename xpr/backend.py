@@ -231,18 +231,18 @@ class Backend:
     def scatter_add(self, target, indices, values):
         """target[indices] += values, adding every repeated index (numpy's add.at).
 
-        On cupy through cupyx.scatter_add, which has atomic adds for real types only: a complex
-        target is added to as its real and imaginary parts (views of the same memory)."""
+        On cupy through cupy.add.at (cupyx.scatter_add is deprecated), whose atomic adds serve
+        real types only: a complex target is added to as its real and imaginary parts (views of
+        the same memory)."""
         if self.device == "cuda":
-            import cupyx
-
-            if self.xp.iscomplexobj(target):
+            xp = self.xp
+            if xp.iscomplexobj(target):
                 parts = target.view(target.real.dtype).reshape(target.shape + (2,))
-                values = self.xp.asarray(values, dtype=target.dtype)
-                cupyx.scatter_add(parts[..., 0], indices, values.real)
-                cupyx.scatter_add(parts[..., 1], indices, values.imag)
+                values = xp.asarray(values, dtype=target.dtype)
+                xp.add.at(parts[..., 0], indices, values.real)
+                xp.add.at(parts[..., 1], indices, values.imag)
             else:
-                cupyx.scatter_add(target, indices, values)
+                xp.add.at(target, indices, values)
             return target
         if self.emulated:
             np.add.at(self.emulator.unwrap(target, "scatter_add"), self.emulator.unwrap(indices, "scatter_add"),

@@ -175,7 +175,7 @@ class Model:
         if indices is None:
             indices = self.window_indices(corners, target.shape[-1])
         flat = target.reshape(-1)                      # a view of a contiguous target
-        self.backend.scatter_add(flat, indices.reshape(-1), windows.reshape(-1))   # numpy add.at / cupyx
+        self.backend.scatter_add(flat, indices.reshape(-1), windows.reshape(-1))   # numpy / cupy add.at
         if not xp.may_share_memory(flat, target):
             target[...] = flat.reshape(target.shape)
 
