@@ -36,18 +36,22 @@ from xpr.phasing.projections import SupportProjection, centred_radius
 from xpr.phasing.shrinkwrap import ShrinkWrap
 
 
-def problem(shape, repeats, backend):
+def problem(shape, repeats, backend, positivity=False):
+    """(P_M, P_S, shrink-wrap, support, starts) of a batch of `repeats`, on the backend's device
+    (benchmarks/bench_gpu.py times the same problem on cupy)."""
+    xp = backend.xp
     truth = model_object("random_smooth", shape, shape[0] / 2.5, seed=1)
     intensity = np.fft.ifftshift(far_field_intensity(truth))
     measured = np.fft.ifftshift(np.asarray(centred_radius(shape)) > 3)
-    initial = np.asarray(centred_radius(shape)) <= shape[0] / 4
+    initial = xp.asarray(np.asarray(centred_radius(shape)) <= shape[0] / 4)
     # the default run's modulus projection: exact moduli, 5 % free pixels, eMod every 10
-    P_M = BandModulusProjection(backend, intensity, measured, band=0.0, free=free_pixels(measured, 0.05),
-                                repeats=repeats, metrics_every=10)
-    support = np.broadcast_to(initial, (repeats,) + shape).copy()
+    P_M = BandModulusProjection(backend, xp.asarray(intensity), xp.asarray(measured), band=0.0,
+                                free=xp.asarray(free_pixels(measured, 0.05)), repeats=repeats,
+                                metrics_every=10)
+    support = xp.broadcast_to(initial, (repeats,) + shape).copy()
     x = engine.random_starts(backend, P_M.amplitude, support, list(range(repeats)))
     shrink = ShrinkWrap(backend, shape, threshold=0.2, sigma=1.0, confine_to=initial)
-    return P_M, SupportProjection(backend=backend), shrink, support, x
+    return P_M, SupportProjection(positivity=positivity, backend=backend), shrink, support, x
 
 
 def per_iteration(text, shape, iterations, backend, repeats=1, with_sw=False, rounds=3):

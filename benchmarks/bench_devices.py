@@ -53,7 +53,7 @@ def cdi_problem(size=128):
     }
 
 
-def ptycho_evaluation(backend, n=64, patterns=64, slices=2):
+def ptycho_evaluation(backend, n=64, patterns=64, slices=2, batch=16):
     from xpr.em.ptychography.forward import Model
 
     rng = np.random.default_rng(0)
@@ -64,7 +64,7 @@ def ptycho_evaluation(backend, n=64, patterns=64, slices=2):
               "positions": rng.uniform(0.0, size - n - 1.0, (patterns, 2))}
     params = {k: backend.asarray(v) for k, v in params.items()}
     counts = backend.asarray(rng.poisson(4.0, (patterns, n, n)).astype(np.float32))
-    return lambda: model.loss_and_gradients(params, counts, "lsq_sqrt", {"object", "probe", "positions"}, 16)
+    return lambda: model.loss_and_gradients(params, counts, "lsq_sqrt", {"object", "probe", "positions"}, batch)
 
 
 def fft_task(task):

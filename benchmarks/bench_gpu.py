@@ -26,11 +26,10 @@ import time
 
 import numpy as np
 
+from bench_cdi_phasing import problem
+from bench_devices import ptycho_evaluation
 from xpr.backend import BackendSpec, gpu_available
 from xpr.phasing import engine, schedule
-from xpr.phasing.likelihood import BandModulusProjection, free_pixels
-from xpr.phasing.projections import SupportProjection, centred_radius
-from xpr.phasing.shrinkwrap import ShrinkWrap
 
 
 def synchronise(backend):
@@ -59,28 +58,16 @@ def fft_pair_seconds(backend, shape, repeats):
 
 
 def cdi_iteration_seconds(backend, shape, repeats, text, with_sw, iterations=40, rounds=3, kernels=True):
-    """Seconds per iteration of `text` (RAAR, HIO, ER) on a batch of `repeats`, default projections;
-    kernels=False: without the backend's compiled loops (the projections' array expressions)."""
-    from xpr.cdi.objects import far_field_intensity, model_object
-
-    xp = backend.xp
-    truth = model_object("random_smooth", shape, shape[0] / 2.5, seed=1)
-    intensity = np.fft.ifftshift(far_field_intensity(truth)).astype(np.float32)
-    measured = np.fft.ifftshift(np.asarray(centred_radius(shape)) > 3)
-    initial = np.asarray(centred_radius(shape)) <= shape[0] / 4
-    P_M = BandModulusProjection(backend, xp.asarray(intensity), xp.asarray(measured), band=0.0,
-                                free=xp.asarray(free_pixels(measured, 0.05)), repeats=repeats,
-                                metrics_every=10)
-    P_S = SupportProjection(positivity=True, backend=backend)
+    """Seconds per iteration of `text` (RAAR, HIO, ER) on a batch of `repeats`, default projections
+    (bench_cdi_phasing's problem, with positivity); kernels=False: without the backend's compiled
+    loops (the projections' array expressions)."""
+    P_M, P_S, shrink, support, x = problem(shape, repeats, backend, positivity=True)
     if not kernels:
         P_M._loops = P_S.loops = None
-    shrink = ShrinkWrap(backend, shape, threshold=0.2, sigma=1.0, confine_to=xp.asarray(initial))
-    support = xp.broadcast_to(xp.asarray(initial), (repeats,) + shape).copy()
-    x = engine.random_starts(backend, P_M.amplitude, support, list(range(repeats)))
     steps = schedule.parse_string(f"{iterations}{text}", beta=0.8)
     if with_sw:
         steps = schedule.with_periodic_shrink_wrap(steps, 20, 20, stop=iterations, sigma=1.0)
-    return best_time(backend, lambda: engine.iterate(steps, x, support, P_M, P_S, shrink, xp),
+    return best_time(backend, lambda: engine.iterate(steps, x, support, P_M, P_S, shrink, backend.xp),
                      rounds) / iterations
 
 
@@ -122,18 +109,8 @@ def cli_runs(dims):
 
 
 def ptycho(gpu, cpu, n=128, patterns=128, slices=2, batch=32):
-    from xpr.em.ptychography.forward import Model
-
     def evaluation(backend):
-        rng = np.random.default_rng(0)
-        size = 3 * n
-        model = Model(backend, n, 0.3, 0.025, 8.0, slices)
-        params = {"object": np.exp(0.3j * rng.standard_normal((slices, size, size))).astype(np.complex64),
-                  "probe": (rng.standard_normal((1, n, n)) + 1j * rng.standard_normal((1, n, n))).astype(np.complex64),
-                  "positions": rng.uniform(0.0, size - n - 1.0, (patterns, 2))}
-        params = {k: backend.asarray(v) for k, v in params.items()}
-        counts = backend.asarray(rng.poisson(4.0, (patterns, n, n)).astype(np.float32))
-        return lambda: model.loss_and_gradients(params, counts, "lsq_sqrt", {"object", "probe", "positions"}, batch)
+        return ptycho_evaluation(backend, n=n, patterns=patterns, slices=slices, batch=batch)
 
     on_cpu = best_time(cpu, evaluation(cpu), rounds=2)
     on_gpu = best_time(gpu, evaluation(gpu), rounds=5)

@@ -181,7 +181,8 @@ class SupportProjection:
     """P_S: zero outside the support (and where other real-space constraints fail)."""
 
     def __init__(self, positivity=False, threshold=None, imag_limit=None, batch_axis=0, backend=None):
-        """backend: where given, its compiled loops (CPU only) serve `combine` when they can."""
+        """backend: where given, its compiled loops (numba on the CPU, CUDA kernels on cupy) serve
+        `combine` when they can."""
         self.positivity = bool(positivity)
         self.threshold = threshold
         self.imag_limit = imag_limit
