@@ -4,8 +4,9 @@ For 512^2 and 128^3 (override with --sizes) it times:
   * one complex64 forward + inverse FFT pair with scipy.fft on all cores (the unit),
   * one iteration of RAAR, HIO and ER with shrink-wrap every 20 iterations (xpr.phasing), with
     the default run's projections (5 % free pixels, eMod every 10; compiled loops on the CPU),
-and prints per-iteration time / FFT-pair time (target <= 1.5). Then the throughput of 8 repeats
-run as one batch versus 8 run one after another. Ratios only; never pass/fail on time.
+and prints per-iteration time / FFT-pair time (target <= 1.5). Then what the compiled loops'
+threads save (RAAR with the loops on one thread / on all), and the throughput of 8 repeats run as
+one batch versus 8 run one after another. Ratios only; never pass/fail on time.
 
 --whole-run (issue 20 item 4): the cost per iteration a user's run pays, measured as the issue
 asks -- two `cdi phase2d` CLI runs (in this process) of 100 and 600 RAAR iterations at 512^2, one
@@ -170,6 +171,19 @@ def main():
                 t = per_iteration(name, shape, args.iterations, backend, with_sw=sw, rounds=1)
                 times[i] = min(times[i], t)
         print(f"{text:>12} {unit * 1e3:8.2f}ms " + " ".join(f"{t / unit:10.2f}x " for t in times))
+
+    # The compiled loops (xpr.phasing.loops.ThreadedLoops) on one thread instead of all of the
+    # FFTs' threads, in interleaved rounds: what splitting them over the cores saves.
+    one_thread = cpu()
+    one_thread.compiled_loops.threads = 1
+    for text in args.sizes:
+        shape = tuple(int(n) for n in text.split("x"))
+        threaded, single = np.inf, np.inf
+        for _ in range(args.rounds):
+            threaded = min(threaded, per_iteration("RAAR", shape, args.iterations, backend, rounds=1))
+            single = min(single, per_iteration("RAAR", shape, args.iterations, one_thread, rounds=1))
+        print(f"RAAR at {text}: compiled loops on one thread / on {backend.compiled_loops.threads} "
+              f"threads {single / threaded:.2f}x per iteration")
 
     for text in args.batch_sizes:
         shape = tuple(int(n) for n in text.split("x"))

@@ -104,7 +104,8 @@ def test_streamed_reduce_consumes_in_task_order_and_holds_a_bounded_window():
 
 
 def test_compiled_loops_are_numpy_free_on_a_device_and_fall_back_to_no_cache_on_read_only_installs(monkeypatch):
-    """Backend.compiled_loops: the phasing loops on the CPU, none on the (emulated) device. Where
+    """Backend.compiled_loops: the phasing loops on the CPU (threaded, as many threads as the
+    FFTs), none on the (emulated) device. Where
     numba can write no cache (a read-only install: njit(cache=True) raises "no locator
     available" at decoration) xpr.compiled compiles without one, and the loop gives the same
     numbers: a band projection with lower = upper = 2 sets every |F| to 2, phase kept."""
@@ -113,7 +114,9 @@ def test_compiled_loops_are_numpy_free_on_a_device_and_fall_back_to_no_cache_on_
     from xpr import compiled as compiled_module
     from xpr.phasing import loops
 
-    assert Backend().compiled_loops is loops
+    cpu = Backend(fft_workers=3)
+    assert isinstance(cpu.compiled_loops, loops.ThreadedLoops) and cpu.compiled_loops.threads == 3
+    assert cpu.compiled_loops is cpu.compiled_loops                 # one per backend
     assert Backend(device="emulated").compiled_loops is None
     real_njit, asked = numba.njit, []
 
@@ -126,10 +129,10 @@ def test_compiled_loops_are_numpy_free_on_a_device_and_fall_back_to_no_cache_on_
         return real_njit(**options)
 
     monkeypatch.setattr(compiled_module.numba, "njit", read_only_njit)
-    band = compiled_module.compiled(error_model="numpy")(loops.band_modulus.py_func)
+    band = compiled_module.compiled(error_model="numpy")(loops.band_modulus_range.py_func)
     assert asked == [True, False]
     F = np.array([[3 + 4j, -1j, 0.5 + 0j]], dtype=np.complex64)
     expected = 2 * F / np.abs(F)
     bound = np.full(3, 2.0, np.float32)
-    band(F, bound, bound, np.float32(0))
+    band(F, bound, bound, np.float32(0), 0, 3)
     assert np.allclose(F, expected, atol=1e-6)

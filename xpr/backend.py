@@ -164,6 +164,7 @@ class Backend:
         self.is_gpu = device != "cpu"        # the device path (cupy or its emulation)
         self.emulated = device == "emulated"
         self._fft_kwargs = {}
+        self._cpu_loops = None
         if device == "cuda":
             import cupy
             import cupyx.scipy.fft as gpu_fft
@@ -198,13 +199,17 @@ class Backend:
 
     @property
     def compiled_loops(self):
-        """The phasing iteration's compiled elementwise loops: numba's on the CPU
-        (xpr.phasing.loops), CUDA elementwise kernels on cupy (xpr.phasing.device_loops); None on
+        """The phasing iteration's compiled elementwise loops: numba's on the CPU, on as many
+        threads as the FFTs (xpr.phasing.loops.ThreadedLoops, one per backend), CUDA elementwise kernels on cupy (xpr.phasing.device_loops); None on
         the emulated device, where the kernels keep their array expressions."""
         if self.device == "cpu":
-            from xpr.phasing import loops
+            if self._cpu_loops is None:
+                from xpr.parallel import available_cpus
+                from xpr.phasing.loops import ThreadedLoops
 
-            return loops
+                workers = self._fft_kwargs["workers"]
+                self._cpu_loops = ThreadedLoops(workers if workers > 0 else available_cpus())
+            return self._cpu_loops
         if self.device == "cuda":
             from xpr.phasing import device_loops
 
