@@ -382,8 +382,12 @@ def validate_cdi_phase(settings, dimensions):
     if shape is None:
         return
     shape = tuple(n for n in shape if n != 1) if len(shape) > dimensions else shape
+    if len(shape) == dimensions + 1 and inp.get("frames") == "sum":
+        shape = shape[1:]                       # the frames are added up
     if len(shape) != dimensions:
         return
+    from xpr.cdi.frame import shape_bound
+    shape = shape_bound(shape, inp, dimensions)   # centring, cropping or padding, binning
     if inp.padd_to_pow2:
         shape = tuple(1 << (int(n) - 1).bit_length() for n in shape)
     repeats = int(settings.phasing.repeats)

@@ -2,8 +2,10 @@
 
 Method, top to bottom:
 
-1. Input. A centred diffraction pattern (zero frequency in the middle) and its mask (1 = masked /
-   unmeasured, as spipy), by default the latest `cdi simulate` result. As spipy: optionally padded
+1. Input. A diffraction pattern and its mask (1 = masked / unmeasured, as spipy), by default the
+   latest `cdi simulate` result; a detector's frame (or a stack of frames, added up) is centred
+   on the direct beam, cut or padded, and binned as input.centre/crop/binning say
+   (xpr.cdi.frame). As spipy: optionally padded
    to the next power of two (padding floats), `inner_mask` (beamstop radius: floats),
    `outer_mask` (intensities beyond this radius set to zero), `outer_outer_mask` with
    `mask_edges` (pixels between the two radii float), `subtract_percentile` (a background level
@@ -38,11 +40,13 @@ from dataclasses import replace
 import numpy as np
 
 from xpr import memory, parallel, plot
+from xpr.cdi import frame
 from xpr.backend import BackendSpec, cpu
 from xpr.errors import InputError, SettingsError
 from xpr.io import read_array
 from xpr.io.checks import check_intensities
 from xpr.io.cxi import save_cxi_result
+from xpr.io.h5 import recorded_beam_centre
 from xpr.io.readers import read_pattern
 from xpr.options import options, setting
 from xpr.phasing import engine, genetic, merge, schedule
@@ -68,8 +72,13 @@ def load_pattern(settings, archive, dimensions):
     intensity, mask, where = read_pattern(source, dataset=inp.get("dataset"), mask_path=inp.mask_path,
                                           mask_dataset=inp.get("mask_dataset"), shape=shape)
     intensity = np.squeeze(intensity) if intensity.ndim > dimensions else intensity
+    if mask is not None and mask.ndim > intensity.ndim:
+        mask = np.squeeze(mask)
+    intensity, mask = frame.sum_frames(intensity, mask, dimensions, inp.get("frames"), where)
     if intensity.ndim != dimensions:
-        raise InputError(f"expected a {dimensions}-D pattern, got shape {list(intensity.shape)}",
+        stack = ("; a stack of frames? input.frames: sum adds them up"
+                 if intensity.ndim == dimensions + 1 else "")
+        raise InputError(f"expected a {dimensions}-D pattern, got shape {list(intensity.shape)}{stack}",
                          file=where, key="input.data_path")
     mask = np.zeros(intensity.shape, dtype=bool) if mask is None else \
         (np.squeeze(mask) if mask.ndim > dimensions else mask)
@@ -78,7 +87,33 @@ def load_pattern(settings, archive, dimensions):
                          f"{list(intensity.shape)}", file=inp.mask_path or where, key="input.mask_path")
     intensity, _ = check_intensities(intensity, mask, file=where, key="input.data_path",
                                      log=archive.log)
+    intensity, mask = centred_frame(intensity, mask, inp, dimensions, source, where, archive.log)
     return intensity.astype(np.float64), mask, where
+
+
+def centred_frame(intensity, mask, inp, dimensions, source, where, log):
+    """The pattern cut or padded around its centre and binned (input.centre, crop, binning;
+    xpr.cdi.frame); unchanged when the data are centred and not binned."""
+    centre_setting = inp.get("centre")
+    binning = frame.binning_factors(frame.binning_setting(inp), dimensions)
+    if centre_setting is None and all(b == 1 for b in binning):
+        return intensity, mask
+    if centre_setting is None:
+        centre, how = [n // 2 for n in intensity.shape], "the array's centre (input.centre null)"
+    else:
+        recorded = recorded_beam_centre(source) if centre_setting == "auto" and dimensions == 2 else None
+        centre, how = frame.resolve_centre(centre_setting, intensity, mask, dimensions, recorded, where)
+    crop = inp.get("crop") or "largest"
+    centred, centred_mask = frame.recentre(intensity, mask, centre, crop, binning)
+    if min(centred.shape) < 16:
+        raise InputError(f"centre {centre} lies {min(min(c, n - 1 - c) for c, n in zip(centre, intensity.shape))} "
+                         f"px from the edge of the {list(intensity.shape)} pattern: cropped around it "
+                         f"only {list(centred.shape)} remain; input.crop: pad keeps every pixel",
+                         file=where, key="input.crop")
+    log.info("pattern centred: zero frequency at %s (%s), %s %s -> %s%s", centre, how,
+             "padded" if crop == "pad" else "cut", list(intensity.shape), list(centred.shape),
+             "" if all(b == 1 for b in binning) else f", binned {binning}")
+    return centred, centred_mask
 
 
 def pad_to_pow2(intensity, masked):

@@ -311,3 +311,45 @@ def read_dataset(path, dataset=None, key=None, prefer=("data",)):
         except OSError as err:       # e.g. a filter HDF5 cannot apply, a missing external file
             raise InputError(f"cannot read dataset '{name}': {err}", file=path, key=key) from None
     return array, mask, name
+
+
+_METRES = {"m": 1.0, "mm": 1e-3, "um": 1e-6, "µm": 1e-6, "micron": 1e-6, "microns": 1e-6}
+_PIXELS = ("", "pixel", "pixels", "px")
+
+
+def _length_in_metres(dataset):
+    """A scalar length dataset in metres from its @units; None without a known unit."""
+    units = (_text(dataset.attrs.get("units")) or "").strip().lower()
+    factor = _METRES.get(units)
+    return None if factor is None else float(np.asarray(dataset[()]).reshape(-1)[0]) * factor
+
+
+def recorded_beam_centre(path) -> tuple[float, float] | None:
+    """(row, column) of the direct beam on the detector in pixels, as a NeXus file records it:
+    an NXdetector's `beam_center_y` and `beam_center_x` (Eiger master files: in pixels), in pixels
+    or, with length @units, divided by `y_pixel_size` / `x_pixel_size`. None when the file is not
+    HDF5, records none, or several detectors record different ones."""
+    if not str(path).lower().endswith((".h5", ".hdf5", ".hdf", ".nxs", ".nx5", ".nx", ".cxi")):
+        return None
+    found = set()
+    with open_h5(path) as f:
+        def visit(name, obj):
+            if not isinstance(obj, h5py.Group) or not all(
+                    _is_dataset(obj, k) for k in ("beam_center_x", "beam_center_y")):
+                return
+            centre = []
+            for axis in ("y", "x"):
+                value = obj[f"beam_center_{axis}"]
+                units = (_text(value.attrs.get("units")) or "").strip().lower()
+                if units in _PIXELS:
+                    centre.append(float(np.asarray(value[()]).reshape(-1)[0]))
+                    continue
+                pixel = obj.get(f"{axis}_pixel_size")
+                length, size = _length_in_metres(value), (
+                    _length_in_metres(pixel) if isinstance(pixel, h5py.Dataset) else None)
+                if length is None or not size:
+                    return
+                centre.append(length / size)
+            found.add(tuple(centre))
+        f.visititems(visit)
+    return found.pop() if len(found) == 1 else None
