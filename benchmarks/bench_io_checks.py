@@ -3,7 +3,9 @@
 * check_intensities on a pattern / one FFT pair (forward + inverse, complex64) of its size;
 * check_intensity_frames on a 4D-STEM stack / one batched FFT pair over all its patterns;
 * reading a bitshuffle-LZ4 (hdf5plugin) pattern / reading the same pattern uncompressed, and
-  the compressed file's size / the uncompressed one's.
+  the compressed file's size / the uncompressed one's;
+* centring a detector frame (xpr.cdi.frame: the Friedel-symmetry centre, then the cut) / one
+  FFT pair of the frame's size (1028 x 1062, Eiger 1M; 128^3).
 
     .venv/bin/python benchmarks/bench_io_checks.py
 """
@@ -35,6 +37,17 @@ def main():
     c = stack.reshape(-1, 64, 64).astype(np.complex64)
     ratio = best_of(lambda: check_intensity_frames(stack), 5)[0] / fft_pair_seconds(c, (-2, -1))
     print(f"{'check_intensity_frames 32x32 scan, 64² det.':44s} {ratio:8.2f}  x one batched FFT pair")
+    from xpr.cdi.frame import friedel_centre, recentre
+    for shape in [(1028, 1062), (128, 128, 128)]:
+        frame = rng.poisson(3.0, shape).astype(np.float64)
+        masked = np.zeros(shape, bool)
+        masked[(slice(0, 4),) * len(shape)] = True
+
+        def centre_and_cut():
+            centre, _ = friedel_centre(frame, masked)
+            return recentre(frame, masked, np.round(centre).astype(int))
+        ratio = best_of(centre_and_cut, 3)[0] / fft_pair_seconds(frame.astype(np.complex64))
+        print(f"{'centre auto + cut ' + 'x'.join(map(str, shape)):44s} {ratio:8.2f}  x one FFT pair")
     with tempfile.TemporaryDirectory() as tmp:
         pattern = rng.poisson(0.5, (2048, 2048)).astype(np.uint32)    # sparse counts, as detectors see
         plain, packed = Path(tmp) / "plain.h5", Path(tmp) / "packed.h5"

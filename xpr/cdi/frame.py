@@ -62,7 +62,7 @@ def friedel_centre(intensity, masked):
     masked: True = not measured."""
     weight = (~np.asarray(masked, dtype=bool)).astype(np.float64)
     A = np.sqrt(np.clip(np.nan_to_num(np.asarray(intensity, dtype=np.float64)), 0.0, None)) * weight
-    shape = [2 * n for n in A.shape]               # zero padding: no wrap-around
+    shape = [scipy.fft.next_fast_len(2 * n - 1, real=True) for n in A.shape]   # zero padding: no wrap
     axes = tuple(range(A.ndim))
     FA = scipy.fft.rfftn(A, shape, axes=axes, workers=-1)
     Fw = scipy.fft.rfftn(weight, shape, axes=axes, workers=-1)
