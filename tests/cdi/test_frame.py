@@ -111,7 +111,8 @@ def test_frames_are_added_up_with_their_masks():
 
 def _write_nexus(path, frames, mask, beam_pixels):
     """An Eiger-style NeXus master: entry/data/data_000001 (the frames, bitshuffle-LZ4),
-    entry/instrument/detector/beam_center_x/y (in pixels, x = column), pixel_mask."""
+    entry/instrument/detector/beam_center_x/y (in pixels, x = column), pixel_mask, 75 um pixels
+    at 5 m, and entry/instrument/beam/incident_wavelength 1.5 A."""
     import hdf5plugin
 
     with h5py.File(path, "w") as f:
@@ -128,7 +129,57 @@ def _write_nexus(path, frames, mask, beam_pixels):
         detector.attrs["NX_class"] = "NXdetector"
         for axis, value in (("y", beam_pixels[0]), ("x", beam_pixels[1])):
             detector.create_dataset(f"beam_center_{axis}", data=float(value)).attrs["units"] = "pixel"
+            detector.create_dataset(f"{axis}_pixel_size", data=75e-6).attrs["units"] = "m"
+        detector.create_dataset("detector_distance", data=5.0).attrs["units"] = "m"
+        beam = entry.create_group("instrument/beam")
+        beam.attrs["NX_class"] = "NXbeam"
+        beam.create_dataset("incident_wavelength", data=1.5).attrs["units"] = "angstrom"
         detector.create_dataset("detectorSpecific/pixel_mask", data=mask.astype(np.uint32))
+
+
+def test_object_pixel_size_from_the_geometry(tmp_path):
+    """dx = lambda z / (N p b): 1.5 A, 5 m, 75 um, N = 512 gives 19.53 nm; binning by 2 halves
+    it; a NeXus file's geometry is read in SI units (A, keV, mm converted), a CXI file's energy
+    in J turned into a wavelength (hc / E)."""
+    from xpr.cdi.geometry import object_pixel_size
+    from xpr.io.h5 import recorded_geometry
+
+    values = {"wavelength": 1.5e-10, "distance": 5.0, "pixel_size": [75e-6, 75e-6]}
+    assert np.allclose(object_pixel_size(values, (512, 512), (1, 1)), 19.53125e-9)
+    assert np.allclose(object_pixel_size(values, (512, 256), (2, 2)), [9.765625e-9, 19.53125e-9])
+    assert object_pixel_size(dict(values, distance=None), (512, 512), (1, 1)) is None
+    _write_nexus(tmp_path / "a.nxs", np.ones((1, 8, 8)), np.zeros((8, 8)), (3.5, 5.0))
+    assert recorded_geometry(tmp_path / "a.nxs") == {"wavelength": 1.5e-10, "distance": 5.0,
+                                                     "pixel_size": (75e-6, 75e-6)}
+    with h5py.File(tmp_path / "b.cxi", "w") as f:
+        f["cxi_version"] = 150
+        f["entry_1/instrument_1/source_1/energy"] = 8000 * 1.602176634e-19         # 8 keV in J
+        f["entry_1/instrument_1/detector_1/distance"] = 2.0
+        f["entry_1/instrument_1/detector_1/x_pixel_size"] = 55e-6
+        f["entry_1/instrument_1/detector_1/y_pixel_size"] = 55e-6
+        f["entry_1/instrument_1/detector_1/distance"].attrs["units"] = "m"
+    geometry = recorded_geometry(tmp_path / "b.cxi")
+    assert np.isclose(geometry["wavelength"], 1.5498e-10, rtol=1e-4) and geometry["distance"] == 2.0
+    with h5py.File(tmp_path / "c.nxs", "w") as f:
+        f["entry/instrument/beam/incident_energy"] = 12.4
+        f["entry/instrument/detector/detector_distance"] = 350.0
+        f["entry/instrument/detector/detector_distance"].attrs["units"] = "mm"
+    geometry = recorded_geometry(tmp_path / "c.nxs")
+    assert np.isclose(geometry["wavelength"], 0.99987e-10, rtol=1e-4) and geometry["distance"] == 0.35
+    assert geometry["pixel_size"] is None
+
+
+def test_half_period_resolution_at_the_prtf_crossing():
+    """Where the PRTF first falls below 1/e at |q| = r px, the half-period resolution is the
+    field of view N dx over 2 r; a PRTF that never falls gives none."""
+    from xpr.cdi.geometry import half_period_resolution
+
+    shells = np.arange(0, 64, dtype=float)
+    prtf = np.exp(-shells / 40.0)                          # 1/e at r = 40: first below at 41
+    radius, resolution = half_period_resolution(shells, prtf, (128, 128), [78e-9, 78e-9])
+    assert radius == 41 and np.isclose(resolution, 128 * 78e-9 / 82)
+    assert half_period_resolution(shells, prtf, (128, 128), None) == (41, None)
+    assert half_period_resolution(shells, np.ones(64), (128, 128), [1e-9, 1e-9]) is None
 
 
 def test_recorded_beam_centre_in_pixels_or_lengths(tmp_path):
@@ -189,6 +240,14 @@ def test_phase2d_on_an_off_centre_frame(home, run_xpr, tmp_path):
         assert phased.shape == (128, 128)
         assert np.array_equal(phased_mask[4:, :124], bad) and phased_mask[:4].all()
         assert np.array_equal(phased[4:, :124][~bad], counts[4:, :124][~bad])
+        if name == "nexus":                # lambda z / (N p) = 1.5e-10 x 5 / (128 x 75e-6) m = 78.1 nm
+            with h5py.File(run) as f:
+                pixel = f["merged/pixel_size_m"][()]
+                assert np.array_equal(f["data/pixel_size_m"][()], pixel)
+            assert np.allclose(pixel, [1.5e-10 * 5 / (128 * 75e-6)] * 2, rtol=1e-12)
+            with h5py.File(run.with_suffix(".cxi")) as f:
+                assert np.isclose(f["entry_1/image_1/x_pixel_size"][()], pixel[1])
+                assert f["entry_1/image_1/y_pixel_size"].attrs["units"] == "m"
         log = (run.parent / "run.log").read_text()
         assert "zero frequency at [60, 64]" in log
         assert ("the file's beam centre" if name == "nexus" else "Friedel symmetry") in log
@@ -202,6 +261,9 @@ def test_phase2d_on_an_off_centre_frame(home, run_xpr, tmp_path):
     (["input.centre=[200, 10]"], ["input.centre", "outside"]),
     (["input.centre=[2, 60]"], ["input.crop", "pad"]),
     (["input.binning=0"], ["input.binning"]),
+    (["input.wavelength=fast"], ["input.wavelength", "metres"]),
+    (["input.pixel_size=[1e-6, 2e-6, 3e-6]"], ["input.pixel_size"]),
+    (["input.detector_distance=-2"], ["input.detector_distance", "positive"]),
 ])
 def test_bad_centring_settings_exit_2(home, run_xpr, tmp_path, overrides, words):
     counts, masked, _ = _noisy_pattern()

@@ -40,7 +40,7 @@ from dataclasses import replace
 import numpy as np
 
 from xpr import memory, parallel, plot
-from xpr.cdi import frame
+from xpr.cdi import frame, geometry
 from xpr.backend import BackendSpec, cpu
 from xpr.errors import InputError, SettingsError
 from xpr.io import read_array
@@ -377,6 +377,7 @@ def run(settings, archive, dimensions):
     shape = intensity.shape
     archive.log.info("pattern %s from %s: %d of %d pixels float", "x".join(map(str, shape)),
                      source, int(masked.sum()), masked.size)
+    pixel_size = pixel_size_for(inp, dimensions, shape, archive.log)
     init_model = _init_model(inp, shape)
     intensity_fft = np.fft.ifftshift(intensity)
     measured_fft = np.fft.ifftshift(~masked)
@@ -416,8 +417,27 @@ def run(settings, archive, dimensions):
     }
     repeats = phase_repeats(settings, archive, problem)
     data = {"intensity": intensity, "mask": masked, "initial_support": initial_support}
+    if pixel_size is not None:
+        data["pixel_size_m"] = np.asarray(pixel_size, dtype=np.float64)
     return merge_and_write(settings, archive, f"phase{dimensions}d.h5", repeats, data,
                            attrs={"schedule": schedule.describe(steps), "source": str(source)})
+
+
+def pixel_size_for(inp, dimensions, shape, log):
+    """The object's pixel size per axis in metres (xpr.cdi.geometry), or None, logged."""
+    values, origin = geometry.geometry(inp, inp.data_path, dimensions)
+    binning = frame.binning_factors(frame.binning_setting(inp), dimensions)
+    pixel = geometry.object_pixel_size(values, shape, binning)
+    if pixel is None:
+        missing = [key for (name, key) in geometry.KEYS if values[name] is None]
+        log.info("object pixel size unknown (no %s): sizes in pixels", ", ".join(missing))
+        return None
+    log.info("object pixel size %s nm (wavelength %.4g nm, distance %.4g m, detector pixel %s um "
+             "x binning %s; from %s)", " x ".join(f"{dx * 1e9:.3g}" for dx in pixel),
+             values["wavelength"] * 1e9, values["distance"],
+             " x ".join(f"{p * 1e6:.3g}" for p in values["pixel_size"]), binning,
+             ", ".join(sorted(set(origin.values()))))
+    return pixel
 
 
 def merge_and_write(settings, archive, filename, repeats, data, attrs):
@@ -427,7 +447,8 @@ def merge_and_write(settings, archive, filename, repeats, data, attrs):
     merged density as .vts. Also used by `cdi merge` over the repeats of several runs.
 
     repeats: object, support, e_mod, e_con, e_con_iterations, seed (leading axis = repeat);
-    data: intensity, mask (True = floats), initial_support.
+    data: intensity, mask (True = floats), initial_support, and pixel_size_m (the object's
+    pixel size per axis in metres) when the geometry is known.
     """
     final = repeats["e_mod"][:, -1]
     archive.log.info("final eMod per repeat: %s", np.array2string(final, precision=4))
@@ -449,22 +470,35 @@ def merge_and_write(settings, archive, filename, repeats, data, attrs):
     check_convergence(archive.log, repeats, selected)
 
     support = repeats["support"][selected[0]]
+    pixel_size = data.get("pixel_size_m")          # known from the geometry, or absent
+    resolution = geometry.half_period_resolution(shells, prtf, merged.shape, pixel_size)
+    if resolution is not None:
+        archive.log.info("PRTF falls below 1/e at |q| = %.1f px%s", resolution[0],
+                         "" if resolution[1] is None else
+                         f": half-period resolution {resolution[1] * 1e9:.3g} nm")
+    scale, data_scale = {}, {}                     # the object's pixel size, when known
+    if pixel_size is not None:
+        scale["pixel_size_m"] = data_scale["pixel_size_m"] = np.asarray(pixel_size, dtype=np.float64)
+        if resolution is not None:
+            scale["half_period_resolution_m"] = np.float64(resolution[1])
     archive.save_h5(filename, {
         "merged": {"object": merged.astype(np.complex64), "support": support.astype(np.uint8),
                    "prtf": prtf, "prtf_radius_px": shells.astype(np.float32),
-                   "aligned_repeats": aligned.astype(np.complex64)},
+                   "aligned_repeats": aligned.astype(np.complex64), **scale},
         "repeats": dict(repeats, object=repeats["object"].astype(np.complex64),
                         support=repeats["support"].astype(np.uint8),
                         selected=np.asarray(selected, dtype=np.int64)),
         "data": {"intensity": np.asarray(data["intensity"]).astype(np.float32),
                  "mask": np.asarray(data["mask"]).astype(np.uint8),
-                 "initial_support": np.asarray(data["initial_support"]).astype(np.uint8)},
+                 "initial_support": np.asarray(data["initial_support"]).astype(np.uint8),
+                 **data_scale},
     }, main=True, attrs=dict(attrs, mask_convention="1 = masked / unmeasured"))
     cxi = save_cxi_result(archive.file(filename[:-3] + ".cxi"), merged.astype(np.complex64), support,
                           prtf=prtf, prtf_radius=shells, command=filename[:-3], note=attrs,
+                          pixel_size=pixel_size,
                           settings=settings.to_dict() if hasattr(settings, "to_dict") else None)
     archive.log.info("wrote %s (CXI)", cxi)
-    _figures(archive, merged, support, repeats, selected, shells, prtf)
+    _figures(archive, merged, support, repeats, selected, shells, prtf, pixel_size)
     if merged.ndim == 3:
         archive.save_vts("vtk/merged_density.vts", np.abs(merged).astype(np.float32),
                          grid="cartesian")
@@ -713,13 +747,21 @@ def phase_generations(settings, archive, problem):
                           allow_twin=bool(settings.merge.remove_twin))
 
 
-def _figures(archive, merged, support, repeats, selected, shells, prtf):
+def _figures(archive, merged, support, repeats, selected, shells, prtf, pixel_size=None):
     cut = (lambda a: a) if merged.ndim == 2 else (lambda a: a[a.shape[0] // 2])
     fig, axes = plot.figure(1, 3)
-    plot.image(axes[0], np.abs(cut(merged)), "merged amplitude")
+    scale = {}
+    if pixel_size is not None:           # axes in um about the array centre
+        (rows, dy), (cols, dx) = zip(merged.shape[-2:], np.asarray(pixel_size)[-2:] * 1e6)
+        scale = {"extent": (-(cols // 2) * dx, (cols - cols // 2) * dx, -(rows // 2) * dy,
+                            (rows - rows // 2) * dy)}
+    plot.image(axes[0], np.abs(cut(merged)), "merged amplitude", **scale)
     plot.image(axes[1], np.where(cut(support), np.angle(cut(merged)), np.nan), "merged phase",
-               cmap="twilight")
-    plot.image(axes[2], cut(support).astype(float), "support", colorbar=False)
+               cmap="twilight", **scale)
+    plot.image(axes[2], cut(support).astype(float), "support", colorbar=False, **scale)
+    if scale:
+        for ax in axes:
+            ax.set(xlabel="x (um)", ylabel="y (um)")
     archive.savefig(fig, "object.png")
 
     chosen = set(np.asarray(selected).tolist())

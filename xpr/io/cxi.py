@@ -8,6 +8,8 @@
         mask                         its support (1 = inside), as PyNX writes it
         data_type, data_space        "object", "real"
         is_fft_shifted               0
+        x_pixel_size, y_pixel_size   the object's pixel size in metres (z_ in 3-D), when the
+                                     geometry is known (xpr.cdi.geometry)
         process_1/                   NXprocess: program, version, command, the parameters
           configuration/             every resolved setting (numbers as numbers, else text)
           configuration_yaml         the same as one YAML text
@@ -51,8 +53,10 @@ def _tree(group, tree: dict):
 
 
 def save_cxi_result(path, obj, support, prtf=None, prtf_radius=None, settings: dict | None = None,
-                    command: str = "", note: dict | None = None) -> Path:
-    """Write one reconstruction as a CXI file at `path` (atomically); returns the path."""
+                    command: str = "", note: dict | None = None, pixel_size=None) -> Path:
+    """Write one reconstruction as a CXI file at `path` (atomically); returns the path.
+    pixel_size: the object's pixel size per array axis in metres (image_1/x_pixel_size for the
+    last axis, y_pixel_size the one before, z_pixel_size in 3-D), when known."""
     from xpr import __version__
 
     path = Path(path)
@@ -77,6 +81,10 @@ def save_cxi_result(path, obj, support, prtf=None, prtf_radius=None, settings: d
             for name, text in (("data_type", "object"), ("data_space", "real")):
                 image.create_dataset(name, data=text, dtype=h5py.string_dtype())
             image.create_dataset("is_fft_shifted", data=np.uint8(0))
+            if pixel_size is not None:
+                for axis, size in zip("xyz", reversed(list(pixel_size))):
+                    image.create_dataset(f"{axis}_pixel_size", data=np.float64(size))
+                    image[f"{axis}_pixel_size"].attrs["units"] = "m"
             process = image.create_group("process_1")
             process.attrs["NX_class"] = "NXprocess"
             process.create_dataset("program", data="xpr", dtype=h5py.string_dtype())

@@ -353,3 +353,56 @@ def recorded_beam_centre(path) -> tuple[float, float] | None:
             found.add(tuple(centre))
         f.visititems(visit)
     return found.pop() if len(found) == 1 else None
+
+
+_LENGTHS = dict(_METRES, nm=1e-9, angstrom=1e-10, angstroms=1e-10, a=1e-10, å=1e-10)
+_ENERGIES = {"j": 1.0, "ev": 1.602176634e-19, "kev": 1.602176634e-16}
+_HC = 6.62607015e-34 * 299792458.0        # Planck constant x speed of light (J m)
+
+
+def _scalar_with_unit(dataset, table, default_unit):
+    units = (_text(dataset.attrs.get("units")) or default_unit).strip().lower()
+    factor = table.get(units)
+    if factor is None:
+        return None
+    return float(np.asarray(dataset[()], dtype=float).reshape(-1)[0]) * factor
+
+
+def recorded_geometry(path) -> dict:
+    """The experiment's geometry as a NeXus or CXI file records it, in SI units:
+    {"wavelength": m, "distance": m, "pixel_size": (row, column) m}; a quantity the file does not
+    record, or records with different values in several places, is None.
+
+    NeXus: `incident_wavelength` (or `wavelength`; default unit angstrom), `incident_energy`
+    (keV) where no wavelength is given, an NXdetector's `detector_distance` (or `distance`) and
+    `y_pixel_size` / `x_pixel_size` (default unit m). CXI: `source_1/energy` (J), `detector_1/
+    distance`, `x_pixel_size`, `y_pixel_size` (m)."""
+    found = {"wavelength": set(), "energy": set(), "distance": set(), "x": set(), "y": set()}
+    if not str(path).lower().endswith((".h5", ".hdf5", ".hdf", ".nxs", ".nx5", ".nx", ".cxi")):
+        return {"wavelength": None, "distance": None, "pixel_size": None}
+    with open_h5(path) as f:
+        def visit(name, obj):
+            if not isinstance(obj, h5py.Dataset) or obj.size != 1 or obj.dtype.kind not in "iuf":
+                return
+            leaf = name.rsplit("/", 1)[-1]
+            value = None
+            if leaf in ("incident_wavelength", "wavelength"):
+                value, key = _scalar_with_unit(obj, _LENGTHS, "angstrom"), "wavelength"
+            elif leaf in ("incident_energy", "energy") and ("source" in name or "beam" in name):
+                value, key = _scalar_with_unit(obj, _ENERGIES, "j" if "source_1" in name else "kev"), "energy"
+            elif leaf in ("detector_distance", "distance") and "detector" in name:
+                value, key = _scalar_with_unit(obj, _LENGTHS, "m"), "distance"
+            elif leaf in ("x_pixel_size", "y_pixel_size") and "detector" in name:
+                value, key = _scalar_with_unit(obj, _LENGTHS, "m"), leaf[0]
+            if value is not None and value > 0:
+                found[key].add(round(value, 15))
+        f.visititems(visit)
+
+    def one(key):
+        return next(iter(found[key])) if len(found[key]) == 1 else None
+    wavelength = one("wavelength")
+    if wavelength is None and one("energy"):
+        wavelength = _HC / one("energy")
+    pixel = (one("y"), one("x"))
+    return {"wavelength": wavelength, "distance": one("distance"),
+            "pixel_size": pixel if None not in pixel else None}
