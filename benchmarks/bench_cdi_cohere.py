@@ -22,6 +22,7 @@ cohere needs numpy >= 2 and Python >= 3.11; install it beside xpr in a separate 
     python -m venv /tmp/cohere_venv && /tmp/cohere_venv/bin/pip install -e '.[bench-cdi]'
     /tmp/cohere_venv/bin/python benchmarks/bench_cdi_cohere.py            # the 2-D cases of --quick
     /tmp/cohere_venv/bin/python benchmarks/bench_cdi_cohere.py --only 0 2 --repeats 4
+    /tmp/cohere_venv/bin/python benchmarks/bench_cdi_cohere.py --family 31 172 302 304   # the failures
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cdi_robustness import GOOD, bench_home, make_case, quick_family, run_case  # noqa: E402
+from bench_cdi_robustness import GOOD, bench_home, full_family, make_case, quick_family, run_case  # noqa: E402
 
 #: cohere's example reconstruction configuration (config_rec of its documentation), 620 iterations
 COHERE_PARAMETERS = {
@@ -86,12 +87,16 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", type=int, help="indices of the 2-D cases of --quick to run")
     parser.add_argument("--repeats", type=int, default=8, help="repeats of each program (xpr's default: 8)")
+    parser.add_argument("--family", nargs="*", type=int,
+                        help="instead, these indices of bench_cdi_robustness.py's full family (2-D)")
     parser.add_argument("--support-size", action="store_true",
                         help="give xpr the true object's size (cohere has no such setting)")
     args = parser.parse_args()
     cases = [c for c in quick_family() if c.dim == 2 and c.photons >= 1e6]
     if args.only:
         cases = [cases[i] for i in args.only]
+    if args.family:
+        cases = [full_family()[i] for i in args.family]
     with bench_home() as tmp:
         print(f"{'case':<52} {'xpr good':>8} {'merged':>7} {'wall':>7} | {'cohere good':>11} "
               f"{'best-chi':>8} {'wall':>7} | unmasked: {'good':>5} {'best-chi':>8}")
