@@ -286,3 +286,39 @@ def test_a_stack_without_frames_sum_is_refused_with_the_hint(home, run_xpr, tmp_
     assert result.exit_code == 2
     text = result.output + (result.stderr if hasattr(result, "stderr") else "")
     assert "input.frames: sum" in text
+
+
+def test_an_eiger_series_over_several_files_is_read_as_one_stack(tmp_path, home, run_xpr):
+    """An Eiger master whose NXdata links data_000001 and data_000002 to their own files (no
+    @signal): read as one stack of all 5 frames in order; `frames: sum` adds them all; a missing
+    data file stops with exit 2 naming it."""
+    from xpr.io.readers import read_pattern
+
+    counts, masked, _ = _noisy_pattern()
+    frames = _split_into_frames(counts, 5, seed=3)
+    for i, part in enumerate((frames[:3], frames[3:]), start=1):
+        with h5py.File(tmp_path / f"series_data_{i:06d}.h5", "w") as f:
+            f["entry/data/data"] = part.astype(np.uint32)
+    with h5py.File(tmp_path / "series_master.h5", "w") as f:
+        entry = f.create_group("entry")
+        entry.attrs["NX_class"] = "NXentry"
+        data = entry.create_group("data")
+        data.attrs["NX_class"] = "NXdata"
+        for i in (1, 2):
+            data[f"data_{i:06d}"] = h5py.ExternalLink(f"series_data_{i:06d}.h5", "/entry/data/data")
+        entry["instrument/detector/detectorSpecific/pixel_mask"] = masked.astype(np.uint32)
+    stack, mask, where = read_pattern(tmp_path / "series_master.h5")
+    assert stack.shape == (5, 128, 128) and np.array_equal(stack, frames)
+    assert np.array_equal(mask, masked) and "data_000001..data_000002" in where
+    result = run_xpr(["-q", "cdi", "phase2d", "tutorial", "-o", f"input.data_path={tmp_path / 'series_master.h5'}",
+                      "-o", "input.frames=sum", "-o", "phasing.repeats=2", "-o", "ga.generations=1",
+                      "-o", "phasing.iters=20ER", "-o", "structure_name=series"])
+    assert result.exit_code == 0, result.output
+    with h5py.File(home / "data" / "cdi" / "phase2d" / "series.h5") as f:
+        assert np.array_equal(f["data/intensity"][()][~masked], counts[~masked])
+    (tmp_path / "series_data_000002.h5").unlink()
+    result = run_xpr(["-q", "cdi", "phase2d", "tutorial", "-o", f"input.data_path={tmp_path / 'series_master.h5'}",
+                      "-o", "input.frames=sum", "-o", "structure_name=series"])
+    assert result.exit_code == 2
+    text = result.output + (result.stderr if hasattr(result, "stderr") else "")
+    assert "data_000001..data_000002" in text and "series_master.h5" in text

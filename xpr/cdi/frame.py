@@ -167,13 +167,13 @@ def resolve_centre(setting, intensity, masked, dimensions, recorded, file):
             raise SettingsError(f"input.centre must be auto, null or a list of {dimensions} pixel "
                                 f"positions, got '{setting}'", key="input.centre")
         if recorded is not None and len(recorded) == dimensions:
-            return [int(round(c)) for c in recorded], f"the file's beam centre {list(np.round(recorded, 2))}"
+            return [int(round(c)) for c in recorded], f"the file's beam centre {[round(float(c), 2) for c in recorded]}"
         centre, score = friedel_centre(intensity, masked)
         if centre is None:
             raise InputError("input.centre auto: too few measured pixels to find the pattern's "
                              "centre of symmetry; give input.centre", file=file, key="input.centre")
         return [int(round(c)) for c in centre], (f"the pattern's Friedel symmetry at "
-                                                 f"{list(np.round(centre, 2))} (overlap {score:.3f})")
+                                                 f"{[round(float(c), 2) for c in centre]} (overlap {score:.3f})")
     values = list(setting) if isinstance(setting, (list, tuple)) else None
     if values is None or len(values) != dimensions or not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):

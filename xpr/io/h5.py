@@ -18,6 +18,7 @@ Also the general helpers for HDF5 files users bring (any reader in xpr.io uses t
 from __future__ import annotations
 
 import contextlib
+import re
 from pathlib import Path
 
 import h5py
@@ -207,8 +208,16 @@ def nexus_signal(f) -> str | None:
         return f"{data_name}/{flagged[0]}"
     if len(members) == 1:          # e.g. a detector's NXdata with one linked data_000001
         return f"{data_name}/{members[0]}"
+    if len(series_members(data)) == len(members) > 1:    # an Eiger series over several files
+        return f"{data_name}/{series_members(data)[0]}"
     raise SignalNotFound(f"NeXus: /{data_name} has no @signal attribute and {len(members)} datasets "
                          f"({', '.join(sorted(members)) or 'none'})")
+
+
+def series_members(group) -> list[str]:
+    """The datasets of an Eiger master's NXdata that together hold one series of frames
+    (data_000001, data_000002, ..., each linked to its own file), in order."""
+    return sorted(k for k in group if re.fullmatch(r"data_\d{6}", k))   # unreadable ones fail on reading
 
 
 def _numbered(group, prefix):
@@ -305,10 +314,17 @@ def read_dataset(path, dataset=None, key=None, prefer=("data",)):
     """(array, mask array or None, dataset path) of a user's HDF5/CXI/NeXus file; see find_signal."""
     with open_h5(path, key) as f:
         name, mask_name = find_signal(f, path, key=key, dataset=dataset, prefer=prefer)
+        parent, _, leaf = name.rpartition("/")
+        series = series_members(f[parent] if parent else f) if dataset is None else []
         try:
-            array = f[name][()]
+            if len(series) > 1 and leaf in series:       # the whole series, frames in order
+                name = f"{parent}/{series[0]}..{series[-1]}"
+                parts = [f[f"{parent}/{k}"][()] for k in series]
+                array = np.concatenate([a if a.ndim >= 3 else a[None] for a in parts])
+            else:
+                array = f[name][()]
             mask = None if mask_name is None else f[mask_name][()]
-        except OSError as err:       # e.g. a filter HDF5 cannot apply, a missing external file
+        except (OSError, KeyError) as err:   # e.g. a filter HDF5 cannot apply, a missing external file
             raise InputError(f"cannot read dataset '{name}': {err}", file=path, key=key) from None
     return array, mask, name
 
