@@ -14,7 +14,8 @@ Refused with TypeError (cupy refuses these too, or its result would silently cha
   * a numpy ndarray mixed with a device array, in arithmetic or as an argument of an `xp`
     function (only `xp.asarray`/`xp.array`/`xp.asanyarray` and the backend's `asarray` take host
     arrays; indices and values assigned into a device array may be host arrays, as in cupy);
-  * `ufunc.at` (cupy has no general one: the backend's `scatter_add` is the way).
+  * `ufunc.at` (cupy >= 12.1 has `add.at` and a few others for real types, not complex ones
+    nor older versions: the backend's `scatter_add` is the one way that serves every case).
 Counted, not refused (cupy allows these, each a device synchronisation and a transfer):
   `float()`, `int()`, `complex()`, `bool()`, `operator.index()` and formatting of a one-element
   array, `.item()`, `.tolist()`. `Device.syncs` holds the counts by kind. Iterating over the
@@ -173,8 +174,8 @@ class Ufunc:
         if name.startswith("__"):
             raise AttributeError(name)
         if name == "at":
-            raise TypeError(f"xp.{self.__name__}.at: cupy has no general ufunc.at (complex types "
-                            "least of all): use backend.scatter_add")
+            raise TypeError(f"xp.{self.__name__}.at: cupy's ufunc.at takes no complex types and "
+                            "is missing before cupy 12.1: use backend.scatter_add")
         attr = getattr(self._ufunc, name)
         return self._device.call(attr, f"{self.__name__}.{name}") if callable(attr) else attr
 
