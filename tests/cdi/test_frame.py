@@ -322,3 +322,24 @@ def test_an_eiger_series_over_several_files_is_read_as_one_stack(tmp_path, home,
     assert result.exit_code == 2
     text = result.output + (result.stderr if hasattr(result, "stderr") else "")
     assert "data_000001..data_000002" in text and "series_master.h5" in text
+
+
+def test_detector_gap_values_are_masked(home, run_xpr, tmp_path):
+    """Counting detectors write their type's maximum (2^32 - 1) into gaps and dead pixels: such
+    pixels of unsigned integer frames are masked (here a gap column and a dead pixel in one
+    frame, no mask file), their value dropped, the rest of the summed pattern kept exactly."""
+    counts, _, _ = _noisy_pattern()
+    frames = _split_into_frames(counts, 2, seed=4).astype(np.uint32)
+    frames[:, :, 100] = np.iinfo(np.uint32).max
+    frames[1, 20, 30] = np.iinfo(np.uint32).max
+    np.save(tmp_path / "frames.npy", frames)
+    result = run_xpr(["-q", "cdi", "phase2d", "tutorial", "-o", f"input.data_path={tmp_path / 'frames.npy'}",
+                      "-o", "input.frames=sum", "-o", "phasing.repeats=2", "-o", "ga.generations=1",
+                      "-o", "phasing.iters=20ER", "-o", "structure_name=gaps"])
+    assert result.exit_code == 0, result.output
+    with h5py.File(home / "data" / "cdi" / "phase2d" / "gaps.h5") as f:
+        mask, intensity = f["data/mask"][()].astype(bool), f["data/intensity"][()]
+    expected = np.zeros(counts.shape, bool)
+    expected[:, 100] = expected[20, 30] = True
+    assert np.array_equal(mask, expected)
+    assert np.array_equal(intensity[~mask], counts[~mask]) and not intensity[mask].any()

@@ -5,6 +5,8 @@ it wherever the beam hit the detector, on a frame of the detector's size (Eiger 
 ...), often as a series of frames. Settings (`input.frames`, `input.centre`, `input.crop`,
 `input.binning`; none of them changes data that are already centred):
 
+0. Detector sentinels: unsigned integer pixels at their type's maximum (2^32 - 1: what Eiger
+   writes into gaps and dead pixels) are masked, in any frame.
 1. frames: a stack of exposures (one axis more than the pattern, first) is added up, which
    keeps photon counts counts; a pixel masked in any frame stays masked.
 2. centre: given in pixels of the data as read, or `auto`: the beam centre the file records
@@ -34,6 +36,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.fft
 
+from xpr.backend import default_fft_workers
 from xpr.errors import InputError, SettingsError
 
 
@@ -56,6 +59,16 @@ def sum_frames(data, mask, dimensions, frames, file):
     return summed, mask
 
 
+def detector_sentinels(data):
+    """Where unsigned integer data sit at their type's maximum: the value Eiger and other
+    counting detectors write into gaps and dead pixels (2^32 - 1, 2^16 - 1); None for other
+    types."""
+    data = np.asarray(data)
+    if data.dtype.kind != "u":
+        return None
+    return data == np.iinfo(data.dtype).max
+
+
 def friedel_centre(intensity, masked):
     """(centre, score): the point c about which the pattern is most nearly centrosymmetric,
     in pixels of the array (sub-pixel, per axis), and the normalised overlap there (1 = exact).
@@ -63,13 +76,11 @@ def friedel_centre(intensity, masked):
     weight = (~np.asarray(masked, dtype=bool)).astype(np.float64)
     A = np.sqrt(np.clip(np.nan_to_num(np.asarray(intensity, dtype=np.float64)), 0.0, None)) * weight
     shape = [scipy.fft.next_fast_len(2 * n - 1, real=True) for n in A.shape]   # zero padding: no wrap
-    axes = tuple(range(A.ndim))
-    FA = scipy.fft.rfftn(A, shape, axes=axes, workers=-1)
-    Fw = scipy.fft.rfftn(weight, shape, axes=axes, workers=-1)
-    overlap_of_A = scipy.fft.irfftn(FA * FA, shape, axes=axes, workers=-1)
-    energy = scipy.fft.irfftn(scipy.fft.rfftn(A * A, shape, axes=axes, workers=-1) * Fw, shape,
-                              axes=axes, workers=-1)
-    measured_pairs = scipy.fft.irfftn(Fw * Fw, shape, axes=axes, workers=-1)
+    fft = dict(s=shape, axes=tuple(range(A.ndim)), workers=default_fft_workers())
+    FA, Fw = scipy.fft.rfftn(A, **fft), scipy.fft.rfftn(weight, **fft)
+    overlap_of_A = scipy.fft.irfftn(FA * FA, **fft)
+    energy = scipy.fft.irfftn(scipy.fft.rfftn(A * A, **fft) * Fw, **fft)
+    measured_pairs = scipy.fft.irfftn(Fw * Fw, **fft)
     # only centres about which at least a quarter of the measured pixels have a measured mate
     allowed = measured_pairs > 0.25 * weight.sum()
     score = np.where(allowed & (energy > 0), overlap_of_A / np.where(energy > 0, energy, 1.0), -np.inf)

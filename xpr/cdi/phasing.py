@@ -71,6 +71,12 @@ def load_pattern(settings, archive, dimensions):
     shape = None if inp.shape is None else tuple(int(n) for n in inp.shape)
     intensity, mask, where = read_pattern(source, dataset=inp.get("dataset"), mask_path=inp.mask_path,
                                           mask_dataset=inp.get("mask_dataset"), shape=shape)
+    sentinels = frame.detector_sentinels(intensity)
+    if sentinels is not None and sentinels.any():
+        archive.log.info("%d pixel values at the %s maximum (detector gaps and dead pixels) masked",
+                         int(sentinels.sum()), intensity.dtype)
+        mask = sentinels if mask is None else (np.asarray(mask, bool) | sentinels)
+        intensity = np.where(sentinels, 0, intensity).astype(intensity.dtype)
     intensity = np.squeeze(intensity) if intensity.ndim > dimensions else intensity
     if mask is not None and mask.ndim > intensity.ndim:
         mask = np.squeeze(mask)
