@@ -28,6 +28,8 @@ import numpy as np
 from xpr.errors import InputError
 from xpr.io.atomic import atomic_path
 
+HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".cxi", ".nxs", ".nx5", ".nx")
+
 
 def save_tree(path, tree: dict, attrs: dict | None = None) -> Path:
     """Write `tree` to `path` atomically; `attrs` go on the root group."""
@@ -330,14 +332,20 @@ def read_dataset(path, dataset=None, key=None, prefer=("data",)):
 
 
 _METRES = {"m": 1.0, "mm": 1e-3, "um": 1e-6, "µm": 1e-6, "micron": 1e-6, "microns": 1e-6}
+_LENGTHS = dict(_METRES, nm=1e-9, angstrom=1e-10, angstroms=1e-10, a=1e-10, å=1e-10)
+_ENERGIES = {"j": 1.0, "ev": 1.602176634e-19, "kev": 1.602176634e-16}
+_HC = 6.62607015e-34 * 299792458.0        # Planck constant x speed of light (J m)
 _PIXELS = ("", "pixel", "pixels", "px")
 
 
-def _length_in_metres(dataset):
-    """A scalar length dataset in metres from its @units; None without a known unit."""
-    units = (_text(dataset.attrs.get("units")) or "").strip().lower()
-    factor = _METRES.get(units)
-    return None if factor is None else float(np.asarray(dataset[()]).reshape(-1)[0]) * factor
+def _scalar_with_unit(dataset, table, default_unit):
+    """A scalar dataset times the factor of its @units in `table` (default_unit without one);
+    None for a unit the table does not know."""
+    units = (_text(dataset.attrs.get("units")) or default_unit).strip().lower()
+    factor = table.get(units)
+    if factor is None:
+        return None
+    return float(np.asarray(dataset[()], dtype=float).reshape(-1)[0]) * factor
 
 
 def recorded_beam_centre(path) -> tuple[float, float] | None:
@@ -345,7 +353,7 @@ def recorded_beam_centre(path) -> tuple[float, float] | None:
     an NXdetector's `beam_center_y` and `beam_center_x` (Eiger master files: in pixels), in pixels
     or, with length @units, divided by `y_pixel_size` / `x_pixel_size`. None when the file is not
     HDF5, records none, or several detectors record different ones."""
-    if not str(path).lower().endswith((".h5", ".hdf5", ".hdf", ".nxs", ".nx5", ".nx", ".cxi")):
+    if not str(path).lower().endswith(HDF5_SUFFIXES):
         return None
     found = set()
     with open_h5(path) as f:
@@ -361,27 +369,14 @@ def recorded_beam_centre(path) -> tuple[float, float] | None:
                     centre.append(float(np.asarray(value[()]).reshape(-1)[0]))
                     continue
                 pixel = obj.get(f"{axis}_pixel_size")
-                length, size = _length_in_metres(value), (
-                    _length_in_metres(pixel) if isinstance(pixel, h5py.Dataset) else None)
+                length = _scalar_with_unit(value, _LENGTHS, "")       # no unit: unknown
+                size = _scalar_with_unit(pixel, _LENGTHS, "") if isinstance(pixel, h5py.Dataset) else None
                 if length is None or not size:
                     return
                 centre.append(length / size)
             found.add(tuple(centre))
         f.visititems(visit)
     return found.pop() if len(found) == 1 else None
-
-
-_LENGTHS = dict(_METRES, nm=1e-9, angstrom=1e-10, angstroms=1e-10, a=1e-10, å=1e-10)
-_ENERGIES = {"j": 1.0, "ev": 1.602176634e-19, "kev": 1.602176634e-16}
-_HC = 6.62607015e-34 * 299792458.0        # Planck constant x speed of light (J m)
-
-
-def _scalar_with_unit(dataset, table, default_unit):
-    units = (_text(dataset.attrs.get("units")) or default_unit).strip().lower()
-    factor = table.get(units)
-    if factor is None:
-        return None
-    return float(np.asarray(dataset[()], dtype=float).reshape(-1)[0]) * factor
 
 
 def recorded_geometry(path) -> dict:
@@ -394,7 +389,7 @@ def recorded_geometry(path) -> dict:
     `y_pixel_size` / `x_pixel_size` (default unit m). CXI: `source_1/energy` (J), `detector_1/
     distance`, `x_pixel_size`, `y_pixel_size` (m)."""
     found = {"wavelength": set(), "energy": set(), "distance": set(), "x": set(), "y": set()}
-    if not str(path).lower().endswith((".h5", ".hdf5", ".hdf", ".nxs", ".nx5", ".nx", ".cxi")):
+    if not str(path).lower().endswith(HDF5_SUFFIXES):
         return {"wavelength": None, "distance": None, "pixel_size": None}
     with open_h5(path) as f:
         def visit(name, obj):

@@ -8,10 +8,9 @@ from pathlib import Path
 import numpy as np
 
 from xpr.errors import InputError
-from xpr.io.h5 import open_h5, read_dataset
+from xpr.io.h5 import HDF5_SUFFIXES, open_h5, read_dataset
 
 
-HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".cxi", ".nxs", ".nx5", ".nx")
 SUFFIXES = (".npy", ".bin", ".mat") + HDF5_SUFFIXES + (".mrc", ".mrcs", ".map", ".tif", ".tiff",
                                                        ".edf", ".cbf")
 
