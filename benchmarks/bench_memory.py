@@ -140,12 +140,17 @@ def simulate_case(home, env, dims, shape, max_phase=0.0):
     return peak_of(args, env)
 
 
-def phase_case(home, env, dims, shape, repeats, batch=None, iters="20HIO 10ER"):
-    """Phase the simulated pattern m{dims}_{shape} (made first) with one batch of repeats."""
+def phase_case(home, env, dims, shape, repeats, batch=None, iters="20HIO 10ER 5ML", generations=1):
+    """Phase the simulated pattern m{dims}_{shape} (made first) in batches of `batch` repeats;
+    generations > 1: the genetic algorithm (the default of the tutorial settings), 1: a plain run."""
     command = "phase2d" if dims == 2 else "phase3d"
     args = ["-q", "cdi", command, "tutorial", "-o", f"structure_name=m{dims}_{shape}",
             "-o", f"phasing.repeats={repeats}", "-o", f"phasing.iters={iters}",
-            "-o", "multi_process.engine=serial", "-o", f"multi_process.batch_size={batch or repeats}"]
+            "-o", "multi_process.engine=serial", "-o", f"multi_process.batch_size={batch or repeats}",
+            "-o", f"ga.generations={generations}", "-o", "ga.iters=10ER 5ML",
+            # shrink-wrap early and often, so that the short schedule passes every stage a default
+            # run pays for (HIO, shrink-wrap, ER, ML); tests/test_memory.py measures the same
+            "-o", "phasing_parameters.shrink_wrap.start=10", "-o", "phasing_parameters.shrink_wrap.every=10"]
     return peak_of(args, env)
 
 
@@ -194,9 +199,11 @@ def main():
         if opts.quick:
             cases = [(2, 1024, 8, 8), (3, 96, 8, 2)]
         for dims, shape, repeats, batch in cases:
-            measured = phase_case(home, env, dims, shape, repeats, batch) - phase_base[dims]
-            est = estimates.cdi_phase((shape,) * dims, repeats, 1).bytes(batch)
-            row(f"phase{dims}d {shape}, {repeats} repeats in batches of {batch}", est, measured)
+            for generations in (1, 3):          # a plain run; the genetic algorithm (the default)
+                measured = phase_case(home, env, dims, shape, repeats, batch,
+                                      generations=generations) - phase_base[dims]
+                est = estimates.cdi_phase((shape,) * dims, repeats, 1, generations=generations).bytes(batch)
+                row(f"phase{dims}d {shape}, {repeats} in batches of {batch}, {generations} gen.", est, measured)
         print(f"estimate / traced peak: {min(ratios):.2f} .. {max(ratios):.2f} over {len(ratios)} cases")
         print(f"this machine may use: {memory.available()}")
 
