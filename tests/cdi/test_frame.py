@@ -8,6 +8,8 @@ from xpr.backend import cpu
 from xpr.cdi import frame
 from xpr.phasing import merge
 
+from nexus_files import write_nexus
+
 
 def _noisy_pattern(photons=2e6, phase=0.0):
     """128^2 pattern (zero frequency at 64, 64) of a 32-px object, Poisson counts, beamstop
@@ -109,34 +111,6 @@ def test_frames_are_added_up_with_their_masks():
     assert same is stack and none is None
 
 
-def _write_nexus(path, frames, mask, beam_pixels):
-    """An Eiger-style NeXus master: entry/data/data_000001 (the frames, bitshuffle-LZ4),
-    entry/instrument/detector/beam_center_x/y (in pixels, x = column), pixel_mask, 75 um pixels
-    at 5 m, and entry/instrument/beam/incident_wavelength 1.5 A."""
-    import hdf5plugin
-
-    with h5py.File(path, "w") as f:
-        f.attrs["default"] = "entry"
-        entry = f.create_group("entry")
-        entry.attrs["NX_class"] = "NXentry"
-        entry.attrs["default"] = "data"
-        data = entry.create_group("data")
-        data.attrs["NX_class"] = "NXdata"
-        data.attrs["signal"] = "data_000001"
-        data.create_dataset("data_000001", data=frames.astype(np.uint32), chunks=(1,) + frames.shape[1:],
-                            **hdf5plugin.Bitshuffle(cname="lz4"))
-        detector = entry.create_group("instrument/detector")
-        detector.attrs["NX_class"] = "NXdetector"
-        for axis, value in (("y", beam_pixels[0]), ("x", beam_pixels[1])):
-            detector.create_dataset(f"beam_center_{axis}", data=float(value)).attrs["units"] = "pixel"
-            detector.create_dataset(f"{axis}_pixel_size", data=75e-6).attrs["units"] = "m"
-        detector.create_dataset("detector_distance", data=5.0).attrs["units"] = "m"
-        beam = entry.create_group("instrument/beam")
-        beam.attrs["NX_class"] = "NXbeam"
-        beam.create_dataset("incident_wavelength", data=1.5).attrs["units"] = "angstrom"
-        detector.create_dataset("detectorSpecific/pixel_mask", data=mask.astype(np.uint32))
-
-
 def test_object_pixel_size_from_the_geometry(tmp_path):
     """dx = lambda z / (N p b): 1.5 A, 5 m, 75 um, N = 512 gives 19.53 nm; binning by 2 halves
     it; a NeXus file's geometry is read in SI units (A, keV, mm converted), a CXI file's energy
@@ -148,7 +122,7 @@ def test_object_pixel_size_from_the_geometry(tmp_path):
     assert np.allclose(object_pixel_size(values, (512, 512), (1, 1)), 19.53125e-9)
     assert np.allclose(object_pixel_size(values, (512, 256), (2, 2)), [9.765625e-9, 19.53125e-9])
     assert object_pixel_size(dict(values, distance=None), (512, 512), (1, 1)) is None
-    _write_nexus(tmp_path / "a.nxs", np.ones((1, 8, 8)), np.zeros((8, 8)), (3.5, 5.0))
+    write_nexus(tmp_path / "a.nxs", np.ones((1, 8, 8), np.uint32), np.zeros((8, 8)), beam_centre=(3.5, 5.0))
     assert recorded_geometry(tmp_path / "a.nxs") == {"wavelength": 1.5e-10, "distance": 5.0,
                                                      "pixel_size": (75e-6, 75e-6)}
     with h5py.File(tmp_path / "b.cxi", "w") as f:
@@ -186,7 +160,7 @@ def test_recorded_beam_centre_in_pixels_or_lengths(tmp_path):
     """beam_center_x/y read as (row, column); lengths divided by the pixel sizes."""
     from xpr.io.h5 import recorded_beam_centre
 
-    _write_nexus(tmp_path / "a.nxs", np.ones((1, 8, 8)), np.zeros((8, 8)), (3.5, 5.0))
+    write_nexus(tmp_path / "a.nxs", np.ones((1, 8, 8), np.uint32), np.zeros((8, 8)), beam_centre=(3.5, 5.0))
     assert recorded_beam_centre(tmp_path / "a.nxs") == (3.5, 5.0)
     with h5py.File(tmp_path / "b.h5", "w") as f:
         detector = f.create_group("entry/instrument/detector")
@@ -220,8 +194,8 @@ def test_phase2d_on_an_off_centre_frame(home, run_xpr, tmp_path):
     data, bad, beam = _detector_frame(counts, masked)
     np.save(tmp_path / "frame.npy", data.astype(np.float32))
     np.save(tmp_path / "frame_mask.npy", bad.astype(np.uint8))
-    _write_nexus(tmp_path / "series_master.nxs", _split_into_frames(data, 3, seed=2), bad,
-                 (beam[0], beam[1]))
+    write_nexus(tmp_path / "series_master.nxs", _split_into_frames(data, 3, seed=2).astype(np.uint32),
+                bad, name="data_000001", beam_centre=beam)
     variants = {
         "friedel": f"  data_path: {tmp_path / 'frame.npy'}\n  mask_path: {tmp_path / 'frame_mask.npy'}\n",
         "nexus": f"  data_path: {tmp_path / 'series_master.nxs'}\n  frames: sum\n",

@@ -15,6 +15,8 @@ from xpr.io.readers import read_pattern
 from xpr.phasing import merge
 from xpr.backend import cpu
 
+from nexus_files import write_nexus
+
 
 def _pattern(shape=48, diameter=18, seed=3):
     from xpr.cdi.objects import far_field_intensity, model_object
@@ -30,27 +32,6 @@ def write_cxi(path, data, mask, entry="entry_1"):
         f[f"{entry}/instrument_1/detector_1/mask"] = mask
         f[f"{entry}/data_1/data"] = h5py.SoftLink(f"/{entry}/instrument_1/detector_1/data")
         f[f"{entry}/sample_1/name"] = "test"
-    return path
-
-
-def write_nexus(path, data, pixel_mask=None, signal="data", compress=True):
-    """An Eiger-style NeXus file: /@default -> entry, entry/@default -> data, data/@signal,
-    the frames compressed with bitshuffle-LZ4, the pixel mask in detectorSpecific."""
-    with h5py.File(path, "w") as f:
-        f.attrs["default"] = "entry"
-        entry = f.create_group("entry")
-        entry.attrs["NX_class"] = "NXentry"
-        entry.attrs["default"] = "data"
-        group = entry.create_group("data")
-        group.attrs["NX_class"] = "NXdata"
-        group.attrs["signal"] = signal
-        group.create_dataset("data", data=data, chunks=data.shape,
-                             **(hdf5plugin.Bitshuffle(cname="lz4") if compress else {}))
-        group["x_pixel"] = np.arange(data.shape[-1])
-        detector = entry.create_group("instrument/detector")
-        detector.attrs["NX_class"] = "NXdetector"
-        if pixel_mask is not None:
-            detector["detectorSpecific/pixel_mask"] = pixel_mask.astype(np.uint32)
     return path
 
 
