@@ -356,3 +356,30 @@ def test_threaded_loops_split_the_pixels_and_give_the_single_thread_result():
     threaded.band_modulus(split, lower, upper, np.float32(1e-12))
     assert np.array_equal(one, split)
     assert np.all(np.abs(one) <= upper + 1e-5) and np.all(np.abs(one) >= lower - 1e-5)
+
+
+def test_shrink_wrap_threshold_relative_to_the_rms_over_the_support():
+    """reference rms (PyNX's default): the threshold is a fraction of the blurred amplitude's
+    root-mean-square over the current support. The dim 20x20 plate (0.2) with a bright 3x3 spot
+    (1.0), no blur, support the plate: rms = sqrt((391 x 0.04 + 9 x 1) / 400) = 0.2484, so 0.8
+    (a cut at 0.199) keeps the plate and 0.9 (0.224) only the spot, as the maximum's 0.5 does;
+    a support of the spot alone has rms 1.0 (one support for the batch, or one per repeat)."""
+    from xpr.backend import cpu
+    from xpr.phasing.shrinkwrap import ShrinkWrap
+
+    x = np.zeros((2, 64, 64), dtype=np.complex64)
+    x[:, 22:42, 22:42] = 0.2
+    x[:, 31:34, 31:34] = 1.0
+    plate = np.zeros((64, 64), dtype=bool)
+    plate[22:42, 22:42] = True
+    shrink = ShrinkWrap(cpu(), (64, 64), threshold=0.8, sigma=0, reference="rms")
+    rms = np.sqrt((391 * 0.2 ** 2 + 9) / 400)
+    assert 0.8 * rms < 0.2 < 0.81 * rms        # the plate sits just above the cut
+    assert shrink(x, np.broadcast_to(plate, x.shape)).reshape(2, -1).sum(axis=1).tolist() == [400, 400]
+    assert shrink(x, plate, threshold=0.9).reshape(2, -1).sum(axis=1).tolist() == [9, 9]
+    spot = np.zeros((2, 64, 64), dtype=bool)
+    spot[1, 31:34, 31:34] = True
+    spot[0] = plate
+    assert shrink(x * spot, spot, threshold=0.21).reshape(2, -1).sum(axis=1).tolist() == [400, 9]
+    with pytest.raises(ValueError, match="threshold reference"):
+        ShrinkWrap(cpu(), (64, 64), reference="mean")

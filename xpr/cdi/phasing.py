@@ -291,7 +291,8 @@ def phase_chunk(task, shared=None, progress=None):
                              support_size=options.support_size, sigma=_last(options.sw_sigma),
                              confine_to=initial if options.sw_confine_to_initial else None,
                              max_shrink=options.sw_max_shrink, size_rule=options.sw_size_rule,
-                             threshold_factors=repeat_factors(task.get("threshold_factors"), seeds))
+                             threshold_factors=repeat_factors(task.get("threshold_factors"), seeds),
+                             reference=options.sw_reference)
     support = xp.broadcast_to(initial, (repeats,) + shape).copy()
     if task.get("start") is not None:      # a later generation (ga): the bred objects and supports
         rows = task["rows"]
@@ -576,6 +577,7 @@ class PhasingOptions:
     sw_confine_to_initial: bool | str = setting("phasing_parameters.shrink_wrap.confine_to_initial")
     sw_max_shrink: float | None = setting("phasing_parameters.shrink_wrap.max_shrink")
     sw_size_rule: str = setting("phasing_parameters.shrink_wrap.size_rule")
+    sw_reference: str = setting("phasing_parameters.shrink_wrap.threshold_reference")
     sw_threshold_factors: tuple | None = setting(
         "phasing_parameters.shrink_wrap.repeat_threshold_factors",
         lambda v: None if v is None else tuple(v))
@@ -712,7 +714,8 @@ def phase_generations(settings, archive, problem):
     shrink_wrap = ShrinkWrap(backend, initial.shape, threshold=options.sw_threshold,
                              support_size=options.support_size, sigma=_last(options.sw_sigma),
                              confine_to=initial if options.sw_confine_to_initial else None,
-                             max_shrink=None, size_rule=options.sw_size_rule)
+                             max_shrink=None, size_rule=options.sw_size_rule,
+                             reference=options.sw_reference)
     later = generation_steps(settings) or problem["steps"]
     archive.log.info("genetic algorithm: %d generations (%d iterations, then %d each: %s), breeding "
                      "%s, ranking by %s, culling %d per generation%s", plan.generations,

@@ -37,7 +37,8 @@ from xpr.phasing.projections import squared_frequency
 
 class ShrinkWrap:
     def __init__(self, backend, shape, threshold=0.1, support_size=None, sigma=2.0,
-                 confine_to=None, max_shrink=None, size_rule="exact", threshold_factors=None):
+                 confine_to=None, max_shrink=None, size_rule="exact", threshold_factors=None,
+                 reference="max"):
         xp = backend.xp
         self.backend = backend
         self.axes = tuple(range(-len(shape), 0))
@@ -48,6 +49,9 @@ class ShrinkWrap:
         if size_rule not in ("exact", "floor"):
             raise ValueError(f"unknown support size rule {size_rule!r}")
         self.size_rule = size_rule
+        if reference not in ("max", "rms"):
+            raise ValueError(f"unknown shrink-wrap threshold reference {reference!r}")
+        self.reference = reference
         self.confine_to = None if confine_to is None else xp.asarray(confine_to, dtype=bool)
         self.q2 = xp.asarray(squared_frequency(shape), dtype=backend.real_dtype)
         self.threshold_factors = None if threshold_factors is None else \
@@ -83,13 +87,14 @@ class ShrinkWrap:
             blurred = blurred * self.confine_to
         repeats = x.shape[0]
         flat = blurred.reshape(repeats, -1)
+        level = self._reference_level(flat, support)
         if support_size:
             n = min(int(support_size), flat.shape[1])
             cut = xp.partition(flat, flat.shape[1] - n, axis=1)[:, flat.shape[1] - n]
             if self.size_rule == "floor":
-                cut = xp.minimum(cut, threshold * xp.max(flat, axis=1))
+                cut = xp.minimum(cut, threshold * level)
         else:
-            cut = threshold * xp.max(flat, axis=1)
+            cut = threshold * level
         if self.max_shrink is not None and not support_size:
             cut = self._limit_shrinking(flat, support.reshape(repeats, -1), cut)
         cut = cut.reshape((repeats,) + (1,) * (x.ndim - 1))
@@ -97,6 +102,16 @@ class ShrinkWrap:
         if self.confine_to is not None:
             new &= self.confine_to
         return new
+
+    def _reference_level(self, flat, support):
+        """What the relative threshold multiplies, per repeat: the blurred amplitude's maximum, or
+        (reference "rms", PyNX's default) its root-mean-square over the current support."""
+        xp = self.backend.xp
+        if self.reference == "max":
+            return xp.max(flat, axis=1)
+        inside = xp.broadcast_to(support.reshape(-1, flat.shape[1]), flat.shape)   # one or per repeat
+        power = xp.sum(flat * flat * inside, axis=1)
+        return xp.sqrt(power / xp.maximum(xp.sum(inside, axis=1), 1))
 
     def _limit_shrinking(self, flat, old, cut):
         """Lower each repeat's cut so that at least (1 - max_shrink) of its old support stays."""
