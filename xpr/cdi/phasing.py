@@ -545,8 +545,11 @@ def check_convergence(log, repeats, selected):
     if ratio > STAGNATION_RATIO:
         log.warning("the merged object does not explain the held-out counts (free deviance %.2f x its "
                     "expected value, above %g): the repeats have likely stagnated; more repeats "
-                    "(phasing.repeats), a longer HIO stage (phasing.iters) or the support size "
-                    "(phasing_parameters.support_size) may help (docs/cdi.md)", ratio, STAGNATION_RATIO)
+                    "(phasing.repeats), the support size (phasing_parameters.support_size), or a "
+                    "longer HIO stage (phasing.iters: 2000HIO 200RAAR 100ER 100ML) with a "
+                    "shrink-wrap threshold relative to the RMS "
+                    "(phasing_parameters.shrink_wrap: {threshold_reference: rms, threshold: 0.2}) "
+                    "may help (docs/cdi.md)", ratio, STAGNATION_RATIO)
     return ratio
 
 
