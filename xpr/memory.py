@@ -209,7 +209,8 @@ def cdi_simulate(shape, complex_object=False) -> Estimate:
     return estimate
 
 
-def cdi_phase(shape, repeats, workers=1, double=False, dimensions=None, generations=1) -> Estimate:
+def cdi_phase(shape, repeats, workers=1, double=False, dimensions=None, generations=1,
+              rescue=False) -> Estimate:
     """`cdi phase2d/3d`, items = repeats per batch. Stages (bytes per voxel; measured with
     tracemalloc, tests/test_memory.py): phasing -- per repeat of a batch, the iterate (complex64),
     its support, the engine's working copies (Fourier transform, projection, reflection) and
@@ -221,19 +222,22 @@ def cdi_phase(shape, repeats, workers=1, double=False, dimensions=None, generati
     (generations > 1): every batch of a later generation also holds the bred starts of all
     repeats (9 per repeat), and between generations this process holds every repeat's result,
     its bred child, the aligned parents and the best-ever object: 55 per repeat and 24 more
-    (tracemalloc, 96^3, 8 and 16 repeats in batches of 2: 463 and 903 bytes per voxel)."""
+    (tracemalloc, 96^3, 8 and 16 repeats in batches of 2: 463 and 903 bytes per voxel).
+    rescue: the run is a rescue (phasing.rescue), during which the first run's results are held
+    too (9 per repeat) in phasing and breeding."""
     n = _voxels(shape)
     dimensions = dimensions or len(shape)
     scale = 2 if double else 1
     repeats, workers = int(repeats), max(int(workers), 1)
     estimate = Estimate()
     held = {"finished results": 9 * scale * n * repeats, "pattern per batch": 8 * n * workers}
+    first_run = {"the first run's results (rescue)": 9 * scale * n * repeats} if rescue else {}
     if int(generations) > 1:
         held["bred starts"] = 9 * scale * n * repeats
-    estimate.add("phasing", held, {"repeat at work": (45 * scale + 1) * n * workers})
+    estimate.add("phasing", dict(held, **first_run), {"repeat at work": (45 * scale + 1) * n * workers})
     if int(generations) > 1:
         estimate.add("breeding (genetic algorithm)",
-                     {"results, children, parents, best-ever": (55 * scale * repeats + 24) * n})
+                     {"results, children, parents, best-ever": (55 * scale * repeats + 24) * n, **first_run})
     estimate.add("merging", {"results of all repeats": 18 * scale * n * repeats,
                              "pattern, alignment, PRTF" + (", figures" if dimensions == 2 else ""):
                                  (110 if dimensions == 2 else 80) * n})
@@ -241,7 +245,7 @@ def cdi_phase(shape, repeats, workers=1, double=False, dimensions=None, generati
 
 
 def plan_cdi_phase(shape, repeats, workers, n_tasks, double=False, log=None, limit=None,
-                   generations=1) -> int:
+                   generations=1, rescue=False) -> int:
     """The number of batches to phase `repeats` in: `n_tasks` when it fits, more (smaller
     batches) when it does not; a SettingsError (exit 2) when even one repeat at a time does not
     fit, naming phasing.repeats or multi_process.n_processes where fewer would fit."""
@@ -249,7 +253,7 @@ def plan_cdi_phase(shape, repeats, workers, n_tasks, double=False, log=None, lim
     repeats, n_tasks = int(repeats), max(int(n_tasks), 1)
     workers = max(1, min(int(workers), n_tasks))
     batch = -(-repeats // n_tasks)
-    estimate = cdi_phase(shape, repeats, workers, double, generations=generations)
+    estimate = cdi_phase(shape, repeats, workers, double, generations=generations, rescue=rescue)
     size = "x".join(map(str, shape))
     if estimate.bytes(batch) <= USABLE_FRACTION * limit.bytes:
         log_plan(log, f"phasing {repeats} repeats of {size} in batches of {batch}", estimate, limit, batch)
@@ -257,7 +261,8 @@ def plan_cdi_phase(shape, repeats, workers, n_tasks, double=False, log=None, lim
     fitting = largest_batch(estimate, limit, batch)
     if fitting == 0:
         breeding = "breeding (genetic algorithm)"
-        one_fits = cdi_phase(shape, 1, 1, double, generations=generations).bytes(1) <= USABLE_FRACTION * limit.bytes
+        one_fits = cdi_phase(shape, 1, 1, double, generations=generations,
+                             rescue=rescue).bytes(1) <= USABLE_FRACTION * limit.bytes
         if (one_fits and breeding in estimate.stages
                 and estimate.stage_bytes(breeding) > USABLE_FRACTION * limit.bytes):
             key = "phasing.repeats"
@@ -394,4 +399,6 @@ def validate_cdi_phase(settings, dimensions):
     spread = settings.get("multi_process")
     workers = parallel.n_workers(spread, repeats)
     double = gpu_options(settings).precision == "double"
-    plan_cdi_phase(shape, repeats, workers, workers, double=double, generations=ga_generations(settings))
+    rescue = (settings.phasing.get("rescue") or {}).get("fit_above") is not None   # may run: counted up front
+    plan_cdi_phase(shape, repeats, workers, workers, double=double, generations=ga_generations(settings),
+                   rescue=rescue)

@@ -271,8 +271,10 @@ def test_repeats_with_two_shrink_wrap_thresholds_let_the_data_choose(home, run_x
         axis, index = int(rng.integers(0, 2)), int(rng.integers(256 // 8, 7 * 256 // 8))
         masked[(slice(None),) * axis + (index,)] = True
     counts[masked] = 0
+    no_rescue = "phasing:\n  rescue:\n    fit_above: null\n"      # the thresholds alone (the rescue: below)
     errors = _merged_errors(home, run_xpr, tmp_path, counts, masked, truth, {
-        "both": "", "one": "phasing_parameters:\n  shrink_wrap:\n    repeat_threshold_factors: null\n"})
+        "both": no_rescue,
+        "one": no_rescue + "phasing_parameters:\n  shrink_wrap:\n    repeat_threshold_factors: null\n"})
     assert errors["both"] < 0.15
     assert errors["one"] > 0.3
 

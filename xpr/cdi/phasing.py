@@ -473,7 +473,7 @@ def rescue_if_stagnated(settings, archive, problem, repeats):
                         float(rescue.threshold), rescue.threshold_reference)
     options = replace(problem["options"], sw_threshold=float(rescue.threshold),
                       sw_reference=rescue.threshold_reference)
-    second = phase_repeats(again, archive, dict(problem, steps=steps, options=options))
+    second = phase_repeats(again, archive, dict(problem, steps=steps, options=options, rescue=True))
     fit = best_fit(second)
     keep = fit is not None and fit * float(rescue.min_gain) <= first
     archive.log.info("rescue run: best fit %.2f against %.2f (kept when at least %g x lower): "
@@ -663,7 +663,8 @@ def phase_repeats(settings, archive, problem, seeds=None):
     n_tasks = max(workers, -(-repeats // int(batch))) if batch else workers
     n_tasks = memory.plan_cdi_phase(problem["intensity_fft"].shape, repeats, workers, n_tasks,
                                     double=problem["backend"].precision == "double", log=archive.log,
-                                    generations=genetic.ga_generations(settings))
+                                    generations=genetic.ga_generations(settings),
+                                    rescue=bool(problem.get("rescue")))
     tasks = [{"seeds": [seeds[i] for i in chunk], "rows": list(chunk)} for chunk in _chunks(repeats, n_tasks)]
     n_iterations = schedule.total_iterations(problem["steps"])
     archive.log.info("%d repeats x %d iterations in %d batch(es)", repeats, n_iterations,
