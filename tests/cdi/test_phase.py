@@ -315,6 +315,7 @@ def test_the_generations_continue_with_the_first_threshold_that_fits_as_well():
     assert continuing_factor(factors, by_seed, seeds, [1.040, 1.035, 1.05, 1.06], 0.0) == 0.33
 
 
+@pytest.mark.slow
 def test_a_stagnated_run_is_rescued_and_the_better_fit_kept(home, run_xpr, tmp_path):
     """phasing.rescue: a 128^2 `shapes` object (overlapping discs of densities 0.3-3.2, os 8,
     1e9 photons, two dead lines masked). The default run stagnates (merged error 0.16 on the CPU,
